@@ -1,0 +1,245 @@
+//! A connection that speaks frames: owns the stream, reads and writes one message at a time,
+//! and puts a deadline on every read and write so a silent peer cannot hold it forever.
+
+use std::time::Duration;
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::frame::{self, FrameError, HEADER_LEN};
+use crate::message::Digest;
+
+/// Why reading or writing on a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The peer closed the connection cleanly between frames.
+    #[error("connection closed by the peer")]
+    Closed,
+    /// The peer closed or broke the connection in the middle of a frame or body.
+    #[error("connection broke in the middle of a message")]
+    Truncated,
+    /// No progress within the deadline; the string names the phase.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    /// The peer sent a frame we cannot decode.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The transport failed.
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ConnError {
+    /// True when the stream can no longer be used for frames.
+    pub fn is_fatal(&self) -> bool {
+        true
+    }
+}
+
+/// A framed connection over any byte stream (TLS in practice, in-memory pipes in tests).
+pub struct Connection<S> {
+    /// The byte stream. For TLS it should already sit on a large buffer (see `limits::CHUNK_LEN`).
+    stream: S,
+    /// Reused encode buffer, so writing a frame does not allocate each time.
+    wbuf: Vec<u8>,
+    /// Deadline for each read or write once a message has started, and for each body chunk.
+    io_timeout: Duration,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Wraps a stream; `io_timeout` bounds every read and write.
+    pub fn new(stream: S, io_timeout: Duration) -> Self {
+        Connection {
+            stream,
+            wbuf: Vec::with_capacity(1024),
+            io_timeout,
+        }
+    }
+
+    /// The deadline applied to each read and write.
+    pub fn io_timeout(&self) -> Duration {
+        self.io_timeout
+    }
+
+    /// Changes the deadline applied to each read and write.
+    pub fn set_io_timeout(&mut self, timeout: Duration) {
+        self.io_timeout = timeout;
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// The underlying stream, mutably (for body transfers).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// Unwraps the stream.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
+    /// Reads the next frame, waiting at most `first_byte` for it to start (an idle or login
+    /// deadline) and then at most the I/O timeout for the rest. A clean close between frames
+    /// is [`ConnError::Closed`].
+    pub async fn read_frame_within<T: DeserializeOwned>(
+        &mut self,
+        first_byte: Duration,
+        phase: &'static str,
+    ) -> Result<T, ConnError> {
+        let mut header = [0u8; HEADER_LEN];
+        let n = tokio::time::timeout(first_byte, self.stream.read(&mut header))
+            .await
+            .map_err(|_| ConnError::Timeout(phase))??;
+        if n == 0 {
+            return Err(ConnError::Closed);
+        }
+        if n < HEADER_LEN {
+            self.read_exact_timed(&mut header[n..], "reading a frame header")
+                .await?;
+        }
+        let len = frame::frame_len(&header)?;
+        // The length was checked against the cap above, so this allocation is bounded.
+        let mut body = vec![0u8; len];
+        self.read_exact_timed(&mut body, "reading a frame").await?;
+        Ok(frame::decode_body(&body)?)
+    }
+
+    /// Reads the next frame within the I/O timeout.
+    pub async fn read_frame<T: DeserializeOwned>(&mut self) -> Result<T, ConnError> {
+        self.read_frame_within(self.io_timeout, "waiting for a reply")
+            .await
+    }
+
+    /// Writes one frame and flushes it.
+    pub async fn write_frame<T: Serialize>(&mut self, msg: &T) -> Result<(), ConnError> {
+        self.wbuf.clear();
+        frame::encode_frame(msg, &mut self.wbuf)?;
+        let fut = async {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(self.io_timeout, fut)
+            .await
+            .map_err(|_| ConnError::Timeout("sending a frame"))??;
+        Ok(())
+    }
+
+    /// Closes the write side (TLS close_notify), bounded by the I/O timeout.
+    pub async fn shutdown(&mut self) {
+        let _ = tokio::time::timeout(self.io_timeout, self.stream.shutdown()).await;
+    }
+
+    async fn read_exact_timed(
+        &mut self,
+        buf: &mut [u8],
+        phase: &'static str,
+    ) -> Result<(), ConnError> {
+        match tokio::time::timeout(self.io_timeout, self.stream.read_exact(buf)).await {
+            Err(_) => Err(ConnError::Timeout(phase)),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(ConnError::Truncated)
+            }
+            Ok(Err(e)) => Err(ConnError::Io(e)),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// Streams bytes `offset..size` of `file` as a raw body and returns the digest of the whole
+    /// file (bytes `0..size`; the prefix is read and hashed but not sent).
+    pub async fn send_body(
+        &mut self,
+        file: std::fs::File,
+        offset: u64,
+        size: u64,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<Digest, crate::body::BodyError> {
+        crate::body::send(&mut self.stream, file, offset, size, self.io_timeout, progress).await
+    }
+
+    /// Receives a raw body of `size - offset` bytes into `file` (positioned by this call at
+    /// `offset`), and returns the digest of the whole file and the file. On a local write
+    /// failure the rest of the body is read and discarded, so the connection stays usable.
+    pub async fn recv_body(
+        &mut self,
+        file: std::fs::File,
+        offset: u64,
+        size: u64,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(Digest, std::fs::File), crate::body::BodyError> {
+        crate::body::recv(&mut self.stream, file, offset, size, self.io_timeout, progress).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Request;
+
+    #[tokio::test]
+    async fn frames_cross_a_pipe() {
+        let (a, b) = tokio::io::duplex(1024);
+        let mut a = Connection::new(a, Duration::from_secs(5));
+        let mut b = Connection::new(b, Duration::from_secs(5));
+        a.write_frame(&Request::Ping).await.unwrap();
+        a.write_frame(&Request::List { path: "x".into() }).await.unwrap();
+        assert_eq!(b.read_frame::<Request>().await.unwrap(), Request::Ping);
+        assert_eq!(
+            b.read_frame::<Request>().await.unwrap(),
+            Request::List { path: "x".into() }
+        );
+        drop(a);
+        assert!(matches!(
+            b.read_frame::<Request>().await,
+            Err(ConnError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn oversized_prefix_is_refused_without_reading_the_body() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut b = Connection::new(b, Duration::from_secs(5));
+        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            b.read_frame::<Request>().await,
+            Err(ConnError::Frame(FrameError::TooLarge(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn close_mid_frame_is_truncated() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut b = Connection::new(b, Duration::from_secs(5));
+        a.write_all(&[0, 0, 0, 10, 1, 2]).await.unwrap();
+        drop(a);
+        assert!(matches!(
+            b.read_frame::<Request>().await,
+            Err(ConnError::Truncated)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_times_out() {
+        let (_a, b) = tokio::io::duplex(1024);
+        let mut b = Connection::new(b, Duration::from_secs(5));
+        let err = b
+            .read_frame_within::<Request>(Duration::from_secs(30), "waiting for login")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnError::Timeout("waiting for login")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stalls_mid_frame_times_out() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut b = Connection::new(b, Duration::from_secs(5));
+        a.write_all(&[0, 0]).await.unwrap();
+        let err = b
+            .read_frame_within::<Request>(Duration::from_secs(30), "idle")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnError::Timeout("reading a frame header")));
+    }
+}

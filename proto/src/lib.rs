@@ -1,0 +1,33 @@
+//! The xfer wire protocol, version 1: what `xferd` and `xfer` say to each other.
+//!
+//! Map of the crate:
+//! - [`limits`]: every constant that bounds what the network may send (frame length, name length, ...).
+//! - [`message`]: the request and response enums, carried one per frame.
+//! - [`frame`]: the size-prefixed frame codec (u32 length + postcard body), pure and allocation-checked.
+//! - [`connection`]: a buffered stream that reads and writes frames and file bodies with deadlines.
+//! - [`body`]: streaming a file body of known size through a bounded buffer pipeline with a BLAKE3 digest.
+//! - [`path`]: the one syntax check for remote paths that both sides apply.
+//! - [`fingerprint`]: the server identity that clients pin (SHA-256 of the certificate's public key).
+//!
+//! The full specification, precise enough to write another client from, is `proto/README.md`.
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod connection;
+pub mod fingerprint;
+pub mod frame;
+pub mod limits;
+pub mod message;
+pub mod path;
+
+pub use connection::Connection;
+pub use message::{Digest, Entry, EntryKind, ErrorCode, Request, Response, Role};
+
+/// The protocol version carried in the hello; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The ALPN identifier negotiated in the TLS handshake; a server refuses any other.
+pub const ALPN: &[u8] = b"xfer/1";
+
+/// The TCP port used when a server address names none.
+pub const DEFAULT_PORT: u16 = 7443;

@@ -1,0 +1,36 @@
+//! Limits on everything that comes from the network, shared by both sides so they agree.
+
+/// Largest frame body (the bytes after the 4-byte length prefix). Control messages only;
+/// file bodies travel outside frames.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Longest remote path, in bytes, after normalisation.
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// Longest single path component (a file or folder name), in bytes: the common filesystem limit.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Deepest remote path, in components.
+pub const MAX_PATH_DEPTH: usize = 64;
+
+/// Longest user name, in bytes.
+pub const MAX_USER_LEN: usize = 64;
+
+/// Longest password accepted, in bytes; longer ones are refused before any hashing.
+pub const MAX_PASSWORD_LEN: usize = 1024;
+
+/// Longest session token, in bytes.
+pub const MAX_TOKEN_LEN: usize = 256;
+
+/// Longest free-text message (agent strings, error messages).
+pub const MAX_MESSAGE_LEN: usize = 1024;
+
+/// Size of each buffer in the body pipeline: large reads and writes are what make TLS and
+/// file I/O fast (measured: 256 KiB doubled loopback throughput against rustls' default).
+pub const CHUNK_LEN: usize = 256 * 1024;
+
+/// Buffers in flight per transfer: bounds a transfer's memory to `CHUNK_LEN * PIPELINE_DEPTH`.
+pub const PIPELINE_DEPTH: usize = 4;
+
+/// Most directory entries in one `Entries` frame; a listing spans as many frames as it needs.
+pub const MAX_ENTRIES_PER_FRAME: usize = 128;

@@ -1,0 +1,311 @@
+//! Request and response messages, serialized with postcard inside frames.
+//!
+//! Variant order is the wire tag: new variants are only ever appended, never reordered.
+
+use serde::{Deserialize, Serialize};
+
+/// A BLAKE3 digest of a whole file.
+pub type Digest = [u8; 32];
+
+/// What a client asks of the server. One request per frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// First frame of every connection: the client's protocol version and a free-text agent name.
+    Hello {
+        /// The client's [`crate::PROTOCOL_VERSION`].
+        version: u16,
+        /// Program name and version, for the server's logs.
+        agent: String,
+    },
+    /// Trade a password for a new session token.
+    Login {
+        /// Account name.
+        user: String,
+        /// Password, at most [`crate::limits::MAX_PASSWORD_LEN`] bytes.
+        password: String,
+    },
+    /// Authenticate this connection with a token from an earlier `Login`.
+    Authenticate {
+        /// The session token.
+        token: String,
+    },
+    /// Revoke this connection's session token on the server.
+    Logout,
+    /// Ask who this connection is authenticated as.
+    WhoAmI,
+    /// List a folder (or describe one file). The server answers with `Entries` frames.
+    List {
+        /// Remote path relative to the user's root; empty for the root.
+        path: String,
+    },
+    /// Start an upload. The server answers `UploadReady`, then the client sends exactly
+    /// `size - offset` raw bytes, then an `UploadEnd` frame.
+    Upload {
+        /// Remote path of the file to create or replace.
+        path: String,
+        /// Exact size of the whole file in bytes.
+        size: u64,
+        /// Where the client would like to start; the server may choose a smaller offset.
+        offset: u64,
+    },
+    /// Trailer of an upload body: the digest of the whole file (bytes `0..size`).
+    UploadEnd {
+        /// BLAKE3 of the whole file.
+        digest: Digest,
+    },
+    /// Start a download. The server answers `DownloadReady`, exactly `size - offset` raw bytes,
+    /// then a `DownloadEnd` frame.
+    Download {
+        /// Remote path of the file.
+        path: String,
+        /// First byte wanted; 0 for the whole file.
+        offset: u64,
+    },
+    /// Delete a file or an empty folder.
+    Delete {
+        /// Remote path.
+        path: String,
+    },
+    /// Rename or move a file or folder inside the user's tree.
+    Rename {
+        /// Existing remote path.
+        from: String,
+        /// New remote path; an existing folder means "move into it".
+        to: String,
+    },
+    /// Create a folder and any missing parents.
+    Mkdir {
+        /// Remote path.
+        path: String,
+    },
+    /// Stop the daemon. Needs the superuser role and the password again.
+    Shutdown {
+        /// The caller's password, checked again.
+        password: String,
+    },
+    /// No-op round trip, answered by `Ok`.
+    Ping,
+}
+
+/// What the server answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to `Hello`.
+    Hello {
+        /// The server's [`crate::PROTOCOL_VERSION`].
+        version: u16,
+        /// Program name and version.
+        agent: String,
+    },
+    /// Answer to `Login`: a new session.
+    LoggedIn {
+        /// The session token (secret).
+        token: String,
+        /// Session details.
+        session: SessionInfo,
+    },
+    /// Answer to `Authenticate` and `WhoAmI`.
+    Session(SessionInfo),
+    /// The request succeeded and has nothing else to say.
+    Ok,
+    /// Part of a listing; the last frame has `done` set.
+    Entries {
+        /// Up to [`crate::limits::MAX_ENTRIES_PER_FRAME`] entries.
+        entries: Vec<Entry>,
+        /// True on the final frame of this listing.
+        done: bool,
+    },
+    /// The server is ready for an upload body starting at `offset`.
+    UploadReady {
+        /// First byte the client must send (0 until resume exists).
+        offset: u64,
+    },
+    /// The upload was verified and committed under its final name.
+    UploadDone {
+        /// Size committed.
+        size: u64,
+        /// BLAKE3 of the committed file.
+        digest: Digest,
+    },
+    /// The server is about to send a download body.
+    DownloadReady {
+        /// Size of the whole file.
+        size: u64,
+        /// First byte that will be sent.
+        offset: u64,
+        /// Modification time, seconds since the Unix epoch.
+        modified: i64,
+    },
+    /// Trailer of a download body.
+    DownloadEnd {
+        /// BLAKE3 of the whole file (bytes `0..size`).
+        digest: Digest,
+    },
+    /// The request failed.
+    Error {
+        /// Machine-readable class of the failure.
+        code: ErrorCode,
+        /// Human-readable detail, safe to show to the user.
+        message: String,
+    },
+    /// Unsolicited: the server is shutting down and will close this connection.
+    ShuttingDown {
+        /// Human-readable reason.
+        message: String,
+    },
+}
+
+/// Who a session belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Account name.
+    pub user: String,
+    /// Account role.
+    pub role: Role,
+    /// When the session expires, seconds since the Unix epoch.
+    pub expires: i64,
+}
+
+/// Account roles, ordered so that a permission check is a comparison.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// May manage files in their own tree.
+    #[default]
+    User,
+    /// May also shut the daemon down.
+    Superuser,
+}
+
+impl Role {
+    /// The name used in the users file and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Superuser => "superuser",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "user" => Ok(Role::User),
+            "superuser" => Ok(Role::Superuser),
+            other => Err(format!("unknown role `{other}` (expected `user` or `superuser`)")),
+        }
+    }
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// File or folder name (one path component).
+    pub name: String,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Size in bytes (0 for folders).
+    pub size: u64,
+    /// Modification time, seconds since the Unix epoch.
+    pub modified: i64,
+}
+
+/// Kind of a directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A folder.
+    Dir,
+    /// Anything else (the server never follows or serves these).
+    Other,
+}
+
+impl EntryKind {
+    /// Lower-case name used in listings and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::File => "file",
+            EntryKind::Dir => "dir",
+            EntryKind::Other => "other",
+        }
+    }
+}
+
+/// Classes of failure. Each maps onto one of the client's documented exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request was malformed or not valid in this state (exit 1).
+    BadRequest,
+    /// The client speaks a protocol version the server does not (exit 1).
+    VersionMismatch,
+    /// Wrong user name or password (exit 3).
+    AuthFailed,
+    /// The request needs a logged-in session (exit 3).
+    NotAuthenticated,
+    /// The session token is unknown, expired or revoked (exit 3).
+    SessionExpired,
+    /// The role does not allow this, or the path is refused (exit 4).
+    PermissionDenied,
+    /// The path is not a valid remote path (exit 4).
+    InvalidPath,
+    /// No such file or folder (exit 5).
+    NotFound,
+    /// The target exists and the operation will not replace it (exit 1).
+    AlreadyExists,
+    /// A folder was given where a file is needed, or the reverse (exit 1).
+    WrongKind,
+    /// A folder to delete is not empty (exit 1).
+    NotEmpty,
+    /// The received data did not match the stated digest or size (exit 8).
+    VerificationFailed,
+    /// The server's disk is full (exit 1).
+    NoSpace,
+    /// The server is too busy right now; try again (exit 1).
+    Busy,
+    /// The server is shutting down (exit 7).
+    ShuttingDown,
+    /// Anything else on the server's side (exit 1).
+    Internal,
+}
+
+impl ErrorCode {
+    /// The `xfer` exit code this failure maps onto (see the contract).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorCode::AuthFailed | ErrorCode::NotAuthenticated | ErrorCode::SessionExpired => 3,
+            ErrorCode::PermissionDenied | ErrorCode::InvalidPath => 4,
+            ErrorCode::NotFound => 5,
+            ErrorCode::ShuttingDown => 7,
+            ErrorCode::VerificationFailed => 8,
+            ErrorCode::BadRequest
+            | ErrorCode::VersionMismatch
+            | ErrorCode::AlreadyExists
+            | ErrorCode::WrongKind
+            | ErrorCode::NotEmpty
+            | ErrorCode::NoSpace
+            | ErrorCode::Busy
+            | ErrorCode::Internal => 1,
+        }
+    }
+}
+
+impl Response {
+    /// Shorthand for an error response.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
