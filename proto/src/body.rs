@@ -43,7 +43,11 @@ fn cancelled() -> std::io::Error {
 }
 
 /// Hashes the first `len` bytes of `file` into `hasher`, from the start.
-fn hash_prefix(file: &mut std::fs::File, len: u64, hasher: &mut blake3::Hasher) -> std::io::Result<()> {
+fn hash_prefix(
+    file: &mut std::fs::File,
+    len: u64,
+    hasher: &mut blake3::Hasher,
+) -> std::io::Result<()> {
     file.seek(SeekFrom::Start(0))?;
     let mut buf = vec![0u8; CHUNK_LEN.min(len as usize).max(1)];
     let mut left = len;
@@ -282,6 +286,9 @@ mod tests {
             .recv_body(tempfile::tempfile().unwrap(), 0, 100, &mut |_| {})
             .await
             .unwrap_err();
-        assert!(matches!(err, BodyError::Net(ConnError::Truncated)), "{err:?}");
+        assert!(
+            matches!(err, BodyError::Net(ConnError::Truncated)),
+            "{err:?}"
+        );
     }
 }

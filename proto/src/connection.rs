@@ -156,7 +156,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         size: u64,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<Digest, crate::body::BodyError> {
-        crate::body::send(&mut self.stream, file, offset, size, self.io_timeout, progress).await
+        crate::body::send(
+            &mut self.stream,
+            file,
+            offset,
+            size,
+            self.io_timeout,
+            progress,
+        )
+        .await
     }
 
     /// Receives a raw body of `size - offset` bytes into `file` (positioned by this call at
@@ -169,7 +177,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         size: u64,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(Digest, std::fs::File), crate::body::BodyError> {
-        crate::body::recv(&mut self.stream, file, offset, size, self.io_timeout, progress).await
+        crate::body::recv(
+            &mut self.stream,
+            file,
+            offset,
+            size,
+            self.io_timeout,
+            progress,
+        )
+        .await
     }
 }
 
@@ -184,7 +200,9 @@ mod tests {
         let mut a = Connection::new(a, Duration::from_secs(5));
         let mut b = Connection::new(b, Duration::from_secs(5));
         a.write_frame(&Request::Ping).await.unwrap();
-        a.write_frame(&Request::List { path: "x".into() }).await.unwrap();
+        a.write_frame(&Request::List { path: "x".into() })
+            .await
+            .unwrap();
         assert_eq!(b.read_frame::<Request>().await.unwrap(), Request::Ping);
         assert_eq!(
             b.read_frame::<Request>().await.unwrap(),

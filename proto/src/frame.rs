@@ -70,7 +70,8 @@ pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Fram
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
     let mut out_vec = std::mem::take(out);
-    out_vec = postcard::to_extend(msg, out_vec).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    out_vec =
+        postcard::to_extend(msg, out_vec).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = out_vec.len() - start - HEADER_LEN;
     if len > MAX_FRAME_LEN {
         out_vec.truncate(start);

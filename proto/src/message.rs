@@ -201,7 +201,9 @@ impl std::str::FromStr for Role {
         match s {
             "user" => Ok(Role::User),
             "superuser" => Ok(Role::Superuser),
-            other => Err(format!("unknown role `{other}` (expected `user` or `superuser`)")),
+            other => Err(format!(
+                "unknown role `{other}` (expected `user` or `superuser`)"
+            )),
         }
     }
 }

@@ -1,0 +1,510 @@
+//! Accounts: the users file (names, roles, argon2id hashes) and password verification.
+//!
+//! Hashes are PHC strings at OWASP's argon2id parameters. A weak or malformed hash stops the
+//! load with a message naming the user, because a daemon that silently accepts a weak hash is
+//! worse than one that refuses to start. Verification is CPU- and memory-heavy (19 MiB each), so
+//! it runs on the blocking pool behind a small semaphore with a bounded queue, and unknown users
+//! are verified against a dummy hash so that timing does not reveal which names exist.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use serde::{Deserialize, Serialize};
+use xfer_proto::Role;
+use xfer_proto::limits::{MAX_PASSWORD_LEN, MAX_USER_LEN};
+
+/// OWASP's recommended argon2id memory cost, in KiB.
+pub const ARGON2_M_KIB: u32 = 19_456;
+/// OWASP's recommended argon2id iteration count.
+pub const ARGON2_T: u32 = 2;
+/// OWASP's recommended argon2id parallelism.
+pub const ARGON2_P: u32 = 1;
+
+/// Why the users file or an account operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    /// The users file could not be read or written.
+    #[error("users file `{path}`: {source}")]
+    Io {
+        /// The users file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The users file is not valid TOML or has unknown keys.
+    #[error("users file `{path}`: {message}")]
+    Parse {
+        /// The users file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A user's entry is unacceptable (bad name, weak or malformed hash).
+    #[error("users file `{path}`: user `{user}`: {problem}")]
+    BadUser {
+        /// The users file.
+        path: PathBuf,
+        /// The user's name, as written.
+        user: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A user name that may not be used.
+    #[error("invalid user name `{0}`: {1}")]
+    BadName(String, &'static str),
+    /// The account exists already.
+    #[error("user `{0}` already exists")]
+    Exists(String),
+    /// No such account.
+    #[error("no user named `{0}`")]
+    NoSuchUser(String),
+    /// The password is unacceptable.
+    #[error("{0}")]
+    BadPassword(&'static str),
+    /// Hashing failed.
+    #[error("hashing the password failed: {0}")]
+    Hash(String),
+}
+
+/// One account as stored in the users file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserRecord {
+    /// `user` or `superuser`.
+    #[serde(default)]
+    pub role: Role,
+    /// argon2id PHC string.
+    pub hash: String,
+    /// Bumped on every password or role change; sessions from older generations are revoked.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// The whole users file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UsersFile {
+    /// Accounts by name.
+    #[serde(default)]
+    pub users: BTreeMap<String, UserRecord>,
+}
+
+const USERS_HEADER: &str = "\
+# xferd users file: one [users.NAME] table per account.
+# Edit with `xferd user add|passwd|del`; the daemon picks up changes on its own (and on SIGHUP).
+# hash: argon2id PHC string (m=19456,t=2,p=1 or stronger); role: \"user\" or \"superuser\".
+
+";
+
+/// Checks a user name: 1 to 64 bytes, no `/`, `\\`, `..`, control characters, whitespace, `@`,
+/// and not starting with `.` or `-` (it names a folder and appears in `USER@HOST`).
+pub fn validate_name(name: &str) -> Result<(), AccountError> {
+    let bad = |why| Err(AccountError::BadName(name.escape_debug().to_string(), why));
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > MAX_USER_LEN {
+        return bad("it is longer than 64 bytes");
+    }
+    if name.contains("..") {
+        return bad("it contains `..`");
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return bad("it starts with `.` or `-`");
+    }
+    if name
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '/' | '\\' | '@' | ':'))
+    {
+        return bad("it contains `/`, `\\`, `@`, `:`, whitespace or a control character");
+    }
+    Ok(())
+}
+
+/// Checks that a PHC string is argon2id at no less than OWASP's parameters.
+pub fn check_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|e| format!("malformed hash ({e})"))?;
+    if parsed.algorithm.as_str() != "argon2id" {
+        return Err(format!(
+            "hash uses `{}`; only argon2id is accepted",
+            parsed.algorithm
+        ));
+    }
+    let params = Params::try_from(&parsed).map_err(|e| format!("malformed hash ({e})"))?;
+    if params.m_cost() < ARGON2_M_KIB {
+        return Err(format!(
+            "weak hash: m={} KiB is below the minimum {ARGON2_M_KIB}",
+            params.m_cost()
+        ));
+    }
+    if params.t_cost() < ARGON2_T {
+        return Err(format!(
+            "weak hash: t={} is below the minimum {ARGON2_T}",
+            params.t_cost()
+        ));
+    }
+    if parsed.salt.is_none() || parsed.hash.is_none() {
+        return Err("malformed hash (no salt or output)".into());
+    }
+    Ok(())
+}
+
+/// Hashes a password with argon2id at OWASP's parameters.
+pub fn hash_password(password: &str) -> Result<String, AccountError> {
+    check_password(password)?;
+    let params = Params::new(ARGON2_M_KIB, ARGON2_T, ARGON2_P, None)
+        .map_err(|e| AccountError::Hash(e.to_string()))?;
+    let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+    let salt = SaltString::generate(&mut OsRng);
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AccountError::Hash(e.to_string()))
+}
+
+/// Refuses empty and over-long passwords.
+pub fn check_password(password: &str) -> Result<(), AccountError> {
+    if password.is_empty() {
+        return Err(AccountError::BadPassword("the password is empty"));
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(AccountError::BadPassword(
+            "the password is longer than 1024 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Verifies a password against a PHC hash (blocking: call from the blocking pool).
+pub fn verify_blocking(hash: &str, password: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+impl UsersFile {
+    /// Loads and validates a users file; a missing file is an error.
+    pub fn load(path: &Path) -> Result<UsersFile, AccountError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AccountError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: UsersFile = toml::from_str(&text).map_err(|e| AccountError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        for (name, rec) in &file.users {
+            let bad = |problem: String| AccountError::BadUser {
+                path: path.to_path_buf(),
+                user: name.escape_debug().to_string(),
+                problem,
+            };
+            validate_name(name).map_err(|e| bad(e.to_string()))?;
+            check_hash(&rec.hash).map_err(bad)?;
+        }
+        Ok(file)
+    }
+
+    /// Writes the users file atomically with mode 0600.
+    pub fn save(&self, path: &Path) -> Result<(), AccountError> {
+        let body = toml::to_string(self).map_err(|e| AccountError::Hash(e.to_string()))?;
+        let text = format!("{USERS_HEADER}{body}");
+        crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(|source| {
+            AccountError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    }
+
+    /// Adds an account.
+    pub fn add(&mut self, name: &str, role: Role, password: &str) -> Result<(), AccountError> {
+        validate_name(name)?;
+        if self.users.contains_key(name) {
+            return Err(AccountError::Exists(name.into()));
+        }
+        let hash = hash_password(password)?;
+        self.users.insert(
+            name.into(),
+            UserRecord {
+                role,
+                hash,
+                generation: 1,
+            },
+        );
+        Ok(())
+    }
+
+    /// Changes a password, bumping the generation so existing sessions are revoked.
+    pub fn set_password(&mut self, name: &str, password: &str) -> Result<(), AccountError> {
+        let hash = hash_password(password)?;
+        let rec = self
+            .users
+            .get_mut(name)
+            .ok_or_else(|| AccountError::NoSuchUser(name.into()))?;
+        rec.hash = hash;
+        rec.generation += 1;
+        Ok(())
+    }
+
+    /// Changes a role, bumping the generation so existing sessions are revoked.
+    pub fn set_role(&mut self, name: &str, role: Role) -> Result<(), AccountError> {
+        let rec = self
+            .users
+            .get_mut(name)
+            .ok_or_else(|| AccountError::NoSuchUser(name.into()))?;
+        rec.role = role;
+        rec.generation += 1;
+        Ok(())
+    }
+
+    /// Deletes an account.
+    pub fn remove(&mut self, name: &str) -> Result<(), AccountError> {
+        self.users
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| AccountError::NoSuchUser(name.into()))
+    }
+}
+
+/// Why a password check did not succeed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VerifyOutcome {
+    /// Name and password are right.
+    Ok {
+        /// The account's role.
+        role: Role,
+        /// The account's generation, recorded in the session.
+        generation: u64,
+    },
+    /// Wrong name or password (indistinguishable on purpose).
+    Denied,
+    /// Too many verifications are waiting; try again later.
+    Busy,
+}
+
+/// The accounts the running daemon serves, reloaded when the users file changes.
+pub struct Accounts {
+    /// Where the users file lives.
+    path: PathBuf,
+    /// Current contents; swapped whole on reload so readers never see a half-applied file.
+    current: RwLock<Arc<UsersFile>>,
+    /// Modification time of the loaded file, to notice `xferd user ...` edits.
+    loaded_mtime: Mutex<Option<SystemTime>>,
+    /// Caps concurrent argon2 runs (CPU and 19 MiB each).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Logins currently waiting for or holding a slot.
+    queued: AtomicUsize,
+    /// Most logins allowed to wait.
+    max_queued: usize,
+    /// Hash verified for unknown users so they cost the same time as known ones.
+    dummy_hash: String,
+}
+
+impl Accounts {
+    /// Loads the users file; fails on any invalid entry.
+    pub fn load(
+        path: &Path,
+        max_concurrent: usize,
+        max_queued: usize,
+    ) -> Result<Self, AccountError> {
+        let file = UsersFile::load(path)?;
+        let dummy_hash = hash_password("dummy password for unknown users")?;
+        Ok(Accounts {
+            path: path.to_path_buf(),
+            current: RwLock::new(Arc::new(file)),
+            loaded_mtime: Mutex::new(mtime(path)),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1))),
+            queued: AtomicUsize::new(0),
+            max_queued: max_queued + max_concurrent.max(1),
+            dummy_hash,
+        })
+    }
+
+    /// Re-reads the users file; on error the old accounts stay in force.
+    pub fn reload(&self) -> Result<usize, AccountError> {
+        let stamp = mtime(&self.path);
+        let file = UsersFile::load(&self.path)?;
+        let n = file.users.len();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(file);
+        *self.loaded_mtime.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+        Ok(n)
+    }
+
+    /// The current accounts, reloading first if the file changed on disk.
+    pub fn snapshot(&self) -> Arc<UsersFile> {
+        let stamp = mtime(&self.path);
+        let changed = *self.loaded_mtime.lock().unwrap_or_else(|e| e.into_inner()) != stamp;
+        if changed {
+            match self.reload() {
+                Ok(n) => tracing::info!(users = n, "users file changed on disk; reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "users file changed but is invalid; keeping the previous accounts");
+                    // Remember the stamp so the error is logged once per change, not per request.
+                    *self.loaded_mtime.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+                }
+            }
+        }
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Looks up an account's role and generation.
+    pub fn lookup(&self, name: &str) -> Option<(Role, u64)> {
+        self.snapshot()
+            .users
+            .get(name)
+            .map(|r| (r.role, r.generation))
+    }
+
+    /// Verifies a password on the blocking pool, behind the concurrency cap.
+    pub async fn verify(&self, name: &str, password: &str) -> VerifyOutcome {
+        if password.len() > MAX_PASSWORD_LEN || name.len() > MAX_USER_LEN {
+            return VerifyOutcome::Denied;
+        }
+        let record = self.snapshot().users.get(name).cloned();
+        let hash = record
+            .as_ref()
+            .map(|r| r.hash.clone())
+            .unwrap_or_else(|| self.dummy_hash.clone());
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return VerifyOutcome::Busy;
+        }
+        let permit = self.slots.clone().acquire_owned().await;
+        let password = password.to_string();
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verify_blocking(&hash, &password)
+        })
+        .await
+        .unwrap_or(false);
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        match (ok, record) {
+            (true, Some(r)) => VerifyOutcome::Ok {
+                role: r.role,
+                generation: r.generation,
+            },
+            _ => VerifyOutcome::Denied,
+        }
+    }
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["alice", "bob.smith", "ünïcode", "a_b-c", &"x".repeat(64)] {
+            validate_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "..",
+            "a..b",
+            ".hidden",
+            "-x",
+            "a/b",
+            "a\\b",
+            "a b",
+            "a\nb",
+            "a@b",
+            "a\0",
+            &"x".repeat(65),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hashes_are_owasp_argon2id_and_verify() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        check_hash(&h).unwrap();
+        assert!(verify_blocking(&h, "correct horse"));
+        assert!(!verify_blocking(&h, "wrong horse"));
+    }
+
+    #[test]
+    fn weak_and_malformed_hashes_are_refused() {
+        let good = hash_password("pw").unwrap();
+        let salt_and_out = good.rsplitn(3, '$').take(2).collect::<Vec<_>>();
+        let tail = format!("{}${}", salt_and_out[1], salt_and_out[0]);
+        let weak_m = format!("$argon2id$v=19$m=4096,t=2,p=1${tail}");
+        let weak_t = format!("$argon2id$v=19$m=19456,t=1,p=1${tail}");
+        let argon2i = format!("$argon2i$v=19$m=19456,t=2,p=1${tail}");
+        assert!(check_hash(&weak_m).unwrap_err().contains("m=4096"));
+        assert!(check_hash(&weak_t).unwrap_err().contains("t=1"));
+        assert!(check_hash(&argon2i).unwrap_err().contains("argon2i"));
+        assert!(check_hash("plaintext").unwrap_err().contains("malformed"));
+    }
+
+    #[test]
+    fn load_names_the_bad_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        std::fs::write(
+            &p,
+            "[users.mallory]\nrole = \"user\"\nhash = \"$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo\"\n",
+        )
+        .unwrap();
+        let err = UsersFile::load(&p).unwrap_err().to_string();
+        assert!(err.contains("mallory"), "{err}");
+    }
+
+    #[test]
+    fn add_passwd_del_round_trip_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        let mut f = UsersFile::default();
+        f.add("alice", Role::Superuser, "pw1").unwrap();
+        assert!(matches!(
+            f.add("alice", Role::User, "pw"),
+            Err(AccountError::Exists(_))
+        ));
+        f.save(&p).unwrap();
+        let mut g = UsersFile::load(&p).unwrap();
+        assert_eq!(g, f);
+        g.set_password("alice", "pw2").unwrap();
+        assert_eq!(g.users["alice"].generation, 2);
+        assert!(verify_blocking(&g.users["alice"].hash, "pw2"));
+        g.remove("alice").unwrap();
+        assert!(g.users.is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_users_and_wrong_passwords_are_denied_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        let mut f = UsersFile::default();
+        f.add("alice", Role::User, "right").unwrap();
+        f.save(&p).unwrap();
+        let acc = Accounts::load(&p, 2, 4).unwrap();
+        assert!(matches!(
+            acc.verify("alice", "right").await,
+            VerifyOutcome::Ok { .. }
+        ));
+        assert_eq!(acc.verify("alice", "wrong").await, VerifyOutcome::Denied);
+        assert_eq!(acc.verify("nobody", "right").await, VerifyOutcome::Denied);
+        assert_eq!(
+            acc.verify("alice", &"x".repeat(2000)).await,
+            VerifyOutcome::Denied
+        );
+    }
+}

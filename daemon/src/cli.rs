@@ -1,0 +1,429 @@
+//! The `xferd` command line: parsing, logging setup, and each subcommand.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use xfer_proto::Role;
+
+use crate::accounts::UsersFile;
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::init::{InitOptions, init};
+
+/// xferd: the xfer file-transfer daemon.
+#[derive(Debug, Parser)]
+#[command(name = "xferd", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file [default: $XFERD_CONFIG, else /etc/xferd/xferd.toml]
+    #[arg(long, global = true, value_name = "FILE", env = "XFERD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a commented config, an empty users file, the storage root and a new key and
+    /// self-signed certificate; print the fingerprint clients pin.
+    Init {
+        /// Address and port to listen on [default: 127.0.0.1:7443]
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+        /// Storage root [default: storage, next to the config]
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Name to put in the certificate (repeatable); localhost, 127.0.0.1 and ::1 are always in
+        #[arg(long = "hostname", value_name = "NAME")]
+        hostnames: Vec<String>,
+        /// Replace an existing config and key
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the daemon in the foreground, logging to stderr.
+    Serve {
+        /// Listen here instead of the config's address
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+    },
+    /// First run in one command: init in ./xferd-data if needed, create the superuser `admin`
+    /// with a random password shown once, print how to log in, and serve.
+    Quickstart {
+        /// Listen here instead of the config's address
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+    },
+    /// Manage accounts in the users file.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Print the fingerprint clients pin (`xfer login --fingerprint`).
+    Fingerprint,
+    /// Validate config, users file and certificate.
+    Check,
+}
+
+/// `xferd user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add an account (only an argon2id hash of the password is stored).
+    Add {
+        /// Account name
+        name: String,
+        /// Role
+        #[arg(long, default_value = "user", value_parser = parse_role)]
+        role: Role,
+        /// Read the password from the first line of standard input
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change a password; the account's sessions are revoked.
+    Passwd {
+        /// Account name
+        name: String,
+        /// Read the password from the first line of standard input
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change a role; the account's sessions are revoked.
+    Role {
+        /// Account name
+        name: String,
+        /// New role
+        #[arg(value_parser = parse_role)]
+        role: Role,
+    },
+    /// Delete an account (its files stay on disk).
+    Del {
+        /// Account name
+        name: String,
+    },
+    /// List accounts and roles.
+    List {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+}
+
+/// Parses arguments and runs; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("xferd: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xferd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_path(cli: &Option<PathBuf>) -> PathBuf {
+    cli.clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+}
+
+/// Sets up tracing to stderr; plain (no colour or time) under the journal, which adds its own.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("XFERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!journal && std::io::stderr().is_terminal());
+    let _ = if journal {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Reads a password: the first line of stdin with `--password-stdin`, else a no-echo prompt on
+/// the terminal (asked twice when `confirm`), else a clear error.
+pub fn read_password(from_stdin: bool, prompt: &str, confirm: bool) -> anyhow::Result<String> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        let pw = line
+            .strip_suffix('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l))
+            .unwrap_or(&line)
+            .to_string();
+        return Ok(pw);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("no terminal to ask for the password on; pass --password-stdin and pipe it in");
+    }
+    let pw = rpassword::prompt_password(prompt).context("reading the password")?;
+    if confirm {
+        let again =
+            rpassword::prompt_password("Retype password: ").context("reading the password")?;
+        if again != pw {
+            bail!("the passwords do not match; nothing was changed");
+        }
+    }
+    Ok(pw)
+}
+
+fn users_path(config: &Path) -> anyhow::Result<PathBuf> {
+    Ok(Config::load(config)?.users_file)
+}
+
+fn load_users_or_empty(path: &Path) -> anyhow::Result<UsersFile> {
+    if path.exists() {
+        Ok(UsersFile::load(path)?)
+    } else {
+        Ok(UsersFile::default())
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init {
+            listen,
+            root,
+            hostnames,
+            force,
+        } => {
+            let config = config_path(&cli.config);
+            let report = init(&InitOptions {
+                config: config.clone(),
+                listen,
+                root,
+                hostnames,
+                force,
+            })?;
+            println!("wrote {}", report.config.display());
+            println!("fingerprint: {}", report.fingerprint);
+            println!(
+                "next: xferd --config {} user add NAME --role superuser",
+                config.display()
+            );
+            Ok(())
+        }
+        Command::Serve { listen } => serve(&config_path(&cli.config), listen).await,
+        Command::Quickstart { listen } => {
+            let config = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("xferd-data/xferd.toml"));
+            quickstart(&config, listen).await
+        }
+        Command::User(cmd) => user_command(&config_path(&cli.config), cmd),
+        Command::Fingerprint => {
+            let config = Config::load(&config_path(&cli.config))?;
+            println!("{}", crate::tls::fingerprint_of(&config.cert)?);
+            Ok(())
+        }
+        Command::Check => {
+            let path = config_path(&cli.config);
+            let config = Config::load(&path)?;
+            let users = UsersFile::load(&config.users_file)?;
+            let (_, fp) = crate::tls::server_config(&config.cert, &config.key)?;
+            if config.root.exists() && !config.root.is_dir() {
+                bail!("storage root `{}` is not a folder", config.root.display());
+            }
+            println!(
+                "ok: {} ({} users, listen {}, fingerprint {})",
+                path.display(),
+                users.users.len(),
+                config.listen,
+                fp
+            );
+            Ok(())
+        }
+    }
+}
+
+fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
+    let path = users_path(config)?;
+    let mut users = load_users_or_empty(&path)?;
+    match cmd {
+        UserCommand::Add {
+            name,
+            role,
+            password_stdin,
+        } => {
+            crate::accounts::validate_name(&name)?;
+            if users.users.contains_key(&name) {
+                bail!(
+                    "user `{name}` already exists; use `xferd user passwd {name}` to change the password"
+                );
+            }
+            let pw = read_password(password_stdin, &format!("Password for {name}: "), true)?;
+            users.add(&name, role, &pw)?;
+            users.save(&path)?;
+            println!("added {role} `{name}`");
+        }
+        UserCommand::Passwd {
+            name,
+            password_stdin,
+        } => {
+            if !users.users.contains_key(&name) {
+                bail!("no user named `{name}`");
+            }
+            let pw = read_password(password_stdin, &format!("New password for {name}: "), true)?;
+            users.set_password(&name, &pw)?;
+            users.save(&path)?;
+            println!("password changed for `{name}`; their sessions are revoked");
+        }
+        UserCommand::Role { name, role } => {
+            users.set_role(&name, role)?;
+            users.save(&path)?;
+            println!("`{name}` is now {role}; their sessions are revoked");
+        }
+        UserCommand::Del { name } => {
+            users.remove(&name)?;
+            users.save(&path)?;
+            println!("deleted `{name}` (their files stay on disk)");
+        }
+        UserCommand::List { json } => {
+            if json {
+                let list: Vec<_> = users
+                    .users
+                    .iter()
+                    .map(|(n, r)| serde_json::json!({"name": n, "role": r.role}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for (name, rec) in &users.users {
+                    println!("{name}\t{}", rec.role);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve(config_path: &Path, listen: Option<String>) -> anyhow::Result<()> {
+    init_logging();
+    let mut config = Config::load(config_path)?;
+    if let Some(l) = listen {
+        config.listen = l
+            .parse()
+            .with_context(|| format!("--listen `{l}` is not an ADDRESS:PORT"))?;
+    }
+    let addr = config.listen;
+    let daemon = crate::server::Daemon::load(config)?;
+    let listener = crate::server::bind(addr).await?;
+    let state = daemon.state().clone();
+    spawn_signal_tasks(state.clone());
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    daemon.run(listener, shutdown).await
+}
+
+fn spawn_signal_tasks(state: std::sync::Arc<crate::server::State>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut stop = state.shutdown_rx();
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|v| *v).await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    });
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+            match crate::server::reload(&state) {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous users and certificate")
+                }
+            }
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        }
+    });
+}
+
+async fn quickstart(config_path: &Path, listen: Option<String>) -> anyhow::Result<()> {
+    let mut fresh = false;
+    if !config_path.exists() {
+        let report = init(&InitOptions {
+            config: config_path.to_path_buf(),
+            listen: listen.clone(),
+            ..Default::default()
+        })?;
+        println!("Created {} and a new certificate.", report.config.display());
+        fresh = true;
+    }
+    let config = Config::load(config_path)?;
+    let mut users = load_users_or_empty(&config.users_file)?;
+    let mut password = None;
+    if users.users.is_empty() {
+        let pw = crate::init::random_password();
+        users.add("admin", Role::Superuser, &pw)?;
+        users.save(&config.users_file)?;
+        password = Some(pw);
+    }
+    let fp = crate::tls::fingerprint_of(&config.cert)?;
+    let addr = listen.clone().unwrap_or_else(|| config.listen.to_string());
+    let connect = addr
+        .replace("0.0.0.0", "127.0.0.1")
+        .replace("[::]", "[::1]");
+    println!();
+    if let Some(pw) = &password {
+        println!("Created superuser `admin`. Its password is shown only this once:");
+        println!();
+        println!("    {pw}");
+        println!();
+        println!(
+            "Change it any time with: xferd --config {} user passwd admin",
+            config_path.display()
+        );
+    } else if !fresh {
+        println!(
+            "Using existing {} ({} accounts).",
+            config_path.display(),
+            users.users.len()
+        );
+    }
+    println!("Log in from another terminal with:");
+    println!();
+    println!(
+        "    xfer login {}@{connect} --fingerprint {fp}",
+        users
+            .users
+            .keys()
+            .next()
+            .map(String::as_str)
+            .unwrap_or("admin")
+    );
+    println!();
+    println!(
+        "(or `cargo run --release --bin xfer -- login ...` from this checkout). Ctrl-C stops the daemon."
+    );
+    println!();
+    serve(config_path, listen).await
+}

@@ -1,0 +1,214 @@
+//! Hello, login with a password, authentication with a token, logout and whoami.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use xfer_proto::connection::ConnError;
+use xfer_proto::message::SessionInfo;
+use xfer_proto::{Connection, ErrorCode, PROTOCOL_VERSION, Response};
+
+use super::reply_error;
+use crate::accounts::VerifyOutcome;
+use crate::handler::{Auth, Ctx, Flow};
+
+/// A client-supplied name made safe for a log line.
+fn loggable(name: &str) -> String {
+    name.chars().take(64).flat_map(char::escape_debug).collect()
+}
+
+pub(super) async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    version: u16,
+    agent: &str,
+) -> Result<Flow, ConnError> {
+    if ctx.greeted {
+        return reply_error(conn, ErrorCode::BadRequest, "Hello was already sent").await;
+    }
+    if version != PROTOCOL_VERSION {
+        tracing::info!(peer = %ctx.peer, version, agent = %loggable(agent), "protocol version mismatch");
+        conn.write_frame(&Response::error(
+            ErrorCode::VersionMismatch,
+            format!(
+                "this server speaks xfer protocol version {PROTOCOL_VERSION}, the client speaks {version}; upgrade the older side"
+            ),
+        ))
+        .await?;
+        return Ok(Flow::Close);
+    }
+    ctx.greeted = true;
+    conn.write_frame(&Response::Hello {
+        version: PROTOCOL_VERSION,
+        agent: crate::AGENT.into(),
+    })
+    .await?;
+    Ok(Flow::Continue)
+}
+
+async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    code: ErrorCode,
+    message: &str,
+) -> Result<Flow, ConnError> {
+    ctx.failures += 1;
+    conn.write_frame(&Response::error(code, message)).await?;
+    if ctx.failures >= ctx.state.config.limits.max_auth_attempts {
+        tracing::warn!(peer = %ctx.peer, attempts = ctx.failures, "too many failed attempts; closing");
+        return Ok(Flow::Close);
+    }
+    Ok(Flow::Continue)
+}
+
+fn start_session(
+    ctx: &mut Ctx,
+    user: &str,
+    role: xfer_proto::Role,
+    token: String,
+    expires: i64,
+) -> Result<SessionInfo, String> {
+    let tree = ctx
+        .state
+        .storage
+        .user_tree(user)
+        .map_err(|e| format!("cannot open storage for `{user}`: {e}"))?;
+    ctx.auth = Some(Auth {
+        user: user.into(),
+        role,
+        token,
+        expires,
+        tree,
+    });
+    Ok(SessionInfo {
+        user: user.into(),
+        role,
+        expires,
+    })
+}
+
+pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    user: &str,
+    password: &str,
+) -> Result<Flow, ConnError> {
+    let state = ctx.state.clone();
+    match state.accounts.verify(user, password).await {
+        VerifyOutcome::Ok { role, generation } => {
+            let (token, rec) = state
+                .sessions
+                .create(user, generation, &ctx.peer.to_string());
+            match start_session(ctx, user, role, token.clone(), rec.expires) {
+                Ok(session) => {
+                    tracing::info!(user = %user, peer = %ctx.peer, %role, "login succeeded");
+                    conn.write_frame(&Response::LoggedIn { token, session })
+                        .await?;
+                    Ok(Flow::Continue)
+                }
+                Err(msg) => {
+                    tracing::error!(user = %user, error = %msg, "login failed on the server side");
+                    state.sessions.revoke(&token);
+                    reply_error(
+                        conn,
+                        ErrorCode::Internal,
+                        "cannot open your storage on the server",
+                    )
+                    .await
+                }
+            }
+        }
+        VerifyOutcome::Denied => {
+            tracing::warn!(user = %loggable(user), peer = %ctx.peer, "login failed: wrong user name or password");
+            failed(
+                ctx,
+                conn,
+                ErrorCode::AuthFailed,
+                "wrong user name or password",
+            )
+            .await
+        }
+        VerifyOutcome::Busy => {
+            tracing::warn!(peer = %ctx.peer, "login refused: too many logins in progress");
+            reply_error(
+                conn,
+                ErrorCode::Busy,
+                "the server is busy; try again in a moment",
+            )
+            .await
+        }
+    }
+}
+
+pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    token: &str,
+) -> Result<Flow, ConnError> {
+    let state = ctx.state.clone();
+    let record = if token.len() <= xfer_proto::limits::MAX_TOKEN_LEN {
+        state
+            .sessions
+            .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))
+    } else {
+        None
+    };
+    let Some(record) = record else {
+        tracing::info!(peer = %ctx.peer, "token refused: unknown, expired or revoked");
+        return failed(
+            ctx,
+            conn,
+            ErrorCode::SessionExpired,
+            "session expired or revoked; log in again",
+        )
+        .await;
+    };
+    let Some((role, _)) = state.accounts.lookup(&record.user) else {
+        return failed(
+            ctx,
+            conn,
+            ErrorCode::SessionExpired,
+            "account no longer exists",
+        )
+        .await;
+    };
+    match start_session(ctx, &record.user, role, token.into(), record.expires) {
+        Ok(session) => {
+            tracing::debug!(user = %record.user, peer = %ctx.peer, "token accepted");
+            conn.write_frame(&Response::Session(session)).await?;
+            Ok(Flow::Continue)
+        }
+        Err(msg) => {
+            tracing::error!(user = %record.user, error = %msg, "cannot open storage");
+            reply_error(
+                conn,
+                ErrorCode::Internal,
+                "cannot open your storage on the server",
+            )
+            .await
+        }
+    }
+}
+
+pub(super) async fn logout<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+) -> Result<Flow, ConnError> {
+    if let Some(auth) = ctx.auth.take() {
+        ctx.state.sessions.revoke(&auth.token);
+        tracing::info!(user = %auth.user, peer = %ctx.peer, "logged out; session revoked");
+    }
+    conn.write_frame(&Response::Ok).await?;
+    Ok(Flow::Continue)
+}
+
+pub(super) async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+) -> Result<Flow, ConnError> {
+    let auth = ctx.auth.as_ref().expect("dispatcher checked the session");
+    conn.write_frame(&Response::Session(SessionInfo {
+        user: auth.user.clone(),
+        role: auth.role,
+        expires: auth.expires,
+    }))
+    .await?;
+    Ok(Flow::Continue)
+}

@@ -1,0 +1,115 @@
+//! List, delete, rename and mkdir: the requests that manage a user's tree without a body.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use xfer_proto::connection::ConnError;
+use xfer_proto::limits::MAX_ENTRIES_PER_FRAME;
+use xfer_proto::{Connection, Response};
+
+use super::{blocking, reply_error};
+use crate::handler::{Ctx, Flow};
+use crate::storage::StorageError;
+
+fn tree(ctx: &Ctx) -> crate::storage::UserTree {
+    ctx.auth
+        .as_ref()
+        .expect("dispatcher checked the session")
+        .tree
+        .clone()
+}
+
+fn user(ctx: &Ctx) -> &str {
+    &ctx.auth
+        .as_ref()
+        .expect("dispatcher checked the session")
+        .user
+}
+
+async fn report<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    conn: &mut Connection<S>,
+    op: &'static str,
+    e: StorageError,
+) -> Result<Flow, ConnError> {
+    tracing::info!(user = %user(ctx), op, error = %e, "request failed");
+    reply_error(conn, e.code(), e.client_message()).await
+}
+
+pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    path: String,
+) -> Result<Flow, ConnError> {
+    let t = tree(ctx);
+    let entries = match blocking(move || t.list(&path)).await {
+        Ok(e) => e,
+        Err(e) => return report(ctx, conn, "list", e).await,
+    };
+    let mut chunks = entries.chunks(MAX_ENTRIES_PER_FRAME).peekable();
+    if chunks.peek().is_none() {
+        conn.write_frame(&Response::Entries {
+            entries: Vec::new(),
+            done: true,
+        })
+        .await?;
+    }
+    while let Some(chunk) = chunks.next() {
+        conn.write_frame(&Response::Entries {
+            entries: chunk.to_vec(),
+            done: chunks.peek().is_none(),
+        })
+        .await?;
+    }
+    Ok(Flow::Continue)
+}
+
+pub(super) async fn delete<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    path: String,
+) -> Result<Flow, ConnError> {
+    let t = tree(ctx);
+    let p = path.clone();
+    match blocking(move || t.delete(&p)).await {
+        Ok(()) => {
+            tracing::info!(user = %user(ctx), path = %path, "deleted");
+            conn.write_frame(&Response::Ok).await?;
+            Ok(Flow::Continue)
+        }
+        Err(e) => report(ctx, conn, "delete", e).await,
+    }
+}
+
+pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    from: String,
+    to: String,
+) -> Result<Flow, ConnError> {
+    let t = tree(ctx);
+    let (f, d) = (from.clone(), to.clone());
+    match blocking(move || t.rename(&f, &d)).await {
+        Ok(dest) => {
+            tracing::info!(user = %user(ctx), from = %from, to = %dest, "renamed");
+            conn.write_frame(&Response::Ok).await?;
+            Ok(Flow::Continue)
+        }
+        Err(e) => report(ctx, conn, "rename", e).await,
+    }
+}
+
+pub(super) async fn mkdir<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    path: String,
+) -> Result<Flow, ConnError> {
+    let t = tree(ctx);
+    let p = path.clone();
+    match blocking(move || t.mkdir(&p)).await {
+        Ok(()) => {
+            tracing::info!(user = %user(ctx), path = %path, "folder created");
+            conn.write_frame(&Response::Ok).await?;
+            Ok(Flow::Continue)
+        }
+        Err(e) => report(ctx, conn, "mkdir", e).await,
+    }
+}

@@ -1,0 +1,139 @@
+//! Request dispatch: the one place that checks a request is allowed in this state and for this
+//! role, then hands it to the module that implements it.
+
+mod auth;
+mod files;
+mod shutdown;
+mod transfer;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use xfer_proto::connection::ConnError;
+use xfer_proto::{Connection, ErrorCode, Request, Response, Role};
+
+use crate::handler::{Ctx, Flow};
+
+/// What a request needs before it may run.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Access {
+    /// Allowed as the very first frame.
+    Hello,
+    /// Needs a completed hello.
+    Greeted,
+    /// Needs an authenticated session with at least this role.
+    Role(Role),
+}
+
+fn access(req: &Request) -> Access {
+    match req {
+        Request::Hello { .. } => Access::Hello,
+        Request::Login { .. } | Request::Authenticate { .. } | Request::Ping => Access::Greeted,
+        Request::Shutdown { .. } => Access::Role(Role::Superuser),
+        Request::Logout
+        | Request::WhoAmI
+        | Request::List { .. }
+        | Request::Upload { .. }
+        | Request::UploadEnd { .. }
+        | Request::Download { .. }
+        | Request::Delete { .. }
+        | Request::Rename { .. }
+        | Request::Mkdir { .. } => Access::Role(Role::User),
+    }
+}
+
+/// Sends an error response and keeps the connection.
+pub(crate) async fn reply_error<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> Result<Flow, ConnError> {
+    conn.write_frame(&Response::error(code, message)).await?;
+    Ok(Flow::Continue)
+}
+
+/// Checks access, then runs the request.
+pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    req: Request,
+) -> Result<Flow, ConnError> {
+    let need = access(&req);
+    if need != Access::Hello && !ctx.greeted {
+        conn.write_frame(&Response::error(
+            ErrorCode::BadRequest,
+            "the first message must be Hello",
+        ))
+        .await?;
+        return Ok(Flow::Close);
+    }
+    if let Access::Role(role) = need {
+        let Some(auth) = &ctx.auth else {
+            return reply_error(conn, ErrorCode::NotAuthenticated, "not logged in").await;
+        };
+        // Re-check on every request: logout elsewhere, a password change or an account
+        // deletion ends the session even on a connection that is already open.
+        let state = &ctx.state;
+        if state
+            .sessions
+            .validate(&auth.token, |u| state.accounts.lookup(u).map(|(_, g)| g))
+            .is_none()
+        {
+            ctx.auth = None;
+            return reply_error(
+                conn,
+                ErrorCode::SessionExpired,
+                "session expired or revoked; log in again",
+            )
+            .await;
+        }
+        if auth.role < role {
+            tracing::warn!(user = %auth.user, peer = %ctx.peer, needed = %role, "permission denied");
+            return reply_error(
+                conn,
+                ErrorCode::PermissionDenied,
+                format!("permission denied: this needs the {role} role"),
+            )
+            .await;
+        }
+    }
+    match req {
+        Request::Hello { version, agent } => auth::hello(ctx, conn, version, &agent).await,
+        Request::Login { user, password } => auth::login(ctx, conn, &user, &password).await,
+        Request::Authenticate { token } => auth::authenticate(ctx, conn, &token).await,
+        Request::Logout => auth::logout(ctx, conn).await,
+        Request::WhoAmI => auth::whoami(ctx, conn).await,
+        Request::Ping => {
+            conn.write_frame(&Response::Ok).await?;
+            Ok(Flow::Continue)
+        }
+        Request::List { path } => files::list(ctx, conn, path).await,
+        Request::Delete { path } => files::delete(ctx, conn, path).await,
+        Request::Rename { from, to } => files::rename(ctx, conn, from, to).await,
+        Request::Mkdir { path } => files::mkdir(ctx, conn, path).await,
+        Request::Upload { path, size, offset } => {
+            transfer::upload(ctx, conn, path, size, offset).await
+        }
+        Request::Download { path, offset } => transfer::download(ctx, conn, path, offset).await,
+        Request::UploadEnd { .. } => {
+            conn.write_frame(&Response::error(
+                ErrorCode::BadRequest,
+                "UploadEnd without an upload in progress",
+            ))
+            .await?;
+            Ok(Flow::Close)
+        }
+        Request::Shutdown { password } => shutdown::shutdown(ctx, conn, &password).await,
+    }
+}
+
+/// Runs a filesystem closure on the blocking pool.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::storage::StorageError> + Send + 'static,
+) -> Result<T, crate::storage::StorageError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(crate::storage::StorageError::Io {
+            op: "running",
+            path: String::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}

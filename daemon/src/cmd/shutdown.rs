@@ -1,0 +1,60 @@
+//! The shutdown request: the dispatcher has already checked the superuser role; this checks the
+//! password again, then starts the daemon's one shutdown path.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use xfer_proto::connection::ConnError;
+use xfer_proto::{Connection, ErrorCode, Response, Role};
+
+use crate::accounts::VerifyOutcome;
+use crate::handler::{Ctx, Flow};
+
+pub(super) async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    password: &str,
+) -> Result<Flow, ConnError> {
+    let user = ctx
+        .auth
+        .as_ref()
+        .expect("dispatcher checked the session")
+        .user
+        .clone();
+    let state = ctx.state.clone();
+    match state.accounts.verify(&user, password).await {
+        VerifyOutcome::Ok { role, .. } if role >= Role::Superuser => {
+            tracing::info!(user = %user, peer = %ctx.peer, "shutdown requested by superuser");
+            conn.write_frame(&Response::Ok).await?;
+            state.shutdown_handle().trigger("shutdown request");
+            Ok(Flow::Close)
+        }
+        VerifyOutcome::Ok { .. } => {
+            super::reply_error(
+                conn,
+                ErrorCode::PermissionDenied,
+                "permission denied: shutdown needs the superuser role",
+            )
+            .await
+        }
+        VerifyOutcome::Busy => {
+            super::reply_error(
+                conn,
+                ErrorCode::Busy,
+                "the server is busy; try again in a moment",
+            )
+            .await
+        }
+        VerifyOutcome::Denied => {
+            tracing::warn!(user = %user, peer = %ctx.peer, "shutdown refused: wrong password");
+            ctx.failures += 1;
+            conn.write_frame(&Response::error(
+                ErrorCode::AuthFailed,
+                "wrong password; the server keeps running",
+            ))
+            .await?;
+            if ctx.failures >= state.config.limits.max_auth_attempts {
+                return Ok(Flow::Close);
+            }
+            Ok(Flow::Continue)
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The daemon's configuration file: TOML, unknown keys refused, every key defaulted and
+//! documented in `config/xferd.toml`. Relative paths are relative to the config file's folder.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the daemon looks for its config when neither `--config` nor `$XFERD_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/xferd/xferd.toml";
+
+/// Address used when the config names none: loopback only, so a fresh install is not exposed.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
+/// Why the config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config `{path}`: {source}")]
+    Read {
+        /// The config path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("parsing config `{path}`: {message}")]
+    Parse {
+        /// The config path.
+        path: PathBuf,
+        /// The parser's message, which names the key.
+        message: String,
+    },
+    /// A key has a value out of range.
+    #[error("config `{path}`: `{key}` {problem}")]
+    Invalid {
+        /// The config path.
+        path: PathBuf,
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// The config file as written on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Address and port to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Storage root: one folder per user beneath it.
+    #[serde(default = "default_root")]
+    pub root: PathBuf,
+    /// The users file (argon2id hashes and roles).
+    #[serde(default = "default_users")]
+    pub users_file: PathBuf,
+    /// PEM certificate chain.
+    #[serde(default = "default_cert")]
+    pub cert: PathBuf,
+    /// PEM private key (mode 0600).
+    #[serde(default = "default_key")]
+    pub key: PathBuf,
+    /// Folder for state the daemon writes: sessions.
+    #[serde(default = "default_state")]
+    pub state_dir: PathBuf,
+    /// Limits and timeouts.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Session tokens.
+    #[serde(default)]
+    pub sessions: SessionSettings,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.into()
+}
+fn default_root() -> PathBuf {
+    "storage".into()
+}
+fn default_users() -> PathBuf {
+    "users.toml".into()
+}
+fn default_cert() -> PathBuf {
+    "cert.pem".into()
+}
+fn default_key() -> PathBuf {
+    "key.pem".into()
+}
+fn default_state() -> PathBuf {
+    "state".into()
+}
+
+/// Limits on what clients may do; each key is documented in `config/xferd.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most simultaneous connections; further ones wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Seconds allowed for the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Seconds from accept until the connection must be authenticated.
+    pub login_timeout_secs: u64,
+    /// Seconds an authenticated connection may sit idle between requests.
+    pub idle_timeout_secs: u64,
+    /// Seconds allowed for any single read or write once a message has started.
+    pub io_timeout_secs: u64,
+    /// Seconds in-flight transfers get to finish when the daemon shuts down.
+    pub shutdown_grace_secs: u64,
+    /// Failed logins allowed on one connection before it is closed.
+    pub max_auth_attempts: u32,
+    /// Password verifications run at once (each argon2id run takes 19 MiB and a core).
+    pub max_concurrent_logins: usize,
+    /// Logins allowed to wait for a verification slot; beyond this they get "busy".
+    pub max_queued_logins: usize,
+    /// Largest file accepted by upload, in bytes (0: no limit beyond free disk space).
+    pub max_upload_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            handshake_timeout_secs: 10,
+            login_timeout_secs: 30,
+            idle_timeout_secs: 900,
+            io_timeout_secs: 30,
+            shutdown_grace_secs: 10,
+            max_auth_attempts: 3,
+            max_concurrent_logins: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            max_queued_logins: 32,
+            max_upload_bytes: 0,
+        }
+    }
+}
+
+impl Limits {
+    /// TLS handshake deadline.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    /// Deadline from accept to authentication.
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_secs(self.login_timeout_secs)
+    }
+    /// Idle deadline after authentication.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    /// Per-read/write deadline.
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_secs(self.io_timeout_secs)
+    }
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// Session token settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionSettings {
+    /// Seconds a session token stays valid after login.
+    pub ttl_secs: u64,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            ttl_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// The loaded, validated configuration with absolute paths.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Storage root.
+    pub root: PathBuf,
+    /// Users file.
+    pub users_file: PathBuf,
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// State folder.
+    pub state_dir: PathBuf,
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// Session settings.
+    pub sessions: SessionSettings,
+}
+
+impl Config {
+    /// Reads, parses and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_str(path, &text)
+    }
+
+    /// Parses and validates config text as if read from `path`.
+    pub fn from_str(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at line {})", line_of(text, s.start)))
+                    .unwrap_or_default(),
+        })?;
+        let base = crate::fsutil::parent_dir(path);
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        let invalid = |key, problem: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            problem,
+        };
+        let listen: SocketAddr = file.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!(
+                    "`{}` is not an ADDRESS:PORT such as 127.0.0.1:7443",
+                    file.listen
+                ),
+            )
+        })?;
+        let l = &file.limits;
+        for (key, value) in [
+            ("limits.max_connections", l.max_connections as u64),
+            ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
+            ("limits.login_timeout_secs", l.login_timeout_secs),
+            ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            ("limits.io_timeout_secs", l.io_timeout_secs),
+            ("limits.max_auth_attempts", l.max_auth_attempts as u64),
+            (
+                "limits.max_concurrent_logins",
+                l.max_concurrent_logins as u64,
+            ),
+            ("sessions.ttl_secs", file.sessions.ttl_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0".into()));
+            }
+        }
+        let abs = |p: &Path| base.join(p);
+        Ok(Config {
+            path: path.to_path_buf(),
+            listen,
+            root: abs(&file.root),
+            users_file: abs(&file.users_file),
+            cert: abs(&file.cert),
+            key: abs(&file.key),
+            state_dir: abs(&file.state_dir),
+            limits: file.limits,
+            sessions: file.sessions,
+        })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_an_empty_file_and_paths_are_relative_to_it() {
+        let c = Config::from_str(Path::new("/etc/xferd/xferd.toml"), "").unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.root, PathBuf::from("/etc/xferd/storage"));
+        assert_eq!(c.users_file, PathBuf::from("/etc/xferd/users.toml"));
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_str(Path::new("x.toml"), "listne = \"1.2.3.4:5\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listne"), "{err}");
+        let err = Config::from_str(Path::new("x.toml"), "[limits]\nmax_conections = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = Config::from_str(Path::new("x.toml"), "listen = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`listen`"), "{err}");
+        let err = Config::from_str(Path::new("x.toml"), "[limits]\nio_timeout_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.io_timeout_secs"), "{err}");
+    }
+}

@@ -1,0 +1,173 @@
+//! One connection from accept to close: TLS handshake under a deadline, then the session state
+//! machine (hello, authentication, requests) until the client leaves, a deadline passes, or the
+//! daemon shuts down, in which case an idle client is told and the connection closed at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, BufStream};
+use tokio::net::TcpStream;
+use xfer_proto::connection::ConnError;
+use xfer_proto::limits::CHUNK_LEN;
+use xfer_proto::{Connection, ErrorCode, Request, Response, Role};
+
+use crate::server::State;
+use crate::storage::UserTree;
+
+/// An authenticated session on this connection.
+pub struct Auth {
+    /// Account name.
+    pub user: String,
+    /// Account role at authentication.
+    pub role: Role,
+    /// The session token, to re-check before each request and to revoke on logout.
+    pub token: String,
+    /// Session expiry, seconds since the epoch.
+    pub expires: i64,
+    /// The user's storage tree.
+    pub tree: UserTree,
+}
+
+/// Per-connection state the commands read and change.
+pub struct Ctx {
+    /// Shared daemon state.
+    pub state: Arc<State>,
+    /// The client's address, for logs.
+    pub peer: SocketAddr,
+    /// Whether the client has sent a valid `Hello`.
+    pub greeted: bool,
+    /// The session, once authenticated.
+    pub auth: Option<Auth>,
+    /// Failed logins or token checks on this connection.
+    pub failures: u32,
+}
+
+/// What the connection loop does after a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Read the next request.
+    Continue,
+    /// Close the connection.
+    Close,
+}
+
+/// Runs one accepted TCP connection to completion.
+pub async fn handle_tcp(state: Arc<State>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let accepted = Instant::now();
+    let mut stop = state.shutdown_rx();
+    let limits = &state.config.limits;
+    // A large buffer under TLS lets rustls read and write many records per syscall.
+    let io = BufStream::with_capacity(CHUNK_LEN, CHUNK_LEN, tcp);
+    let handshake = tokio::time::timeout(limits.handshake_timeout(), state.acceptor().accept(io));
+    let tls = tokio::select! {
+        _ = stop.wait_for(|v| *v) => return,
+        r = handshake => match r {
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Ok(Ok(tls)) => tls,
+        },
+    };
+    if tls.get_ref().1.alpn_protocol() != Some(xfer_proto::ALPN) {
+        tracing::debug!(%peer, "client did not negotiate ALPN xfer/1; closing");
+        return;
+    }
+    tracing::debug!(%peer, "connection open");
+    let conn = Connection::new(tls, limits.io_timeout());
+    serve_session(state, conn, peer, accepted).await;
+}
+
+/// The session state machine over any stream (TLS in production, in-memory pipes in tests).
+pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    state: Arc<State>,
+    mut conn: Connection<S>,
+    peer: SocketAddr,
+    accepted: Instant,
+) {
+    let mut stop = state.shutdown_rx();
+    let limits = state.config.limits.clone();
+    let login_deadline = accepted + limits.login_timeout();
+    let mut ctx = Ctx {
+        state,
+        peer,
+        greeted: false,
+        auth: None,
+        failures: 0,
+    };
+    loop {
+        let stopping = *stop.borrow();
+        if stopping {
+            notify_shutdown(&mut conn).await;
+            break;
+        }
+        let (wait, phase) = if ctx.auth.is_some() {
+            (limits.idle_timeout(), "idle")
+        } else {
+            (
+                login_deadline.saturating_duration_since(Instant::now()),
+                "waiting for login",
+            )
+        };
+        let read = tokio::select! {
+            biased;
+            _ = stop.wait_for(|v| *v) => None,
+            r = conn.read_frame_within::<Request>(wait, phase) => Some(r),
+        };
+        let Some(read) = read else {
+            notify_shutdown(&mut conn).await;
+            break;
+        };
+        let req = match read {
+            Ok(req) => req,
+            Err(ConnError::Closed) => break,
+            Err(ConnError::Frame(e)) => {
+                tracing::info!(%peer, error = %e, "malformed frame; closing");
+                let _ = conn
+                    .write_frame(&Response::error(ErrorCode::BadRequest, e.to_string()))
+                    .await;
+                break;
+            }
+            Err(ConnError::Timeout(phase)) => {
+                tracing::info!(%peer, phase, "deadline passed; closing");
+                let msg = if phase == "idle" {
+                    "idle timeout; closing the connection"
+                } else {
+                    "login deadline passed; closing the connection"
+                };
+                let _ = conn
+                    .write_frame(&Response::error(ErrorCode::BadRequest, msg))
+                    .await;
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection ended");
+                break;
+            }
+        };
+        match crate::cmd::dispatch(&mut ctx, &mut conn, req).await {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Close) => break,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection ended during a request");
+                break;
+            }
+        }
+    }
+    conn.shutdown().await;
+    tracing::debug!(%peer, user = ctx.auth.as_ref().map(|a| a.user.as_str()).unwrap_or("-"), "connection closed");
+}
+
+async fn notify_shutdown<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>) {
+    let _ = conn
+        .write_frame(&Response::ShuttingDown {
+            message: "the server is shutting down".into(),
+        })
+        .await;
+}

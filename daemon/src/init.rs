@@ -1,0 +1,196 @@
+//! `xferd init` and the first-run quickstart: a commented config, an empty users file, the
+//! storage root, and a fresh key and self-signed certificate.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use base64::Engine;
+use xfer_proto::fingerprint::Fingerprint;
+
+use crate::accounts::UsersFile;
+use crate::config::DEFAULT_LISTEN;
+
+/// The commented config that `init` writes; `config/xferd.toml` is this with the defaults.
+pub const CONFIG_TEMPLATE: &str = r#"# xferd configuration. Every key is optional; the value shown is the default.
+# Relative paths are relative to the folder holding this file.
+
+# Address and port to listen on. The default is loopback only; use "0.0.0.0:7443" or
+# "[::]:7443" to accept connections from other machines.
+listen = "{listen}"
+
+# Storage root: each user gets their own folder beneath it (created on first login).
+root = "{root}"
+
+# Users file: argon2id hashes and roles, managed with `xferd user ...`.
+users_file = "users.toml"
+
+# TLS certificate chain and private key (PEM). `xferd init` makes a self-signed pair;
+# clients pin the key's fingerprint (`xferd fingerprint`).
+cert = "cert.pem"
+key = "key.pem"
+
+# Folder for state the daemon writes (session tokens, hashed).
+state_dir = "state"
+
+[limits]
+# Most connections at once; more wait in the kernel's backlog.
+max_connections = 256
+# Seconds allowed for the TLS handshake.
+handshake_timeout_secs = 10
+# Seconds from connect until the client must be logged in.
+login_timeout_secs = 30
+# Seconds a logged-in connection may sit idle between requests.
+idle_timeout_secs = 900
+# Seconds allowed for each read or write once a message or transfer has started.
+io_timeout_secs = 30
+# Seconds in-flight transfers get to finish when the daemon shuts down; idle clients are
+# disconnected at once.
+shutdown_grace_secs = 10
+# Failed logins allowed on one connection before it is closed.
+max_auth_attempts = 3
+# Password checks run at once (argon2id: 19 MiB and one core each). Default: number of cores.
+# max_concurrent_logins = 2
+# Logins that may wait for a check; beyond this they are told the server is busy.
+max_queued_logins = 32
+# Largest upload in bytes; 0 means no limit beyond free disk space.
+max_upload_bytes = 0
+
+[sessions]
+# Seconds a session token stays valid after `xfer login` (default: 7 days).
+ttl_secs = 604800
+"#;
+
+/// Options for `xferd init`.
+#[derive(Debug, Clone, Default)]
+pub struct InitOptions {
+    /// Config file to write.
+    pub config: PathBuf,
+    /// Listen address to write (default 127.0.0.1:7443).
+    pub listen: Option<String>,
+    /// Storage root to write (default `storage`, relative to the config).
+    pub root: Option<PathBuf>,
+    /// Extra certificate names.
+    pub hostnames: Vec<String>,
+    /// Overwrite an existing config and key.
+    pub force: bool,
+}
+
+/// What `init` made.
+#[derive(Debug)]
+pub struct InitReport {
+    /// The config file.
+    pub config: PathBuf,
+    /// The new certificate's fingerprint.
+    pub fingerprint: Fingerprint,
+}
+
+/// Renders the config template.
+pub fn render_config(listen: &str, root: &Path) -> String {
+    CONFIG_TEMPLATE.replace("{listen}", listen).replace(
+        "{root}",
+        &root
+            .display()
+            .to_string()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\""),
+    )
+}
+
+/// Writes config, users file, storage root, state folder, key and certificate.
+pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
+    let listen = opts.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.into());
+    listen.parse::<std::net::SocketAddr>().with_context(|| {
+        format!("--listen `{listen}` is not an ADDRESS:PORT such as 0.0.0.0:7443")
+    })?;
+    let root = opts.root.clone().unwrap_or_else(|| "storage".into());
+    let dir = crate::fsutil::parent_dir(&opts.config).to_path_buf();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
+    let key_path = dir.join("key.pem");
+    let cert_path = dir.join("cert.pem");
+    if !opts.force {
+        for existing in [&opts.config, &key_path] {
+            if existing.exists() {
+                bail!(
+                    "`{}` already exists; pass --force to replace it (clients that pinned the old key will refuse the new one)",
+                    existing.display()
+                );
+            }
+        }
+    }
+    let text = render_config(&listen, &root);
+    crate::config::Config::from_str(&opts.config, &text)
+        .context("the generated config is invalid")?;
+    let id = crate::tls::generate(&opts.hostnames)?;
+    crate::fsutil::write_atomic(&key_path, id.key_pem.as_bytes(), 0o600)
+        .with_context(|| format!("writing `{}`", key_path.display()))?;
+    crate::fsutil::write_atomic(&cert_path, id.cert_pem.as_bytes(), 0o644)
+        .with_context(|| format!("writing `{}`", cert_path.display()))?;
+    let users = dir.join("users.toml");
+    if !users.exists() {
+        UsersFile::default().save(&users)?;
+    }
+    let config = crate::config::Config::from_str(&opts.config, &text)?;
+    crate::fsutil::create_dir_with_mode(&config.root, 0o700)
+        .with_context(|| format!("creating storage root `{}`", config.root.display()))?;
+    crate::fsutil::create_dir_with_mode(&config.state_dir, 0o700)
+        .with_context(|| format!("creating state folder `{}`", config.state_dir.display()))?;
+    crate::fsutil::write_atomic(&opts.config, text.as_bytes(), 0o644)
+        .with_context(|| format!("writing `{}`", opts.config.display()))?;
+    Ok(InitReport {
+        config: opts.config.clone(),
+        fingerprint: id.fingerprint,
+    })
+}
+
+/// A random password for the first superuser: 144 bits, URL-safe characters.
+pub fn random_password() -> String {
+    let mut raw = [0u8; 18];
+    OsRng.fill_bytes(&mut raw);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// Mode bits of a file (for tests and `check`).
+pub fn mode_of(path: &Path) -> std::io::Result<u32> {
+    Ok(std::fs::metadata(path)?.permissions().mode() & 0o7777)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_matches_the_template() {
+        let example = include_str!("../../config/xferd.toml");
+        assert_eq!(example, render_config(DEFAULT_LISTEN, Path::new("storage")));
+    }
+
+    #[test]
+    fn init_writes_everything_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("etc/xferd.toml");
+        let opts = InitOptions {
+            config: cfg.clone(),
+            listen: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        let report = init(&opts).unwrap();
+        let config = crate::config::Config::load(&cfg).unwrap();
+        assert_eq!(mode_of(&config.key).unwrap(), 0o600);
+        assert_eq!(mode_of(&config.users_file).unwrap(), 0o600);
+        assert!(config.root.is_dir());
+        assert_eq!(
+            crate::tls::fingerprint_of(&config.cert).unwrap(),
+            report.fingerprint
+        );
+        let err = init(&opts).unwrap_err().to_string();
+        assert!(err.contains("--force"), "{err}");
+        let again = init(&InitOptions {
+            force: true,
+            ..opts
+        })
+        .unwrap();
+        assert_ne!(again.fingerprint, report.fingerprint);
+    }
+}

@@ -1,0 +1,177 @@
+//! The daemon's TLS identity: making a key and self-signed certificate with rcgen, loading
+//! them into a TLS 1.3-only rustls config that insists on the `xfer/1` ALPN, and computing the
+//! fingerprint clients pin.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use xfer_proto::fingerprint::Fingerprint;
+
+/// Why the TLS identity could not be made or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("reading {what} `{path}`: {message}")]
+    Read {
+        /// "certificate" or "private key".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The certificate and key do not make a usable TLS config (for example they do not match).
+    #[error("certificate `{cert}` and key `{key}` cannot be used together: {message}")]
+    Config {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// The TLS library's message.
+        message: String,
+    },
+    /// Generating a key or certificate failed.
+    #[error("generating the certificate: {0}")]
+    Generate(String),
+}
+
+/// A freshly generated identity, in PEM.
+pub struct GeneratedIdentity {
+    /// Self-signed certificate.
+    pub cert_pem: String,
+    /// Private key (PKCS#8).
+    pub key_pem: String,
+    /// Its fingerprint.
+    pub fingerprint: Fingerprint,
+}
+
+/// Makes an ECDSA P-256 key and a self-signed certificate whose SANs are `hostnames` plus
+/// localhost, 127.0.0.1 and ::1.
+pub fn generate(hostnames: &[String]) -> Result<GeneratedIdentity, TlsError> {
+    let mut sans: Vec<String> = hostnames.to_vec();
+    for default in ["localhost", "127.0.0.1", "::1"] {
+        if !sans.iter().any(|s| s == default) {
+            sans.push(default.into());
+        }
+    }
+    let key = rcgen::KeyPair::generate().map_err(|e| TlsError::Generate(e.to_string()))?;
+    let mut params =
+        rcgen::CertificateParams::new(sans).map_err(|e| TlsError::Generate(e.to_string()))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        hostnames.first().map(String::as_str).unwrap_or("xferd"),
+    );
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let fingerprint = Fingerprint::of_spki(&key.public_key_der());
+    Ok(GeneratedIdentity {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        fingerprint,
+    })
+}
+
+/// Reads a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |message: String| TlsError::Read {
+        what: "certificate",
+        path: path.to_path_buf(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no certificate found in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// The fingerprint of the first certificate in a PEM file.
+pub fn fingerprint_of(cert_path: &Path) -> Result<Fingerprint, TlsError> {
+    let certs = load_certs(cert_path)?;
+    Fingerprint::of_certificate(&certs[0]).map_err(|e| TlsError::Read {
+        what: "certificate",
+        path: cert_path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Builds the server's TLS config from PEM files: TLS 1.3 only, ALPN `xfer/1`.
+pub fn server_config(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Arc<ServerConfig>, Fingerprint), TlsError> {
+    let certs = load_certs(cert_path)?;
+    let fingerprint = fingerprint_of(cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TlsError::Read {
+        what: "private key",
+        path: key_path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if let Ok(meta) = std::fs::metadata(key_path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %key_path.display(), "private key is readable by group or others; chmod 600 it");
+    }
+    let config_err = |message: String| TlsError::Config {
+        cert: cert_path.to_path_buf(),
+        key: key_path.to_path_buf(),
+        message,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| config_err(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| config_err(e.to_string()))?;
+    config.alpn_protocols = vec![xfer_proto::ALPN.to_vec()];
+    Ok((Arc::new(config), fingerprint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_identity_loads_and_fingerprints_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = generate(&["files.example.org".into()]).unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&cert, &id.cert_pem).unwrap();
+        std::fs::write(&key, &id.key_pem).unwrap();
+        let (_, fp) = server_config(&cert, &key).unwrap();
+        assert_eq!(fp, id.fingerprint);
+        assert_eq!(fingerprint_of(&cert).unwrap(), id.fingerprint);
+    }
+
+    #[test]
+    fn mismatched_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = generate(&[]).unwrap();
+        let b = generate(&[]).unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&cert, &a.cert_pem).unwrap();
+        std::fs::write(&key, &b.key_pem).unwrap();
+        assert!(server_config(&cert, &key).is_err());
+    }
+
+    #[test]
+    fn garbage_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        std::fs::write(&cert, "hello").unwrap();
+        let err = fingerprint_of(&cert).unwrap_err().to_string();
+        assert!(err.contains("cert.pem"), "{err}");
+    }
+}
