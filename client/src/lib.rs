@@ -1,1 +1,26 @@
-//! placeholder
+//! xfer: the client, as a library so the binary and the tests share every line.
+//!
+//! Map of the crate:
+//! - [`error`]: every failure, each with the exit code the contract gives it.
+//! - [`verifier`]: the rustls certificate verifier that pins the server's key and still checks
+//!   the handshake signature.
+//! - [`state`]: the client's state folder: known servers (pins) and session tokens, 0600/0700,
+//!   written atomically.
+//! - [`addr`]: parsing `USER@HOST[:PORT]` and `HOST[:PORT]`.
+//! - [`conn`]: connecting (TCP, optional source address, TLS, hello) and every request.
+//! - [`progress`]: progress bars on a terminal, silence elsewhere.
+//! - [`cli`]: the command line.
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod cli;
+pub mod conn;
+pub mod error;
+pub mod progress;
+pub mod state;
+pub mod verifier;
+
+pub use error::ClientError;
+
+/// Program name and version, sent in the protocol hello.
+pub const AGENT: &str = concat!("xfer/", env!("CARGO_PKG_VERSION"));

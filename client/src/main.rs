@@ -1,1 +1,5 @@
-fn main() {}
+//! The `xfer` binary: everything lives in the library; this only hands over to it.
+
+fn main() -> std::process::ExitCode {
+    xfer::cli::main()
+}

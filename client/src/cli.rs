@@ -1,0 +1,903 @@
+//! The `xfer` command line: parsing, and one function per command. Data goes to stdout
+//! (listings, whoami, `--json`), progress and status to stderr, every failure as one line.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use indicatif::HumanBytes;
+use xfer_proto::fingerprint::Fingerprint;
+use xfer_proto::{Entry, EntryKind, ErrorCode, Role};
+
+use crate::addr::ServerAddr;
+use crate::conn::{Client, connect_tls};
+use crate::error::{ClientError, Result};
+use crate::progress::Progress;
+use crate::state::{StateDir, StoredSession};
+
+/// xfer: secure file transfer with an xferd server.
+#[derive(Debug, Parser)]
+#[command(name = "xfer", version, about, long_about = None)]
+pub struct Cli {
+    /// Which logged-in server to use [default: the last one logged in to]
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub server: Option<String>,
+    /// Folder for pinned keys and session tokens [default: $XFER_CONFIG_DIR, else ~/.config/xfer]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// Local address to connect from (like `ssh -b`)
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub bind: Option<IpAddr>,
+    /// Print data as JSON
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print nothing but errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Print more about what is happening (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check and pin the server's key, then trade the password for a session token.
+    Login {
+        /// USER@HOST[:PORT] (default port 7443)
+        target: String,
+        /// Read the password from the first line of standard input
+        #[arg(long)]
+        password_stdin: bool,
+        /// Expected server key fingerprint (SHA256:...), from `xferd fingerprint`
+        #[arg(long, value_name = "FP")]
+        fingerprint: Option<String>,
+        /// Trust and pin the key of a server seen for the first time
+        #[arg(long)]
+        accept_new: bool,
+    },
+    /// End the session: revoke the token on the server and forget it here.
+    Logout,
+    /// Show user, role and server of the current session.
+    Whoami,
+    /// List files: name, size, modification time, kind.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Remote folder [default: your root]
+        remote_dir: Option<String>,
+    },
+    /// Upload files (folders with -r).
+    #[command(visible_alias = "put")]
+    Upload {
+        /// Local files
+        #[arg(required = true)]
+        local: Vec<PathBuf>,
+        /// Remote folder to upload into [default: your root]
+        #[arg(long, value_name = "REMOTE_DIR")]
+        to: Option<String>,
+        /// Upload folders and everything in them
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Download files (folders with -r).
+    #[command(visible_alias = "get")]
+    Download {
+        /// Remote files
+        #[arg(required = true)]
+        remote: Vec<String>,
+        /// Local folder to download into [default: the current folder]
+        #[arg(long, value_name = "LOCAL_DIR")]
+        to: Option<PathBuf>,
+        /// Download folders and everything in them
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Delete remote files or empty folders.
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Remote paths
+        #[arg(required = true)]
+        remote: Vec<String>,
+    },
+    /// Rename or move a remote file or folder.
+    #[command(visible_alias = "mv")]
+    Rename {
+        /// Existing remote path
+        from: String,
+        /// New remote path (an existing folder: move into it)
+        to: String,
+    },
+    /// Create a remote folder (and missing parents).
+    Mkdir {
+        /// Remote folder
+        remote_dir: String,
+    },
+    /// Stop the daemon (superuser only; asks for the password again).
+    Shutdown {
+        /// Read the password from the first line of standard input
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Remove a server's pinned key and session (after a deliberate key change).
+    Forget {
+        /// HOST[:PORT]
+        server: String,
+    },
+}
+
+/// Parses arguments and runs; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("xfer: error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Reported(code)) => ExitCode::from(code),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .try_init();
+}
+
+/// An error that has already been printed, carrying the exit code.
+pub struct Reported(pub u8);
+
+fn report(e: &ClientError) -> Reported {
+    eprintln!("xfer: error: {e}");
+    Reported(e.exit_code())
+}
+
+/// Runs a parsed command line; errors are printed here, once.
+pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
+    let ctx = match Ctx::new(&cli) {
+        Ok(c) => c,
+        Err(e) => return Err(report(&e)),
+    };
+    let result = match cli.command {
+        Command::Login {
+            target,
+            password_stdin,
+            fingerprint,
+            accept_new,
+        } => {
+            login(
+                &ctx,
+                &target,
+                password_stdin,
+                fingerprint.as_deref(),
+                accept_new,
+            )
+            .await
+        }
+        Command::Logout => logout(&ctx).await,
+        Command::Whoami => whoami(&ctx).await,
+        Command::List { remote_dir } => list(&ctx, remote_dir.as_deref().unwrap_or("")).await,
+        Command::Upload {
+            local,
+            to,
+            recursive,
+        } => return upload(&ctx, &local, to.as_deref().unwrap_or(""), recursive).await,
+        Command::Download {
+            remote,
+            to,
+            recursive,
+        } => return download(&ctx, &remote, to.as_deref(), recursive).await,
+        Command::Delete { remote } => return delete(&ctx, &remote).await,
+        Command::Rename { from, to } => {
+            simple(&ctx, |c| {
+                Box::pin(async move { c.rename(&from, &to).await })
+            })
+            .await
+        }
+        Command::Mkdir { remote_dir } => {
+            simple(&ctx, |c| {
+                Box::pin(async move { c.mkdir(&remote_dir).await })
+            })
+            .await
+        }
+        Command::Shutdown { password_stdin } => shutdown(&ctx, password_stdin).await,
+        Command::Forget { server } => forget(&ctx, &server),
+    };
+    result.map_err(|e| report(&e))
+}
+
+/// What every command needs: the state folder and the global flags.
+struct Ctx {
+    state: StateDir,
+    server: Option<String>,
+    bind: Option<IpAddr>,
+    json: bool,
+    quiet: bool,
+    progress: Progress,
+}
+
+impl Ctx {
+    fn new(cli: &Cli) -> Result<Ctx> {
+        let dir = match &cli.config_dir {
+            Some(d) => d.clone(),
+            None => crate::state::default_dir().ok_or_else(|| {
+                ClientError::Usage(
+                    "cannot find a config folder: set HOME or XFER_CONFIG_DIR, or pass --config-dir".into(),
+                )
+            })?,
+        };
+        let server = cli
+            .server
+            .as_deref()
+            .map(|s| ServerAddr::parse(s).map(|a| a.to_string()))
+            .transpose()?;
+        Ok(Ctx {
+            state: StateDir::open(&dir)?,
+            server,
+            bind: cli.bind,
+            json: cli.json,
+            quiet: cli.quiet,
+            progress: Progress::new(cli.quiet),
+        })
+    }
+
+    fn status(&self, msg: impl std::fmt::Display) {
+        if !self.quiet {
+            eprintln!("{msg}");
+        }
+    }
+
+    /// Connects to the selected server with its pin and authenticates with the stored token.
+    async fn connect(&self) -> Result<(Client, String, StoredSession)> {
+        let sessions = self.state.sessions()?;
+        let (key, stored) = sessions.select(self.server.as_deref())?;
+        let server = ServerAddr::parse(&key)?;
+        let known = self.state.known_servers()?;
+        let pin = known.get(&key).ok_or_else(|| {
+            ClientError::Other(format!(
+                "no pinned key for {key} in `{}` - run `xfer login {}@{key}`",
+                self.state.known_servers_path().display(),
+                stored.user
+            ))
+        })?;
+        let mut client = Client::connect(&server, pin, self.bind)
+            .await
+            .inspect_err(|e| self.warn_key_changed(e))?;
+        match client.authenticate(&stored.token).await {
+            Ok(_) => Ok((client, key, stored)),
+            Err(ClientError::Server {
+                code: ErrorCode::SessionExpired | ErrorCode::NotAuthenticated,
+                ..
+            }) => Err(ClientError::Server {
+                code: ErrorCode::SessionExpired,
+                message: format!(
+                    "session for {key} expired or was revoked - run `xfer login {}@{key}`",
+                    stored.user
+                ),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn warn_key_changed(&self, e: &ClientError) {
+        if let ClientError::KeyChanged {
+            server,
+            pinned,
+            seen,
+        } = e
+        {
+            let path = self.state.known_servers_path();
+            let line = self
+                .state
+                .known_servers()
+                .ok()
+                .and_then(|k| k.line_of(server))
+                .map(|l| format!(":{l}"))
+                .unwrap_or_default();
+            eprintln!(
+                "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+                 @    WARNING: SERVER IDENTIFICATION HAS CHANGED!          @\n\
+                 @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+                 IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n\
+                 Someone could be eavesdropping on you right now (man-in-the-middle attack)!\n\
+                 It is also possible that the server's key has just been replaced.\n\
+                 The key pinned for {server} is\n    {pinned}\n\
+                 The server now presents\n    {seen}\n\
+                 The pin is in {}{line}. Nothing was sent to the server.\n\
+                 If you know the key was replaced on purpose, remove the old pin with:\n    xfer forget {server}",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Reads a password: first line of stdin with `--password-stdin`, else a no-echo prompt on the
+/// terminal, else a clear usage error.
+fn read_password(from_stdin: bool, prompt: &str) -> Result<String> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| ClientError::local("reading the password from standard input", e))?;
+        let pw = line
+            .strip_suffix('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l))
+            .unwrap_or(&line);
+        return Ok(pw.to_string());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(ClientError::Usage(
+            "no terminal to ask for the password on; pass --password-stdin and pipe it in".into(),
+        ));
+    }
+    rpassword::prompt_password(prompt).map_err(|e| ClientError::local("reading the password", e))
+}
+
+fn ask_yes_no(question: &str) -> Result<bool> {
+    eprint!("{question}");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| ClientError::local("reading the answer", e))?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "yes" | "y"
+    ))
+}
+
+async fn login(
+    ctx: &Ctx,
+    target: &str,
+    password_stdin: bool,
+    fingerprint: Option<&str>,
+    accept_new: bool,
+) -> Result<()> {
+    let (user, server) = ServerAddr::parse_login(target)?;
+    let key = server.to_string();
+    let expected = fingerprint
+        .map(Fingerprint::parse)
+        .transpose()
+        .map_err(|e| ClientError::Usage(format!("--fingerprint: {e}")))?;
+    let mut known = ctx.state.known_servers()?;
+    let pinned = known.get(&key);
+    // First connection: establish who the server is before anything is sent.
+    let (tls, seen) = connect_tls(&server, pinned, ctx.bind)
+        .await
+        .inspect_err(|e| ctx.warn_key_changed(e))?;
+    drop(tls);
+    if let Some(expected) = expected
+        && expected != seen
+    {
+        return Err(ClientError::FingerprintMismatch {
+            server: key,
+            expected,
+            seen,
+        });
+    }
+    if pinned.is_none() {
+        let trusted = if expected.is_some() || accept_new {
+            true
+        } else if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+            eprintln!("The authenticity of server '{key}' can't be established.");
+            eprintln!("Its key fingerprint is {seen}.");
+            eprintln!("Compare it with the output of `xferd fingerprint` on the server.");
+            if !ask_yes_no("Are you sure you want to trust it and continue (yes/no)? ")? {
+                return Err(ClientError::NotConfirmed);
+            }
+            true
+        } else {
+            return Err(ClientError::UnknownServer { server: key, seen });
+        };
+        if trusted {
+            known.set(&key, seen);
+            ctx.state.save_known_servers(&known)?;
+            ctx.status(format_args!("Pinned {key} with key {seen}."));
+        }
+    }
+    let password = read_password(password_stdin, &format!("Password for {user}@{key}: "))?;
+    // Second connection, pinned to the key just checked: prompts may have outlasted the
+    // server's login deadline on the first one.
+    let mut client = Client::connect(&server, seen, ctx.bind)
+        .await
+        .inspect_err(|e| ctx.warn_key_changed(e))?;
+    let (token, info) = client.login(&user, &password).await?;
+    client.close().await;
+    let mut sessions = ctx.state.sessions()?;
+    sessions.servers.insert(
+        key.clone(),
+        StoredSession {
+            user: info.user.clone(),
+            role: info.role,
+            token,
+            expires: info.expires,
+        },
+    );
+    sessions.current = Some(key.clone());
+    ctx.state.save_sessions(&sessions)?;
+    ctx.status(format_args!(
+        "Logged in to {key} as {} ({}).",
+        info.user, info.role
+    ));
+    Ok(())
+}
+
+async fn logout(ctx: &Ctx) -> Result<()> {
+    let mut sessions = ctx.state.sessions()?;
+    let (key, _) = sessions.select(ctx.server.as_deref())?;
+    let remote = match ctx.connect().await {
+        Ok((mut client, _, _)) => {
+            let r = client.logout().await;
+            client.close().await;
+            r
+        }
+        Err(ClientError::Server {
+            code: ErrorCode::SessionExpired,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(e),
+    };
+    sessions.servers.remove(&key);
+    if sessions.current.as_deref() == Some(key.as_str()) {
+        sessions.current = None;
+    }
+    ctx.state.save_sessions(&sessions)?;
+    match remote {
+        Ok(()) => {
+            ctx.status(format_args!("Logged out of {key}."));
+            Ok(())
+        }
+        Err(e) => Err(ClientError::Other(format!(
+            "removed the local session for {key}, but could not revoke it on the server ({e})"
+        ))),
+    }
+}
+
+fn format_time(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn whoami(ctx: &Ctx) -> Result<()> {
+    let (mut client, key, _) = ctx.connect().await?;
+    let info = client.whoami().await?;
+    client.close().await;
+    if ctx.json {
+        let v = serde_json::json!({
+            "user": info.user,
+            "role": info.role,
+            "server": key,
+            "expires": format_time(info.expires),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{} ({}) on {key}; session expires {}",
+            info.user,
+            info.role,
+            format_time(info.expires)
+        );
+    }
+    Ok(())
+}
+
+fn print_entries(entries: &[Entry], json: bool) {
+    if json {
+        let list: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "name": e.name,
+                    "size": e.size,
+                    "modified": format_time(e.modified),
+                    "modified_unix": e.modified,
+                    "kind": e.kind.as_str(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    for e in entries {
+        let when = format_time(e.modified).replace('T', " ").replace('Z', "");
+        let name: String = e
+            .name
+            .chars()
+            .flat_map(|c| {
+                if c.is_control() {
+                    c.escape_default().collect::<Vec<_>>()
+                } else {
+                    vec![c]
+                }
+            })
+            .collect();
+        let suffix = if e.kind == EntryKind::Dir { "/" } else { "" };
+        let _ = writeln!(
+            out,
+            "{:<5} {:>14}  {when}  {name}{suffix}",
+            e.kind.as_str(),
+            e.size
+        );
+    }
+}
+
+async fn list(ctx: &Ctx, dir: &str) -> Result<()> {
+    let (mut client, _, _) = ctx.connect().await?;
+    let entries = client.list(dir).await?;
+    client.close().await;
+    print_entries(&entries, ctx.json);
+    Ok(())
+}
+
+type BoxFut<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>;
+
+async fn simple(ctx: &Ctx, f: impl for<'a> FnOnce(&'a mut Client) -> BoxFut<'a>) -> Result<()> {
+    let (mut client, _, _) = ctx.connect().await?;
+    f(&mut client).await?;
+    client.close().await;
+    Ok(())
+}
+
+/// Runs one item of a multi-item command: prints its failure at once and remembers the first
+/// exit code, so one bad file does not stop the others (unless the connection is gone).
+struct Batch {
+    first: Option<u8>,
+    ok: usize,
+    failed: usize,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            first: None,
+            ok: 0,
+            failed: 0,
+        }
+    }
+    /// Records an outcome; returns false when the batch must stop.
+    fn record(&mut self, r: Result<()>) -> bool {
+        match r {
+            Ok(()) => {
+                self.ok += 1;
+                true
+            }
+            Err(e) => {
+                let Reported(code) = report(&e);
+                self.failed += 1;
+                self.first.get_or_insert(code);
+                !e.is_connection_lost()
+            }
+        }
+    }
+    fn finish(self) -> std::result::Result<(), Reported> {
+        match self.first {
+            None => Ok(()),
+            Some(code) => Err(Reported(code)),
+        }
+    }
+}
+
+fn local_name(path: &Path) -> Result<String> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| ClientError::Usage(format!("`{}` does not name a file", path.display())))?;
+    let name = name.to_str().ok_or_else(|| {
+        ClientError::Other(format!("`{}`: the name is not valid UTF-8", path.display()))
+    })?;
+    xfer_proto::path::check_name(name)
+        .map_err(|e| ClientError::Other(format!("`{}`: {e}", path.display())))?;
+    Ok(name.to_string())
+}
+
+async fn upload_file(ctx: &Ctx, client: &mut Client, local: &Path, remote: &str) -> Result<()> {
+    let size = std::fs::metadata(local)
+        .map_err(|e| ClientError::local(format!("reading `{}`", local.display()), e))?
+        .len();
+    let bar = ctx.progress.bar(remote, size);
+    let b = bar.clone();
+    let started = std::time::Instant::now();
+    let result = client
+        .upload(local, remote, &mut move |n| b.set_position(n))
+        .await;
+    bar.finish_and_clear();
+    let done = result?;
+    ctx.status(format_args!(
+        "uploaded {} -> {remote} ({}, {}/s)",
+        local.display(),
+        HumanBytes(done.size),
+        HumanBytes((done.size as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64)
+    ));
+    Ok(())
+}
+
+fn upload_tree<'a>(
+    ctx: &'a Ctx,
+    client: &'a mut Client,
+    local: &'a Path,
+    remote: String,
+    batch: &'a mut Batch,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + 'a>> {
+    Box::pin(async move {
+        if !batch.record(client.mkdir(&remote).await) {
+            return false;
+        }
+        let mut entries: Vec<_> = match std::fs::read_dir(local) {
+            Ok(it) => it.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
+            Err(e) => {
+                return batch.record(Err(ClientError::local(
+                    format!("reading folder `{}`", local.display()),
+                    e,
+                )));
+            }
+        };
+        entries.sort();
+        for path in entries {
+            let name = match local_name(&path) {
+                Ok(n) => n,
+                Err(e) => {
+                    if !batch.record(Err(e)) {
+                        return false;
+                    }
+                    continue;
+                }
+            };
+            let target = xfer_proto::path::join(&remote, &name);
+            let keep_going = if path.is_dir() {
+                upload_tree(ctx, client, &path, target, batch).await
+            } else {
+                batch.record(upload_file(ctx, client, &path, &target).await)
+            };
+            if !keep_going {
+                return false;
+            }
+        }
+        true
+    })
+}
+
+async fn upload(
+    ctx: &Ctx,
+    locals: &[PathBuf],
+    remote_dir: &str,
+    recursive: bool,
+) -> std::result::Result<(), Reported> {
+    let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
+    let mut batch = Batch::new();
+    for local in locals {
+        let name = match local_name(local) {
+            Ok(n) => n,
+            Err(e) => {
+                batch.record(Err(e));
+                continue;
+            }
+        };
+        let remote = xfer_proto::path::join(remote_dir, &name);
+        let keep_going = if local.is_dir() {
+            if recursive {
+                upload_tree(ctx, &mut client, local, remote, &mut batch).await
+            } else {
+                batch.record(Err(ClientError::Other(format!(
+                    "`{}` is a folder; use -r to upload folders",
+                    local.display()
+                ))))
+            }
+        } else {
+            batch.record(upload_file(ctx, &mut client, local, &remote).await)
+        };
+        if !keep_going {
+            break;
+        }
+    }
+    client.close().await;
+    batch.finish()
+}
+
+async fn download_file(ctx: &Ctx, client: &mut Client, remote: &str, target: &Path) -> Result<()> {
+    let bar = ctx.progress.bar(remote, 0);
+    let (b1, b2) = (bar.clone(), bar.clone());
+    let started = std::time::Instant::now();
+    let result = client
+        .download(
+            remote,
+            target,
+            &mut move |n| b1.set_position(n),
+            &mut move |size| b2.set_length(size),
+        )
+        .await;
+    bar.finish_and_clear();
+    let done = result?;
+    ctx.status(format_args!(
+        "downloaded {remote} -> {} ({}, {}/s)",
+        target.display(),
+        HumanBytes(done.size),
+        HumanBytes((done.size as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64)
+    ));
+    Ok(())
+}
+
+fn download_tree<'a>(
+    ctx: &'a Ctx,
+    client: &'a mut Client,
+    remote: String,
+    local: PathBuf,
+    batch: &'a mut Batch,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + 'a>> {
+    Box::pin(async move {
+        let entries = match client.list(&remote).await {
+            Ok(e) => e,
+            Err(e) => return batch.record(Err(e)),
+        };
+        if let Err(e) = std::fs::create_dir_all(&local) {
+            return batch.record(Err(ClientError::local(
+                format!("creating folder `{}`", local.display()),
+                e,
+            )));
+        }
+        for entry in entries {
+            if xfer_proto::path::check_name(&entry.name).is_err() {
+                batch.record(Err(ClientError::Other(format!(
+                    "skipping `{}` in `{remote}`: unsafe name",
+                    entry.name
+                ))));
+                continue;
+            }
+            let r = xfer_proto::path::join(&remote, &entry.name);
+            let l = local.join(&entry.name);
+            let keep_going = match entry.kind {
+                EntryKind::Dir => download_tree(ctx, client, r, l, batch).await,
+                EntryKind::File => batch.record(download_file(ctx, client, &r, &l).await),
+                EntryKind::Other => true,
+            };
+            if !keep_going {
+                return false;
+            }
+        }
+        true
+    })
+}
+
+async fn download(
+    ctx: &Ctx,
+    remotes: &[String],
+    to: Option<&Path>,
+    recursive: bool,
+) -> std::result::Result<(), Reported> {
+    let dir = to.unwrap_or(Path::new("."));
+    // `--to NEW_NAME` with one file saves under that name, as `cp` would.
+    let save_as = remotes.len() == 1 && to.is_some() && !dir.is_dir();
+    if !save_as && !dir.is_dir() {
+        return Err(report(&ClientError::Other(format!(
+            "`{}` is not a folder",
+            dir.display()
+        ))));
+    }
+    let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
+    let mut batch = Batch::new();
+    for remote in remotes {
+        let trimmed = remote.trim_end_matches('/');
+        let name = trimmed.rsplit('/').next().unwrap_or(trimmed);
+        if xfer_proto::path::check_name(name).is_err() {
+            batch.record(Err(ClientError::Server {
+                code: ErrorCode::InvalidPath,
+                message: format!(
+                    "refused path `{remote}`: {}",
+                    xfer_proto::path::named_components(remote)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "not a valid remote path".into())
+                ),
+            }));
+            continue;
+        }
+        let target = if save_as {
+            dir.to_path_buf()
+        } else {
+            dir.join(name)
+        };
+        let keep_going = if recursive {
+            match client.list(trimmed).await {
+                Ok(entries)
+                    if entries.len() != 1
+                        || entries[0].kind == EntryKind::Dir
+                        || entries[0].name != name =>
+                {
+                    download_tree(ctx, &mut client, trimmed.to_string(), target, &mut batch).await
+                }
+                Ok(_) => batch.record(download_file(ctx, &mut client, trimmed, &target).await),
+                Err(e) => batch.record(Err(e)),
+            }
+        } else {
+            batch.record(download_file(ctx, &mut client, trimmed, &target).await)
+        };
+        if !keep_going {
+            break;
+        }
+    }
+    client.close().await;
+    batch.finish()
+}
+
+async fn delete(ctx: &Ctx, remotes: &[String]) -> std::result::Result<(), Reported> {
+    let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
+    let mut batch = Batch::new();
+    for remote in remotes {
+        let r = client.delete(remote).await;
+        if r.is_ok() {
+            ctx.status(format_args!("deleted {remote}"));
+        }
+        if !batch.record(r) {
+            break;
+        }
+    }
+    client.close().await;
+    batch.finish()
+}
+
+async fn shutdown(ctx: &Ctx, password_stdin: bool) -> Result<()> {
+    let (mut client, key, stored) = ctx.connect().await?;
+    if stored.role < Role::Superuser {
+        // The server decides; this only avoids asking for a password that cannot help.
+        tracing::info!("stored role is {}; asking the server anyway", stored.role);
+    }
+    let password = read_password(
+        password_stdin,
+        &format!("Password for {}@{key} (to confirm shutdown): ", stored.user),
+    )?;
+    client.shutdown(&password).await?;
+    ctx.status(format_args!("{key} is shutting down."));
+    Ok(())
+}
+
+fn forget(ctx: &Ctx, server: &str) -> Result<()> {
+    let key = ServerAddr::parse(server)?.to_string();
+    let mut known = ctx.state.known_servers()?;
+    let had_pin = known.remove(&key);
+    if had_pin {
+        ctx.state.save_known_servers(&known)?;
+    }
+    let mut sessions = ctx.state.sessions()?;
+    let had_session = sessions.servers.remove(&key).is_some();
+    if sessions.current.as_deref() == Some(key.as_str()) {
+        sessions.current = None;
+    }
+    if had_session {
+        ctx.state.save_sessions(&sessions)?;
+    }
+    if !had_pin && !had_session {
+        return Err(ClientError::Server {
+            code: ErrorCode::NotFound,
+            message: format!("{key} is not a known server"),
+        });
+    }
+    ctx.status(format_args!("Forgot the key and session of {key}."));
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! Client failures and the exit code each maps onto (see the contract's table).
+
+use xfer_proto::ErrorCode;
+use xfer_proto::connection::ConnError;
+use xfer_proto::fingerprint::Fingerprint;
+
+/// Everything that can go wrong in a client command.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The command line is wrong (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// No stored session for the server (exit 3).
+    #[error("{}", not_logged_in(.0.as_deref()))]
+    NotLoggedIn(Option<String>),
+    /// The server refused the request (exit code from the error code).
+    #[error("{message}")]
+    Server {
+        /// The server's error class.
+        code: ErrorCode,
+        /// The server's message.
+        message: String,
+    },
+    /// The pinned key changed: possible man-in-the-middle (exit 6).
+    #[error(
+        "the identity of {server} has changed (pinned {pinned}, now presents {seen}); refusing to connect. If the server's key was replaced on purpose, run `xfer forget {server}` and log in again"
+    )]
+    KeyChanged {
+        /// The server.
+        server: String,
+        /// What we pinned.
+        pinned: Fingerprint,
+        /// What it presented.
+        seen: Fingerprint,
+    },
+    /// First contact with `--fingerprint` and the key did not match (exit 6).
+    #[error("the key of {server} is {seen}, not the expected {expected}; refusing to connect")]
+    FingerprintMismatch {
+        /// The server.
+        server: String,
+        /// What the user said to expect.
+        expected: Fingerprint,
+        /// What it presented.
+        seen: Fingerprint,
+    },
+    /// First contact that nobody confirmed (exit 6).
+    #[error(
+        "{server} is not a known server (its key is {seen}); confirm it with --fingerprint {seen}, or trust it with --accept-new"
+    )]
+    UnknownServer {
+        /// The server.
+        server: String,
+        /// Its key.
+        seen: Fingerprint,
+    },
+    /// The user answered no to the first-contact question (exit 6).
+    #[error("server identity not confirmed; nothing was sent")]
+    NotConfirmed,
+    /// Could not connect (exit 7).
+    #[error("cannot reach {server}: {reason}")]
+    Connect {
+        /// The server.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+    /// The connection broke or timed out (exit 7).
+    #[error("connection to the server failed: {0}")]
+    Broken(#[from] ConnError),
+    /// The server is shutting down (exit 7).
+    #[error("the server is shutting down; try again later")]
+    ServerShuttingDown,
+    /// A transfer arrived corrupted (exit 8).
+    #[error("{0}")]
+    Verification(String),
+    /// A local file could not be read or written (exit 1).
+    #[error("{context}: {source}")]
+    Local {
+        /// What was being done, naming the file.
+        context: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The server said something that makes no sense here (exit 1).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Anything else (exit 1).
+    #[error("{0}")]
+    Other(String),
+}
+
+fn not_logged_in(server: Option<&str>) -> String {
+    match server {
+        Some(s) => format!("not logged in to {s} - run `xfer login USER@{s}`"),
+        None => "not logged in - run `xfer login USER@HOST[:PORT]`".to_string(),
+    }
+}
+
+impl ClientError {
+    /// The documented exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Usage(_) => 2,
+            ClientError::NotLoggedIn(_) => 3,
+            ClientError::Server { code, .. } => code.exit_code(),
+            ClientError::KeyChanged { .. }
+            | ClientError::FingerprintMismatch { .. }
+            | ClientError::UnknownServer { .. }
+            | ClientError::NotConfirmed => 6,
+            ClientError::Connect { .. }
+            | ClientError::Broken(_)
+            | ClientError::ServerShuttingDown => 7,
+            ClientError::Verification(_) => 8,
+            ClientError::Local { .. } | ClientError::Protocol(_) | ClientError::Other(_) => 1,
+        }
+    }
+
+    /// Shorthand for a local I/O failure.
+    pub fn local(context: impl Into<String>, source: std::io::Error) -> Self {
+        ClientError::Local {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// True when the connection cannot carry more requests.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Broken(_) | ClientError::ServerShuttingDown | ClientError::Connect { .. }
+        )
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        let fp = Fingerprint([0; 32]);
+        let cases: Vec<(ClientError, u8)> = vec![
+            (ClientError::Usage("x".into()), 2),
+            (ClientError::NotLoggedIn(None), 3),
+            (
+                ClientError::Server {
+                    code: ErrorCode::AuthFailed,
+                    message: String::new(),
+                },
+                3,
+            ),
+            (
+                ClientError::Server {
+                    code: ErrorCode::PermissionDenied,
+                    message: String::new(),
+                },
+                4,
+            ),
+            (
+                ClientError::Server {
+                    code: ErrorCode::NotFound,
+                    message: String::new(),
+                },
+                5,
+            ),
+            (
+                ClientError::KeyChanged {
+                    server: "s".into(),
+                    pinned: fp,
+                    seen: fp,
+                },
+                6,
+            ),
+            (ClientError::Broken(ConnError::Closed), 7),
+            (ClientError::Verification("x".into()), 8),
+            (ClientError::Other("x".into()), 1),
+        ];
+        for (err, code) in cases {
+            assert_eq!(err.exit_code(), code, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn not_logged_in_says_what_to_do() {
+        let msg = ClientError::NotLoggedIn(Some("127.0.0.1:7443".into())).to_string();
+        assert_eq!(
+            msg,
+            "not logged in to 127.0.0.1:7443 - run `xfer login USER@127.0.0.1:7443`"
+        );
+    }
+}
