@@ -273,8 +273,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("xfer");
         let st = StateDir::open(&dir).unwrap();
-        let mut s = Sessions::default();
-        s.current = Some("h:1".into());
+        let mut s = Sessions {
+            current: Some("h:1".into()),
+            ..Default::default()
+        };
         s.servers.insert(
             "h:1".into(),
             StoredSession {

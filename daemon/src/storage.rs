@@ -397,6 +397,11 @@ impl UserTree {
     /// Renames `from` to `to`; if `to` is an existing folder, moves `from` into it. An
     /// existing file at the target is replaced (as `mv` does); a folder never is.
     pub fn rename(&self, from: &str, to: &str) -> Result<String, StorageError> {
+        // Refuse a bad target before saying anything about the source.
+        named_components(to).map_err(|source| StorageError::BadPath {
+            path: to.into(),
+            source,
+        })?;
         let src = self.resolve(from, true)?;
         if src.meta.is_none() {
             return Err(StorageError::NotFound(from.into()));

@@ -1,1 +1,335 @@
-//! placeholder
+//! Test fixtures shared by every end-to-end test: a daemon running in-process in a temp folder
+//! (real TLS on 127.0.0.1, real users file, real storage), a client home folder, and a runner
+//! for the real `xfer` binary. Everything cleans up on drop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use xfer_proto::Role;
+use xferd::accounts::UsersFile;
+use xferd::config::Config;
+use xferd::server::{Daemon, State};
+
+/// Accounts every test server starts with: (name, role, password).
+pub const USERS: [(&str, Role, &str); 3] = [
+    ("alice", Role::User, "alice-pw"),
+    ("bob", Role::User, "bob-pw"),
+    ("root", Role::Superuser, "root-pw"),
+];
+
+/// A daemon running on its own thread and runtime, serving a temp folder.
+pub struct TestServer {
+    /// The folder holding config, users, certificate and storage.
+    pub dir: TempDir,
+    /// The config file.
+    pub config_path: PathBuf,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its fingerprint, as `xferd fingerprint` prints it.
+    pub fingerprint: String,
+    /// Shared daemon state (for reloads and shutdown handles).
+    pub state: Arc<State>,
+    /// Sends the test's shutdown signal.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The daemon thread; yields `run`'s result.
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a daemon with the default config and the [`USERS`].
+    pub fn start() -> TestServer {
+        Self::start_with(|_| {})
+    }
+
+    /// Starts a daemon after letting `edit` change the loaded config.
+    pub fn start_with(edit: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("xferd.toml");
+        xferd::init::init(&xferd::init::InitOptions {
+            config: config_path.clone(),
+            listen: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        })
+        .expect("xferd init");
+        let config = Config::load(&config_path).expect("config");
+        let mut users = UsersFile::default();
+        for (name, role, pw) in USERS {
+            users.add(name, role, pw).expect("add user");
+        }
+        users.save(&config.users_file).expect("save users");
+        Self::launch(dir, config_path, None, edit)
+    }
+
+    /// Starts a daemon on an existing folder (a restart), optionally on a fixed address.
+    pub fn launch(
+        dir: TempDir,
+        config_path: PathBuf,
+        addr: Option<SocketAddr>,
+        edit: impl FnOnce(&mut Config),
+    ) -> TestServer {
+        let mut config = Config::load(&config_path).expect("config");
+        edit(&mut config);
+        let std_listener =
+            std::net::TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
+                .expect("bind");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let daemon = Daemon::load(config).expect("daemon loads");
+        let state = daemon.state().clone();
+        let fingerprint = state.fingerprint().to_string();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let result = rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener)?;
+                daemon
+                    .run(listener, async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+            });
+            rt.shutdown_timeout(Duration::from_secs(5));
+            result
+        });
+        TestServer {
+            dir,
+            config_path,
+            addr,
+            fingerprint,
+            state,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// `127.0.0.1:PORT`, as clients name it.
+    pub fn server(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The loaded config.
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).expect("config")
+    }
+
+    /// A user's storage folder.
+    pub fn user_dir(&self, user: &str) -> PathBuf {
+        self.config().root.join(user)
+    }
+
+    /// The folder where uploads are staged.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.config().root.join(xferd::storage::TMP_DIR)
+    }
+
+    /// Edits the users file as `xferd user ...` would; the daemon notices on its own.
+    pub fn edit_users(&self, f: impl FnOnce(&mut UsersFile)) {
+        let path = self.config().users_file;
+        let mut users = UsersFile::load(&path).expect("users");
+        f(&mut users);
+        // Make sure the modification time moves even on coarse-grained filesystems.
+        std::thread::sleep(Duration::from_millis(20));
+        users.save(&path).expect("save users");
+    }
+
+    /// Replaces the key and certificate and reloads them (as SIGHUP would); returns the new
+    /// fingerprint.
+    pub fn rotate_key(&mut self) -> String {
+        let config = self.config();
+        let id = xferd::tls::generate(&[]).expect("generate");
+        std::fs::write(&config.key, &id.key_pem).unwrap();
+        std::fs::write(&config.cert, &id.cert_pem).unwrap();
+        xferd::server::reload(&self.state).expect("reload");
+        self.fingerprint = id.fingerprint.to_string();
+        self.fingerprint.clone()
+    }
+
+    /// Waits up to `timeout` for the daemon to finish on its own (after a wire shutdown).
+    pub fn wait(&mut self, timeout: Duration) -> Option<anyhow::Result<()>> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                return self.thread.take().map(|t| t.join().expect("daemon thread"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// True while the daemon thread runs.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops the daemon and returns `run`'s result and the folder (for a restart).
+    pub fn stop(mut self) -> (anyhow::Result<()>, TempDir, PathBuf, SocketAddr) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let result = self
+            .thread
+            .take()
+            .map(|t| t.join().expect("daemon thread"))
+            .unwrap_or(Ok(()));
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (result, dir, self.config_path.clone(), self.addr)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A client's home: its own state folder, and a runner for the `xfer` binary.
+pub struct ClientHome {
+    /// The temp folder; `config` inside it is the state folder.
+    pub dir: TempDir,
+    /// Path of the `xfer` binary under test.
+    pub bin: PathBuf,
+}
+
+/// What a finished `xfer` run gave.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with the whole run unless it exited with `code`.
+    #[track_caller]
+    pub fn expect_code(self, code: i32) -> Run {
+        assert_eq!(self.code, code, "unexpected exit code: {self:#?}");
+        self
+    }
+}
+
+impl ClientHome {
+    /// A fresh home using the `xfer` binary at `bin`.
+    pub fn new(bin: impl Into<PathBuf>) -> ClientHome {
+        ClientHome {
+            dir: tempfile::tempdir().expect("temp dir"),
+            bin: bin.into(),
+        }
+    }
+
+    /// The state folder passed as `--config-dir`.
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    /// A scratch path inside the home.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A command for `xfer ARGS` with this home's state folder and no terminal.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--config-dir")
+            .arg(self.config_dir())
+            .args(args)
+            .env_remove("XFER_CONFIG_DIR")
+            .current_dir(self.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs `xfer ARGS` with `stdin` as its standard input.
+    pub fn run_with_stdin(&self, args: &[&str], stdin: &str) -> Run {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn xfer");
+        {
+            use std::io::Write;
+            let mut input = child.stdin.take().unwrap();
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        Run::from(child.wait_with_output().expect("xfer runs"))
+    }
+
+    /// Runs `xfer ARGS` with empty standard input.
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.run_with_stdin(args, "")
+    }
+
+    /// Logs in as `user` (password from [`USERS`]) pinning the server's fingerprint.
+    pub fn login(&self, server: &TestServer, user: &str) -> Run {
+        let pw = USERS
+            .iter()
+            .find(|(n, _, _)| *n == user)
+            .map(|(_, _, p)| *p)
+            .expect("known test user");
+        self.run_with_stdin(
+            &[
+                "login",
+                &format!("{user}@{}", server.server()),
+                "--password-stdin",
+                "--fingerprint",
+                &server.fingerprint,
+            ],
+            &format!("{pw}\n"),
+        )
+    }
+}
+
+/// Writes `data` to `path`, creating parent folders.
+pub fn write_file(path: &Path, data: &[u8]) {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for content that compresses badly.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Every byte value, then "EOF" lines, CRLFs and NULs: the content that broke marker-based
+/// transfers.
+pub fn tricky_bytes() -> Vec<u8> {
+    let mut v: Vec<u8> = (0..=255u8).collect();
+    v.extend_from_slice(b"\nEOF\nEOF\r\nEOF");
+    v.extend_from_slice(&[0, 0, b'E', b'O', b'F', 0]);
+    v.extend((0..=255u8).rev());
+    v.extend_from_slice(b"EOF");
+    v
+}

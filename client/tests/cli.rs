@@ -1,0 +1,539 @@
+//! End-to-end tests of the real `xfer` binary against a daemon running in-process: every
+//! command of the contract, its exit codes and its guarantees, as a user would run them.
+
+use std::time::Duration;
+
+use xfer_tests::{ClientHome, TestServer, noise, tricky_bytes, write_file};
+
+fn home() -> ClientHome {
+    ClientHome::new(env!("CARGO_BIN_EXE_xfer"))
+}
+
+fn logged_in(server: &TestServer, user: &str) -> ClientHome {
+    let h = home();
+    h.login(server, user).expect_code(0);
+    h
+}
+
+#[test]
+fn round_trip_keeps_every_byte_of_tricky_empty_and_oddly_named_files() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("eof and bytes.bin", tricky_bytes()),
+        ("empty", Vec::new()),
+        ("naïve café ü.txt", "héllo wörld\nEOF\n".as_bytes().to_vec()),
+        ("big.bin", noise(3 * 1024 * 1024 + 7, 42)),
+    ];
+    let mut args = vec!["upload".to_string()];
+    for (name, data) in &files {
+        let p = h.path(&format!("src/{name}"));
+        write_file(&p, data);
+        args.push(p.to_string_lossy().into_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    h.run(&args).expect_code(0);
+
+    // The server holds exactly the bytes, under exactly the names.
+    for (name, data) in &files {
+        let stored = std::fs::read(server.user_dir("alice").join(name)).unwrap();
+        assert_eq!(&stored, data, "{name} on the server");
+    }
+
+    std::fs::create_dir(h.path("dl")).unwrap();
+    let mut args = vec!["download", "--to", "dl"];
+    args.extend(files.iter().map(|(n, _)| *n));
+    h.run(&args).expect_code(0);
+    for (name, data) in &files {
+        let got = std::fs::read(h.path(&format!("dl/{name}"))).unwrap();
+        assert_eq!(&got, data, "{name} downloaded");
+    }
+    // No temp or part files left behind on either side.
+    let leftovers: Vec<_> = std::fs::read_dir(h.path("dl"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(std::fs::read_dir(server.tmp_dir()).unwrap().count(), 0);
+}
+
+#[test]
+fn list_shows_name_size_time_and_kind_in_text_and_json() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("a.txt"), b"12345");
+    h.run(&["upload", "a.txt"]).expect_code(0);
+    h.run(&["mkdir", "photos/2026"]).expect_code(0);
+
+    let text = h.run(&["list"]).expect_code(0).stdout;
+    assert!(text.contains("a.txt") && text.contains("photos/"), "{text}");
+    assert!(text.contains(" 5 "), "{text}");
+
+    let json = h.run(&["ls", "--json"]).expect_code(0).stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 2);
+    let a = arr.iter().find(|e| e["name"] == "a.txt").unwrap();
+    assert_eq!(a["size"], 5);
+    assert_eq!(a["kind"], "file");
+    assert!(a["modified"].as_str().unwrap().starts_with("20"));
+    let d = arr.iter().find(|e| e["name"] == "photos").unwrap();
+    assert_eq!(d["kind"], "dir");
+
+    let sub = h.run(&["list", "photos", "--json"]).expect_code(0).stdout;
+    assert!(sub.contains("\"2026\""), "{sub}");
+    h.run(&["list", "missing"]).expect_code(5);
+}
+
+#[test]
+fn a_large_folder_lists_completely_across_frames() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    let dir = server.user_dir("alice").join("many");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..300 {
+        std::fs::write(dir.join(format!("file-{i:03}-{}", "x".repeat(200))), b"").unwrap();
+    }
+    let json = h.run(&["ls", "many", "--json"]).expect_code(0).stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 300);
+}
+
+#[test]
+fn upload_replaces_the_old_version_and_into_a_folder_with_to() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("f"), b"old");
+    h.run(&["put", "f"]).expect_code(0);
+    write_file(&h.path("f"), b"new content");
+    h.run(&["put", "f"]).expect_code(0);
+    assert_eq!(
+        std::fs::read(server.user_dir("alice").join("f")).unwrap(),
+        b"new content"
+    );
+    h.run(&["mkdir", "docs"]).expect_code(0);
+    h.run(&["upload", "f", "--to", "docs"]).expect_code(0);
+    assert!(server.user_dir("alice").join("docs/f").exists());
+    // Into a folder that does not exist: not found, and nothing created.
+    h.run(&["upload", "f", "--to", "nope"]).expect_code(5);
+    assert!(!server.user_dir("alice").join("nope").exists());
+    // A missing local file is a local failure.
+    let r = h.run(&["upload", "no-such-file"]).expect_code(1);
+    assert!(r.stderr.contains("no-such-file"), "{}", r.stderr);
+}
+
+#[test]
+fn delete_rename_mkdir_do_what_they_say() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    let root = server.user_dir("alice");
+    write_file(&h.path("a"), b"A");
+    h.run(&["upload", "a"]).expect_code(0);
+    h.run(&["mkdir", "d1/d2"]).expect_code(0);
+    assert!(root.join("d1/d2").is_dir());
+    h.run(&["mv", "a", "b"]).expect_code(0);
+    assert!(!root.join("a").exists() && root.join("b").exists());
+    h.run(&["rename", "b", "d1"]).expect_code(0);
+    assert!(root.join("d1/b").exists());
+    h.run(&["rename", "missing", "x"]).expect_code(5);
+    let r = h.run(&["rm", "d1"]).expect_code(1);
+    assert!(r.stderr.contains("not empty"), "{}", r.stderr);
+    h.run(&["delete", "d1/b", "d1/d2"]).expect_code(0);
+    h.run(&["rm", "d1"]).expect_code(0);
+    assert!(!root.join("d1").exists());
+    h.run(&["rm", "d1"]).expect_code(5);
+    // A file where a folder is wanted.
+    write_file(&h.path("f"), b"x");
+    h.run(&["upload", "f"]).expect_code(0);
+    h.run(&["mkdir", "f/sub"]).expect_code(1);
+}
+
+#[test]
+fn users_see_only_their_own_tree() {
+    let server = TestServer::start();
+    let alice = logged_in(&server, "alice");
+    let bob = logged_in(&server, "bob");
+    write_file(&alice.path("secret.txt"), b"alice only");
+    alice.run(&["upload", "secret.txt"]).expect_code(0);
+
+    let listing = bob.run(&["list", "--json"]).expect_code(0).stdout;
+    assert_eq!(listing.trim(), "[]");
+    bob.run(&["download", "secret.txt"]).expect_code(5);
+    bob.run(&["download", "../alice/secret.txt"]).expect_code(4);
+    bob.run(&["rm", "../alice/secret.txt"]).expect_code(4);
+    bob.run(&["mv", "../alice/secret.txt", "mine.txt"])
+        .expect_code(4);
+    bob.run(&["list", "../alice"]).expect_code(4);
+    assert!(server.user_dir("alice").join("secret.txt").exists());
+    assert!(!bob.path("secret.txt").exists());
+}
+
+#[test]
+fn traversal_and_absolute_paths_are_refused_by_every_command() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("f"), b"x");
+    h.run(&["upload", "f"]).expect_code(0);
+    for bad in ["..", "../x", "a/../../x", "/etc/passwd", "x\\..\\y", "./f"] {
+        let r = h.run(&["list", bad]);
+        assert_eq!(r.code, 4, "list {bad}: {r:?}");
+        assert_eq!(h.run(&["download", bad]).code, 4, "download {bad}");
+        assert_eq!(h.run(&["rm", bad]).code, 4, "rm {bad}");
+        assert_eq!(h.run(&["mkdir", bad]).code, 4, "mkdir {bad}");
+        assert_eq!(h.run(&["mv", bad, "y"]).code, 4, "mv from {bad}");
+        assert_eq!(h.run(&["mv", "f", bad]).code, 4, "mv to {bad}");
+        assert_eq!(
+            h.run(&["upload", "f", "--to", bad]).code,
+            4,
+            "upload --to {bad}"
+        );
+    }
+    let long = "n".repeat(300);
+    assert_eq!(h.run(&["mkdir", &long]).code, 4);
+    assert!(!server.dir.path().join("x").exists());
+    assert!(!server.config().root.join("x").exists());
+}
+
+#[test]
+fn wrong_password_and_unknown_user_fail_alike_with_exit_3() {
+    let server = TestServer::start();
+    let h = home();
+    let login = |user: &str, pw: &str| {
+        h.run_with_stdin(
+            &[
+                "login",
+                &format!("{user}@{}", server.server()),
+                "--password-stdin",
+                "--fingerprint",
+                &server.fingerprint,
+            ],
+            &format!("{pw}\n"),
+        )
+    };
+    let wrong = login("alice", "nope").expect_code(3);
+    let unknown = login("mallory", "nope").expect_code(3);
+    let last = |s: &str| s.lines().last().unwrap_or_default().to_string();
+    assert_eq!(last(&wrong.stderr), last(&unknown.stderr));
+    assert!(wrong.stderr.contains("wrong user name or password"));
+    // Nothing stored after a failed login, and the password is nowhere on disk.
+    let sessions =
+        std::fs::read_to_string(h.config_dir().join("sessions.toml")).unwrap_or_default();
+    assert!(!sessions.contains("alice"));
+    login("alice", "alice-pw").expect_code(0);
+    for entry in std::fs::read_dir(h.config_dir()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!text.contains("alice-pw"));
+    }
+}
+
+#[test]
+fn not_logged_in_says_how_to_log_in() {
+    let server = TestServer::start();
+    let h = home();
+    let r = h.run(&["list"]).expect_code(3);
+    assert!(r.stderr.contains("not logged in"), "{}", r.stderr);
+    assert!(r.stderr.contains("xfer login"), "{}", r.stderr);
+    let r = h
+        .run(&["--server", &server.server(), "list"])
+        .expect_code(3);
+    assert!(
+        r.stderr
+            .contains(&format!("xfer login USER@{}", server.server())),
+        "{}",
+        r.stderr
+    );
+    // Without --password-stdin and without a terminal: a clear usage error.
+    let r = h
+        .run(&[
+            "login",
+            &format!("alice@{}", server.server()),
+            "--fingerprint",
+            &server.fingerprint,
+        ])
+        .expect_code(2);
+    assert!(r.stderr.contains("--password-stdin"), "{}", r.stderr);
+}
+
+#[test]
+fn state_files_are_private_and_hold_a_token_not_the_password() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&h.config_dir()), 0o700);
+    for name in ["known_servers", "sessions.toml"] {
+        assert_eq!(mode(&h.config_dir().join(name)), 0o600, "{name}");
+    }
+    let known = std::fs::read_to_string(h.config_dir().join("known_servers")).unwrap();
+    assert!(known.contains(&format!("{} {}", server.server(), server.fingerprint)));
+    let sessions = std::fs::read_to_string(h.config_dir().join("sessions.toml")).unwrap();
+    assert!(sessions.contains("xfer1_"));
+    assert!(!sessions.contains("alice-pw"));
+}
+
+#[test]
+fn whoami_and_logout_which_revokes_the_token_on_the_server() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "root");
+    let who = h.run(&["whoami"]).expect_code(0).stdout;
+    assert!(
+        who.contains("root") && who.contains("superuser") && who.contains(&server.server()),
+        "{who}"
+    );
+    let json = h.run(&["whoami", "--json"]).expect_code(0).stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["user"], "root");
+    assert_eq!(v["role"], "superuser");
+
+    let saved = std::fs::read(h.config_dir().join("sessions.toml")).unwrap();
+    h.run(&["logout"]).expect_code(0);
+    h.run(&["whoami"]).expect_code(3);
+    // Putting the old token back does not help: the server revoked it.
+    std::fs::write(h.config_dir().join("sessions.toml"), saved).unwrap();
+    let r = h.run(&["whoami"]).expect_code(3);
+    assert!(r.stderr.contains("xfer login"), "{}", r.stderr);
+}
+
+#[test]
+fn a_password_change_or_account_deletion_revokes_sessions() {
+    let server = TestServer::start();
+    let alice = logged_in(&server, "alice");
+    let bob = logged_in(&server, "bob");
+    alice.run(&["list"]).expect_code(0);
+    server.edit_users(|u| u.set_password("alice", "new-pw").unwrap());
+    alice.run(&["list"]).expect_code(3);
+    bob.run(&["list"]).expect_code(0);
+    server.edit_users(|u| u.remove("bob").unwrap());
+    bob.run(&["list"]).expect_code(3);
+}
+
+#[test]
+fn sessions_survive_a_daemon_restart() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("f"), b"persist");
+    h.run(&["upload", "f"]).expect_code(0);
+    let (result, dir, config, addr) = server.stop();
+    result.unwrap();
+    let server = TestServer::launch(dir, config, Some(addr), |_| {});
+    let r = h.run(&["list"]).expect_code(0);
+    assert!(r.stdout.contains('f'));
+    drop(server);
+}
+
+#[test]
+fn first_contact_needs_a_fingerprint_or_accept_new() {
+    let server = TestServer::start();
+    let h = home();
+    let target = format!("alice@{}", server.server());
+    // No terminal, no flag: refused before the password is sent.
+    let r = h
+        .run_with_stdin(&["login", &target, "--password-stdin"], "alice-pw\n")
+        .expect_code(6);
+    assert!(r.stderr.contains(&server.fingerprint), "{}", r.stderr);
+    assert!(r.stderr.contains("--accept-new"), "{}", r.stderr);
+    // A wrong fingerprint: refused, nothing pinned.
+    let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let r = h
+        .run_with_stdin(
+            &["login", &target, "--password-stdin", "--fingerprint", wrong],
+            "alice-pw\n",
+        )
+        .expect_code(6);
+    assert!(
+        r.stderr.contains(wrong) && r.stderr.contains(&server.fingerprint),
+        "{}",
+        r.stderr
+    );
+    let known = std::fs::read_to_string(h.config_dir().join("known_servers")).unwrap_or_default();
+    assert!(!known.contains(&server.server()));
+    // A malformed fingerprint is a usage error.
+    h.run_with_stdin(
+        &[
+            "login",
+            &target,
+            "--password-stdin",
+            "--fingerprint",
+            "SHA256:nope",
+        ],
+        "alice-pw\n",
+    )
+    .expect_code(2);
+    // --accept-new pins it.
+    h.run_with_stdin(
+        &["login", &target, "--password-stdin", "--accept-new"],
+        "alice-pw\n",
+    )
+    .expect_code(0);
+    let known = std::fs::read_to_string(h.config_dir().join("known_servers")).unwrap();
+    assert!(known.contains(&server.fingerprint));
+}
+
+#[test]
+fn a_changed_server_key_is_refused_before_any_password_is_sent() {
+    let mut server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    let old = server.fingerprint.clone();
+    let new = server.rotate_key();
+    assert_ne!(old, new);
+
+    let r = h.run(&["list"]).expect_code(6);
+    assert!(r.stderr.contains("HAS CHANGED"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&old) && r.stderr.contains(&new),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains(&format!("xfer forget {}", server.server())),
+        "{}",
+        r.stderr
+    );
+
+    // Logging in again is refused too, even with --accept-new, and the password never leaves.
+    let target = format!("alice@{}", server.server());
+    h.run_with_stdin(
+        &["login", &target, "--password-stdin", "--accept-new"],
+        "alice-pw\n",
+    )
+    .expect_code(6);
+    let log_users_before =
+        std::fs::read_to_string(server.config().state_dir.join("sessions.json")).unwrap();
+    h.run_with_stdin(
+        &["login", &target, "--password-stdin", "--fingerprint", &new],
+        "alice-pw\n",
+    )
+    .expect_code(6);
+    let log_users_after =
+        std::fs::read_to_string(server.config().state_dir.join("sessions.json")).unwrap();
+    assert_eq!(
+        log_users_before, log_users_after,
+        "no login reached the server"
+    );
+
+    // After a deliberate `forget`, the new key can be pinned.
+    h.run(&["forget", &server.server()]).expect_code(0);
+    h.login(&server, "alice").expect_code(0);
+    h.run(&["list"]).expect_code(0);
+}
+
+#[test]
+fn only_a_superuser_with_the_right_password_can_shut_down() {
+    let mut server = TestServer::start();
+    let alice = logged_in(&server, "alice");
+    let root = logged_in(&server, "root");
+    let r = alice
+        .run_with_stdin(&["shutdown", "--password-stdin"], "alice-pw\n")
+        .expect_code(4);
+    assert!(r.stderr.contains("superuser"), "{}", r.stderr);
+    root.run_with_stdin(&["shutdown", "--password-stdin"], "wrong\n")
+        .expect_code(3);
+    assert!(server.is_running());
+    alice.run(&["list"]).expect_code(0);
+
+    root.run_with_stdin(&["shutdown", "--password-stdin"], "root-pw\n")
+        .expect_code(0);
+    let result = server
+        .wait(Duration::from_secs(5))
+        .expect("daemon stopped after shutdown");
+    result.unwrap();
+    // The daemon is gone: connecting now fails with "cannot reach".
+    alice.run(&["list"]).expect_code(7);
+}
+
+#[test]
+fn recursive_upload_and_download_keep_the_tree_and_empty_folders() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("tree/a.txt"), b"a");
+    write_file(&h.path("tree/sub/b.bin"), &tricky_bytes());
+    write_file(&h.path("tree/sub/deeper/c"), b"");
+    std::fs::create_dir_all(h.path("tree/empty")).unwrap();
+    h.run(&["upload", "tree"]).expect_code(1);
+    h.run(&["upload", "-r", "tree"]).expect_code(0);
+    let root = server.user_dir("alice");
+    assert!(root.join("tree/empty").is_dir());
+    assert_eq!(
+        std::fs::read(root.join("tree/sub/b.bin")).unwrap(),
+        tricky_bytes()
+    );
+
+    std::fs::create_dir(h.path("back")).unwrap();
+    h.run(&["download", "-r", "tree", "--to", "back"])
+        .expect_code(0);
+    assert!(h.path("back/tree/empty").is_dir());
+    assert_eq!(std::fs::read(h.path("back/tree/a.txt")).unwrap(), b"a");
+    assert_eq!(
+        std::fs::read(h.path("back/tree/sub/b.bin")).unwrap(),
+        tricky_bytes()
+    );
+    assert_eq!(
+        std::fs::read(h.path("back/tree/sub/deeper/c")).unwrap(),
+        b""
+    );
+}
+
+#[test]
+fn download_to_a_new_name_and_errors_for_bad_targets() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("f"), b"data");
+    h.run(&["upload", "f"]).expect_code(0);
+    h.run(&["download", "f", "--to", "renamed"]).expect_code(0);
+    assert_eq!(std::fs::read(h.path("renamed")).unwrap(), b"data");
+    h.run(&["download", "f", "f", "--to", "not-a-dir"])
+        .expect_code(1);
+    h.run(&["mkdir", "d"]).expect_code(0);
+    h.run(&["download", "d"]).expect_code(1);
+}
+
+#[test]
+fn bind_selects_the_source_address() {
+    let server = TestServer::start();
+    let h = home();
+    let r = h.run_with_stdin(
+        &[
+            "--bind",
+            "127.0.0.2",
+            "login",
+            &format!("alice@{}", server.server()),
+            "--password-stdin",
+            "--fingerprint",
+            &server.fingerprint,
+        ],
+        "alice-pw\n",
+    );
+    r.expect_code(0);
+    let sessions =
+        std::fs::read_to_string(server.config().state_dir.join("sessions.json")).unwrap();
+    assert!(sessions.contains("127.0.0.2"), "{sessions}");
+}
+
+#[test]
+fn usage_errors_exit_2_and_unreachable_servers_exit_7() {
+    let h = home();
+    h.run(&["frobnicate"]).expect_code(2);
+    h.run(&["upload"]).expect_code(2);
+    h.run_with_stdin(&["login", "no-at-sign", "--password-stdin"], "x\n")
+        .expect_code(2);
+    // A port where nothing listens.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let r = h
+        .run_with_stdin(
+            &[
+                "login",
+                &format!("alice@127.0.0.1:{port}"),
+                "--password-stdin",
+                "--accept-new",
+            ],
+            "x\n",
+        )
+        .expect_code(7);
+    assert!(r.stderr.contains("cannot reach"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
+}
