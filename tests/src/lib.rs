@@ -333,3 +333,63 @@ pub fn tricky_bytes() -> Vec<u8> {
     v.extend_from_slice(b"EOF");
     v
 }
+
+/// A raw protocol connection to a test server (TLS verified against its pin), for tests that
+/// need to send what the real client never would.
+pub async fn raw_connect(server: &TestServer) -> xfer_proto::Connection<xfer::conn::TlsStream> {
+    let addr = xfer::addr::ServerAddr::parse(&server.server()).unwrap();
+    let fp = xfer_proto::fingerprint::Fingerprint::parse(&server.fingerprint).unwrap();
+    let (tls, _) = xfer::conn::connect_tls(&addr, Some(fp), None)
+        .await
+        .expect("TLS connect");
+    xfer_proto::Connection::new(tls, Duration::from_secs(10))
+}
+
+/// Sends a hello and checks the answer.
+pub async fn raw_hello(conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>) {
+    conn.write_frame(&xfer_proto::Request::Hello {
+        version: xfer_proto::PROTOCOL_VERSION,
+        agent: "xfer-tests".into(),
+    })
+    .await
+    .unwrap();
+    let reply: xfer_proto::Response = conn.read_frame().await.unwrap();
+    assert!(
+        matches!(reply, xfer_proto::Response::Hello { .. }),
+        "{reply:?}"
+    );
+}
+
+/// Hello, then a login as `user` with its [`USERS`] password.
+pub async fn raw_login(
+    server: &TestServer,
+    user: &str,
+) -> xfer_proto::Connection<xfer::conn::TlsStream> {
+    let mut conn = raw_connect(server).await;
+    raw_hello(&mut conn).await;
+    let pw = USERS.iter().find(|u| u.0 == user).expect("test user").2;
+    conn.write_frame(&xfer_proto::Request::Login {
+        user: user.into(),
+        password: pw.into(),
+    })
+    .await
+    .unwrap();
+    let reply: xfer_proto::Response = conn.read_frame().await.unwrap();
+    assert!(
+        matches!(reply, xfer_proto::Response::LoggedIn { .. }),
+        "{reply:?}"
+    );
+    conn
+}
+
+/// A logged-in library client for `user`.
+pub async fn client(server: &TestServer, user: &str) -> xfer::conn::Client {
+    let addr = xfer::addr::ServerAddr::parse(&server.server()).unwrap();
+    let fp = xfer_proto::fingerprint::Fingerprint::parse(&server.fingerprint).unwrap();
+    let mut c = xfer::conn::Client::connect(&addr, fp, None)
+        .await
+        .expect("connect");
+    let pw = USERS.iter().find(|u| u.0 == user).expect("test user").2;
+    c.login(user, pw).await.expect("login");
+    c
+}

@@ -53,7 +53,8 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     let digest = match received {
         Ok((digest, _)) => digest,
         Err(BodyError::Local { source, in_sync }) => {
-            // `pending` drops at return, deleting the temp file; the old version is untouched.
+            // Deleting the temp file first frees the space; the old version is untouched.
+            drop(pending);
             let nospace = matches!(
                 source.kind(),
                 std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
@@ -95,6 +96,8 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     if claimed != digest {
+        // Remove the temp file before answering, so "nothing was saved" is already true.
+        drop(pending);
         tracing::warn!(user = %user, path = %path, "upload digest mismatch; discarded");
         return reply_error(
             conn,

@@ -1,0 +1,435 @@
+//! End-to-end tests of the real `xferd` binary: init, accounts, check, fingerprint, and serve
+//! with its shutdown paths (SIGTERM and the superuser's request) while other clients are idle
+//! or in the middle of a transfer.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use xfer::addr::ServerAddr;
+use xfer::conn::{Client, connect_tls};
+use xfer_proto::fingerprint::Fingerprint;
+use xfer_proto::{Connection, PROTOCOL_VERSION, Request, Response};
+
+const XFERD: &str = env!("CARGO_BIN_EXE_xferd");
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn xferd(config: &Path, args: &[&str], stdin: &str) -> Out {
+    let mut child = Command::new(XFERD)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("XFERD_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn xferd");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A config folder with users `root` (superuser) and `alice`, added through the CLI.
+fn setup(grace_secs: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("xferd.toml");
+    let out = xferd(&config, &["init", "--listen", "127.0.0.1:0"], "");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "shutdown_grace_secs = 10",
+        &format!("shutdown_grace_secs = {grace_secs}"),
+    );
+    std::fs::write(&config, text).unwrap();
+    for (user, role, pw) in [
+        ("root", "superuser", "root-pw"),
+        ("alice", "user", "alice-pw"),
+    ] {
+        let out = xferd(
+            &config,
+            &["user", "add", user, "--role", role, "--password-stdin"],
+            &format!("{pw}\n"),
+        );
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    }
+    (dir, config)
+}
+
+/// A running `xferd serve`, its address and its log.
+struct Serving {
+    child: Child,
+    addr: ServerAddr,
+    fingerprint: Fingerprint,
+    log: Arc<Mutex<String>>,
+}
+
+impl Serving {
+    fn start(config: &Path) -> Serving {
+        let fp = xferd(config, &["fingerprint"], "");
+        assert_eq!(fp.code, 0, "{}", fp.stderr);
+        let fingerprint = Fingerprint::parse(fp.stdout.trim()).expect("fingerprint line");
+        let mut child = Command::new(XFERD)
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .env("XFERD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn xferd serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("daemon logs its listen address");
+        Serving {
+            child,
+            addr: ServerAddr::parse(&addr).unwrap(),
+            fingerprint,
+            log,
+        }
+    }
+
+    async fn client(&self, user: &str, pw: &str) -> Client {
+        let mut c = Client::connect(&self.addr, self.fingerprint, None)
+            .await
+            .expect("connect");
+        c.login(user, pw).await.expect("login");
+        c
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// Waits for the process to exit; returns its code and how long that took.
+    async fn wait_exit(&mut self, limit: Duration) -> (i32, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "xferd did not exit within {limit:?}; log:\n{}",
+                self.log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn init_writes_a_private_key_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("etc/xferd.toml");
+    let out = xferd(
+        &config,
+        &[
+            "init",
+            "--listen",
+            "127.0.0.1:7999",
+            "--hostname",
+            "files.example.org",
+        ],
+        "",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let fp_line = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint: "))
+        .expect("init prints the fingerprint")
+        .to_string();
+    let fp = xferd(&config, &["fingerprint"], "");
+    assert_eq!(fp.stdout.trim(), fp_line);
+    assert_eq!(fp.stdout.lines().count(), 1);
+    Fingerprint::parse(&fp_line).unwrap();
+
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.path().join("etc/key.pem")), 0o600);
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:7999\""));
+    assert!(
+        text.lines().filter(|l| l.starts_with('#')).count() > 10,
+        "commented"
+    );
+
+    let again = xferd(&config, &["init"], "");
+    assert_ne!(again.code, 0);
+    assert!(again.stderr.contains("--force"), "{}", again.stderr);
+    assert_eq!(xferd(&config, &["fingerprint"], "").stdout.trim(), fp_line);
+    let forced = xferd(&config, &["init", "--force"], "");
+    assert_eq!(forced.code, 0, "{}", forced.stderr);
+    assert_ne!(xferd(&config, &["fingerprint"], "").stdout.trim(), fp_line);
+}
+
+#[test]
+fn user_commands_store_only_argon2id_hashes() {
+    let (_dir, config) = setup(10);
+    let users_path = config.parent().unwrap().join("users.toml");
+    let users = std::fs::read_to_string(&users_path).unwrap();
+    assert!(users.contains("$argon2id$v=19$m=19456,t=2,p=1$"), "{users}");
+    assert!(!users.contains("root-pw") && !users.contains("alice-pw"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&users_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let list = xferd(&config, &["user", "list"], "");
+    assert!(list.stdout.contains("root\tsuperuser") && list.stdout.contains("alice\tuser"));
+    let json = xferd(&config, &["user", "list", "--json"], "");
+    assert!(json.stdout.contains("\"superuser\""));
+
+    let dup = xferd(
+        &config,
+        &["user", "add", "alice", "--password-stdin"],
+        "x\n",
+    );
+    assert_ne!(dup.code, 0);
+    assert!(dup.stderr.contains("already exists"), "{}", dup.stderr);
+    for bad in ["../x", "a/b", ".hidden", "has space"] {
+        let out = xferd(&config, &["user", "add", bad, "--password-stdin"], "x\n");
+        assert_ne!(out.code, 0, "{bad}");
+        assert!(out.stderr.contains("invalid user name"), "{}", out.stderr);
+    }
+    let no_tty = xferd(&config, &["user", "add", "carol"], "");
+    assert_ne!(no_tty.code, 0);
+    assert!(
+        no_tty.stderr.contains("--password-stdin"),
+        "{}",
+        no_tty.stderr
+    );
+
+    let before = std::fs::read_to_string(&users_path).unwrap();
+    assert_eq!(
+        xferd(
+            &config,
+            &["user", "passwd", "alice", "--password-stdin"],
+            "new\n"
+        )
+        .code,
+        0
+    );
+    assert_ne!(std::fs::read_to_string(&users_path).unwrap(), before);
+    assert_eq!(xferd(&config, &["user", "del", "alice"], "").code, 0);
+    assert!(
+        !xferd(&config, &["user", "list"], "")
+            .stdout
+            .contains("alice")
+    );
+    assert_ne!(xferd(&config, &["user", "del", "alice"], "").code, 0);
+
+    let check = xferd(&config, &["check"], "");
+    assert_eq!(check.code, 0, "{}", check.stderr);
+    // XFERD_CONFIG selects the file when --config is absent.
+    let out = Command::new(XFERD)
+        .args(["user", "list"])
+        .env("XFERD_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("root"));
+}
+
+#[test]
+fn a_weak_hash_or_unknown_key_stops_the_daemon_naming_the_culprit() {
+    let (_dir, config) = setup(10);
+    let users_path = config.parent().unwrap().join("users.toml");
+    let text = std::fs::read_to_string(&users_path).unwrap();
+    let weak = text.replacen("v=19$m=19456,t=2,p=1", "v=19$m=19456,t=1,p=1", 1);
+    std::fs::write(&users_path, &weak).unwrap();
+    let check = xferd(&config, &["check"], "");
+    assert_ne!(check.code, 0);
+    assert!(check.stderr.contains("t=1"), "{}", check.stderr);
+    let serve = xferd(&config, &["serve"], "");
+    assert_ne!(serve.code, 0);
+    assert!(
+        serve.stderr.contains("user `alice`") || serve.stderr.contains("user `root`"),
+        "{}",
+        serve.stderr
+    );
+    std::fs::write(&users_path, &text).unwrap();
+
+    let cfg = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{cfg}\nmax_speed = 3\n")).unwrap();
+    let check = xferd(&config, &["check"], "");
+    assert_ne!(check.code, 0);
+    assert!(check.stderr.contains("max_speed"), "{}", check.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_0_at_once_despite_an_idle_client_and_tells_it() {
+    // A long grace period: if idle clients were waited for, the exit would take 30 s.
+    let (_dir, config) = setup(30);
+    let mut serving = Serving::start(&config);
+    let mut idle = serving.client("alice", "alice-pw").await;
+    idle.ping().await.unwrap();
+
+    serving.signal(rustix::process::Signal::TERM);
+    let notice = idle.wait_for_notice(Duration::from_secs(10)).await;
+    assert!(
+        matches!(notice, Err(xfer::ClientError::ServerShuttingDown)),
+        "{notice:?}"
+    );
+    let (code, took) = serving.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // The listener is gone.
+    assert!(
+        Client::connect(&serving.addr, serving.fingerprint, None)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superuser_shutdown_ends_the_daemon_with_exit_0_while_another_client_idles() {
+    let (_dir, config) = setup(30);
+    let mut serving = Serving::start(&config);
+    let mut idle = serving.client("alice", "alice-pw").await;
+    let mut admin = serving.client("root", "root-pw").await;
+
+    // A plain user is refused, and the daemon keeps serving.
+    let err = idle.shutdown("alice-pw").await.unwrap_err();
+    assert_eq!(err.exit_code(), 4, "{err}");
+    let err = admin.shutdown("wrong").await.unwrap_err();
+    assert_eq!(err.exit_code(), 3, "{err}");
+    idle.ping().await.unwrap();
+
+    admin.shutdown("root-pw").await.unwrap();
+    let notice = idle.wait_for_notice(Duration::from_secs(10)).await;
+    assert!(
+        matches!(notice, Err(xfer::ClientError::ServerShuttingDown)),
+        "{notice:?}"
+    );
+    let (code, took) = serving.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let log = serving.log.lock().unwrap().clone();
+    assert!(log.contains("shutdown requested by superuser"), "{log}");
+    assert!(
+        !log.contains("root-pw") && !log.contains("alice-pw"),
+        "no password in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_in_flight_gets_the_grace_period_then_is_discarded() {
+    let (dir, config) = setup(2);
+    let mut serving = Serving::start(&config);
+    // Keep an older version to prove it survives.
+    let storage = dir.path().join("storage");
+    let mut c = serving.client("alice", "alice-pw").await;
+    let old = dir.path().join("old");
+    std::fs::write(&old, b"old version").unwrap();
+    c.upload(&old, "big", &mut |_| {}).await.unwrap();
+
+    // Start an upload by hand and stall it halfway.
+    let (tls, _) = connect_tls(&serving.addr, Some(serving.fingerprint), None)
+        .await
+        .unwrap();
+    let mut conn = Connection::new(tls, Duration::from_secs(10));
+    conn.write_frame(&Request::Hello {
+        version: PROTOCOL_VERSION,
+        agent: "test".into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::Hello { .. }
+    ));
+    conn.write_frame(&Request::Login {
+        user: "alice".into(),
+        password: "alice-pw".into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::LoggedIn { .. }
+    ));
+    conn.write_frame(&Request::Upload {
+        path: "big".into(),
+        size: 64 << 20,
+        offset: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::UploadReady { offset: 0 }
+    );
+    use tokio::io::AsyncWriteExt;
+    conn.get_mut().write_all(&vec![7u8; 1 << 20]).await.unwrap();
+    conn.get_mut().flush().await.unwrap();
+    // Wait until the partial data is on the server's disk.
+    let tmp = storage.join(".xfer-tmp");
+    let start = Instant::now();
+    while std::fs::read_dir(&tmp).unwrap().count() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "temp file never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    serving.signal(rustix::process::Signal::TERM);
+    let (code, took) = serving.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, 0);
+    assert!(
+        took >= Duration::from_millis(1500),
+        "the transfer got its grace period: {took:?}"
+    );
+    assert_eq!(
+        std::fs::read(storage.join("alice/big")).unwrap(),
+        b"old version"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "partial upload discarded"
+    );
+    let log = serving.log.lock().unwrap().clone();
+    assert!(log.contains("grace period over"), "{log}");
+}

@@ -1,0 +1,333 @@
+//! Protocol-level end-to-end tests: what a misbehaving or hostile client can send, and what
+//! the daemon guarantees in return, over real TLS to an in-process daemon.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use xfer_proto::connection::ConnError;
+use xfer_proto::{ErrorCode, PROTOCOL_VERSION, Request, Response};
+use xfer_tests::{TestServer, client, raw_connect, raw_hello, raw_login};
+
+fn error_code(r: Response) -> ErrorCode {
+    match r {
+        Response::Error { code, .. } => code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+async fn assert_closed(conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>) {
+    match conn.read_frame::<Response>().await {
+        Err(ConnError::Closed) | Err(ConnError::Io(_)) | Err(ConnError::Truncated) => {}
+        other => panic!("expected the server to close, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_mismatch_gets_a_clear_error() {
+    let server = TestServer::start();
+    let mut conn = raw_connect(&server).await;
+    conn.write_frame(&Request::Hello {
+        version: PROTOCOL_VERSION + 1,
+        agent: "future".into(),
+    })
+    .await
+    .unwrap();
+    match conn.read_frame::<Response>().await.unwrap() {
+        Response::Error { code, message } => {
+            assert_eq!(code, ErrorCode::VersionMismatch);
+            assert!(message.contains("version"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_closed(&mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_out_of_order_are_refused() {
+    let server = TestServer::start();
+    let mut conn = raw_connect(&server).await;
+    conn.write_frame(&Request::List { path: "".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::BadRequest
+    );
+    assert_closed(&mut conn).await;
+
+    let mut conn = raw_connect(&server).await;
+    raw_hello(&mut conn).await;
+    conn.write_frame(&Request::List { path: "".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::NotAuthenticated
+    );
+    conn.write_frame(&Request::Shutdown {
+        password: "x".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::NotAuthenticated
+    );
+
+    let mut conn = raw_login(&server, "alice").await;
+    conn.write_frame(&Request::UploadEnd { digest: [0; 32] })
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::BadRequest
+    );
+    assert_closed(&mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_frames_close_that_connection_only() {
+    let server = TestServer::start();
+    let mut conn = raw_connect(&server).await;
+    conn.get_mut()
+        .write_all(&[0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef])
+        .await
+        .unwrap();
+    conn.get_mut().flush().await.unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::BadRequest
+    );
+    assert_closed(&mut conn).await;
+
+    let mut conn = raw_connect(&server).await;
+    raw_hello(&mut conn).await;
+    conn.get_mut()
+        .write_all(&u32::MAX.to_be_bytes())
+        .await
+        .unwrap();
+    conn.get_mut().flush().await.unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::BadRequest
+    );
+    assert_closed(&mut conn).await;
+
+    // The daemon still serves everyone else.
+    let mut c = client(&server, "bob").await;
+    c.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_failed_logins_close_the_connection() {
+    let server = TestServer::start();
+    let mut conn = raw_connect(&server).await;
+    raw_hello(&mut conn).await;
+    for attempt in 1..=3 {
+        conn.write_frame(&Request::Login {
+            user: "alice".into(),
+            password: format!("guess-{attempt}"),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            error_code(conn.read_frame().await.unwrap()),
+            ErrorCode::AuthFailed
+        );
+    }
+    assert_closed(&mut conn).await;
+    // An over-long password is refused like a wrong one.
+    let mut conn = raw_connect(&server).await;
+    raw_hello(&mut conn).await;
+    conn.write_frame(&Request::Login {
+        user: "alice".into(),
+        password: "p".repeat(2000),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::AuthFailed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_mismatch_commits_nothing_and_keeps_the_old_version() {
+    let server = TestServer::start();
+    std::fs::create_dir_all(server.user_dir("alice")).unwrap();
+    std::fs::write(server.user_dir("alice").join("doc"), b"old").unwrap();
+    let mut conn = raw_login(&server, "alice").await;
+    conn.write_frame(&Request::Upload {
+        path: "doc".into(),
+        size: 5,
+        offset: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::UploadReady { offset: 0 }
+    );
+    conn.get_mut().write_all(b"hello").await.unwrap();
+    conn.write_frame(&Request::UploadEnd {
+        digest: *blake3::hash(b"HELLO").as_bytes(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::VerificationFailed
+    );
+    assert_eq!(
+        std::fs::read(server.user_dir("alice").join("doc")).unwrap(),
+        b"old"
+    );
+    assert_eq!(std::fs::read_dir(server.tmp_dir()).unwrap().count(), 0);
+    // The connection is still in step and usable.
+    conn.write_frame(&Request::Ping).await.unwrap();
+    assert_eq!(conn.read_frame::<Response>().await.unwrap(), Response::Ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_mid_upload_leaves_nothing_behind() {
+    let server = TestServer::start();
+    std::fs::create_dir_all(server.user_dir("alice")).unwrap();
+    std::fs::write(server.user_dir("alice").join("doc"), b"old").unwrap();
+    let mut conn = raw_login(&server, "alice").await;
+    conn.write_frame(&Request::Upload {
+        path: "doc".into(),
+        size: 10 << 20,
+        offset: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::UploadReady { offset: 0 }
+    );
+    conn.get_mut().write_all(&vec![1u8; 3 << 20]).await.unwrap();
+    conn.get_mut().flush().await.unwrap();
+    drop(conn);
+    let start = Instant::now();
+    while std::fs::read_dir(server.tmp_dir()).unwrap().count() != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "temp file left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        std::fs::read(server.user_dir("alice").join("doc")).unwrap(),
+        b"old"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uploads_to_one_name_leave_exactly_one_complete_winner() {
+    let server = TestServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = xfer_tests::noise(2 << 20, 1);
+    let b = xfer_tests::noise(2 << 20, 2);
+    std::fs::write(dir.path().join("a"), &a).unwrap();
+    std::fs::write(dir.path().join("b"), &b).unwrap();
+    let mut ca = client(&server, "alice").await;
+    let mut cb = client(&server, "alice").await;
+    let pa = dir.path().join("a");
+    let pb = dir.path().join("b");
+    let (mut na, mut nb) = (|_| {}, |_| {});
+    let (ra, rb) = tokio::join!(
+        ca.upload(&pa, "same", &mut na),
+        cb.upload(&pb, "same", &mut nb)
+    );
+    ra.unwrap();
+    rb.unwrap();
+    let stored = std::fs::read(server.user_dir("alice").join("same")).unwrap();
+    assert!(stored == a || stored == b, "the file is one upload, whole");
+    assert_eq!(std::fs::read_dir(server.tmp_dir()).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_from_an_offset_sends_the_rest_and_the_whole_file_digest() {
+    let server = TestServer::start();
+    let data = xfer_tests::noise(700_000, 9);
+    std::fs::create_dir_all(server.user_dir("alice")).unwrap();
+    std::fs::write(server.user_dir("alice").join("f"), &data).unwrap();
+    let mut conn = raw_login(&server, "alice").await;
+    conn.write_frame(&Request::Download {
+        path: "f".into(),
+        offset: 300_000,
+    })
+    .await
+    .unwrap();
+    match conn.read_frame::<Response>().await.unwrap() {
+        Response::DownloadReady { size, offset, .. } => {
+            assert_eq!((size, offset), (700_000, 300_000));
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut rest = vec![0u8; 400_000];
+    use tokio::io::AsyncReadExt;
+    conn.get_mut().read_exact(&mut rest).await.unwrap();
+    assert_eq!(rest, data[300_000..]);
+    assert_eq!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::DownloadEnd {
+            digest: *blake3::hash(&data).as_bytes()
+        }
+    );
+    conn.write_frame(&Request::Download {
+        path: "f".into(),
+        offset: 800_000,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::BadRequest
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_idle_clients_and_closes_them_at_once() {
+    let mut server = TestServer::start();
+    let mut idle = raw_login(&server, "alice").await;
+    let mut before_login = raw_connect(&server).await;
+    raw_hello(&mut before_login).await;
+    let mut root = client(&server, "root").await;
+    let started = Instant::now();
+    root.shutdown("root-pw").await.unwrap();
+    assert!(matches!(
+        idle.read_frame::<Response>().await.unwrap(),
+        Response::ShuttingDown { .. }
+    ));
+    assert_closed(&mut idle).await;
+    assert!(matches!(
+        before_login.read_frame::<Response>().await.unwrap(),
+        Response::ShuttingDown { .. }
+    ));
+    server
+        .wait(Duration::from_secs(8))
+        .expect("daemon stopped")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_dropped_at_the_login_deadline() {
+    let server = TestServer::start_with(|c| c.limits.login_timeout_secs = 1);
+    let mut conn = raw_connect(&server).await;
+    let started = Instant::now();
+    let r = conn.read_frame::<Response>().await;
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_closed(&mut conn).await;
+}
