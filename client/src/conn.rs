@@ -109,14 +109,14 @@ pub async fn connect_tls(
     bind: Option<IpAddr>,
 ) -> Result<(TlsStream, Fingerprint)> {
     let tcp = tcp_connect(server, bind).await?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(xfer_proto::tls::provider());
     let verifier = PinVerifier::new(pin, &provider);
     let fail = |reason: String| ClientError::Connect {
         server: server.to_string(),
         reason,
     };
     let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(xfer_proto::tls::VERSIONS)
         .map_err(|e| fail(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone())

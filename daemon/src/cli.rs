@@ -36,6 +36,9 @@ pub enum Command {
         /// Storage root [default: storage, next to the config]
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
+        /// State folder for sessions [default: state, next to the config]
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         /// Name to put in the certificate (repeatable); localhost, 127.0.0.1 and ::1 are always in
         #[arg(long = "hostname", value_name = "NAME")]
         hostnames: Vec<String>,
@@ -204,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init {
             listen,
             root,
+            state_dir,
             hostnames,
             force,
         } => {
@@ -212,6 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config: config.clone(),
                 listen,
                 root,
+                state_dir,
                 hostnames,
                 force,
             })?;
@@ -409,21 +414,22 @@ async fn quickstart(config_path: &Path, listen: Option<String>) -> anyhow::Resul
             users.users.len()
         );
     }
+    let user = users
+        .users
+        .keys()
+        .find(|n| n.as_str() == "admin")
+        .or_else(|| users.users.keys().next())
+        .cloned()
+        .unwrap_or_else(|| "admin".into());
     println!("Log in from another terminal with:");
     println!();
-    println!(
-        "    xfer login {}@{connect} --fingerprint {fp}",
-        users
-            .users
-            .keys()
-            .next()
-            .map(String::as_str)
-            .unwrap_or("admin")
-    );
+    println!("    xfer login {user}@{connect} --fingerprint {fp}");
     println!();
-    println!(
-        "(or `cargo run --release --bin xfer -- login ...` from this checkout). Ctrl-C stops the daemon."
-    );
+    println!("or, from this checkout without installing:");
+    println!();
+    println!("    cargo run --release --bin xfer -- login {user}@{connect} --fingerprint {fp}");
+    println!();
+    println!("Ctrl-C (or `xfer shutdown` as {user}) stops the daemon.");
     println!();
     serve(config_path, listen).await
 }

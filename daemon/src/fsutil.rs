@@ -4,13 +4,24 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-/// Replaces `path` with `contents` atomically with file mode `mode`: a reader sees the old
-/// file or the new one, never a mix, and a crash leaves one of the two.
+/// Replaces `path` with `contents` atomically: a reader sees the old file or the new one, never
+/// a mix, and a crash leaves one of the two. A new file gets `mode`; a replaced one keeps its
+/// mode, owner and group, so an administrator's `chown root:xferd; chmod 640` survives edits.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let dir = parent_dir(path);
+    let existing = std::fs::metadata(path).ok();
+    let mode = existing
+        .as_ref()
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(mode);
     let mut tmp = tempfile::Builder::new()
         .prefix(".xferd-tmp")
         .tempfile_in(dir)?;
+    if let Some(m) = &existing {
+        // Only root can give a file away; for anyone else the owner is already right.
+        let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(m.uid()), Some(m.gid()));
+    }
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(mode))?;
     tmp.write_all(contents)?;
@@ -47,10 +58,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         write_atomic(&p, b"one", 0o600).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), 0o600);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         write_atomic(&p, b"two", 0o600).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        assert_eq!(mode(&p), 0o640, "an existing file keeps its mode");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

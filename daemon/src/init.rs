@@ -32,7 +32,7 @@ cert = "cert.pem"
 key = "key.pem"
 
 # Folder for state the daemon writes (session tokens, hashed).
-state_dir = "state"
+state_dir = "{state_dir}"
 
 [limits]
 # Most connections at once; more wait in the kernel's backlog.
@@ -71,6 +71,8 @@ pub struct InitOptions {
     pub listen: Option<String>,
     /// Storage root to write (default `storage`, relative to the config).
     pub root: Option<PathBuf>,
+    /// State folder to write (default `state`, relative to the config).
+    pub state_dir: Option<PathBuf>,
     /// Extra certificate names.
     pub hostnames: Vec<String>,
     /// Overwrite an existing config and key.
@@ -86,16 +88,19 @@ pub struct InitReport {
     pub fingerprint: Fingerprint,
 }
 
+fn toml_string(p: &Path) -> String {
+    p.display()
+        .to_string()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+}
+
 /// Renders the config template.
-pub fn render_config(listen: &str, root: &Path) -> String {
-    CONFIG_TEMPLATE.replace("{listen}", listen).replace(
-        "{root}",
-        &root
-            .display()
-            .to_string()
-            .replace('\\', "\\\\")
-            .replace('"', "\\\""),
-    )
+pub fn render_config(listen: &str, root: &Path, state_dir: &Path) -> String {
+    CONFIG_TEMPLATE
+        .replace("{listen}", listen)
+        .replace("{root}", &toml_string(root))
+        .replace("{state_dir}", &toml_string(state_dir))
 }
 
 /// Writes config, users file, storage root, state folder, key and certificate.
@@ -119,7 +124,8 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
             }
         }
     }
-    let text = render_config(&listen, &root);
+    let state_dir = opts.state_dir.clone().unwrap_or_else(|| "state".into());
+    let text = render_config(&listen, &root, &state_dir);
     crate::config::Config::from_str(&opts.config, &text)
         .context("the generated config is invalid")?;
     let id = crate::tls::generate(&opts.hostnames)?;
@@ -163,7 +169,10 @@ mod tests {
     #[test]
     fn example_config_matches_the_template() {
         let example = include_str!("../../config/xferd.toml");
-        assert_eq!(example, render_config(DEFAULT_LISTEN, Path::new("storage")));
+        assert_eq!(
+            example,
+            render_config(DEFAULT_LISTEN, Path::new("storage"), Path::new("state"))
+        );
     }
 
     #[test]

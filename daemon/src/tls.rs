@@ -117,18 +117,18 @@ pub fn server_config(
         message: e.to_string(),
     })?;
     if let Ok(meta) = std::fs::metadata(key_path)
-        && meta.permissions().mode() & 0o077 != 0
+        && meta.permissions().mode() & 0o007 != 0
     {
-        tracing::warn!(path = %key_path.display(), "private key is readable by group or others; chmod 600 it");
+        tracing::warn!(path = %key_path.display(), "private key is readable by every user; chmod 600 (or 640 with a dedicated group) it");
     }
     let config_err = |message: String| TlsError::Config {
         cert: cert_path.to_path_buf(),
         key: key_path.to_path_buf(),
         message,
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(xfer_proto::tls::provider());
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(xfer_proto::tls::VERSIONS)
         .map_err(|e| config_err(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)

@@ -433,3 +433,70 @@ async fn an_upload_in_flight_gets_the_grace_period_then_is_discarded() {
     let log = serving.log.lock().unwrap().clone();
     assert!(log.contains("grace period over"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_creates_everything_and_prints_a_working_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(XFERD)
+        .args(["quickstart", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_remove("XFERD_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The banner (stdout) carries the password and fingerprint; the log (stderr) the port.
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(("out".into(), line));
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx2.send(("err".into(), line));
+        }
+    });
+    let (mut password, mut fingerprint, mut addr) = (None, None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while password.is_none() || fingerprint.is_none() || addr.is_none() {
+        let (stream, line) = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("quickstart output");
+        let t = line.trim();
+        if stream == "out" && t.len() == 24 && !t.contains(' ') {
+            password = Some(t.to_string());
+        }
+        if let Some(fp) = t.split("--fingerprint ").nth(1) {
+            fingerprint = Some(Fingerprint::parse(fp.trim()).unwrap());
+        }
+        if let Some(rest) = t.split("listen=").nth(1) {
+            addr = rest
+                .split_whitespace()
+                .next()
+                .map(|a| ServerAddr::parse(a).unwrap());
+        }
+    }
+    let (password, fingerprint, addr) = (password.unwrap(), fingerprint.unwrap(), addr.unwrap());
+    assert!(dir.path().join("xferd-data/xferd.toml").exists());
+    let mut admin = Client::connect(&addr, fingerprint, None).await.unwrap();
+    let (_, info) = admin.login("admin", &password).await.unwrap();
+    assert_eq!(info.role, xfer_proto::Role::Superuser);
+    admin.shutdown(&password).await.unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The password is not written anywhere but as a hash.
+    let users = std::fs::read_to_string(dir.path().join("xferd-data/users.toml")).unwrap();
+    assert!(!users.contains(&password));
+}

@@ -189,6 +189,40 @@ mod tests {
     }
 
     #[test]
+    fn the_spec_example_encodes_byte_for_byte() {
+        // proto/README.md, section 2: `Request::List { path: "docs" }`.
+        let mut buf = Vec::new();
+        encode_frame(
+            &Request::List {
+                path: "docs".into(),
+            },
+            &mut buf,
+        )
+        .unwrap();
+        assert_eq!(buf, [0, 0, 0, 6, 5, 4, b'd', b'o', b'c', b's']);
+        // And the variant numbers the spec's tables give.
+        let tag = |r: &Request| postcard::to_allocvec(r).unwrap()[0];
+        assert_eq!(tag(&Request::Ping), 13);
+        assert_eq!(
+            tag(&Request::Shutdown {
+                password: String::new()
+            }),
+            12
+        );
+        let rtag = |r: &Response| postcard::to_allocvec(r).unwrap()[0];
+        assert_eq!(
+            rtag(&Response::ShuttingDown {
+                message: String::new()
+            }),
+            10
+        );
+        assert_eq!(
+            postcard::to_allocvec(&ErrorCode::Internal).unwrap(),
+            vec![15]
+        );
+    }
+
+    #[test]
     fn truncated_frames_are_incomplete_not_malformed() {
         let mut buf = Vec::new();
         encode_frame(

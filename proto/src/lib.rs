@@ -7,6 +7,7 @@
 //! - [`connection`]: a buffered stream that reads and writes frames and file bodies with deadlines.
 //! - [`body`]: streaming a file body of known size through a bounded buffer pipeline with a BLAKE3 digest.
 //! - [`path`]: the one syntax check for remote paths that both sides apply.
+//! - [`tls`]: the TLS 1.3 crypto provider both sides use.
 //! - [`fingerprint`]: the server identity that clients pin (SHA-256 of the certificate's public key).
 //!
 //! The full specification, precise enough to write another client from, is `proto/README.md`.
@@ -19,6 +20,7 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod path;
+pub mod tls;
 
 pub use connection::Connection;
 pub use message::{Digest, Entry, EntryKind, ErrorCode, Request, Response, Role};

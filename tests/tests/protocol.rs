@@ -8,6 +8,33 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::{ErrorCode, PROTOCOL_VERSION, Request, Response};
 use xfer_tests::{TestServer, client, raw_connect, raw_hello, raw_login};
 
+/// Sends an `Upload` header and checks the server is ready from byte 0.
+async fn start_upload(
+    conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>,
+    path: &str,
+    size: u64,
+) {
+    conn.write_frame(&Request::Upload {
+        path: path.into(),
+        size,
+        offset: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::UploadReady { offset: 0 }
+    );
+}
+
+/// A test server where alice already has `doc` containing "old".
+fn server_with_old_doc() -> TestServer {
+    let server = TestServer::start();
+    std::fs::create_dir_all(server.user_dir("alice")).unwrap();
+    std::fs::write(server.user_dir("alice").join("doc"), b"old").unwrap();
+    server
+}
+
 fn error_code(r: Response) -> ErrorCode {
     match r {
         Response::Error { code, .. } => code,
@@ -153,21 +180,9 @@ async fn three_failed_logins_close_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_digest_mismatch_commits_nothing_and_keeps_the_old_version() {
-    let server = TestServer::start();
-    std::fs::create_dir_all(server.user_dir("alice")).unwrap();
-    std::fs::write(server.user_dir("alice").join("doc"), b"old").unwrap();
+    let server = server_with_old_doc();
     let mut conn = raw_login(&server, "alice").await;
-    conn.write_frame(&Request::Upload {
-        path: "doc".into(),
-        size: 5,
-        offset: 0,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        conn.read_frame::<Response>().await.unwrap(),
-        Response::UploadReady { offset: 0 }
-    );
+    start_upload(&mut conn, "doc", 5).await;
     conn.get_mut().write_all(b"hello").await.unwrap();
     conn.write_frame(&Request::UploadEnd {
         digest: *blake3::hash(b"HELLO").as_bytes(),
@@ -190,21 +205,9 @@ async fn a_digest_mismatch_commits_nothing_and_keeps_the_old_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_vanishes_mid_upload_leaves_nothing_behind() {
-    let server = TestServer::start();
-    std::fs::create_dir_all(server.user_dir("alice")).unwrap();
-    std::fs::write(server.user_dir("alice").join("doc"), b"old").unwrap();
+    let server = server_with_old_doc();
     let mut conn = raw_login(&server, "alice").await;
-    conn.write_frame(&Request::Upload {
-        path: "doc".into(),
-        size: 10 << 20,
-        offset: 0,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        conn.read_frame::<Response>().await.unwrap(),
-        Response::UploadReady { offset: 0 }
-    );
+    start_upload(&mut conn, "doc", 10 << 20).await;
     conn.get_mut().write_all(&vec![1u8; 3 << 20]).await.unwrap();
     conn.get_mut().flush().await.unwrap();
     drop(conn);

@@ -62,21 +62,38 @@ pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Flow::Continue)
 }
 
+/// Runs a tree operation that answers `Ok` on success; `describe` turns its result into the
+/// log line's detail.
+async fn simple<S, T, F>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    op: &'static str,
+    f: F,
+    describe: impl FnOnce(T) -> String,
+) -> Result<Flow, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: Send + 'static,
+    F: FnOnce(crate::storage::UserTree) -> Result<T, StorageError> + Send + 'static,
+{
+    let t = tree(ctx);
+    match blocking(move || f(t)).await {
+        Ok(value) => {
+            tracing::info!(user = %user(ctx), op, target = %describe(value), "done");
+            conn.write_frame(&Response::Ok).await?;
+            Ok(Flow::Continue)
+        }
+        Err(e) => report(ctx, conn, op, e).await,
+    }
+}
+
 pub(super) async fn delete<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
     path: String,
 ) -> Result<Flow, ConnError> {
-    let t = tree(ctx);
     let p = path.clone();
-    match blocking(move || t.delete(&p)).await {
-        Ok(()) => {
-            tracing::info!(user = %user(ctx), path = %path, "deleted");
-            conn.write_frame(&Response::Ok).await?;
-            Ok(Flow::Continue)
-        }
-        Err(e) => report(ctx, conn, "delete", e).await,
-    }
+    simple(ctx, conn, "delete", move |t| t.delete(&p), |()| path).await
 }
 
 pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
@@ -85,16 +102,15 @@ pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
     from: String,
     to: String,
 ) -> Result<Flow, ConnError> {
-    let t = tree(ctx);
-    let (f, d) = (from.clone(), to.clone());
-    match blocking(move || t.rename(&f, &d)).await {
-        Ok(dest) => {
-            tracing::info!(user = %user(ctx), from = %from, to = %dest, "renamed");
-            conn.write_frame(&Response::Ok).await?;
-            Ok(Flow::Continue)
-        }
-        Err(e) => report(ctx, conn, "rename", e).await,
-    }
+    let f = from.clone();
+    simple(
+        ctx,
+        conn,
+        "rename",
+        move |t| t.rename(&f, &to),
+        |dest| format!("{from} -> {dest}"),
+    )
+    .await
 }
 
 pub(super) async fn mkdir<S: AsyncRead + AsyncWrite + Unpin>(
@@ -102,14 +118,6 @@ pub(super) async fn mkdir<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
 ) -> Result<Flow, ConnError> {
-    let t = tree(ctx);
     let p = path.clone();
-    match blocking(move || t.mkdir(&p)).await {
-        Ok(()) => {
-            tracing::info!(user = %user(ctx), path = %path, "folder created");
-            conn.write_frame(&Response::Ok).await?;
-            Ok(Flow::Continue)
-        }
-        Err(e) => report(ctx, conn, "mkdir", e).await,
-    }
+    simple(ctx, conn, "mkdir", move |t| t.mkdir(&p), |()| path).await
 }
