@@ -378,8 +378,15 @@ impl Accounts {
             .as_ref()
             .map(|r| r.hash.clone())
             .unwrap_or_else(|| self.dummy_hash.clone());
+        // Counted by a guard so a cancelled login (aborted at shutdown) still leaves the queue.
+        struct Queued<'a>(&'a AtomicUsize);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let queued = Queued(&self.queued);
         if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queued {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
             return VerifyOutcome::Busy;
         }
         let permit = self.slots.clone().acquire_owned().await;
@@ -390,7 +397,7 @@ impl Accounts {
         })
         .await
         .unwrap_or(false);
-        self.queued.fetch_sub(1, Ordering::SeqCst);
+        drop(queued);
         match (ok, record) {
             (true, Some(r)) => VerifyOutcome::Ok {
                 role: r.role,

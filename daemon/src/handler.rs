@@ -79,7 +79,7 @@ pub async fn handle_tcp(state: Arc<State>, tcp: TcpStream, peer: SocketAddr) {
         tracing::debug!(%peer, "client did not negotiate ALPN xfer/1; closing");
         return;
     }
-    tracing::debug!(%peer, "connection open");
+    tracing::info!(%peer, "connection open");
     let conn = Connection::new(tls, limits.io_timeout());
     serve_session(state, conn, peer, accepted).await;
 }
@@ -161,7 +161,7 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
     }
     conn.shutdown().await;
-    tracing::debug!(%peer, user = ctx.auth.as_ref().map(|a| a.user.as_str()).unwrap_or("-"), "connection closed");
+    tracing::info!(%peer, user = ctx.auth.as_ref().map(|a| a.user.as_str()).unwrap_or("-"), "connection closed");
 }
 
 async fn notify_shutdown<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>) {

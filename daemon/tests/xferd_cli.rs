@@ -81,6 +81,10 @@ struct Serving {
 
 impl Serving {
     fn start(config: &Path) -> Serving {
+        Self::start_with_env(config, &[])
+    }
+
+    fn start_with_env(config: &Path, env: &[(&str, &Path)]) -> Serving {
         let fp = xferd(config, &["fingerprint"], "");
         assert_eq!(fp.code, 0, "{}", fp.stderr);
         let fingerprint = Fingerprint::parse(fp.stdout.trim()).expect("fingerprint line");
@@ -89,6 +93,7 @@ impl Serving {
             .arg(config)
             .arg("serve")
             .env("XFERD_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -499,4 +504,65 @@ async fn quickstart_creates_everything_and_prints_a_working_login() {
     // The password is not written anywhere but as a hash.
     let users = std::fs::read_to_string(dir.path().join("xferd-data/users.toml")).unwrap();
     assert!(!users.contains(&password));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifies_systemd_and_reloads_on_sighup_without_dropping_sessions() {
+    let (dir, config) = setup(10);
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let serving = Serving::start_with_env(&config, &[("NOTIFY_SOCKET", &notify_path)]);
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+
+    let mut open = serving.client("alice", "alice-pw").await;
+    let old_fp = serving.fingerprint;
+
+    // A broken certificate is refused and the old one kept.
+    let cert = dir.path().join("cert.pem");
+    let good_cert = std::fs::read(&cert).unwrap();
+    std::fs::write(&cert, b"not a certificate").unwrap();
+    serving.signal(rustix::process::Signal::HUP);
+    let start = Instant::now();
+    while !serving.log.lock().unwrap().contains("reload failed") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no reload failure logged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Client::connect(&serving.addr, old_fp, None).await.unwrap();
+    std::fs::write(&cert, good_cert).unwrap();
+
+    // A new key and a new user take effect; the open session is not dropped.
+    let out = xferd(&config, &["init", "--force", "--listen", "127.0.0.1:0"], "");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let new_fp = Fingerprint::parse(xferd(&config, &["fingerprint"], "").stdout.trim()).unwrap();
+    assert_ne!(new_fp, old_fp);
+    serving.signal(rustix::process::Signal::HUP);
+    let start = Instant::now();
+    loop {
+        let n = notify.recv(&mut buf).unwrap();
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+    let start = Instant::now();
+    while Client::connect(&serving.addr, new_fp, None).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "new key never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(Client::connect(&serving.addr, old_fp, None).await.is_err());
+    open.ping()
+        .await
+        .expect("the session opened before the reload still works");
+    open.list("").await.unwrap();
 }
