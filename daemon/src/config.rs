@@ -72,6 +72,9 @@ pub struct ConfigFile {
     /// Session tokens.
     #[serde(default)]
     pub sessions: SessionSettings,
+    /// Brute-force penalties.
+    #[serde(default)]
+    pub penalties: crate::penalty::PenaltySettings,
 }
 
 fn default_listen() -> String {
@@ -97,16 +100,20 @@ fn default_state() -> PathBuf {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Most simultaneous connections; further ones wait in the kernel backlog.
+    /// Most simultaneous connections; further ones are closed at once.
     pub max_connections: usize,
+    /// Most simultaneous connections from one address; further ones are closed at once.
+    pub max_connections_per_source: usize,
     /// Seconds allowed for the TLS handshake.
     pub handshake_timeout_secs: u64,
     /// Seconds from accept until the connection must be authenticated.
     pub login_timeout_secs: u64,
     /// Seconds an authenticated connection may sit idle between requests.
     pub idle_timeout_secs: u64,
-    /// Seconds allowed for any single read or write once a message has started.
+    /// Seconds a read or write may go without progress during a transfer or reply.
     pub io_timeout_secs: u64,
+    /// Seconds allowed to receive the rest of a control frame once it has started.
+    pub frame_timeout_secs: u64,
     /// Seconds in-flight transfers get to finish when the daemon shuts down.
     pub shutdown_grace_secs: u64,
     /// Failed logins allowed on one connection before it is closed.
@@ -123,10 +130,12 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 256,
+            max_connections_per_source: 20,
             handshake_timeout_secs: 10,
             login_timeout_secs: 30,
             idle_timeout_secs: 900,
             io_timeout_secs: 30,
+            frame_timeout_secs: 10,
             shutdown_grace_secs: 10,
             max_auth_attempts: 3,
             max_concurrent_logins: std::thread::available_parallelism()
@@ -151,9 +160,13 @@ impl Limits {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
     }
-    /// Per-read/write deadline.
+    /// Per-read/write progress deadline.
     pub fn io_timeout(&self) -> Duration {
         Duration::from_secs(self.io_timeout_secs)
+    }
+    /// Deadline for the rest of a control frame.
+    pub fn frame_timeout(&self) -> Duration {
+        Duration::from_secs(self.frame_timeout_secs)
     }
     /// Shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
@@ -198,6 +211,8 @@ pub struct Config {
     pub limits: Limits,
     /// Session settings.
     pub sessions: SessionSettings,
+    /// Brute-force penalties.
+    pub penalties: crate::penalty::PenaltySettings,
 }
 
 impl Config {
@@ -238,6 +253,12 @@ impl Config {
         let l = &file.limits;
         for (key, value) in [
             ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_connections_per_source",
+                l.max_connections_per_source as u64,
+            ),
+            ("limits.frame_timeout_secs", l.frame_timeout_secs),
+            ("penalties.max_sources", file.penalties.max_sources as u64),
             ("limits.handshake_timeout_secs", l.handshake_timeout_secs),
             ("limits.login_timeout_secs", l.login_timeout_secs),
             ("limits.idle_timeout_secs", l.idle_timeout_secs),
@@ -264,6 +285,7 @@ impl Config {
             state_dir: abs(&file.state_dir),
             limits: file.limits,
             sessions: file.sessions,
+            penalties: file.penalties,
         })
     }
 }

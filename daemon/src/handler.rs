@@ -80,7 +80,8 @@ pub async fn handle_tcp(state: Arc<State>, tcp: TcpStream, peer: SocketAddr) {
         return;
     }
     tracing::info!(%peer, "connection open");
-    let conn = Connection::new(tls, limits.io_timeout());
+    let mut conn = Connection::new(tls, limits.io_timeout());
+    conn.set_frame_timeout(limits.frame_timeout());
     serve_session(state, conn, peer, accepted).await;
 }
 
@@ -115,10 +116,23 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 "waiting for login",
             )
         };
+        // Before authentication the login deadline bounds everything, including a frame
+        // that started in time but trickles in.
+        let authenticated = ctx.auth.is_some();
+        let next = async {
+            let read = conn.read_frame_within::<Request>(wait, phase);
+            if authenticated {
+                read.await
+            } else {
+                tokio::time::timeout_at(login_deadline.into(), read)
+                    .await
+                    .unwrap_or(Err(ConnError::Timeout("waiting for login")))
+            }
+        };
         let read = tokio::select! {
             biased;
             _ = stop.wait_for(|v| *v) => None,
-            r = conn.read_frame_within::<Request>(wait, phase) => Some(r),
+            r = next => Some(r),
         };
         let Some(read) = read else {
             notify_shutdown(&mut conn).await;

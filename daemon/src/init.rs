@@ -35,16 +35,20 @@ key = "key.pem"
 state_dir = "{state_dir}"
 
 [limits]
-# Most connections at once; more wait in the kernel's backlog.
+# Most connections at once, and from one address; more are closed as soon as they arrive.
 max_connections = 256
+max_connections_per_source = 20
 # Seconds allowed for the TLS handshake.
 handshake_timeout_secs = 10
 # Seconds from connect until the client must be logged in.
 login_timeout_secs = 30
 # Seconds a logged-in connection may sit idle between requests.
 idle_timeout_secs = 900
-# Seconds allowed for each read or write once a message or transfer has started.
+# Seconds a transfer or reply may go without any progress before the connection is dropped.
 io_timeout_secs = 30
+# Seconds allowed to receive the rest of a request once its first byte has arrived
+# (a client trickling bytes is dropped).
+frame_timeout_secs = 10
 # Seconds in-flight transfers get to finish when the daemon shuts down; idle clients are
 # disconnected at once.
 shutdown_grace_secs = 10
@@ -60,6 +64,16 @@ max_upload_bytes = 0
 [sessions]
 # Seconds a session token stays valid after `xfer login` (default: 7 days).
 ttl_secs = 604800
+
+[penalties]
+# Brute-force defence, per source address (IPv6: per /64). Each failed login or invalid token
+# adds per_failure_secs to the source's penalty, up to max_secs; while the penalty exceeds
+# threshold_secs, password logins from that source are refused without being checked.
+per_failure_secs = 5
+threshold_secs = 15
+max_secs = 600
+# Most sources remembered; when full, the one closest to expiry is forgotten.
+max_sources = 65536
 "#;
 
 /// Options for `xferd init`.

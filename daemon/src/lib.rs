@@ -3,8 +3,10 @@
 //! Map of the crate:
 //! - [`config`]: the TOML config file, its defaults and validation.
 //! - [`accounts`]: the users file (argon2id hashes, roles) and password verification on the blocking pool.
+//! - [`penalty`]: per-source penalties for failed logins (brute-force defence).
 //! - [`sessions`]: session tokens, persisted so they survive a restart, revocable and expiring.
 //! - [`tls`]: certificate generation (rcgen), loading, the TLS 1.3 server config and the fingerprint.
+//! - [`beneath`]: filesystem calls confined beneath a directory, never following a symlink.
 //! - [`storage`]: the one path resolver and every filesystem operation on a user's tree.
 //! - [`server`]: the accept loop, connection cap and the one shutdown mechanism.
 //! - [`handler`]: one connection's state machine: hello, authentication, the role check, dispatch.
@@ -15,12 +17,14 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod beneath;
 pub mod cli;
 pub mod cmd;
 pub mod config;
 pub mod fsutil;
 pub mod handler;
 pub mod init;
+pub mod penalty;
 pub mod server;
 pub mod sessions;
 pub mod storage;

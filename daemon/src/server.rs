@@ -6,14 +6,15 @@
 //! client and close immediately, busy ones finish their transfer. After the grace period the
 //! remaining tasks are aborted, which drops their pending uploads and so deletes the temp files.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use xfer_proto::fingerprint::Fingerprint;
@@ -33,6 +34,8 @@ pub struct State {
     pub sessions: SessionStore,
     /// The storage root.
     pub storage: Storage,
+    /// Failed-login penalties per source.
+    pub penalties: crate::penalty::Penalties,
     /// Current TLS acceptor and fingerprint, swapped together on reload.
     tls: RwLock<(TlsAcceptor, Fingerprint)>,
     /// Flips to true once when shutdown starts.
@@ -100,12 +103,14 @@ impl Daemon {
         let storage = Storage::open(&config.root)
             .with_context(|| format!("opening storage root `{}`", config.root.display()))?;
         let (shutdown, _) = watch::channel(false);
+        let penalties = crate::penalty::Penalties::new(config.penalties.clone());
         Ok(Daemon {
             state: Arc::new(State {
                 config,
                 accounts,
                 sessions,
                 storage,
+                penalties,
                 tls: RwLock::new((TlsAcceptor::from(tls), fingerprint)),
                 shutdown,
             }),
@@ -137,7 +142,10 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         let state = self.state;
         let limits = state.config.limits.clone();
-        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let slots = Arc::new(ConnLimits::new(
+            limits.max_connections,
+            limits.max_connections_per_source,
+        ));
         let mut tasks = JoinSet::new();
         let mut stop = state.shutdown_rx();
         let handle = state.shutdown_handle();
@@ -145,25 +153,29 @@ impl Daemon {
         tracing::info!(listen = %listener.local_addr()?, fingerprint = %state.fingerprint(), "accepting connections");
 
         loop {
-            let permit = tokio::select! {
-                biased;
-                _ = &mut shutdown => { handle.trigger("signal"); break; }
-                _ = stop.wait_for(|v| *v) => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
-            };
             let accepted = tokio::select! {
                 biased;
                 _ = &mut shutdown => { handle.trigger("signal"); break; }
                 _ = stop.wait_for(|v| *v) => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
                 accepted = listener.accept() => accepted,
             };
             match accepted {
                 Ok((tcp, peer)) => {
+                    // Over a cap, close at once: waiting would let idle connections hold the
+                    // accept queue and starve everyone else.
+                    let slot = match slots.try_acquire(peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            tracing::debug!(%peer, why, "connection refused");
+                            drop(tcp);
+                            continue;
+                        }
+                    };
                     let state = state.clone();
                     tasks.spawn(async move {
                         crate::handler::handle_tcp(state, tcp, peer).await;
-                        drop(permit);
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -196,6 +208,72 @@ impl Daemon {
     }
 }
 
+/// Connection counts, in total and per source address, with the caps they must stay under.
+pub struct ConnLimits {
+    /// Most connections in total.
+    total: usize,
+    /// Most connections from one address.
+    per_source: usize,
+    /// Open connections: the total and the count per address (only addresses with some).
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One counted connection; dropping it frees the slot.
+pub struct ConnSlot {
+    /// The counts to give the slot back to.
+    limits: Arc<ConnLimits>,
+    /// The address it was counted under.
+    ip: IpAddr,
+}
+
+impl ConnLimits {
+    /// Counts with the given caps.
+    pub fn new(total: usize, per_source: usize) -> Self {
+        ConnLimits {
+            total,
+            per_source,
+            open: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// Takes a slot for a connection from `ip`, or says which cap is full.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, &'static str> {
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.0 >= self.total {
+            return Err("connection limit reached");
+        }
+        let count = open.1.entry(ip).or_insert(0);
+        if *count >= self.per_source {
+            return Err("per-source connection limit reached");
+        }
+        *count += 1;
+        open.0 += 1;
+        Ok(ConnSlot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.0 -= 1;
+        if let Some(count) = open.1.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.1.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Reloads users and certificate into running state (SIGHUP).
 pub fn reload(state: &State) -> anyhow::Result<()> {
     let (tls, fingerprint) = crate::tls::server_config(&state.config.cert, &state.config.key)?;
@@ -220,4 +298,33 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_hold_in_total_and_per_source_and_slots_come_back() {
+        let limits = Arc::new(ConnLimits::new(5, 2));
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let a1 = limits.try_acquire(a).unwrap();
+        let _a2 = limits.try_acquire(a).unwrap();
+        assert!(limits.try_acquire(a).is_err());
+        // The same address as an IPv4-mapped IPv6 address counts as the same source.
+        assert!(
+            limits
+                .try_acquire("::ffff:127.0.0.2".parse().unwrap())
+                .is_err()
+        );
+        let _b1 = limits.try_acquire(b).unwrap();
+        let _b2 = limits.try_acquire(b).unwrap();
+        let _c = limits.try_acquire("127.0.0.4".parse().unwrap()).unwrap();
+        assert_eq!(limits.open(), 5);
+        assert!(limits.try_acquire("127.0.0.5".parse().unwrap()).is_err());
+        drop(a1);
+        assert_eq!(limits.open(), 4);
+        limits.try_acquire(a).unwrap();
+    }
 }

@@ -1,16 +1,20 @@
 //! Users' storage trees and every filesystem operation on them, all through one resolver.
 //!
 //! [`UserTree::resolve`] is the only way from a remote path to a local one: it accepts only
-//! normal components (via `xfer_proto::path`), joins them beneath the user's folder and walks
-//! them with `symlink_metadata`, refusing any symlink on the way, so no operation can be led out
-//! of the tree by a link planted inside it. Uploads land in a temp file under `ROOT/.xfer-tmp`
-//! (same filesystem), and become visible only by rename after verification and fsync.
+//! normal components (via `xfer_proto::path`) and every operation then goes through
+//! [`crate::beneath::Beneath`], which resolves them in the kernel beneath the user's folder
+//! without following any symlink (openat2 `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so a link
+//! planted inside a tree cannot lead any operation outside it, not even by a race. Uploads
+//! land in a temp file under `ROOT/.xfer-tmp` (same filesystem) and become visible only by
+//! rename after verification and fsync.
 
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io::ErrorKind;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
+
+use crate::beneath::{Beneath, Kind, Meta};
 
 use xfer_proto::path::{PathError, components, named_components};
 use xfer_proto::{Entry, EntryKind, ErrorCode};
@@ -156,29 +160,48 @@ impl Storage {
         if std::fs::symlink_metadata(&dir)?.file_type().is_symlink() {
             return Err(std::io::Error::other("user folder is a symlink"));
         }
+        let root = Beneath::open(&dir)?;
         Ok(UserTree {
             dir,
+            root: Arc::new(root),
             tmp: self.tmp.clone(),
         })
     }
 }
 
-/// One user's view of storage: every path they give is resolved beneath `dir`.
+/// One user's view of storage: every path they give is resolved beneath their folder.
 #[derive(Debug, Clone)]
 pub struct UserTree {
-    /// The user's folder.
+    /// The user's folder, as a path (for messages and tests only; never joined with input).
     dir: PathBuf,
+    /// The user's folder, open: all access goes through it.
+    root: Arc<Beneath>,
     /// Where uploads are staged.
     tmp: PathBuf,
 }
 
-/// A remote path resolved to a local one.
+/// A remote path resolved beneath the user's folder.
 #[derive(Debug)]
 pub struct Resolved {
-    /// The local path.
-    pub path: PathBuf,
+    /// The checked components.
+    pub parts: Vec<String>,
     /// Its metadata (not following links), if it exists.
-    pub meta: Option<Metadata>,
+    pub meta: Option<Meta>,
+}
+
+impl Resolved {
+    fn split(&self) -> (Vec<&str>, &str) {
+        let parts: Vec<&str> = self.parts.iter().map(String::as_str).collect();
+        let (last, parent) = parts
+            .split_last()
+            .map(|(l, p)| (*l, p.to_vec()))
+            .unwrap_or(("", Vec::new()));
+        (parent, last)
+    }
+
+    fn all(&self) -> Vec<&str> {
+        self.parts.iter().map(String::as_str).collect()
+    }
 }
 
 /// An upload in progress: a temp file that becomes the target only through [`UserTree::commit`].
@@ -186,38 +209,25 @@ pub struct Resolved {
 pub struct PendingUpload {
     /// The staged data.
     pub temp: tempfile::NamedTempFile,
-    /// Where it goes on commit.
-    target: PathBuf,
-    /// The remote path, for messages.
+    /// The remote path, for messages and the commit.
     pub remote: String,
 }
 
-fn modified_secs(meta: &Metadata) -> i64 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn entry_of(name: String, meta: &Metadata) -> Entry {
-    let ft = meta.file_type();
-    let kind = if ft.is_file() {
-        EntryKind::File
-    } else if ft.is_dir() {
-        EntryKind::Dir
-    } else {
-        EntryKind::Other
+fn entry_of(name: String, meta: &Meta) -> Entry {
+    let kind = match meta.kind {
+        Kind::File => EntryKind::File,
+        Kind::Dir => EntryKind::Dir,
+        Kind::Symlink | Kind::Other => EntryKind::Other,
     };
     Entry {
         name,
         kind,
         size: if kind == EntryKind::File {
-            meta.len()
+            meta.size
         } else {
             0
         },
-        modified: modified_secs(meta),
+        modified: meta.modified,
     }
 }
 
@@ -227,8 +237,16 @@ impl UserTree {
         &self.dir
     }
 
-    /// Resolves `remote` beneath the user's folder: only normal components, no symlinks
-    /// anywhere along the path, and every existing ancestor a folder.
+    fn fail(&self, op: &'static str, remote: &str, e: std::io::Error) -> StorageError {
+        if crate::beneath::is_symlink_refusal(&e) {
+            StorageError::Symlink(remote.into())
+        } else {
+            StorageError::io(op, remote, e)
+        }
+    }
+
+    /// Resolves `remote` beneath the user's folder: only normal components, and no symlink
+    /// anywhere, including the last component.
     pub fn resolve(&self, remote: &str, need_name: bool) -> Result<Resolved, StorageError> {
         let bad = |source| StorageError::BadPath {
             path: remote.into(),
@@ -239,32 +257,42 @@ impl UserTree {
         } else {
             components(remote).map_err(bad)?
         };
-        let mut path = self.dir.clone();
-        let mut meta = std::fs::symlink_metadata(&path).ok();
-        for (i, part) in parts.iter().enumerate() {
-            match &meta {
-                Some(m) if m.is_dir() => {}
-                Some(_) => {
-                    return Err(StorageError::WrongKind(
-                        parts[..i].join("/"),
-                        "not a folder",
-                    ));
-                }
-                None => {
-                    return Err(StorageError::NotFound(parts[..i].join("/")));
-                }
+        let meta = match self.root.stat(&parts) {
+            Ok(m) => m,
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => {
+                return Err(StorageError::NotFound(
+                    parts[..parts.len().saturating_sub(1)].join("/"),
+                ));
             }
-            path.push(part);
-            meta = match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(StorageError::Symlink(remote.into()));
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) => {
+                // A parent is not a folder: say whether it is a link (refused) or a file.
+                for depth in 1..parts.len() {
+                    if let Ok(Some(m)) = self.root.stat(&parts[..depth]) {
+                        if m.kind == Kind::Symlink {
+                            return Err(StorageError::Symlink(remote.into()));
+                        }
+                        if m.kind != Kind::Dir {
+                            return Err(StorageError::WrongKind(
+                                parts[..depth].join("/"),
+                                "not a folder",
+                            ));
+                        }
+                    }
                 }
-                Ok(m) => Some(m),
-                Err(e) if e.kind() == ErrorKind::NotFound => None,
-                Err(e) => return Err(StorageError::io("resolving", remote, e)),
-            };
+                return Err(StorageError::WrongKind(
+                    remote.into(),
+                    "not inside a folder",
+                ));
+            }
+            Err(e) => return Err(self.fail("resolving", remote, e)),
+        };
+        if meta.is_some_and(|m| m.kind == Kind::Symlink) {
+            return Err(StorageError::Symlink(remote.into()));
         }
-        Ok(Resolved { path, meta })
+        Ok(Resolved {
+            parts: parts.into_iter().map(String::from).collect(),
+            meta,
+        })
     }
 
     /// Lists a folder (or describes a single file), sorted by name.
@@ -273,25 +301,18 @@ impl UserTree {
         let meta = r
             .meta
             .ok_or_else(|| StorageError::NotFound(remote.into()))?;
-        if !meta.is_dir() {
-            let name = r
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        if meta.kind != Kind::Dir {
+            let name = r.parts.last().cloned().unwrap_or_default();
             return Ok(vec![entry_of(name, &meta)]);
         }
-        let mut out = Vec::new();
-        let iter =
-            std::fs::read_dir(&r.path).map_err(|e| StorageError::io("listing", remote, e))?;
-        for entry in iter {
-            let entry = entry.map_err(|e| StorageError::io("listing", remote, e))?;
-            let Ok(meta) = entry.metadata() else { continue };
-            out.push(entry_of(
-                entry.file_name().to_string_lossy().into_owned(),
-                &meta,
-            ));
-        }
+        let raw = self
+            .root
+            .read_dir(&r.all())
+            .map_err(|e| self.fail("listing", remote, e))?;
+        let mut out: Vec<Entry> = raw
+            .into_iter()
+            .map(|(name, meta)| entry_of(String::from_utf8_lossy(&name).into_owned(), &meta))
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -302,21 +323,28 @@ impl UserTree {
         let meta = r
             .meta
             .ok_or_else(|| StorageError::NotFound(remote.into()))?;
-        if meta.is_dir() {
-            return Err(StorageError::WrongKind(remote.into(), "a folder"));
+        match meta.kind {
+            Kind::Dir => return Err(StorageError::WrongKind(remote.into(), "a folder")),
+            Kind::File => {}
+            _ => return Err(StorageError::WrongKind(remote.into(), "not a regular file")),
         }
-        if !meta.is_file() {
-            return Err(StorageError::WrongKind(remote.into(), "not a regular file"));
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(&r.path)
-            .map_err(|e| StorageError::io("opening", remote, e))?;
+        let file = self
+            .root
+            .open_file(&r.all())
+            .map_err(|e| self.fail("opening", remote, e))?;
         let meta = file
             .metadata()
             .map_err(|e| StorageError::io("opening", remote, e))?;
-        Ok((file, meta.len(), modified_secs(&meta)))
+        if !meta.is_file() {
+            return Err(StorageError::WrongKind(remote.into(), "not a regular file"));
+        }
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        Ok((file, meta.len(), modified))
     }
 
     /// Prepares an upload of `size` bytes to `remote`: the parent folder must exist, the
@@ -332,7 +360,7 @@ impl UserTree {
         }
         let r = self.resolve(remote, true)?;
         if let Some(m) = &r.meta
-            && !m.is_file()
+            && m.kind != Kind::File
         {
             return Err(StorageError::WrongKind(remote.into(), "a folder"));
         }
@@ -348,13 +376,13 @@ impl UserTree {
             .map_err(|e| StorageError::io("creating a temp file for", remote, e))?;
         Ok(PendingUpload {
             temp,
-            target: r.path,
             remote: remote.into(),
         })
     }
 
-    /// Makes a verified upload visible: fsync the data, re-check the target, rename over it,
-    /// fsync the folder. Until the rename the old version is untouched.
+    /// Makes a verified upload visible: fsync the data, re-check the target, rename over it
+    /// (from the temp folder into the user's tree, by directory handles), fsync the folder.
+    /// Until the rename the old version is untouched.
     pub fn commit(&self, upload: PendingUpload) -> Result<(), StorageError> {
         let remote = upload.remote.clone();
         upload
@@ -365,17 +393,31 @@ impl UserTree {
         // The tree may have changed during the transfer (a folder or link put in the way).
         let r = self.resolve(&remote, true)?;
         if let Some(m) = &r.meta
-            && !m.is_file()
+            && m.kind != Kind::File
         {
             return Err(StorageError::WrongKind(remote, "a folder"));
         }
-        debug_assert_eq!(r.path, upload.target);
-        upload
-            .temp
-            .persist(&r.path)
-            .map_err(|e| StorageError::io("committing", &remote, e.error))?;
-        crate::fsutil::sync_dir(crate::fsutil::parent_dir(&r.path))
-            .map_err(|e| StorageError::io("syncing the folder of", &remote, e))
+        let (_file, temp_path) = upload.temp.into_parts();
+        let temp_name = temp_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                StorageError::io(
+                    "committing",
+                    &remote,
+                    std::io::Error::other("bad temp name"),
+                )
+            })?;
+        let tmp_dir = std::fs::File::open(&self.tmp)
+            .map_err(|e| StorageError::io("committing", &remote, e))?;
+        let (parent, name) = r.split();
+        self.root
+            .rename_into(&tmp_dir, &temp_name, &parent, name)
+            .map_err(|e| self.fail("committing", &remote, e))?;
+        // The temp name is gone now; disarm its delete-on-drop.
+        let _ = temp_path.keep();
+        Ok(())
     }
 
     /// Deletes a file or an empty folder.
@@ -384,14 +426,13 @@ impl UserTree {
         let meta = r
             .meta
             .ok_or_else(|| StorageError::NotFound(remote.into()))?;
-        let result = if meta.is_dir() {
-            std::fs::remove_dir(&r.path)
-        } else {
-            std::fs::remove_file(&r.path)
-        };
-        result.map_err(|e| StorageError::io("deleting", remote, e))?;
-        crate::fsutil::sync_dir(crate::fsutil::parent_dir(&r.path))
-            .map_err(|e| StorageError::io("syncing the folder of", remote, e))
+        let (parent, name) = r.split();
+        self.root
+            .remove(&parent, name, meta.kind == Kind::Dir)
+            .map_err(|e| self.fail("deleting", remote, e))?;
+        self.root
+            .sync_dir(&parent)
+            .map_err(|e| self.fail("syncing the folder of", remote, e))
     }
 
     /// Renames `from` to `to`; if `to` is an existing folder, moves `from` into it. An
@@ -408,35 +449,28 @@ impl UserTree {
         }
         let mut to_remote = to.trim_end_matches('/').to_string();
         let mut dst = self.resolve(&to_remote, true)?;
-        if dst.meta.as_ref().is_some_and(|m| m.is_dir()) {
-            let base = from
-                .trim_end_matches('/')
-                .rsplit('/')
-                .next()
-                .unwrap_or(from);
-            to_remote = xfer_proto::path::join(&to_remote, base);
+        if dst.meta.is_some_and(|m| m.kind == Kind::Dir) {
+            let base = src.parts.last().cloned().unwrap_or_default();
+            to_remote = xfer_proto::path::join(&to_remote, &base);
             dst = self.resolve(&to_remote, true)?;
         }
-        if dst.path == src.path {
+        if dst.parts == src.parts {
             return Ok(to_remote);
         }
-        if dst.meta.as_ref().is_some_and(|m| m.is_dir()) {
+        if dst.meta.is_some_and(|m| m.kind == Kind::Dir) {
             return Err(StorageError::AlreadyExists(to_remote));
         }
-        if dst.path.starts_with(&src.path) {
+        if dst.parts.starts_with(&src.parts) {
             return Err(StorageError::WrongKind(
                 to_remote,
                 "inside the folder being moved",
             ));
         }
-        std::fs::rename(&src.path, &dst.path).map_err(|e| StorageError::io("renaming", from, e))?;
-        for dir in [
-            crate::fsutil::parent_dir(&src.path),
-            crate::fsutil::parent_dir(&dst.path),
-        ] {
-            crate::fsutil::sync_dir(dir)
-                .map_err(|e| StorageError::io("syncing the folder of", &to_remote, e))?;
-        }
+        let (sp, sn) = src.split();
+        let (dp, dn) = dst.split();
+        self.root
+            .rename(&sp, sn, &dp, dn)
+            .map_err(|e| self.fail("renaming", from, e))?;
         Ok(to_remote)
     }
 
@@ -446,18 +480,20 @@ impl UserTree {
             path: remote.into(),
             source,
         })?;
-        // Create one level at a time through the resolver, so no link is followed.
         for depth in 1..=parts.len() {
             let sub = parts[..depth].join("/");
             let r = self.resolve(&sub, true)?;
-            match r.meta {
-                Some(m) if m.is_dir() => continue,
+            match r.meta.map(|m| m.kind) {
+                Some(Kind::Dir) => continue,
                 Some(_) => return Err(StorageError::WrongKind(sub, "a file")),
-                None => match std::fs::create_dir(&r.path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(StorageError::io("creating folder", &sub, e)),
-                },
+                None => {
+                    let (parent, name) = r.split();
+                    match self.root.mkdir(&parent, name) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(self.fail("creating folder", &sub, e)),
+                    }
+                }
             }
         }
         Ok(())
@@ -531,6 +567,8 @@ mod tests {
         std::os::unix::fs::symlink(&outside, t.dir().join("link")).unwrap();
         std::os::unix::fs::symlink(outside.join("secret"), t.dir().join("flink")).unwrap();
         assert!(matches!(t.list("link"), Err(StorageError::Symlink(_))));
+        let r = t.open_for_download("link/secret");
+        assert!(matches!(r, Err(StorageError::Symlink(_))), "{:?}", r.err());
         assert!(matches!(
             t.open_for_download("link/secret"),
             Err(StorageError::Symlink(_))

@@ -60,6 +60,46 @@ fn hash_prefix(
     Ok(())
 }
 
+/// Fills `buf`, failing only if a single read makes no progress within `timeout`: a slow but
+/// steady link is fine, a stalled one is not.
+async fn read_exact_progress<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> Result<(), ConnError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match tokio::time::timeout(timeout, r.read(&mut buf[filled..])).await {
+            Err(_) => return Err(ConnError::Timeout("receiving file data")),
+            Ok(Ok(0)) => return Err(ConnError::Truncated),
+            Ok(Ok(n)) => filled += n,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ConnError::Truncated);
+            }
+            Ok(Err(e)) => return Err(ConnError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf`, failing only if a single write makes no progress within `timeout`.
+async fn write_all_progress<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    timeout: Duration,
+) -> Result<(), ConnError> {
+    let mut written = 0;
+    while written < buf.len() {
+        match tokio::time::timeout(timeout, w.write(&buf[written..])).await {
+            Err(_) => return Err(ConnError::Timeout("sending file data")),
+            Ok(Ok(0)) => return Err(ConnError::Truncated),
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => return Err(ConnError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn send<W: AsyncWrite + Unpin>(
     w: &mut W,
     mut file: std::fs::File,
@@ -119,11 +159,7 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
                 });
             }
         };
-        match tokio::time::timeout(io_timeout, w.write_all(&buf)).await {
-            Err(_) => return Err(ConnError::Timeout("sending file data").into()),
-            Ok(Err(e)) => return Err(ConnError::Io(e).into()),
-            Ok(Ok(())) => {}
-        }
+        write_all_progress(w, &buf, io_timeout).await?;
         sent += buf.len() as u64;
         progress(sent);
         let _ = free_tx.try_send(buf);
@@ -191,14 +227,7 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
             None => Vec::new(),
         };
         buf.resize(n, 0);
-        match tokio::time::timeout(io_timeout, r.read_exact(&mut buf)).await {
-            Err(_) => return Err(ConnError::Timeout("receiving file data").into()),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ConnError::Truncated.into());
-            }
-            Ok(Err(e)) => return Err(ConnError::Io(e).into()),
-            Ok(Ok(_)) => {}
-        }
+        read_exact_progress(r, &mut buf, io_timeout).await?;
         received += n as u64;
         progress(received);
         if writer_alive {
@@ -274,6 +303,37 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, BodyError::SourceChanged), "{err:?}");
+    }
+
+    // Real time: the blocking writer thread keeps tokio's paused clock from auto-advancing.
+    #[tokio::test]
+    async fn a_slow_steady_sender_is_fine_and_a_stalled_one_times_out() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut b = Connection::new(b, Duration::from_secs(1));
+        let slow = tokio::spawn(async move {
+            for byte in 0..15u8 {
+                a.write_all(&[byte]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            a
+        });
+        // 15 bytes over 1.5 s with a 1 s progress deadline: slower than the deadline in
+        // total, but never stalled, so it must succeed.
+        let (digest, _) = b
+            .recv_body(tempfile::tempfile().unwrap(), 0, 15, &mut |_| {})
+            .await
+            .unwrap();
+        let expected: Vec<u8> = (0..15u8).collect();
+        assert_eq!(digest, *blake3::hash(&expected).as_bytes());
+        let _a = slow.await.unwrap();
+        let err = b
+            .recv_body(tempfile::tempfile().unwrap(), 0, 1, &mut |_| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, BodyError::Net(ConnError::Timeout(_))),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]

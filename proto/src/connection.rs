@@ -42,8 +42,11 @@ pub struct Connection<S> {
     stream: S,
     /// Reused encode buffer, so writing a frame does not allocate each time.
     wbuf: Vec<u8>,
-    /// Deadline for each read or write once a message has started, and for each body chunk.
+    /// Deadline for each write, and for each read of a body to make progress.
     io_timeout: Duration,
+    /// Deadline for the rest of a frame once its first byte has arrived: a peer trickling a
+    /// frame a byte at a time is dropped when it passes.
+    frame_timeout: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -53,7 +56,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             stream,
             wbuf: Vec::with_capacity(1024),
             io_timeout,
+            frame_timeout: io_timeout,
         }
+    }
+
+    /// Sets the deadline for completing a frame once it has started.
+    pub fn set_frame_timeout(&mut self, timeout: Duration) {
+        self.frame_timeout = timeout;
     }
 
     /// The deadline applied to each read and write.
@@ -96,15 +105,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if n == 0 {
             return Err(ConnError::Closed);
         }
-        if n < HEADER_LEN {
-            self.read_exact_timed(&mut header[n..], "reading a frame header")
-                .await?;
-        }
-        let len = frame::frame_len(&header)?;
-        // The length was checked against the cap above, so this allocation is bounded.
-        let mut body = vec![0u8; len];
-        self.read_exact_timed(&mut body, "reading a frame").await?;
-        Ok(frame::decode_body(&body)?)
+        // One deadline for the whole rest of the frame, however the bytes are spread out.
+        let rest = async {
+            if n < HEADER_LEN {
+                read_exact_or_truncated(&mut self.stream, &mut header[n..]).await?;
+            }
+            let len = frame::frame_len(&header)?;
+            // The length was checked against the cap above, so this allocation is bounded.
+            let mut body = vec![0u8; len];
+            read_exact_or_truncated(&mut self.stream, &mut body).await?;
+            Ok::<_, ConnError>(frame::decode_body(&body)?)
+        };
+        tokio::time::timeout(self.frame_timeout, rest)
+            .await
+            .map_err(|_| ConnError::Timeout("reading a frame"))?
     }
 
     /// Reads the next frame within the I/O timeout.
@@ -130,21 +144,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Closes the write side (TLS close_notify), bounded by the I/O timeout.
     pub async fn shutdown(&mut self) {
         let _ = tokio::time::timeout(self.io_timeout, self.stream.shutdown()).await;
-    }
-
-    async fn read_exact_timed(
-        &mut self,
-        buf: &mut [u8],
-        phase: &'static str,
-    ) -> Result<(), ConnError> {
-        match tokio::time::timeout(self.io_timeout, self.stream.read_exact(buf)).await {
-            Err(_) => Err(ConnError::Timeout(phase)),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(ConnError::Truncated)
-            }
-            Ok(Err(e)) => Err(ConnError::Io(e)),
-            Ok(Ok(_)) => Ok(()),
-        }
     }
 
     /// Streams bytes `offset..size` of `file` as a raw body and returns the digest of the whole
@@ -186,6 +185,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             progress,
         )
         .await
+    }
+}
+
+async fn read_exact_or_truncated<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> Result<(), ConnError> {
+    match r.read_exact(buf).await {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ConnError::Truncated),
+        Err(e) => Err(ConnError::Io(e)),
+        Ok(_) => Ok(()),
     }
 }
 
@@ -258,6 +268,40 @@ mod tests {
             .read_frame_within::<Request>(Duration::from_secs(30), "idle")
             .await
             .unwrap_err();
-        assert!(matches!(err, ConnError::Timeout("reading a frame header")));
+        assert!(matches!(err, ConnError::Timeout("reading a frame")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_trickling_one_byte_a_second_is_dropped_at_the_frame_deadline() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut b = Connection::new(b, Duration::from_secs(30));
+        b.set_frame_timeout(Duration::from_secs(10));
+        let mut frame = Vec::new();
+        crate::frame::encode_frame(
+            &Request::List {
+                path: "x".repeat(100),
+            },
+            &mut frame,
+        )
+        .unwrap();
+        let trickle = tokio::spawn(async move {
+            for byte in frame {
+                if a.write_all(&[byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let err = b
+            .read_frame_within::<Request>(Duration::from_secs(900), "idle")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ConnError::Timeout("reading a frame")),
+            "{err:?}"
+        );
+        assert!(started.elapsed() <= Duration::from_secs(11));
+        trickle.abort();
     }
 }

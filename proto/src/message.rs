@@ -279,13 +279,18 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Anything else on the server's side (exit 1).
     Internal,
+    /// Too many failed logins from this address; refused until its penalty expires (exit 3).
+    RateLimited,
 }
 
 impl ErrorCode {
     /// The `xfer` exit code this failure maps onto (see the contract).
     pub fn exit_code(self) -> u8 {
         match self {
-            ErrorCode::AuthFailed | ErrorCode::NotAuthenticated | ErrorCode::SessionExpired => 3,
+            ErrorCode::AuthFailed
+            | ErrorCode::NotAuthenticated
+            | ErrorCode::SessionExpired
+            | ErrorCode::RateLimited => 3,
             ErrorCode::PermissionDenied | ErrorCode::InvalidPath => 4,
             ErrorCode::NotFound => 5,
             ErrorCode::ShuttingDown => 7,

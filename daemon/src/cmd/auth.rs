@@ -50,6 +50,7 @@ async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
     message: &str,
 ) -> Result<Flow, ConnError> {
     ctx.failures += 1;
+    ctx.state.penalties.record_failure(ctx.peer.ip());
     conn.write_frame(&Response::error(code, message)).await?;
     if ctx.failures >= ctx.state.config.limits.max_auth_attempts {
         tracing::warn!(peer = %ctx.peer, attempts = ctx.failures, "too many failed attempts; closing");
@@ -91,6 +92,19 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     password: &str,
 ) -> Result<Flow, ConnError> {
     let state = ctx.state.clone();
+    if let Some(wait) = state.penalties.refused_for(ctx.peer.ip()) {
+        tracing::warn!(user = %loggable(user), peer = %ctx.peer, wait_secs = wait.as_secs(), "login refused: source is penalised for failed logins");
+        conn.write_frame(&Response::error(
+            ErrorCode::RateLimited,
+            format!(
+                "too many failed logins from {}; try again in {} s",
+                ctx.peer.ip().to_canonical(),
+                wait.as_secs().max(1)
+            ),
+        ))
+        .await?;
+        return Ok(Flow::Close);
+    }
     match state.accounts.verify(user, password).await {
         VerifyOutcome::Ok { role, generation } => {
             let (token, rec) = state

@@ -1,0 +1,198 @@
+//! Brute-force defence in the manner of OpenSSH's PerSourcePenalties: every failed login adds
+//! penalty time to its source; a source whose penalty exceeds a threshold is refused password
+//! logins (without spending a password check on it) until the penalty falls back below it.
+//! Other sources are unaffected. IPv6 sources are grouped by /64, since one host usually owns a
+//! whole /64. The table is bounded: when full, the entry closest to expiry is dropped.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Penalty settings (`[penalties]` in the config).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PenaltySettings {
+    /// Seconds added to a source's penalty by each failed login.
+    pub per_failure_secs: u64,
+    /// A source is refused while its penalty exceeds this many seconds.
+    pub threshold_secs: u64,
+    /// Longest penalty a source can accumulate, in seconds.
+    pub max_secs: u64,
+    /// Most sources tracked at once.
+    pub max_sources: usize,
+}
+
+impl Default for PenaltySettings {
+    fn default() -> Self {
+        PenaltySettings {
+            per_failure_secs: 5,
+            threshold_secs: 15,
+            max_secs: 600,
+            max_sources: 65_536,
+        }
+    }
+}
+
+/// The key a source is tracked under: the IPv4 address, or the IPv6 /64.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Per-source penalties.
+pub struct Penalties {
+    /// The settings in force.
+    settings: PenaltySettings,
+    /// When each penalised source's penalty runs out.
+    until: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl Penalties {
+    /// An empty table.
+    pub fn new(settings: PenaltySettings) -> Self {
+        Penalties {
+            settings,
+            until: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// If `ip` is refused now, how long until it is allowed again.
+    pub fn refused_for(&self, ip: IpAddr) -> Option<Duration> {
+        self.refused_for_at(ip, Instant::now())
+    }
+
+    fn refused_for_at(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let map = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let left = map.get(&source_key(ip))?.saturating_duration_since(now);
+        let threshold = Duration::from_secs(self.settings.threshold_secs);
+        (left > threshold).then(|| left - threshold)
+    }
+
+    /// Records a failed login from `ip`.
+    pub fn record_failure(&self, ip: IpAddr) {
+        self.record_failure_at(ip, Instant::now());
+    }
+
+    fn record_failure_at(&self, ip: IpAddr, now: Instant) {
+        let key = source_key(ip);
+        let mut map = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        if !map.contains_key(&key) && map.len() >= self.settings.max_sources {
+            map.retain(|_, until| *until > now);
+            if map.len() >= self.settings.max_sources
+                && let Some(oldest) = map.iter().min_by_key(|(_, u)| **u).map(|(k, _)| *k)
+            {
+                map.remove(&oldest);
+            }
+        }
+        let current = map.get(&key).copied().filter(|u| *u > now).unwrap_or(now);
+        let extended = current + Duration::from_secs(self.settings.per_failure_secs);
+        let cap = now + Duration::from_secs(self.settings.max_secs);
+        map.insert(key, extended.min(cap));
+    }
+
+    /// Sources currently tracked (for tests and logs).
+    pub fn len(&self) -> usize {
+        self.until.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// True when no source is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn failures_accumulate_past_the_threshold_then_expire() {
+        let p = Penalties::new(PenaltySettings::default());
+        let t0 = Instant::now();
+        let a = ip("127.0.0.2");
+        for _ in 0..3 {
+            p.record_failure_at(a, t0);
+        }
+        assert_eq!(
+            p.refused_for_at(a, t0),
+            None,
+            "15 s is not over the threshold"
+        );
+        p.record_failure_at(a, t0);
+        assert_eq!(p.refused_for_at(a, t0), Some(Duration::from_secs(5)));
+        for _ in 0..6 {
+            p.record_failure_at(a, t0);
+        }
+        // 10 failures: 50 s of penalty, refused for 35 s.
+        assert_eq!(p.refused_for_at(a, t0), Some(Duration::from_secs(35)));
+        assert_eq!(
+            p.refused_for_at(ip("127.0.0.3"), t0),
+            None,
+            "others unaffected"
+        );
+        assert_eq!(p.refused_for_at(a, t0 + Duration::from_secs(36)), None);
+    }
+
+    #[test]
+    fn penalties_are_capped() {
+        let p = Penalties::new(PenaltySettings::default());
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            p.record_failure_at(ip("10.0.0.1"), t0);
+        }
+        assert_eq!(
+            p.refused_for_at(ip("10.0.0.1"), t0),
+            Some(Duration::from_secs(600 - 15))
+        );
+    }
+
+    #[test]
+    fn ipv6_sources_are_grouped_by_64_and_mapped_v4_is_v4() {
+        assert_eq!(source_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(source_key(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        let p = Penalties::new(PenaltySettings::default());
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            p.record_failure_at(ip("2001:db8:1:2::5"), t0);
+        }
+        assert!(p.refused_for_at(ip("2001:db8:1:2::9"), t0).is_some());
+        assert!(p.refused_for_at(ip("2001:db8:1:3::9"), t0).is_none());
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let p = Penalties::new(PenaltySettings {
+            max_sources: 100,
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        for i in 0..1000u32 {
+            p.record_failure_at(IpAddr::V4(i.into()), t0 + Duration::from_millis(i as u64));
+        }
+        assert!(p.len() <= 100);
+        // The newest source is still tracked.
+        let newest = IpAddr::V4(999u32.into());
+        p.record_failure_at(newest, t0 + Duration::from_secs(1));
+        p.record_failure_at(newest, t0 + Duration::from_secs(1));
+        p.record_failure_at(newest, t0 + Duration::from_secs(1));
+        assert!(
+            p.refused_for_at(newest, t0 + Duration::from_secs(1))
+                .is_some()
+        );
+    }
+}
