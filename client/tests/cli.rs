@@ -537,3 +537,131 @@ fn usage_errors_exit_2_and_unreachable_servers_exit_7() {
     assert!(r.stderr.contains("cannot reach"), "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
 }
+
+#[test]
+fn a_brute_forced_source_is_refused_while_others_log_in() {
+    let server = TestServer::start();
+    let target = format!("alice@{}", server.server());
+    let attacker = home();
+    let login_from = |h: &ClientHome, bind: &str, pw: &str| {
+        h.run_with_stdin(
+            &[
+                "--bind",
+                bind,
+                "login",
+                &target,
+                "--password-stdin",
+                "--fingerprint",
+                &server.fingerprint,
+            ],
+            &format!("{pw}\n"),
+        )
+    };
+    for i in 0..10 {
+        login_from(&attacker, "127.0.0.2", &format!("guess-{i}")).expect_code(3);
+    }
+    // The right password from the penalised address is refused without being checked...
+    let r = login_from(&attacker, "127.0.0.2", "alice-pw").expect_code(3);
+    assert!(r.stderr.contains("too many failed logins"), "{}", r.stderr);
+    assert!(r.stderr.contains("try again in"), "{}", r.stderr);
+    // ...while another address logs in at once.
+    let other = home();
+    login_from(&other, "127.0.0.3", "alice-pw").expect_code(0);
+    other.run(&["--bind", "127.0.0.3", "list"]).expect_code(0);
+}
+
+#[test]
+fn symlinks_planted_in_a_tree_lead_nowhere_for_any_command() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    let root = server.user_dir("alice");
+    let outside = server.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"not yours").unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("dirlink")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("filelink")).unwrap();
+    std::os::unix::fs::symlink("../../", root.join("uplink")).unwrap();
+    write_file(&h.path("f"), b"payload");
+    std::fs::create_dir(h.path("dl")).unwrap();
+
+    let refused = |args: &[&str]| {
+        let r = h.run(args);
+        assert!(
+            r.code == 4 || r.code == 1,
+            "{args:?} should be refused: {r:?}"
+        );
+    };
+    refused(&["list", "dirlink"]);
+    refused(&["list", "uplink"]);
+    refused(&["download", "dirlink/secret", "--to", "dl"]);
+    refused(&["download", "filelink", "--to", "dl"]);
+    refused(&["download", "-r", "dirlink", "--to", "dl"]);
+    refused(&["upload", "f", "--to", "dirlink"]);
+    refused(&["upload", "f", "--to", "uplink"]);
+    refused(&["rm", "dirlink/secret"]);
+    refused(&["mv", "dirlink/secret", "stolen"]);
+    h.run(&["upload", "f"]).expect_code(0);
+    refused(&["mv", "f", "dirlink/x"]);
+    refused(&["mv", "f", "dirlink"]);
+    assert!(root.join("f").exists());
+    h.run(&["rm", "f"]).expect_code(0);
+    refused(&["mkdir", "dirlink/sub"]);
+    refused(&["mkdir", "uplink/sub"]);
+    // A file upload whose name is a planted link must not write through it.
+    std::fs::rename(h.path("f"), h.path("filelink")).unwrap();
+    refused(&["upload", "filelink"]);
+
+    assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"not yours");
+    assert!(!outside.join("f").exists() && !outside.join("sub").exists());
+    assert!(!h.path("dl/secret").exists() && !h.path("dl/filelink").exists());
+    // Listing the root shows the links as "other", never what they point to.
+    let json = h.run(&["list", "--json"]).expect_code(0).stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for e in v.as_array().unwrap() {
+        assert_eq!(e["kind"], "other", "{e}");
+    }
+}
+
+#[test]
+fn killing_the_client_mid_upload_leaves_the_old_version_and_no_partial_file() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("big"), b"old version");
+    h.run(&["upload", "big"]).expect_code(0);
+    write_file(&h.path("big"), &noise(256 << 20, 7));
+    for round in 0..3 {
+        let mut child = h
+            .command(&["upload", "big"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until the upload has started on the server, then kill -9 the client.
+        let start = std::time::Instant::now();
+        while std::fs::read_dir(server.tmp_dir()).unwrap().count() == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "upload never started"
+            );
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(
+            std::fs::read(server.user_dir("alice").join("big")).unwrap(),
+            b"old version",
+            "round {round}"
+        );
+        let start = std::time::Instant::now();
+        while std::fs::read_dir(server.tmp_dir()).unwrap().count() != 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(40),
+                "temp file left behind"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    h.run(&["list"]).expect_code(0);
+}

@@ -2,165 +2,18 @@
 //! with its shutdown paths (SIGTERM and the superuser's request) while other clients are idle
 //! or in the middle of a transfer.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Serving, XFERD, setup, xferd};
+
 use xfer::addr::ServerAddr;
-use xfer::conn::{Client, connect_tls};
+use xfer::conn::Client;
 use xfer_proto::fingerprint::Fingerprint;
-use xfer_proto::{Connection, PROTOCOL_VERSION, Request, Response};
-
-const XFERD: &str = env!("CARGO_BIN_EXE_xferd");
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn xferd(config: &Path, args: &[&str], stdin: &str) -> Out {
-    let mut child = Command::new(XFERD)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("XFERD_CONFIG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn xferd");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// A config folder with users `root` (superuser) and `alice`, added through the CLI.
-fn setup(grace_secs: u64) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("xferd.toml");
-    let out = xferd(&config, &["init", "--listen", "127.0.0.1:0"], "");
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "shutdown_grace_secs = 10",
-        &format!("shutdown_grace_secs = {grace_secs}"),
-    );
-    std::fs::write(&config, text).unwrap();
-    for (user, role, pw) in [
-        ("root", "superuser", "root-pw"),
-        ("alice", "user", "alice-pw"),
-    ] {
-        let out = xferd(
-            &config,
-            &["user", "add", user, "--role", role, "--password-stdin"],
-            &format!("{pw}\n"),
-        );
-        assert_eq!(out.code, 0, "{}", out.stderr);
-    }
-    (dir, config)
-}
-
-/// A running `xferd serve`, its address and its log.
-struct Serving {
-    child: Child,
-    addr: ServerAddr,
-    fingerprint: Fingerprint,
-    log: Arc<Mutex<String>>,
-}
-
-impl Serving {
-    fn start(config: &Path) -> Serving {
-        Self::start_with_env(config, &[])
-    }
-
-    fn start_with_env(config: &Path, env: &[(&str, &Path)]) -> Serving {
-        let fp = xferd(config, &["fingerprint"], "");
-        assert_eq!(fp.code, 0, "{}", fp.stderr);
-        let fingerprint = Fingerprint::parse(fp.stdout.trim()).expect("fingerprint line");
-        let mut child = Command::new(XFERD)
-            .arg("--config")
-            .arg(config)
-            .arg("serve")
-            .env("XFERD_LOG", "info")
-            .envs(env.iter().map(|(k, v)| (*k, *v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn xferd serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listen=").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                    let _ = tx.send(addr);
-                }
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("daemon logs its listen address");
-        Serving {
-            child,
-            addr: ServerAddr::parse(&addr).unwrap(),
-            fingerprint,
-            log,
-        }
-    }
-
-    async fn client(&self, user: &str, pw: &str) -> Client {
-        let mut c = Client::connect(&self.addr, self.fingerprint, None)
-            .await
-            .expect("connect");
-        c.login(user, pw).await.expect("login");
-        c
-    }
-
-    fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, sig).unwrap();
-    }
-
-    /// Waits for the process to exit; returns its code and how long that took.
-    async fn wait_exit(&mut self, limit: Duration) -> (i32, Duration) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code().unwrap_or(-1), start.elapsed());
-            }
-            assert!(
-                start.elapsed() < limit,
-                "xferd did not exit within {limit:?}; log:\n{}",
-                self.log.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn init_writes_a_private_key_and_refuses_to_overwrite() {
@@ -369,45 +222,8 @@ async fn an_upload_in_flight_gets_the_grace_period_then_is_discarded() {
     std::fs::write(&old, b"old version").unwrap();
     c.upload(&old, "big", &mut |_| {}).await.unwrap();
 
-    // Start an upload by hand and stall it halfway.
-    let (tls, _) = connect_tls(&serving.addr, Some(serving.fingerprint), None)
-        .await
-        .unwrap();
-    let mut conn = Connection::new(tls, Duration::from_secs(10));
-    conn.write_frame(&Request::Hello {
-        version: PROTOCOL_VERSION,
-        agent: "test".into(),
-    })
-    .await
-    .unwrap();
-    assert!(matches!(
-        conn.read_frame::<Response>().await.unwrap(),
-        Response::Hello { .. }
-    ));
-    conn.write_frame(&Request::Login {
-        user: "alice".into(),
-        password: "alice-pw".into(),
-    })
-    .await
-    .unwrap();
-    assert!(matches!(
-        conn.read_frame::<Response>().await.unwrap(),
-        Response::LoggedIn { .. }
-    ));
-    conn.write_frame(&Request::Upload {
-        path: "big".into(),
-        size: 64 << 20,
-        offset: 0,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        conn.read_frame::<Response>().await.unwrap(),
-        Response::UploadReady { offset: 0 }
-    );
-    use tokio::io::AsyncWriteExt;
-    conn.get_mut().write_all(&vec![7u8; 1 << 20]).await.unwrap();
-    conn.get_mut().flush().await.unwrap();
+    // Start an upload by hand and stall it after 1 MiB.
+    let _conn = common::stalled_upload(&serving, "big", 64 << 20, 1 << 20).await;
     // Wait until the partial data is on the server's disk.
     let tmp = storage.join(".xfer-tmp");
     let start = Instant::now();

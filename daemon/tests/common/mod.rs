@@ -1,0 +1,244 @@
+//! Helpers shared by the tests that run the real `xferd` binary.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use xfer::addr::ServerAddr;
+use xfer::conn::Client;
+use xfer_proto::fingerprint::Fingerprint;
+
+pub const XFERD: &str = env!("CARGO_BIN_EXE_xferd");
+
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn xferd(config: &Path, args: &[&str], stdin: &str) -> Out {
+    let mut child = Command::new(XFERD)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("XFERD_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn xferd");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A config folder with users `root` (superuser) and `alice`, added through the CLI.
+pub fn setup(grace_secs: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("xferd.toml");
+    let out = xferd(&config, &["init", "--listen", "127.0.0.1:0"], "");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "shutdown_grace_secs = 10",
+        &format!("shutdown_grace_secs = {grace_secs}"),
+    );
+    std::fs::write(&config, text).unwrap();
+    for (user, role, pw) in [
+        ("root", "superuser", "root-pw"),
+        ("alice", "user", "alice-pw"),
+    ] {
+        let out = xferd(
+            &config,
+            &["user", "add", user, "--role", role, "--password-stdin"],
+            &format!("{pw}\n"),
+        );
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    }
+    (dir, config)
+}
+
+/// A running `xferd serve`, its address and its log.
+pub struct Serving {
+    pub child: Child,
+    pub addr: ServerAddr,
+    pub fingerprint: Fingerprint,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Serving {
+    pub fn start(config: &Path) -> Serving {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &Path, env: &[(&str, &Path)]) -> Serving {
+        Self::spawn(config, env, Path::new(XFERD))
+    }
+
+    /// Starts `binary` (the daemon, or a wrapper script that execs it) with `serve`.
+    pub fn start_with_binary(config: &Path, binary: &Path) -> Serving {
+        Self::spawn(config, &[], binary)
+    }
+
+    fn spawn(config: &Path, env: &[(&str, &Path)], binary: &Path) -> Serving {
+        let fp = xferd(config, &["fingerprint"], "");
+        assert_eq!(fp.code, 0, "{}", fp.stderr);
+        let fingerprint = Fingerprint::parse(fp.stdout.trim()).expect("fingerprint line");
+        let mut child = Command::new(binary)
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .env("XFERD_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn xferd serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("daemon logs its listen address");
+        Serving {
+            child,
+            addr: ServerAddr::parse(&addr).unwrap(),
+            fingerprint,
+            log,
+        }
+    }
+
+    pub async fn client(&self, user: &str, pw: &str) -> Client {
+        let mut c = Client::connect(&self.addr, self.fingerprint, None)
+            .await
+            .expect("connect");
+        c.login(user, pw).await.expect("login");
+        c
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// Waits for the process to exit; returns its code and how long that took.
+    pub async fn wait_exit(&mut self, limit: Duration) -> (i32, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "xferd did not exit within {limit:?}; log:\n{}",
+                self.log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Replaces `key = value` lines in a config file (the key must be present).
+pub fn set_config(config: &Path, edits: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(config).unwrap();
+    for (key, value) in edits {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} =")))
+            .unwrap_or_else(|| panic!("no `{key}` in the config"))
+            .to_string();
+        text = text.replace(&line, &format!("{key} = {value}"));
+    }
+    std::fs::write(config, text).unwrap();
+}
+
+/// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Logs in on a raw connection and starts an upload of `size` bytes to `path`, sending
+/// `send` bytes of it; returns the connection mid-body.
+pub async fn stalled_upload(
+    serving: &Serving,
+    path: &str,
+    size: u64,
+    send: usize,
+) -> xfer_proto::Connection<xfer::conn::TlsStream> {
+    let (tls, _) = xfer::conn::connect_tls(&serving.addr, Some(serving.fingerprint), None)
+        .await
+        .unwrap();
+    let mut conn = xfer_proto::Connection::new(tls, Duration::from_secs(10));
+    conn.write_frame(&xfer_proto::Request::Hello {
+        version: xfer_proto::PROTOCOL_VERSION,
+        agent: "test".into(),
+    })
+    .await
+    .unwrap();
+    conn.read_frame::<xfer_proto::Response>().await.unwrap();
+    conn.write_frame(&xfer_proto::Request::Login {
+        user: "alice".into(),
+        password: "alice-pw".into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        conn.read_frame::<xfer_proto::Response>().await.unwrap(),
+        xfer_proto::Response::LoggedIn { .. }
+    ));
+    conn.write_frame(&xfer_proto::Request::Upload {
+        path: path.into(),
+        size,
+        offset: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        conn.read_frame::<xfer_proto::Response>().await.unwrap(),
+        xfer_proto::Response::UploadReady { offset: 0 }
+    );
+    tokio::io::AsyncWriteExt::write_all(conn.get_mut(), &vec![0xAB; send])
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::flush(conn.get_mut())
+        .await
+        .unwrap();
+    conn
+}
