@@ -175,7 +175,18 @@ fn traversal_and_absolute_paths_are_refused_by_every_command() {
     let h = logged_in(&server, "alice");
     write_file(&h.path("f"), b"x");
     h.run(&["upload", "f"]).expect_code(0);
-    for bad in ["..", "../x", "a/../../x", "/etc/passwd", "x\\..\\y", "./f"] {
+    for bad in [
+        "..",
+        "../x",
+        "a/../../x",
+        "/etc/passwd",
+        "x\\..\\y",
+        "..\\x",
+        "./f",
+        ".",
+        "a/./b",
+        "tab\there",
+    ] {
         let r = h.run(&["list", bad]);
         assert_eq!(r.code, 4, "list {bad}: {r:?}");
         assert_eq!(h.run(&["download", bad]).code, 4, "download {bad}");
@@ -191,6 +202,14 @@ fn traversal_and_absolute_paths_are_refused_by_every_command() {
     }
     let long = "n".repeat(300);
     assert_eq!(h.run(&["mkdir", &long]).code, 4);
+    assert_eq!(h.run(&["upload", "f", "--to", &long]).code, 4);
+    // The empty path names the root, which cannot be deleted, downloaded or created.
+    assert_eq!(h.run(&["rm", ""]).code, 4);
+    assert_eq!(h.run(&["mkdir", ""]).code, 4);
+    assert_eq!(h.run(&["mv", "", "x"]).code, 4);
+    // Percent-encoding means nothing here: it is a literal name, kept inside the tree.
+    h.run(&["mkdir", "%2e%2e%2f"]).expect_code(0);
+    assert!(server.user_dir("alice").join("%2e%2e%2f").is_dir());
     assert!(!server.dir.path().join("x").exists());
     assert!(!server.config().root.join("x").exists());
 }
