@@ -684,3 +684,47 @@ fn killing_the_client_mid_upload_leaves_the_old_version_and_no_partial_file() {
     }
     h.run(&["list"]).expect_code(0);
 }
+
+#[test]
+fn every_operation_lands_in_the_audit_log_without_secrets() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("f"), b"audited");
+    h.run(&["upload", "f"]).expect_code(0);
+    h.run(&["download", "f", "--to", "copy"]).expect_code(0);
+    h.run(&["mv", "f", "g"]).expect_code(0);
+    h.run(&["rm", "missing"]).expect_code(5);
+    h.run_with_stdin(
+        &[
+            "login",
+            &format!("bob@{}", server.server()),
+            "--password-stdin",
+        ],
+        "not-bobs-password\n",
+    )
+    .expect_code(3);
+    let text = std::fs::read_to_string(server.config().audit_log).unwrap();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    let find = |op: &str, result: &str| {
+        events
+            .iter()
+            .find(|e| e["op"] == op && e["result"] == result)
+            .unwrap_or_else(|| panic!("no {op}/{result} in {text}"))
+    };
+    let up = find("upload", "ok");
+    assert_eq!(up["user"], "alice");
+    assert_eq!(up["path"], "f");
+    assert_eq!(up["bytes"], 7);
+    assert_eq!(up["digest"], blake3::hash(b"audited").to_hex().as_str());
+    assert!(up["source"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(up["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(find("download", "ok")["bytes"], 7);
+    assert_eq!(find("rename", "ok")["to"], "g");
+    assert_eq!(find("delete", "NotFound")["path"], "missing");
+    assert_eq!(find("login", "AuthFailed")["user"], "bob");
+    assert!(!text.contains("not-bobs-password") && !text.contains("alice-pw"));
+    assert!(!text.contains("xfer1_"), "no tokens in the audit log");
+}

@@ -19,9 +19,21 @@ pub struct Cli {
     /// Config file [default: $XFERD_CONFIG, else /etc/xferd/xferd.toml]
     #[arg(long, global = true, value_name = "FILE", env = "XFERD_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Log format for `serve`: readable text, or one JSON object per line for machines
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How `serve` writes its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (no colours or timestamps under the journal, which adds its own).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Subcommands.
@@ -145,9 +157,17 @@ fn config_path(cli: &Option<PathBuf>) -> PathBuf {
 }
 
 /// Sets up tracing to stderr; plain (no colour or time) under the journal, which adds its own.
-pub fn init_logging() {
+pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("XFERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    if format == LogFormat::Json {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+        return;
+    }
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -228,13 +248,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Serve { listen } => serve(&config_path(&cli.config), listen).await,
+        Command::Serve { listen } => serve(&config_path(&cli.config), listen, cli.log_format).await,
         Command::Quickstart { listen } => {
             let config = cli
                 .config
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("xferd-data/xferd.toml"));
-            quickstart(&config, listen).await
+            quickstart(&config, listen, cli.log_format).await
         }
         Command::User(cmd) => user_command(&config_path(&cli.config), cmd),
         Command::Fingerprint => {
@@ -322,8 +342,12 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config_path: &Path, listen: Option<String>) -> anyhow::Result<()> {
-    init_logging();
+async fn serve(
+    config_path: &Path,
+    listen: Option<String>,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    init_logging(log_format);
     let mut config = Config::load(config_path)?;
     if let Some(l) = listen {
         config.listen = l
@@ -372,7 +396,11 @@ fn spawn_signal_tasks(state: std::sync::Arc<crate::server::State>) {
     });
 }
 
-async fn quickstart(config_path: &Path, listen: Option<String>) -> anyhow::Result<()> {
+async fn quickstart(
+    config_path: &Path,
+    listen: Option<String>,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
     let mut fresh = false;
     if !config_path.exists() {
         let report = init(&InitOptions {
@@ -431,5 +459,5 @@ async fn quickstart(config_path: &Path, listen: Option<String>) -> anyhow::Resul
     println!();
     println!("Ctrl-C (or `xfer shutdown` as {user}) stops the daemon.");
     println!();
-    serve(config_path, listen).await
+    serve(config_path, listen, log_format).await
 }

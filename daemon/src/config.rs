@@ -66,6 +66,9 @@ pub struct ConfigFile {
     /// Folder for state the daemon writes: sessions.
     #[serde(default = "default_state")]
     pub state_dir: PathBuf,
+    /// Audit log (JSON lines); empty means `audit.log` in the state folder.
+    #[serde(default)]
+    pub audit_log: PathBuf,
     /// Limits and timeouts.
     #[serde(default)]
     pub limits: Limits,
@@ -207,6 +210,8 @@ pub struct Config {
     pub key: PathBuf,
     /// State folder.
     pub state_dir: PathBuf,
+    /// Audit log file.
+    pub audit_log: PathBuf,
     /// Limits and timeouts.
     pub limits: Limits,
     /// Session settings.
@@ -283,6 +288,11 @@ impl Config {
             cert: abs(&file.cert),
             key: abs(&file.key),
             state_dir: abs(&file.state_dir),
+            audit_log: if file.audit_log.as_os_str().is_empty() {
+                abs(&file.state_dir).join("audit.log")
+            } else {
+                abs(&file.audit_log)
+            },
             limits: file.limits,
             sessions: file.sessions,
             penalties: file.penalties,

@@ -43,6 +43,65 @@ pub struct Ctx {
     pub failures: u32,
 }
 
+impl Ctx {
+    /// Records an operation in the audit trail as the authenticated user.
+    pub fn audit(&self, op: &str, path: Option<&str>, outcome: Outcome<'_>) {
+        let user = self
+            .auth
+            .as_ref()
+            .map(|a| a.user.clone())
+            .unwrap_or_default();
+        self.audit_as(&user, op, path, outcome);
+    }
+
+    /// Records an operation in the audit trail under `user` (a failed login's name).
+    pub fn audit_as(&self, user: &str, op: &str, path: Option<&str>, outcome: Outcome<'_>) {
+        self.state.audit.record(crate::audit::Event {
+            user,
+            source: self.peer.to_string(),
+            op,
+            path,
+            to: outcome.to,
+            bytes: outcome.bytes,
+            digest: outcome
+                .digest
+                .map(|d| blake3::Hash::from_bytes(*d).to_hex().to_string()),
+            result: match outcome.error {
+                None => "ok".into(),
+                Some(code) => format!("{code:?}"),
+            },
+            ..Default::default()
+        });
+    }
+}
+
+/// How an audited operation ended, and what it moved.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Outcome<'a> {
+    /// The error code, if it failed.
+    pub error: Option<ErrorCode>,
+    /// Rename target.
+    pub to: Option<&'a str>,
+    /// Bytes transferred.
+    pub bytes: Option<u64>,
+    /// Digest of the file transferred.
+    pub digest: Option<&'a xfer_proto::Digest>,
+}
+
+impl Outcome<'_> {
+    /// Success with nothing else to say.
+    pub fn ok() -> Self {
+        Outcome::default()
+    }
+    /// Failure with `code`.
+    pub fn failed(code: ErrorCode) -> Self {
+        Outcome {
+            error: Some(code),
+            ..Default::default()
+        }
+    }
+}
+
 /// What the connection loop does after a request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {

@@ -34,6 +34,11 @@ key = "key.pem"
 # Folder for state the daemon writes (session tokens, hashed).
 state_dir = "{state_dir}"
 
+# Audit trail: one JSON line per operation (time, user, source, operation, path, bytes,
+# digest, result), appended, mode 0600, reopened on SIGHUP for log rotation.
+# Empty: audit.log in state_dir.
+audit_log = ""
+
 [limits]
 # Most connections at once, and from one address; more are closed as soon as they arrive.
 max_connections = 256

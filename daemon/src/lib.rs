@@ -4,6 +4,7 @@
 //! - [`config`]: the TOML config file, its defaults and validation.
 //! - [`accounts`]: the users file (argon2id hashes, roles) and password verification on the blocking pool.
 //! - [`penalty`]: per-source penalties for failed logins (brute-force defence).
+//! - [`audit`]: the JSON-lines audit trail of every operation.
 //! - [`sessions`]: session tokens, persisted so they survive a restart, revocable and expiring.
 //! - [`tls`]: certificate generation (rcgen), loading, the TLS 1.3 server config and the fingerprint.
 //! - [`beneath`]: filesystem calls confined beneath a directory, never following a symlink.
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod audit;
 pub mod beneath;
 pub mod cli;
 pub mod cmd;

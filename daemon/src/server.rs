@@ -36,6 +36,8 @@ pub struct State {
     pub storage: Storage,
     /// Failed-login penalties per source.
     pub penalties: crate::penalty::Penalties,
+    /// The audit trail.
+    pub audit: crate::audit::AuditLog,
     /// Current TLS acceptor and fingerprint, swapped together on reload.
     tls: RwLock<(TlsAcceptor, Fingerprint)>,
     /// Flips to true once when shutdown starts.
@@ -104,6 +106,8 @@ impl Daemon {
             .with_context(|| format!("opening storage root `{}`", config.root.display()))?;
         let (shutdown, _) = watch::channel(false);
         let penalties = crate::penalty::Penalties::new(config.penalties.clone());
+        let audit = crate::audit::AuditLog::open(&config.audit_log)
+            .with_context(|| format!("opening audit log `{}`", config.audit_log.display()))?;
         Ok(Daemon {
             state: Arc::new(State {
                 config,
@@ -111,6 +115,7 @@ impl Daemon {
                 sessions,
                 storage,
                 penalties,
+                audit,
                 tls: RwLock::new((TlsAcceptor::from(tls), fingerprint)),
                 shutdown,
             }),
@@ -278,6 +283,9 @@ impl Drop for ConnSlot {
 pub fn reload(state: &State) -> anyhow::Result<()> {
     let (tls, fingerprint) = crate::tls::server_config(&state.config.cert, &state.config.key)?;
     let users = state.accounts.reload()?;
+    if let Err(e) = state.audit.reopen() {
+        tracing::error!(path = %state.audit.path().display(), error = %e, "cannot reopen the audit log; keeping the old file");
+    }
     *state.tls.write().unwrap_or_else(|e| e.into_inner()) = (TlsAcceptor::from(tls), fingerprint);
     tracing::info!(users, fingerprint = %fingerprint, "reloaded users and certificate");
     Ok(())

@@ -7,7 +7,7 @@ use xfer_proto::{Connection, ErrorCode, PROTOCOL_VERSION, Response};
 
 use super::reply_error;
 use crate::accounts::VerifyOutcome;
-use crate::handler::{Auth, Ctx, Flow};
+use crate::handler::{Auth, Ctx, Flow, Outcome};
 
 /// A client-supplied name made safe for a log line.
 fn loggable(name: &str) -> String {
@@ -94,6 +94,12 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let state = ctx.state.clone();
     if let Some(wait) = state.penalties.refused_for(ctx.peer.ip()) {
         tracing::warn!(user = %loggable(user), peer = %ctx.peer, wait_secs = wait.as_secs(), "login refused: source is penalised for failed logins");
+        ctx.audit_as(
+            &loggable(user),
+            "login",
+            None,
+            Outcome::failed(ErrorCode::RateLimited),
+        );
         conn.write_frame(&Response::error(
             ErrorCode::RateLimited,
             format!(
@@ -113,6 +119,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
             match start_session(ctx, user, role, token.clone(), rec.expires) {
                 Ok(session) => {
                     tracing::info!(user = %user, peer = %ctx.peer, %role, "login succeeded");
+                    ctx.audit("login", None, Outcome::ok());
                     conn.write_frame(&Response::LoggedIn { token, session })
                         .await?;
                     Ok(Flow::Continue)
@@ -131,6 +138,12 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         }
         VerifyOutcome::Denied => {
             tracing::warn!(user = %loggable(user), peer = %ctx.peer, "login failed: wrong user name or password");
+            ctx.audit_as(
+                &loggable(user),
+                "login",
+                None,
+                Outcome::failed(ErrorCode::AuthFailed),
+            );
             failed(
                 ctx,
                 conn,
@@ -208,6 +221,7 @@ pub(super) async fn logout<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(auth) = ctx.auth.take() {
         ctx.state.sessions.revoke(&auth.token);
         tracing::info!(user = %auth.user, peer = %ctx.peer, "logged out; session revoked");
+        ctx.audit_as(&auth.user, "logout", None, Outcome::ok());
     }
     conn.write_frame(&Response::Ok).await?;
     Ok(Flow::Continue)

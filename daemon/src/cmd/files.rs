@@ -6,7 +6,7 @@ use xfer_proto::limits::MAX_ENTRIES_PER_FRAME;
 use xfer_proto::{Connection, Response};
 
 use super::{blocking, reply_error};
-use crate::handler::{Ctx, Flow};
+use crate::handler::{Ctx, Flow, Outcome};
 use crate::storage::StorageError;
 
 fn tree(ctx: &Ctx) -> crate::storage::UserTree {
@@ -28,9 +28,11 @@ async fn report<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     conn: &mut Connection<S>,
     op: &'static str,
+    path: &str,
     e: StorageError,
 ) -> Result<Flow, ConnError> {
     tracing::info!(user = %user(ctx), op, error = %e, "request failed");
+    ctx.audit(op, Some(path), Outcome::failed(e.code()));
     reply_error(conn, e.code(), e.client_message()).await
 }
 
@@ -40,10 +42,12 @@ pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
     path: String,
 ) -> Result<Flow, ConnError> {
     let t = tree(ctx);
-    let entries = match blocking(move || t.list(&path)).await {
+    let p = path.clone();
+    let entries = match blocking(move || t.list(&p)).await {
         Ok(e) => e,
-        Err(e) => return report(ctx, conn, "list", e).await,
+        Err(e) => return report(ctx, conn, "list", &path, e).await,
     };
+    ctx.audit("list", Some(&path), Outcome::ok());
     let mut chunks = entries.chunks(MAX_ENTRIES_PER_FRAME).peekable();
     if chunks.peek().is_none() {
         conn.write_frame(&Response::Entries {
@@ -68,6 +72,7 @@ async fn simple<S, T, F>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
     op: &'static str,
+    path: &str,
     f: F,
     describe: impl FnOnce(T) -> String,
 ) -> Result<Flow, ConnError>
@@ -79,11 +84,21 @@ where
     let t = tree(ctx);
     match blocking(move || f(t)).await {
         Ok(value) => {
-            tracing::info!(user = %user(ctx), op, target = %describe(value), "done");
+            let target = describe(value);
+            tracing::info!(user = %user(ctx), op, target = %target, "done");
+            let to = (op == "rename").then_some(target.as_str());
+            ctx.audit(
+                op,
+                Some(path),
+                Outcome {
+                    to,
+                    ..Outcome::ok()
+                },
+            );
             conn.write_frame(&Response::Ok).await?;
             Ok(Flow::Continue)
         }
-        Err(e) => report(ctx, conn, op, e).await,
+        Err(e) => report(ctx, conn, op, path, e).await,
     }
 }
 
@@ -93,7 +108,15 @@ pub(super) async fn delete<S: AsyncRead + AsyncWrite + Unpin>(
     path: String,
 ) -> Result<Flow, ConnError> {
     let p = path.clone();
-    simple(ctx, conn, "delete", move |t| t.delete(&p), |()| path).await
+    simple(
+        ctx,
+        conn,
+        "delete",
+        &path.clone(),
+        move |t| t.delete(&p),
+        |()| path,
+    )
+    .await
 }
 
 pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
@@ -107,8 +130,9 @@ pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
         ctx,
         conn,
         "rename",
+        &from,
         move |t| t.rename(&f, &to),
-        |dest| format!("{from} -> {dest}"),
+        |dest| dest,
     )
     .await
 }
@@ -119,5 +143,13 @@ pub(super) async fn mkdir<S: AsyncRead + AsyncWrite + Unpin>(
     path: String,
 ) -> Result<Flow, ConnError> {
     let p = path.clone();
-    simple(ctx, conn, "mkdir", move |t| t.mkdir(&p), |()| path).await
+    simple(
+        ctx,
+        conn,
+        "mkdir",
+        &path.clone(),
+        move |t| t.mkdir(&p),
+        |()| path,
+    )
+    .await
 }

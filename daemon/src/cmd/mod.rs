@@ -87,6 +87,16 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         if auth.role < role {
             tracing::warn!(user = %auth.user, peer = %ctx.peer, needed = %role, "permission denied");
+            let op = if role == Role::Superuser {
+                "shutdown"
+            } else {
+                "request"
+            };
+            ctx.audit(
+                op,
+                None,
+                crate::handler::Outcome::failed(ErrorCode::PermissionDenied),
+            );
             return reply_error(
                 conn,
                 ErrorCode::PermissionDenied,

@@ -6,7 +6,7 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, ErrorCode, Response, Role};
 
 use crate::accounts::VerifyOutcome;
-use crate::handler::{Ctx, Flow};
+use crate::handler::{Ctx, Flow, Outcome};
 
 pub(super) async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
@@ -23,6 +23,7 @@ pub(super) async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(
     match state.accounts.verify(&user, password).await {
         VerifyOutcome::Ok { role, .. } if role >= Role::Superuser => {
             tracing::info!(user = %user, peer = %ctx.peer, "shutdown requested by superuser");
+            ctx.audit("shutdown", None, Outcome::ok());
             conn.write_frame(&Response::Ok).await?;
             state.shutdown_handle().trigger("shutdown request");
             Ok(Flow::Close)
@@ -45,6 +46,7 @@ pub(super) async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(
         }
         VerifyOutcome::Denied => {
             tracing::warn!(user = %user, peer = %ctx.peer, "shutdown refused: wrong password");
+            ctx.audit("shutdown", None, Outcome::failed(ErrorCode::AuthFailed));
             ctx.failures += 1;
             conn.write_frame(&Response::error(
                 ErrorCode::AuthFailed,

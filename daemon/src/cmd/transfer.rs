@@ -9,7 +9,7 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, ErrorCode, Request, Response};
 
 use super::{blocking, reply_error};
-use crate::handler::{Ctx, Flow};
+use crate::handler::{Ctx, Flow, Outcome};
 
 fn rate_mb_s(bytes: u64, secs: f64) -> f64 {
     if secs > 0.0 {
@@ -35,6 +35,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(p) => p,
         Err(e) => {
             tracing::info!(user = %user, path = %path, error = %e, "upload refused");
+            ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
             return reply_error(conn, e.code(), e.client_message()).await;
         }
     };
@@ -76,10 +77,16 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
                     format!("writing `{path}` failed on the server"),
                 )
             };
+            ctx.audit("upload", Some(&path), Outcome::failed(code));
             return reply_error(conn, code, msg).await;
         }
         Err(BodyError::Net(e)) => {
             tracing::info!(user = %user, path = %path, error = %e, "upload interrupted; partial data discarded");
+            ctx.audit(
+                "upload",
+                Some(&path),
+                Outcome::failed(ErrorCode::BadRequest),
+            );
             return Err(e);
         }
         Err(BodyError::SourceChanged) => return Ok(Flow::Close),
@@ -99,6 +106,11 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         // Remove the temp file before answering, so "nothing was saved" is already true.
         drop(pending);
         tracing::warn!(user = %user, path = %path, "upload digest mismatch; discarded");
+        ctx.audit(
+            "upload",
+            Some(&path),
+            Outcome::failed(ErrorCode::VerificationFailed),
+        );
         return reply_error(
             conn,
             ErrorCode::VerificationFailed,
@@ -109,6 +121,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     let tree = ctx.auth.as_ref().expect("checked").tree.clone();
     if let Err(e) = blocking(move || tree.commit(pending)).await {
         tracing::warn!(user = %user, path = %path, error = %e, "upload commit failed");
+        ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
         return reply_error(conn, e.code(), e.client_message()).await;
     }
     let secs = started.elapsed().as_secs_f64();
@@ -120,6 +133,15 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         mb_per_s = format_args!("{:.1}", rate_mb_s(size, secs)),
         digest = %blake3::Hash::from_bytes(digest).to_hex(),
         "upload complete"
+    );
+    ctx.audit(
+        "upload",
+        Some(&path),
+        Outcome {
+            bytes: Some(size),
+            digest: Some(&digest),
+            ..Outcome::ok()
+        },
     );
     conn.write_frame(&Response::UploadDone { size, digest })
         .await?;
@@ -140,6 +162,7 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(x) => x,
         Err(e) => {
             tracing::info!(user = %user, path = %path, error = %e, "download refused");
+            ctx.audit("download", Some(&path), Outcome::failed(e.code()));
             return reply_error(conn, e.code(), e.client_message()).await;
         }
     };
@@ -163,10 +186,24 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => {
             // The body length was promised; the only honest signal left is closing.
             tracing::warn!(user = %user, path = %path, error = %e, "download aborted");
+            ctx.audit(
+                "download",
+                Some(&path),
+                Outcome::failed(ErrorCode::Internal),
+            );
             return Ok(Flow::Close);
         }
     };
     conn.write_frame(&Response::DownloadEnd { digest }).await?;
+    ctx.audit(
+        "download",
+        Some(&path),
+        Outcome {
+            bytes: Some(size - offset),
+            digest: Some(&digest),
+            ..Outcome::ok()
+        },
+    );
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         user = %user,
