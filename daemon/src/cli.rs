@@ -74,6 +74,9 @@ pub enum Command {
     /// Manage accounts in the users file.
     #[command(subcommand)]
     User(UserCommand),
+    /// List or revoke session tokens (takes effect on the running daemon at once).
+    #[command(subcommand)]
+    Session(SessionCommand),
     /// Print the fingerprint clients pin (`xfer login --fingerprint`).
     Fingerprint,
     /// Validate config, users file and certificate.
@@ -120,6 +123,31 @@ pub enum UserCommand {
         /// Print JSON
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `xferd session ...`
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// List live sessions: id, user, source, created, expires.
+    List {
+        /// Only this user's sessions
+        #[arg(long)]
+        user: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke sessions by id (as `session list` shows it), by user, or all.
+    Revoke {
+        /// Session ids (at least 6 characters of one)
+        ids: Vec<String>,
+        /// Every session of this user
+        #[arg(long)]
+        user: Option<String>,
+        /// Every session
+        #[arg(long, conflicts_with_all = ["ids", "user"])]
+        all: bool,
     },
 }
 
@@ -257,6 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             quickstart(&config, listen, cli.log_format).await
         }
         Command::User(cmd) => user_command(&config_path(&cli.config), cmd),
+        Command::Session(cmd) => session_command(&config_path(&cli.config), cmd),
         Command::Fingerprint => {
             let config = Config::load(&config_path(&cli.config))?;
             println!("{}", crate::tls::fingerprint_of(&config.cert)?);
@@ -337,6 +366,73 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
                     println!("{name}\t{}", rec.role);
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let store = crate::sessions::SessionStore::open(&config.state_dir, config.sessions.ttl_secs)
+        .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))?;
+    let time = |secs: i64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
+        )
+        .to_string()
+    };
+    match cmd {
+        SessionCommand::List { user, json } => {
+            let list: Vec<_> = store
+                .list()
+                .into_iter()
+                .filter(|(_, s)| user.as_deref().is_none_or(|u| s.user == u))
+                .collect();
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|(id, s)| {
+                        serde_json::json!({"id": id, "user": s.user, "source": s.source,
+                            "created": time(s.created), "expires": time(s.expires)})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for (id, s) in &list {
+                    println!(
+                        "{id}\t{}\t{}\tcreated {}\texpires {}",
+                        s.user,
+                        s.source,
+                        time(s.created),
+                        time(s.expires)
+                    );
+                }
+            }
+        }
+        SessionCommand::Revoke { ids, user, all } => {
+            if ids.is_empty() && user.is_none() && !all {
+                bail!("name sessions to revoke: IDs, --user NAME or --all");
+            }
+            let mut n = 0;
+            if all {
+                n += store.revoke_matching(Some(""), None);
+            }
+            for id in &ids {
+                if id.len() < 6 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+                    bail!(
+                        "`{id}` is not a session id (6 or more hex digits from `xferd session list`)"
+                    );
+                }
+                let k = store.revoke_matching(Some(&id.to_ascii_lowercase()), None);
+                if k == 0 {
+                    bail!("no session with id `{id}`");
+                }
+                n += k;
+            }
+            if let Some(u) = &user {
+                n += store.revoke_matching(None, Some(u));
+            }
+            println!("revoked {n} session(s)");
         }
     }
     Ok(())

@@ -382,3 +382,37 @@ async fn notifies_systemd_and_reloads_on_sighup_without_dropping_sessions() {
         .expect("the session opened before the reload still works");
     open.list("").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_lists_and_revokes_sessions_of_the_running_daemon() {
+    let (_dir, config) = setup(10);
+    let serving = Serving::start(&config);
+    let mut alice = serving.client("alice", "alice-pw").await;
+    let mut root = serving.client("root", "root-pw").await;
+    let list = xferd(&config, &["session", "list"], "");
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(
+        list.stdout.contains("alice") && list.stdout.contains("root"),
+        "{}",
+        list.stdout
+    );
+    assert!(!list.stdout.contains("xfer1_"), "tokens are never shown");
+    let json = xferd(
+        &config,
+        &["session", "list", "--user", "alice", "--json"],
+        "",
+    );
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let id = v[0]["id"].as_str().unwrap().to_string();
+
+    let out = xferd(&config, &["session", "revoke", &id], "");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let err = alice.list("").await.unwrap_err();
+    assert_eq!(err.exit_code(), 3, "{err}");
+    root.ping().await.expect("other sessions untouched");
+    assert_ne!(xferd(&config, &["session", "revoke", "zz"], "").code, 0);
+    let out = xferd(&config, &["session", "revoke", "--all"], "");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(root.list("").await.unwrap_err().exit_code(), 3);
+}
