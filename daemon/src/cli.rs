@@ -480,7 +480,12 @@ fn spawn_signal_tasks(state: std::sync::Arc<crate::server::State>) {
             return;
         };
         while hup.recv().await.is_some() {
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+            // systemd (Type=notify-reload) wants RELOADING=1 with the monotonic time.
+            let mut states = vec![sd_notify::NotifyState::Reloading];
+            if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                states.push(now);
+            }
+            let _ = sd_notify::notify(false, &states);
             match crate::server::reload(&state) {
                 Ok(()) => {}
                 Err(e) => {

@@ -334,6 +334,28 @@ async fn notifies_systemd_and_reloads_on_sighup_without_dropping_sessions() {
     let mut buf = [0u8; 256];
     let n = notify.recv(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    // A new account made while the daemon runs works after a reload.
+    let add = xferd(
+        &config,
+        &["user", "add", "carol", "--password-stdin"],
+        "carol-pw\n",
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    serving.signal(rustix::process::Signal::HUP);
+    let n = notify.recv(&mut buf).unwrap();
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        msg.contains("RELOADING=1") && msg.contains("MONOTONIC_USEC="),
+        "{msg}"
+    );
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    serving
+        .client("carol", "carol-pw")
+        .await
+        .ping()
+        .await
+        .unwrap();
 
     let mut open = serving.client("alice", "alice-pw").await;
     let old_fp = serving.fingerprint;
