@@ -325,6 +325,11 @@ fn a_password_change_or_account_deletion_revokes_sessions() {
     bob.run(&["list"]).expect_code(0);
     server.edit_users(|u| u.remove("bob").unwrap());
     bob.run(&["list"]).expect_code(3);
+    // A role change ends the session too (the old token carried the old role).
+    let root = logged_in(&server, "root");
+    root.run(&["whoami"]).expect_code(0);
+    server.edit_users(|u| u.set_role("root", xfer_proto::Role::User).unwrap());
+    root.run(&["whoami"]).expect_code(3);
 }
 
 #[test]

@@ -299,10 +299,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if config.root.exists() && !config.root.is_dir() {
                 bail!("storage root `{}` is not a folder", config.root.display());
             }
+            let sessions = crate::sessions::check_file(&config.state_dir)
+                .with_context(|| format!("sessions in `{}`", config.state_dir.display()))?;
+            if let Some(parent) = config.audit_log.parent()
+                && parent != config.state_dir
+                && !parent.is_dir()
+            {
+                bail!(
+                    "audit log `{}`: folder `{}` does not exist",
+                    config.audit_log.display(),
+                    parent.display()
+                );
+            }
             println!(
-                "ok: {} ({} users, listen {}, fingerprint {})",
+                "ok: {} ({} users, {} sessions, listen {}, fingerprint {})",
                 path.display(),
                 users.users.len(),
+                sessions,
                 config.listen,
                 fp
             );

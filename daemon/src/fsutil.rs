@@ -43,9 +43,17 @@ pub fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// Creates a folder (and parents) with mode `mode` on the last one.
+/// Creates a folder (and parents) with mode `mode` on the last one. A folder this call creates
+/// gets the owner and group of its parent, so `xferd init` run as root under a service's
+/// `/var/lib/xferd` leaves folders the service can use.
 pub fn create_dir_with_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let existed = path.exists();
     std::fs::create_dir_all(path)?;
+    if !existed && let Some(parent) = path.parent().and_then(|p| std::fs::metadata(p).ok()) {
+        // Only root can give a folder away; anyone else already owns it.
+        let _ = std::os::unix::fs::chown(path, Some(parent.uid()), Some(parent.gid()));
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
@@ -65,5 +73,22 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(mode(&p), 0o640, "an existing file keeps its mode");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn new_folders_take_their_parents_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let parent = dir.path().join("var-lib-xferd");
+        std::fs::create_dir(&parent).unwrap();
+        if std::os::unix::fs::chown(&parent, Some(65534), Some(65534)).is_err() {
+            eprintln!("SKIPPED: not root; cannot give a folder away");
+            return;
+        }
+        let child = parent.join("storage");
+        create_dir_with_mode(&child, 0o700).unwrap();
+        let meta = std::fs::metadata(&child).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
     }
 }

@@ -93,6 +93,12 @@ fn read_file(path: &Path) -> std::io::Result<HashMap<String, SessionRecord>> {
     }
 }
 
+/// Checks that the sessions file in `state_dir`, if any, is readable and valid; returns how
+/// many sessions it holds (for `xferd check`, which must not create anything).
+pub fn check_file(state_dir: &Path) -> std::io::Result<usize> {
+    Ok(read_file(&state_dir.join("sessions.json"))?.len())
+}
+
 /// A short, stable identifier of a session for listings: the first 12 hex digits of its
 /// token's hash (never the token).
 pub fn short_id(key: &str) -> &str {

@@ -148,6 +148,14 @@ fn a_weak_hash_or_unknown_key_stops_the_daemon_naming_the_culprit() {
     );
     std::fs::write(&users_path, &text).unwrap();
 
+    // A damaged sessions file is found by check, before serve would trip on it.
+    let state = config.parent().unwrap().join("state");
+    std::fs::write(state.join("sessions.json"), b"{ not json").unwrap();
+    let check = xferd(&config, &["check"], "");
+    assert_ne!(check.code, 0);
+    assert!(check.stderr.contains("sessions"), "{}", check.stderr);
+    std::fs::remove_file(state.join("sessions.json")).unwrap();
+
     let cfg = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{cfg}\nmax_speed = 3\n")).unwrap();
     let check = xferd(&config, &["check"], "");
