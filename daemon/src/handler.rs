@@ -116,7 +116,7 @@ pub async fn handle_tcp(state: Arc<State>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let accepted = Instant::now();
     let mut stop = state.shutdown_rx();
-    let limits = &state.config.limits;
+    let limits = state.limits();
     // A large buffer under TLS lets rustls read and write many records per syscall.
     let io = BufStream::with_capacity(CHUNK_LEN, CHUNK_LEN, tcp);
     let handshake = tokio::time::timeout(limits.handshake_timeout(), state.acceptor().accept(io));
@@ -152,7 +152,7 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
     accepted: Instant,
 ) {
     let mut stop = state.shutdown_rx();
-    let limits = state.config.limits.clone();
+    let limits = state.limits();
     let login_deadline = accepted + limits.login_timeout();
     let mut ctx = Ctx {
         state,

@@ -38,6 +38,10 @@ pub struct State {
     pub penalties: crate::penalty::Penalties,
     /// The audit trail.
     pub audit: crate::audit::AuditLog,
+    /// Limits in force; swapped whole by a reload.
+    limits: RwLock<Arc<crate::config::Limits>>,
+    /// Connection counts and caps (caps follow reloads).
+    conn_limits: Arc<ConnLimits>,
     /// Current TLS acceptor and fingerprint, swapped together on reload.
     tls: RwLock<(TlsAcceptor, Fingerprint)>,
     /// Flips to true once when shutdown starts.
@@ -45,6 +49,14 @@ pub struct State {
 }
 
 impl State {
+    /// The limits in force now.
+    pub fn limits(&self) -> Arc<crate::config::Limits> {
+        self.limits
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The TLS acceptor for new connections.
     pub fn acceptor(&self) -> TlsAcceptor {
         self.tls.read().unwrap_or_else(|e| e.into_inner()).0.clone()
@@ -105,6 +117,11 @@ impl Daemon {
         let storage = Storage::open(&config.root)
             .with_context(|| format!("opening storage root `{}`", config.root.display()))?;
         let (shutdown, _) = watch::channel(false);
+        let limits = RwLock::new(Arc::new(config.limits.clone()));
+        let conn_limits = Arc::new(ConnLimits::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_source,
+        ));
         let penalties = crate::penalty::Penalties::new(config.penalties.clone());
         let audit = crate::audit::AuditLog::open(&config.audit_log)
             .with_context(|| format!("opening audit log `{}`", config.audit_log.display()))?;
@@ -116,6 +133,8 @@ impl Daemon {
                 storage,
                 penalties,
                 audit,
+                limits,
+                conn_limits,
                 tls: RwLock::new((TlsAcceptor::from(tls), fingerprint)),
                 shutdown,
             }),
@@ -146,11 +165,7 @@ impl Daemon {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let state = self.state;
-        let limits = state.config.limits.clone();
-        let slots = Arc::new(ConnLimits::new(
-            limits.max_connections,
-            limits.max_connections_per_source,
-        ));
+        let slots = state.conn_limits.clone();
         let mut tasks = JoinSet::new();
         let mut stop = state.shutdown_rx();
         let handle = state.shutdown_handle();
@@ -191,6 +206,7 @@ impl Daemon {
             }
         }
         drop(listener);
+        let limits = state.limits();
         let open = tasks.len();
         tracing::info!(
             connections = open,
@@ -216,9 +232,9 @@ impl Daemon {
 /// Connection counts, in total and per source address, with the caps they must stay under.
 pub struct ConnLimits {
     /// Most connections in total.
-    total: usize,
+    total: std::sync::atomic::AtomicUsize,
     /// Most connections from one address.
-    per_source: usize,
+    per_source: std::sync::atomic::AtomicUsize,
     /// Open connections: the total and the count per address (only addresses with some).
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
@@ -235,21 +251,29 @@ impl ConnLimits {
     /// Counts with the given caps.
     pub fn new(total: usize, per_source: usize) -> Self {
         ConnLimits {
-            total,
-            per_source,
+            total: total.into(),
+            per_source: per_source.into(),
             open: Mutex::new((0, HashMap::new())),
         }
+    }
+
+    /// Changes the caps (a reload); connections already open stay.
+    pub fn set_caps(&self, total: usize, per_source: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.total.store(total, Relaxed);
+        self.per_source.store(per_source, Relaxed);
     }
 
     /// Takes a slot for a connection from `ip`, or says which cap is full.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, &'static str> {
         let ip = ip.to_canonical();
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if open.0 >= self.total {
+        use std::sync::atomic::Ordering::Relaxed;
+        if open.0 >= self.total.load(Relaxed) {
             return Err("connection limit reached");
         }
         let count = open.1.entry(ip).or_insert(0);
-        if *count >= self.per_source {
+        if *count >= self.per_source.load(Relaxed) {
             return Err("per-source connection limit reached");
         }
         *count += 1;
@@ -279,15 +303,47 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Reloads users and certificate into running state (SIGHUP).
+/// Reloads the config's limits, the users file and the certificate (SIGHUP). Everything is
+/// loaded and checked before anything is swapped in, so a broken file leaves the running state
+/// exactly as it was. Keys naming files, folders or the address need a restart; a change to
+/// them is reported and otherwise ignored.
 pub fn reload(state: &State) -> anyhow::Result<()> {
+    let fresh = Config::load(&state.config.path)?;
+    let old = &state.config;
+    for (key, same) in [
+        ("listen", fresh.listen == old.listen),
+        ("root", fresh.root == old.root),
+        ("users_file", fresh.users_file == old.users_file),
+        ("cert", fresh.cert == old.cert),
+        ("key", fresh.key == old.key),
+        ("state_dir", fresh.state_dir == old.state_dir),
+        ("audit_log", fresh.audit_log == old.audit_log),
+        (
+            "limits.max_concurrent_logins",
+            fresh.limits.max_concurrent_logins == old.limits.max_concurrent_logins,
+        ),
+        ("penalties", fresh.penalties == old.penalties),
+        ("sessions", fresh.sessions == old.sessions),
+    ] {
+        if !same {
+            tracing::warn!(
+                key,
+                "changed in the config; it takes effect at the next restart"
+            );
+        }
+    }
     let (tls, fingerprint) = crate::tls::server_config(&state.config.cert, &state.config.key)?;
     let users = state.accounts.reload()?;
+    *state.tls.write().unwrap_or_else(|e| e.into_inner()) = (TlsAcceptor::from(tls), fingerprint);
+    state.conn_limits.set_caps(
+        fresh.limits.max_connections,
+        fresh.limits.max_connections_per_source,
+    );
+    *state.limits.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh.limits);
     if let Err(e) = state.audit.reopen() {
         tracing::error!(path = %state.audit.path().display(), error = %e, "cannot reopen the audit log; keeping the old file");
     }
-    *state.tls.write().unwrap_or_else(|e| e.into_inner()) = (TlsAcceptor::from(tls), fingerprint);
-    tracing::info!(users, fingerprint = %fingerprint, "reloaded users and certificate");
+    tracing::info!(users, fingerprint = %fingerprint, "reloaded config limits, users and certificate");
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Serving, XFERD, setup, xferd};
+use common::{Serving, XFERD, set_config, setup, xferd};
 
 use xfer::addr::ServerAddr;
 use xfer::conn::Client;
@@ -411,6 +411,45 @@ async fn notifies_systemd_and_reloads_on_sighup_without_dropping_sessions() {
         .await
         .expect("the session opened before the reload still works");
     open.list("").await.unwrap();
+
+    // Limits reload too: with 2 connections per source, the third from 127.0.0.1 is refused.
+    set_config(&config, &[("max_connections_per_source", "2")]);
+    serving.signal(rustix::process::Signal::HUP);
+    let start = Instant::now();
+    while !serving
+        .log
+        .lock()
+        .unwrap()
+        .contains("reloaded config limits")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no reload logged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut second = Client::connect(&serving.addr, new_fp, None).await.unwrap();
+    second.ping().await.unwrap();
+    assert!(Client::connect(&serving.addr, new_fp, None).await.is_err());
+    // A broken config is refused on reload and the running limits stay.
+    set_config(&config, &[("max_connections", "0")]);
+    serving.signal(rustix::process::Signal::HUP);
+    let start = Instant::now();
+    while serving.log.lock().unwrap().matches("reload failed").count() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "bad config not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        serving
+            .log
+            .lock()
+            .unwrap()
+            .contains("limits.max_connections")
+    );
+    open.ping().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

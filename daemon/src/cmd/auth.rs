@@ -52,7 +52,7 @@ async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
     ctx.failures += 1;
     ctx.state.penalties.record_failure(ctx.peer.ip());
     conn.write_frame(&Response::error(code, message)).await?;
-    if ctx.failures >= ctx.state.config.limits.max_auth_attempts {
+    if ctx.failures >= ctx.state.limits().max_auth_attempts {
         tracing::warn!(peer = %ctx.peer, attempts = ctx.failures, "too many failed attempts; closing");
         return Ok(Flow::Close);
     }

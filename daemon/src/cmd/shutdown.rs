@@ -53,7 +53,7 @@ pub(super) async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(
                 "wrong password; the server keeps running",
             ))
             .await?;
-            if ctx.failures >= state.config.limits.max_auth_attempts {
+            if ctx.failures >= state.limits().max_auth_attempts {
                 return Ok(Flow::Close);
             }
             Ok(Flow::Continue)

@@ -29,7 +29,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     let auth = ctx.auth.as_ref().expect("dispatcher checked the session");
     let user = auth.user.clone();
     let tree = auth.tree.clone();
-    let max = ctx.state.config.limits.max_upload_bytes;
+    let max = ctx.state.limits().max_upload_bytes;
     let p = path.clone();
     let pending = match blocking(move || tree.begin_upload(&p, size, max)).await {
         Ok(p) => p,
