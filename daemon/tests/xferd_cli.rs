@@ -485,3 +485,29 @@ async fn an_admin_lists_and_revokes_sessions_of_the_running_daemon() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(root.list("").await.unwrap_err().exit_code(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_journal_the_log_has_no_timestamps_or_colours_of_its_own() {
+    let (_dir, config) = setup(10);
+    let mut serving = Serving::start_with_env(&config, &[("JOURNAL_STREAM", Path::new("8:12345"))]);
+    serving
+        .client("alice", "alice-pw")
+        .await
+        .ping()
+        .await
+        .unwrap();
+    serving.signal(rustix::process::Signal::TERM);
+    assert_eq!(serving.wait_exit(Duration::from_secs(20)).await.0, 0);
+    let log = serving.log.lock().unwrap().clone();
+    assert!(log.contains("login succeeded"), "{log}");
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("20"),
+            "timestamp under the journal: {line}"
+        );
+        assert!(
+            !line.contains('\u{1b}'),
+            "colour under the journal: {line:?}"
+        );
+    }
+}
