@@ -746,7 +746,10 @@ fn check_disk(fx: &Fixture, seen: &Observed) {
             "outside",
         ],
     );
-    expect_names(&fx.config.state_dir, &["sessions.json"]);
+    expect_names(
+        &fx.config.state_dir,
+        &["sessions.json", "sessions.lock", "audit.log"],
+    );
     let outside = snapshot(&fx.base.join("outside"));
     assert_eq!(outside.len(), 1, "outside folder changed: {outside:?}");
     for (name, what) in &outside {
