@@ -128,6 +128,13 @@ pub enum Command {
         /// HOST[:PORT]
         server: String,
     },
+    /// Print a shell completion script (e.g. `xfer completions bash > /etc/bash_completion.d/xfer`).
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `xfer man > /usr/local/share/man/man1/xfer.1`.
+    Man,
 }
 
 /// Parses arguments and runs; the binary's whole `main`.
@@ -180,6 +187,21 @@ fn report(e: &ClientError) -> Reported {
 
 /// Runs a parsed command line; errors are printed here, once.
 pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
+    // These need no state folder and no server.
+    match &cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "xfer", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            return clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| report(&ClientError::local("writing the manual page", e)));
+        }
+        _ => {}
+    }
     let ctx = match Ctx::new(&cli) {
         Ok(c) => c,
         Err(e) => return Err(report(&e)),
@@ -228,6 +250,7 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         }
         Command::Shutdown { password_stdin } => shutdown(&ctx, password_stdin).await,
         Command::Forget { server } => forget(&ctx, &server),
+        Command::Completions { .. } | Command::Man => unreachable!("handled before Ctx"),
     };
     result.map_err(|e| report(&e))
 }

@@ -733,3 +733,22 @@ fn every_operation_lands_in_the_audit_log_without_secrets() {
     assert!(!text.contains("not-bobs-password") && !text.contains("alice-pw"));
     assert!(!text.contains("xfer1_"), "no tokens in the audit log");
 }
+
+#[test]
+fn completions_and_the_manual_page_are_generated_from_the_command_line_definition() {
+    let h = home();
+    let bash = h.run(&["completions", "bash"]).expect_code(0).stdout;
+    assert!(
+        bash.contains("_xfer()") && bash.contains("upload"),
+        "{bash}"
+    );
+    let zsh = h.run(&["completions", "zsh"]).expect_code(0).stdout;
+    assert!(zsh.starts_with("#compdef xfer"), "{zsh}");
+    let fish = h.run(&["completions", "fish"]).expect_code(0).stdout;
+    assert!(fish.contains("complete -c xfer"), "{fish}");
+    h.run(&["completions", "tcsh-please"]).expect_code(2);
+    let man = h.run(&["man"]).expect_code(0).stdout;
+    assert!(man.contains(".TH xfer 1") && man.contains("login"), "{man}");
+    // None of this needs or creates the state folder.
+    assert!(!h.config_dir().exists());
+}

@@ -81,6 +81,13 @@ pub enum Command {
     Fingerprint,
     /// Validate config, users file and certificate.
     Check,
+    /// Print a shell completion script.
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `xferd man > /usr/local/share/man/man8/xferd.8`.
+    Man,
 }
 
 /// `xferd user ...`
@@ -286,6 +293,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::User(cmd) => user_command(&config_path(&cli.config), cmd),
         Command::Session(cmd) => session_command(&config_path(&cli.config), cmd),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "xferd", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .section("8")
+                .render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Fingerprint => {
             let config = Config::load(&config_path(&cli.config))?;
             println!("{}", crate::tls::fingerprint_of(&config.cert)?);

@@ -511,3 +511,15 @@ async fn under_the_journal_the_log_has_no_timestamps_or_colours_of_its_own() {
         );
     }
 }
+
+#[test]
+fn xferd_prints_completions_and_its_manual_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("none.toml");
+    let out = xferd(&config, &["completions", "bash"], "");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("_xferd()") && out.stdout.contains("quickstart"));
+    let man = xferd(&config, &["man"], "");
+    assert_eq!(man.code, 0, "{}", man.stderr);
+    assert!(man.stdout.contains(".TH xferd 8"), "{}", man.stdout);
+}
