@@ -73,50 +73,18 @@ pub enum Command {
     },
     /// Upload files (folders with -r).
     #[command(visible_alias = "put")]
-    Upload {
-        /// Local files
-        #[arg(required = true)]
-        local: Vec<PathBuf>,
-        /// Remote folder to upload into [default: your root]
-        #[arg(long, value_name = "REMOTE_DIR")]
-        to: Option<String>,
-        /// Upload folders and everything in them
-        #[arg(short, long)]
-        recursive: bool,
-    },
+    Upload(UploadArgs),
     /// Download files (folders with -r).
     #[command(visible_alias = "get")]
-    Download {
-        /// Remote files
-        #[arg(required = true)]
-        remote: Vec<String>,
-        /// Local folder to download into [default: the current folder]
-        #[arg(long, value_name = "LOCAL_DIR")]
-        to: Option<PathBuf>,
-        /// Download folders and everything in them
-        #[arg(short, long)]
-        recursive: bool,
-    },
+    Download(DownloadArgs),
     /// Delete remote files or empty folders.
     #[command(visible_alias = "rm")]
-    Delete {
-        /// Remote paths
-        #[arg(required = true)]
-        remote: Vec<String>,
-    },
+    Delete(DeleteArgs),
     /// Rename or move a remote file or folder.
     #[command(visible_alias = "mv")]
-    Rename {
-        /// Existing remote path
-        from: String,
-        /// New remote path (an existing folder: move into it)
-        to: String,
-    },
+    Rename(RenameArgs),
     /// Create a remote folder (and missing parents).
-    Mkdir {
-        /// Remote folder
-        remote_dir: String,
-    },
+    Mkdir(MkdirArgs),
     /// Stop the daemon (superuser only; asks for the password again).
     Shutdown {
         /// Read the password from the first line of standard input
@@ -128,6 +96,9 @@ pub enum Command {
         /// HOST[:PORT]
         server: String,
     },
+    /// An interactive session over one connection (the menu of old): list, upload, download,
+    /// delete, rename, mkdir, whoami, help, quit. Reads commands from a pipe too, one per line.
+    Shell,
     /// Print a shell completion script (e.g. `xfer completions bash > /etc/bash_completion.d/xfer`).
     Completions {
         /// The shell
@@ -135,6 +106,58 @@ pub enum Command {
     },
     /// Print the manual page (roff), e.g. `xfer man > /usr/local/share/man/man1/xfer.1`.
     Man,
+}
+
+/// Arguments of `upload`, shared by the command line and `xfer shell`.
+#[derive(Debug, clap::Args)]
+pub struct UploadArgs {
+    /// Local files
+    #[arg(required = true)]
+    pub local: Vec<PathBuf>,
+    /// Remote folder to upload into [default: your root]
+    #[arg(long, value_name = "REMOTE_DIR")]
+    pub to: Option<String>,
+    /// Upload folders and everything in them
+    #[arg(short, long)]
+    pub recursive: bool,
+}
+
+/// Arguments of `download`, shared by the command line and `xfer shell`.
+#[derive(Debug, clap::Args)]
+pub struct DownloadArgs {
+    /// Remote files
+    #[arg(required = true)]
+    pub remote: Vec<String>,
+    /// Local folder to download into [default: the current folder]
+    #[arg(long, value_name = "LOCAL_DIR")]
+    pub to: Option<PathBuf>,
+    /// Download folders and everything in them
+    #[arg(short, long)]
+    pub recursive: bool,
+}
+
+/// Arguments of `delete`.
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// Remote paths
+    #[arg(required = true)]
+    pub remote: Vec<String>,
+}
+
+/// Arguments of `rename`.
+#[derive(Debug, clap::Args)]
+pub struct RenameArgs {
+    /// Existing remote path
+    pub from: String,
+    /// New remote path (an existing folder: move into it)
+    pub to: String,
+}
+
+/// Arguments of `mkdir`.
+#[derive(Debug, clap::Args)]
+pub struct MkdirArgs {
+    /// Remote folder
+    pub remote_dir: String,
 }
 
 /// Parses arguments and runs; the binary's whole `main`.
@@ -225,31 +248,28 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         Command::Logout => logout(&ctx).await,
         Command::Whoami => whoami(&ctx).await,
         Command::List { remote_dir } => list(&ctx, remote_dir.as_deref().unwrap_or("")).await,
-        Command::Upload {
-            local,
-            to,
-            recursive,
-        } => return upload(&ctx, &local, to.as_deref().unwrap_or(""), recursive).await,
-        Command::Download {
-            remote,
-            to,
-            recursive,
-        } => return download(&ctx, &remote, to.as_deref(), recursive).await,
-        Command::Delete { remote } => return delete(&ctx, &remote).await,
-        Command::Rename { from, to } => {
+        Command::Upload(a) => {
+            return upload(&ctx, &a.local, a.to.as_deref().unwrap_or(""), a.recursive).await;
+        }
+        Command::Download(a) => {
+            return download(&ctx, &a.remote, a.to.as_deref(), a.recursive).await;
+        }
+        Command::Delete(a) => return delete(&ctx, &a.remote).await,
+        Command::Rename(a) => {
             simple(&ctx, |c| {
-                Box::pin(async move { c.rename(&from, &to).await })
+                Box::pin(async move { c.rename(&a.from, &a.to).await })
             })
             .await
         }
-        Command::Mkdir { remote_dir } => {
+        Command::Mkdir(a) => {
             simple(&ctx, |c| {
-                Box::pin(async move { c.mkdir(&remote_dir).await })
+                Box::pin(async move { c.mkdir(&a.remote_dir).await })
             })
             .await
         }
         Command::Shutdown { password_stdin } => shutdown(&ctx, password_stdin).await,
         Command::Forget { server } => forget(&ctx, &server),
+        Command::Shell => return shell(&ctx).await,
         Command::Completions { .. } | Command::Man => unreachable!("handled before Ctx"),
     };
     result.map_err(|e| report(&e))
@@ -923,4 +943,213 @@ fn forget(ctx: &Ctx, server: &str) -> Result<()> {
     }
     ctx.status(format_args!("Forgot the key and session of {key}."));
     Ok(())
+}
+
+/// One line of `xfer shell`, parsed with the same machinery as the command line.
+#[derive(Debug, Parser)]
+#[command(
+    about = "Commands of `xfer shell`, one per line",
+    no_binary_name = true,
+    disable_version_flag = true,
+    name = "",
+    override_usage = "COMMAND [ARGS]   (help for the list, quit to leave)"
+)]
+struct ShellLine {
+    #[command(subcommand)]
+    command: ShellCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ShellCommand {
+    /// List a remote folder
+    #[command(visible_alias = "ls")]
+    List {
+        /// Remote folder
+        remote_dir: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upload files (folders with -r)
+    #[command(visible_alias = "put")]
+    Upload(UploadArgs),
+    /// Download files (folders with -r)
+    #[command(visible_alias = "get")]
+    Download(DownloadArgs),
+    /// Delete remote files or empty folders
+    #[command(visible_alias = "rm")]
+    Delete(DeleteArgs),
+    /// Rename or move
+    #[command(visible_alias = "mv")]
+    Rename(RenameArgs),
+    /// Create a folder and missing parents
+    Mkdir(MkdirArgs),
+    /// Who you are
+    Whoami,
+    /// Leave the shell
+    #[command(visible_alias = "exit")]
+    Quit,
+}
+
+/// Runs one shell line over the open connection; the error is already printed.
+async fn shell_line(
+    ctx: &Ctx,
+    client: &mut Client,
+    cmd: ShellCommand,
+) -> std::result::Result<(), Reported> {
+    let one = |r: Result<()>| r.map_err(|e| report(&e));
+    match cmd {
+        ShellCommand::List { remote_dir, json } => {
+            let entries = client
+                .list(remote_dir.as_deref().unwrap_or(""))
+                .await
+                .map_err(|e| report(&e))?;
+            print_entries(&entries, ctx.json || json);
+            Ok(())
+        }
+        ShellCommand::Upload(UploadArgs {
+            local,
+            to,
+            recursive,
+        }) => {
+            let mut batch = Batch::new();
+            let remote_dir = to.unwrap_or_default();
+            for l in &local {
+                let name = match local_name(l) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        batch.record(Err(e));
+                        continue;
+                    }
+                };
+                let remote = xfer_proto::path::join(&remote_dir, &name);
+                let go = if l.is_dir() && recursive {
+                    upload_tree(ctx, client, l, remote, &mut batch).await
+                } else {
+                    batch.record(upload_file(ctx, client, l, &remote).await)
+                };
+                if !go {
+                    break;
+                }
+            }
+            batch.finish()
+        }
+        ShellCommand::Download(DownloadArgs {
+            remote,
+            to,
+            recursive,
+        }) => {
+            let dir = to.unwrap_or_else(|| PathBuf::from("."));
+            let mut batch = Batch::new();
+            for r in &remote {
+                let trimmed = r.trim_end_matches('/');
+                let name = trimmed.rsplit('/').next().unwrap_or(trimmed).to_string();
+                let go = if recursive {
+                    download_tree(
+                        ctx,
+                        client,
+                        trimmed.to_string(),
+                        dir.join(&name),
+                        &mut batch,
+                    )
+                    .await
+                } else {
+                    batch.record(download_file(ctx, client, trimmed, &dir.join(&name)).await)
+                };
+                if !go {
+                    break;
+                }
+            }
+            batch.finish()
+        }
+        ShellCommand::Delete(DeleteArgs { remote }) => {
+            let mut batch = Batch::new();
+            for r in &remote {
+                if !batch.record(client.delete(r).await) {
+                    break;
+                }
+            }
+            batch.finish()
+        }
+        ShellCommand::Rename(RenameArgs { from, to }) => one(client.rename(&from, &to).await),
+        ShellCommand::Mkdir(MkdirArgs { remote_dir }) => one(client.mkdir(&remote_dir).await),
+        ShellCommand::Whoami => {
+            let info = client.whoami().await.map_err(|e| report(&e))?;
+            println!("{} ({}) on {}", info.user, info.role, client.server);
+            Ok(())
+        }
+        ShellCommand::Quit => Ok(()),
+    }
+}
+
+/// `xfer shell`: one connection, many commands. On a terminal it shows a prompt; from a pipe
+/// it runs each line as a script would. The exit code is the first failure's (0 if none).
+async fn shell(ctx: &Ctx) -> std::result::Result<(), Reported> {
+    use tokio::io::AsyncBufReadExt;
+    let (mut client, key, _) = ctx.connect().await.map_err(|e| report(&e))?;
+    let interactive = std::io::stdin().is_terminal();
+    if interactive && !ctx.quiet {
+        eprintln!("Connected to {key}. Type `help` for commands, `quit` to leave.");
+    }
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut first_failure: Option<u8> = None;
+    loop {
+        if interactive {
+            eprint!("xfer> ");
+            let _ = std::io::stderr().flush();
+        }
+        let line = match lines.next_line().await {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(e) => {
+                first_failure.get_or_insert(report(&ClientError::local("reading commands", e)).0);
+                break;
+            }
+        };
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some(words) = shlex::split(line) else {
+            let Reported(code) = report(&ClientError::Usage(format!(
+                "unbalanced quotes in `{line}`"
+            )));
+            first_failure.get_or_insert(code);
+            continue;
+        };
+        let parsed = match ShellLine::try_parse_from(&words) {
+            Ok(p) => p,
+            Err(e) => {
+                let help = matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayHelp
+                        | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                );
+                let _ = e.print();
+                if !help && words.first().map(String::as_str) != Some("help") {
+                    first_failure.get_or_insert(2);
+                }
+                continue;
+            }
+        };
+        if matches!(parsed.command, ShellCommand::Quit) {
+            break;
+        }
+        if let Err(Reported(code)) = shell_line(ctx, &mut client, parsed.command).await {
+            first_failure.get_or_insert(code);
+            if client_is_gone(code) {
+                break;
+            }
+        }
+    }
+    client.close().await;
+    match first_failure {
+        None => Ok(()),
+        Some(code) => Err(Reported(code)),
+    }
+}
+
+/// Exit codes after which the connection cannot carry more commands.
+fn client_is_gone(code: u8) -> bool {
+    code == 7 || code == 3
 }

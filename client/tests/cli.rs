@@ -752,3 +752,53 @@ fn completions_and_the_manual_page_are_generated_from_the_command_line_definitio
     // None of this needs or creates the state folder.
     assert!(!h.config_dir().exists());
 }
+
+#[test]
+fn the_shell_runs_commands_from_a_pipe_over_one_connection() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("notes one.txt"), b"shell upload");
+    std::fs::create_dir(h.path("back")).unwrap();
+    let script = "\
+# a comment, then the old menu's operations
+mkdir docs
+upload 'notes one.txt' --to docs
+ls docs
+download docs/'notes one.txt' --to back
+whoami
+help
+rename docs/'notes one.txt' docs/renamed.txt
+rm docs/missing
+ls --json docs
+quit
+ls
+";
+    let r = h.run_with_stdin(&["shell"], script);
+    // One failure (rm of a missing file): reported, the rest still ran, exit code 5.
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("docs/missing"), "{}", r.stderr);
+    assert!(r.stdout.contains("notes one.txt"), "{}", r.stdout);
+    assert!(r.stdout.contains("alice (user)"), "{}", r.stdout);
+    assert!(r.stdout.contains("\"renamed.txt\""), "{}", r.stdout);
+    assert_eq!(
+        std::fs::read(h.path("back/notes one.txt")).unwrap(),
+        b"shell upload"
+    );
+    assert!(server.user_dir("alice").join("docs/renamed.txt").exists());
+    // `quit` ended it: the last `ls` never ran, so "renamed.txt" is listed once (by --json).
+    assert_eq!(r.stdout.matches("renamed.txt").count(), 1, "{}", r.stdout);
+    // All of it over a single connection: one "connection open" would be ideal to check, but
+    // the client side is what matters here; the audit trail shows one source port.
+    let audit = std::fs::read_to_string(server.config().audit_log).unwrap();
+    let ports: std::collections::BTreeSet<_> = audit
+        .lines()
+        .filter(|l| l.contains("\"op\":\"mkdir\"") || l.contains("\"op\":\"rename\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["source"].clone())
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    // A clean script exits 0; an unknown command is a usage error (2).
+    h.run_with_stdin(&["shell"], "ls\nwhoami\n").expect_code(0);
+    h.run_with_stdin(&["shell"], "frobnicate\nls\n")
+        .expect_code(2);
+}
