@@ -616,6 +616,18 @@ struct Batch {
     first: Option<u8>,
     ok: usize,
     failed: usize,
+    /// Files moved, for the summary.
+    items: Vec<Item>,
+    /// When the batch started.
+    started: std::time::Instant,
+}
+
+/// One file a batch moved.
+struct Item {
+    from: String,
+    to: String,
+    bytes: u64,
+    digest: xfer_proto::Digest,
 }
 
 impl Batch {
@@ -624,6 +636,61 @@ impl Batch {
             first: None,
             ok: 0,
             failed: 0,
+            items: Vec::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Records a file transfer's outcome; returns false when the batch must stop.
+    fn record_item(&mut self, r: Result<Item>) -> bool {
+        match r {
+            Ok(item) => {
+                self.items.push(item);
+                self.record(Ok(()))
+            }
+            Err(e) => self.record(Err(e)),
+        }
+    }
+
+    /// Prints the summary: JSON on stdout with `--json`, else one status line when more than
+    /// one file was involved or something failed.
+    fn summarize(&self, ctx: &Ctx, verb: &str) {
+        let secs = self.started.elapsed().as_secs_f64();
+        let bytes: u64 = self.items.iter().map(|i| i.bytes).sum();
+        if ctx.json {
+            let files: Vec<_> = self
+                .items
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "from": i.from,
+                        "to": i.to,
+                        "bytes": i.bytes,
+                        "blake3": blake3::Hash::from_bytes(i.digest).to_hex().to_string(),
+                    })
+                })
+                .collect();
+            let v = serde_json::json!({
+                "operation": verb,
+                "files": files,
+                "transferred": self.items.len(),
+                "bytes": bytes,
+                "failed": self.failed,
+                "seconds": (secs * 1000.0).round() / 1000.0,
+            });
+            println!("{v}");
+        } else if self.items.len() + self.failed > 1 || self.failed > 0 {
+            let rate = HumanBytes((bytes as f64 / secs.max(1e-6)) as u64);
+            let failed = if self.failed > 0 {
+                format!("; {} failed", self.failed)
+            } else {
+                String::new()
+            };
+            ctx.status(format_args!(
+                "{verb} {} file(s), {} in {secs:.1} s ({rate}/s){failed}",
+                self.items.len(),
+                HumanBytes(bytes)
+            ));
         }
     }
     /// Records an outcome; returns false when the batch must stop.
@@ -661,7 +728,7 @@ fn local_name(path: &Path) -> Result<String> {
     Ok(name.to_string())
 }
 
-async fn upload_file(ctx: &Ctx, client: &mut Client, local: &Path, remote: &str) -> Result<()> {
+async fn upload_file(ctx: &Ctx, client: &mut Client, local: &Path, remote: &str) -> Result<Item> {
     let size = std::fs::metadata(local)
         .map_err(|e| ClientError::local(format!("reading `{}`", local.display()), e))?
         .len();
@@ -679,7 +746,12 @@ async fn upload_file(ctx: &Ctx, client: &mut Client, local: &Path, remote: &str)
         HumanBytes(done.size),
         HumanBytes((done.size as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64)
     ));
-    Ok(())
+    Ok(Item {
+        from: local.display().to_string(),
+        to: remote.to_string(),
+        bytes: done.size,
+        digest: done.digest,
+    })
 }
 
 fn upload_tree<'a>(
@@ -717,7 +789,7 @@ fn upload_tree<'a>(
             let keep_going = if path.is_dir() {
                 upload_tree(ctx, client, &path, target, batch).await
             } else {
-                batch.record(upload_file(ctx, client, &path, &target).await)
+                batch.record_item(upload_file(ctx, client, &path, &target).await)
             };
             if !keep_going {
                 return false;
@@ -754,17 +826,23 @@ async fn upload(
                 ))))
             }
         } else {
-            batch.record(upload_file(ctx, &mut client, local, &remote).await)
+            batch.record_item(upload_file(ctx, &mut client, local, &remote).await)
         };
         if !keep_going {
             break;
         }
     }
     client.close().await;
+    batch.summarize(ctx, "uploaded");
     batch.finish()
 }
 
-async fn download_file(ctx: &Ctx, client: &mut Client, remote: &str, target: &Path) -> Result<()> {
+async fn download_file(
+    ctx: &Ctx,
+    client: &mut Client,
+    remote: &str,
+    target: &Path,
+) -> Result<Item> {
     let bar = ctx.progress.bar(remote, 0);
     let (b1, b2) = (bar.clone(), bar.clone());
     let started = std::time::Instant::now();
@@ -784,7 +862,12 @@ async fn download_file(ctx: &Ctx, client: &mut Client, remote: &str, target: &Pa
         HumanBytes(done.size),
         HumanBytes((done.size as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64)
     ));
-    Ok(())
+    Ok(Item {
+        from: remote.to_string(),
+        to: target.display().to_string(),
+        bytes: done.size,
+        digest: done.digest,
+    })
 }
 
 fn download_tree<'a>(
@@ -817,7 +900,7 @@ fn download_tree<'a>(
             let l = local.join(&entry.name);
             let keep_going = match entry.kind {
                 EntryKind::Dir => download_tree(ctx, client, r, l, batch).await,
-                EntryKind::File => batch.record(download_file(ctx, client, &r, &l).await),
+                EntryKind::File => batch.record_item(download_file(ctx, client, &r, &l).await),
                 EntryKind::Other => true,
             };
             if !keep_going {
@@ -875,17 +958,18 @@ async fn download(
                 {
                     download_tree(ctx, &mut client, trimmed.to_string(), target, &mut batch).await
                 }
-                Ok(_) => batch.record(download_file(ctx, &mut client, trimmed, &target).await),
+                Ok(_) => batch.record_item(download_file(ctx, &mut client, trimmed, &target).await),
                 Err(e) => batch.record(Err(e)),
             }
         } else {
-            batch.record(download_file(ctx, &mut client, trimmed, &target).await)
+            batch.record_item(download_file(ctx, &mut client, trimmed, &target).await)
         };
         if !keep_going {
             break;
         }
     }
     client.close().await;
+    batch.summarize(ctx, "downloaded");
     batch.finish()
 }
 
@@ -1026,12 +1110,13 @@ async fn shell_line(
                 let go = if l.is_dir() && recursive {
                     upload_tree(ctx, client, l, remote, &mut batch).await
                 } else {
-                    batch.record(upload_file(ctx, client, l, &remote).await)
+                    batch.record_item(upload_file(ctx, client, l, &remote).await)
                 };
                 if !go {
                     break;
                 }
             }
+            batch.summarize(ctx, "uploaded");
             batch.finish()
         }
         ShellCommand::Download(DownloadArgs {
@@ -1054,12 +1139,13 @@ async fn shell_line(
                     )
                     .await
                 } else {
-                    batch.record(download_file(ctx, client, trimmed, &dir.join(&name)).await)
+                    batch.record_item(download_file(ctx, client, trimmed, &dir.join(&name)).await)
                 };
                 if !go {
                     break;
                 }
             }
+            batch.summarize(ctx, "downloaded");
             batch.finish()
         }
         ShellCommand::Delete(DeleteArgs { remote }) => {

@@ -802,3 +802,85 @@ ls
     h.run_with_stdin(&["shell"], "frobnicate\nls\n")
         .expect_code(2);
 }
+
+#[test]
+fn a_transfer_summary_is_printed_and_available_as_json() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("a"), b"one");
+    write_file(&h.path("b"), b"two!");
+    let r = h.run(&["upload", "a", "b", "missing"]).expect_code(1);
+    assert!(
+        r.stderr.contains("uploaded 2 file(s)") && r.stderr.contains("1 failed"),
+        "{}",
+        r.stderr
+    );
+    let json = h.run(&["--json", "upload", "a", "b"]).expect_code(0).stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["operation"], "uploaded");
+    assert_eq!(v["transferred"], 2);
+    assert_eq!(v["bytes"], 7);
+    assert_eq!(v["failed"], 0);
+    assert_eq!(v["files"][1]["to"], "b");
+    assert_eq!(
+        v["files"][1]["blake3"],
+        blake3::hash(b"two!").to_hex().as_str()
+    );
+    std::fs::create_dir(h.path("dl")).unwrap();
+    let json = h
+        .run(&["--json", "download", "a", "--to", "dl"])
+        .expect_code(0)
+        .stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["operation"], "downloaded");
+    assert_eq!(v["bytes"], 3);
+}
+
+#[test]
+fn progress_is_drawn_on_a_terminal_and_never_on_a_pipe() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal test");
+        return;
+    }
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    write_file(&h.path("big"), &noise(96 << 20, 3));
+    // On a pipe: one status line, no bar, no carriage-return redraws.
+    let r = h.run(&["upload", "big"]).expect_code(0);
+    assert!(
+        !r.stderr.contains('\r') && !r.stderr.contains('%'),
+        "{:?}",
+        r.stderr
+    );
+    // Under a pseudo-terminal (`script` runs it on one): the bar is drawn.
+    let cmd = format!(
+        "{} --config-dir {} upload {}",
+        h.bin.display(),
+        h.config_dir().display(),
+        h.path("big").display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("TERM", "xterm")
+        .current_dir(h.dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains('%') && text.contains("MiB"),
+        "no progress bar in {text:?}"
+    );
+    // And -q silences it even on a terminal.
+    let out = std::process::Command::new("script")
+        .args(["-qec", &format!("{cmd} -q"), "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains('%'), "{text:?}");
+}
