@@ -618,6 +618,8 @@ struct Batch {
     failed: usize,
     /// Files moved, for the summary.
     items: Vec<Item>,
+    /// The overall progress bar (hidden unless drawn).
+    overall: indicatif::ProgressBar,
     /// When the batch started.
     started: std::time::Instant,
 }
@@ -637,12 +639,22 @@ impl Batch {
             ok: 0,
             failed: 0,
             items: Vec::new(),
+            overall: indicatif::ProgressBar::hidden(),
             started: std::time::Instant::now(),
+        }
+    }
+
+    /// A batch with an overall bar for `files` files.
+    fn with_overall(ctx: &Ctx, files: usize) -> Self {
+        Batch {
+            overall: ctx.progress.overall(files as u64),
+            ..Batch::new()
         }
     }
 
     /// Records a file transfer's outcome; returns false when the batch must stop.
     fn record_item(&mut self, r: Result<Item>) -> bool {
+        self.overall.inc(1);
         match r {
             Ok(item) => {
                 self.items.push(item);
@@ -655,6 +667,7 @@ impl Batch {
     /// Prints the summary: JSON on stdout with `--json`, else one status line when more than
     /// one file was involved or something failed.
     fn summarize(&self, ctx: &Ctx, verb: &str) {
+        self.overall.finish_and_clear();
         let secs = self.started.elapsed().as_secs_f64();
         let bytes: u64 = self.items.iter().map(|i| i.bytes).sum();
         if ctx.json {
@@ -806,7 +819,11 @@ async fn upload(
     recursive: bool,
 ) -> std::result::Result<(), Reported> {
     let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
-    let mut batch = Batch::new();
+    let mut batch = if recursive {
+        Batch::new()
+    } else {
+        Batch::with_overall(ctx, locals.len())
+    };
     for local in locals {
         let name = match local_name(local) {
             Ok(n) => n,
@@ -927,7 +944,11 @@ async fn download(
         ))));
     }
     let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
-    let mut batch = Batch::new();
+    let mut batch = if recursive {
+        Batch::new()
+    } else {
+        Batch::with_overall(ctx, remotes.len())
+    };
     for remote in remotes {
         let trimmed = remote.trim_end_matches('/');
         let name = trimmed.rsplit('/').next().unwrap_or(trimmed);
@@ -1096,7 +1117,11 @@ async fn shell_line(
             to,
             recursive,
         }) => {
-            let mut batch = Batch::new();
+            let mut batch = if recursive {
+                Batch::new()
+            } else {
+                Batch::with_overall(ctx, local.len())
+            };
             let remote_dir = to.unwrap_or_default();
             for l in &local {
                 let name = match local_name(l) {
@@ -1125,7 +1150,11 @@ async fn shell_line(
             recursive,
         }) => {
             let dir = to.unwrap_or_else(|| PathBuf::from("."));
-            let mut batch = Batch::new();
+            let mut batch = if recursive {
+                Batch::new()
+            } else {
+                Batch::with_overall(ctx, remote.len())
+            };
             for r in &remote {
                 let trimmed = r.trim_end_matches('/');
                 let name = trimmed.rsplit('/').next().unwrap_or(trimmed).to_string();

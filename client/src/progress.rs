@@ -1,36 +1,38 @@
-//! Transfer progress: a bar with bytes, percent, rate and time left on a terminal; nothing at
-//! all when stderr is not a terminal or with `-q`, so pipes and logs get no redraws.
+//! Transfer progress: a bar per file with bytes, percent, rate and time left, and an overall
+//! bar when a command moves several files, drawn together on a terminal; nothing at all when
+//! stderr is not a terminal or with `-q`, so pipes and logs get no redraws.
 
 use std::io::IsTerminal;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Decides whether bars are drawn, and makes them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Progress {
-    /// True when bars are drawn.
-    enabled: bool,
+    /// Where bars are drawn; `None` when they are not.
+    multi: Option<MultiProgress>,
 }
 
 impl Progress {
     /// Bars on when stderr is a terminal and not quiet.
     pub fn new(quiet: bool) -> Self {
+        let enabled = !quiet && std::io::stderr().is_terminal();
         Progress {
-            enabled: !quiet && std::io::stderr().is_terminal(),
+            multi: enabled.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())),
         }
     }
 
     /// Whether bars are drawn.
     pub fn enabled(&self) -> bool {
-        self.enabled
+        self.multi.is_some()
     }
 
     /// A bar for one file of `total` bytes (hidden when disabled).
     pub fn bar(&self, label: &str, total: u64) -> ProgressBar {
-        if !self.enabled {
-            return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
-        }
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        let Some(multi) = &self.multi else {
+            return ProgressBar::hidden();
+        };
+        let bar = multi.add(ProgressBar::new(total));
         bar.set_style(
             ProgressStyle::with_template(
                 "{msg:30!} {bytes:>10}/{total_bytes:<10} {percent:>3}% {binary_bytes_per_sec:>12} ETA {eta}",
@@ -39,5 +41,22 @@ impl Progress {
         );
         bar.set_message(label.to_string());
         bar
+    }
+
+    /// An overall bar counting `files` files, shown only when there is more than one.
+    pub fn overall(&self, files: u64) -> ProgressBar {
+        match &self.multi {
+            Some(multi) if files > 1 => {
+                let bar = multi.insert(0, ProgressBar::new(files));
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "total: {pos}/{len} files  {wide_bar}  {elapsed_precise}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar
+            }
+            _ => ProgressBar::hidden(),
+        }
     }
 }

@@ -875,6 +875,22 @@ fn progress_is_drawn_on_a_terminal_and_never_on_a_pipe() {
         text.contains('%') && text.contains("MiB"),
         "no progress bar in {text:?}"
     );
+    // Several files: an overall bar counts them too.
+    write_file(&h.path("small"), b"x");
+    let two = format!(
+        "{} --config-dir {} upload {} {}",
+        h.bin.display(),
+        h.config_dir().display(),
+        h.path("big").display(),
+        h.path("small").display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &two, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/2 files"), "no overall bar in {text:?}");
     // And -q silences it even on a terminal.
     let out = std::process::Command::new("script")
         .args(["-qec", &format!("{cmd} -q"), "/dev/null"])
