@@ -13,7 +13,7 @@ use xfer_proto::{Entry, EntryKind, ErrorCode, Role};
 
 use crate::addr::ServerAddr;
 use crate::conn::{Client, connect_tls};
-use crate::error::{ClientError, Result};
+use crate::error::{ClientError, Result, printable};
 use crate::progress::Progress;
 use crate::state::{StateDir, StoredSession};
 
@@ -248,13 +248,9 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         Command::Logout => logout(&ctx).await,
         Command::Whoami => whoami(&ctx).await,
         Command::List { remote_dir } => list(&ctx, remote_dir.as_deref().unwrap_or("")).await,
-        Command::Upload(a) => {
-            return upload(&ctx, &a.local, a.to.as_deref().unwrap_or(""), a.recursive).await;
-        }
-        Command::Download(a) => {
-            return download(&ctx, &a.remote, a.to.as_deref(), a.recursive).await;
-        }
-        Command::Delete(a) => return delete(&ctx, &a.remote).await,
+        Command::Upload(a) => return BatchCommand::Upload(&a).run_connected(&ctx).await,
+        Command::Download(a) => return BatchCommand::Download(&a).run_connected(&ctx).await,
+        Command::Delete(a) => return BatchCommand::Delete(&a).run_connected(&ctx).await,
         Command::Rename(a) => {
             simple(&ctx, |c| {
                 Box::pin(async move { c.rename(&a.from, &a.to).await })
@@ -535,7 +531,7 @@ async fn whoami(ctx: &Ctx) -> Result<()> {
     client.close().await;
     if ctx.json {
         let v = serde_json::json!({
-            "user": info.user,
+            "user": printable(&info.user),
             "role": info.role,
             "server": key,
             "expires": format_time(info.expires),
@@ -544,7 +540,7 @@ async fn whoami(ctx: &Ctx) -> Result<()> {
     } else {
         println!(
             "{} ({}) on {key}; session expires {}",
-            info.user,
+            printable(&info.user),
             info.role,
             format_time(info.expires)
         );
@@ -572,17 +568,7 @@ fn print_entries(entries: &[Entry], json: bool) {
     let mut out = std::io::stdout().lock();
     for e in entries {
         let when = format_time(e.modified).replace('T', " ").replace('Z', "");
-        let name: String = e
-            .name
-            .chars()
-            .flat_map(|c| {
-                if c.is_control() {
-                    c.escape_default().collect::<Vec<_>>()
-                } else {
-                    vec![c]
-                }
-            })
-            .collect();
+        let name = printable(&e.name);
         let suffix = if e.kind == EntryKind::Dir { "/" } else { "" };
         let _ = writeln!(
             out,
@@ -614,7 +600,6 @@ async fn simple(ctx: &Ctx, f: impl for<'a> FnOnce(&'a mut Client) -> BoxFut<'a>)
 /// exit code, so one bad file does not stop the others (unless the connection is gone).
 struct Batch {
     first: Option<u8>,
-    ok: usize,
     failed: usize,
     /// Files moved, for the summary.
     items: Vec<Item>,
@@ -636,7 +621,6 @@ impl Batch {
     fn new() -> Self {
         Batch {
             first: None,
-            ok: 0,
             failed: 0,
             items: Vec::new(),
             overall: indicatif::ProgressBar::hidden(),
@@ -709,10 +693,7 @@ impl Batch {
     /// Records an outcome; returns false when the batch must stop.
     fn record(&mut self, r: Result<()>) -> bool {
         match r {
-            Ok(()) => {
-                self.ok += 1;
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
                 let Reported(code) = report(&e);
                 self.failed += 1;
@@ -812,19 +793,15 @@ fn upload_tree<'a>(
     })
 }
 
-async fn upload(
-    ctx: &Ctx,
-    locals: &[PathBuf],
-    remote_dir: &str,
-    recursive: bool,
-) -> std::result::Result<(), Reported> {
-    let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
-    let mut batch = if recursive {
+/// Uploads everything `args` names over `client`; the command line and the shell share it.
+async fn upload_all(ctx: &Ctx, client: &mut Client, args: &UploadArgs) -> Batch {
+    let remote_dir = args.to.as_deref().unwrap_or("");
+    let mut batch = if args.recursive {
         Batch::new()
     } else {
-        Batch::with_overall(ctx, locals.len())
+        Batch::with_overall(ctx, args.local.len())
     };
-    for local in locals {
+    for local in &args.local {
         let name = match local_name(local) {
             Ok(n) => n,
             Err(e) => {
@@ -834,8 +811,8 @@ async fn upload(
         };
         let remote = xfer_proto::path::join(remote_dir, &name);
         let keep_going = if local.is_dir() {
-            if recursive {
-                upload_tree(ctx, &mut client, local, remote, &mut batch).await
+            if args.recursive {
+                upload_tree(ctx, client, local, remote, &mut batch).await
             } else {
                 batch.record(Err(ClientError::Other(format!(
                     "`{}` is a folder; use -r to upload folders",
@@ -843,15 +820,14 @@ async fn upload(
                 ))))
             }
         } else {
-            batch.record_item(upload_file(ctx, &mut client, local, &remote).await)
+            batch.record_item(upload_file(ctx, client, local, &remote).await)
         };
         if !keep_going {
             break;
         }
     }
-    client.close().await;
     batch.summarize(ctx, "uploaded");
-    batch.finish()
+    batch
 }
 
 async fn download_file(
@@ -928,40 +904,50 @@ fn download_tree<'a>(
     })
 }
 
-async fn download(
-    ctx: &Ctx,
-    remotes: &[String],
-    to: Option<&Path>,
-    recursive: bool,
-) -> std::result::Result<(), Reported> {
+/// What a remote path names, found in its parent's listing. (Listing the path itself cannot
+/// tell a file from a folder holding one entry of the same name.)
+async fn remote_kind(client: &mut Client, path: &str) -> Result<EntryKind> {
+    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+    client
+        .list(parent)
+        .await?
+        .into_iter()
+        .find(|e| e.name == name)
+        .map(|e| e.kind)
+        .ok_or_else(|| ClientError::Server {
+            code: ErrorCode::NotFound,
+            message: format!("`{path}` does not exist"),
+        })
+}
+
+/// Downloads everything `args` names over `client`; the command line and the shell share it.
+async fn download_all(ctx: &Ctx, client: &mut Client, args: &DownloadArgs) -> Batch {
+    let to = args.to.as_deref();
     let dir = to.unwrap_or(Path::new("."));
     // `--to NEW_NAME` with one file saves under that name, as `cp` would.
-    let save_as = remotes.len() == 1 && to.is_some() && !dir.is_dir();
+    let save_as = args.remote.len() == 1 && to.is_some() && !dir.is_dir();
+    let mut batch = if args.recursive {
+        Batch::new()
+    } else {
+        Batch::with_overall(ctx, args.remote.len())
+    };
     if !save_as && !dir.is_dir() {
-        return Err(report(&ClientError::Other(format!(
+        batch.record(Err(ClientError::Other(format!(
             "`{}` is not a folder",
             dir.display()
         ))));
+        return batch;
     }
-    let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
-    let mut batch = if recursive {
-        Batch::new()
-    } else {
-        Batch::with_overall(ctx, remotes.len())
-    };
-    for remote in remotes {
+    for remote in &args.remote {
         let trimmed = remote.trim_end_matches('/');
         let name = trimmed.rsplit('/').next().unwrap_or(trimmed);
-        if xfer_proto::path::check_name(name).is_err() {
+        if let Err(e) = xfer_proto::path::check_name(name) {
+            let why = xfer_proto::path::named_components(remote)
+                .err()
+                .unwrap_or(e);
             batch.record(Err(ClientError::Server {
                 code: ErrorCode::InvalidPath,
-                message: format!(
-                    "refused path `{remote}`: {}",
-                    xfer_proto::path::named_components(remote)
-                        .err()
-                        .map(|e| e.to_string())
-                        .unwrap_or_else(|| "not a valid remote path".into())
-                ),
+                message: format!("refused path `{remote}`: {why}"),
             }));
             continue;
         }
@@ -970,34 +956,29 @@ async fn download(
         } else {
             dir.join(name)
         };
-        let keep_going = if recursive {
-            match client.list(trimmed).await {
-                Ok(entries)
-                    if entries.len() != 1
-                        || entries[0].kind == EntryKind::Dir
-                        || entries[0].name != name =>
-                {
-                    download_tree(ctx, &mut client, trimmed.to_string(), target, &mut batch).await
+        let keep_going = if args.recursive {
+            match remote_kind(client, trimmed).await {
+                Ok(EntryKind::Dir) => {
+                    download_tree(ctx, client, trimmed.to_string(), target, &mut batch).await
                 }
-                Ok(_) => batch.record_item(download_file(ctx, &mut client, trimmed, &target).await),
+                Ok(_) => batch.record_item(download_file(ctx, client, trimmed, &target).await),
                 Err(e) => batch.record(Err(e)),
             }
         } else {
-            batch.record_item(download_file(ctx, &mut client, trimmed, &target).await)
+            batch.record_item(download_file(ctx, client, trimmed, &target).await)
         };
         if !keep_going {
             break;
         }
     }
-    client.close().await;
     batch.summarize(ctx, "downloaded");
-    batch.finish()
+    batch
 }
 
-async fn delete(ctx: &Ctx, remotes: &[String]) -> std::result::Result<(), Reported> {
-    let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
+/// Deletes everything `args` names over `client`.
+async fn delete_all(ctx: &Ctx, client: &mut Client, args: &DeleteArgs) -> Batch {
     let mut batch = Batch::new();
-    for remote in remotes {
+    for remote in &args.remote {
         let r = client.delete(remote).await;
         if r.is_ok() {
             ctx.status(format_args!("deleted {remote}"));
@@ -1006,8 +987,33 @@ async fn delete(ctx: &Ctx, remotes: &[String]) -> std::result::Result<(), Report
             break;
         }
     }
-    client.close().await;
-    batch.finish()
+    batch
+}
+
+/// A command that works through a list of paths, reporting each failure and going on.
+enum BatchCommand<'a> {
+    Upload(&'a UploadArgs),
+    Download(&'a DownloadArgs),
+    Delete(&'a DeleteArgs),
+}
+
+impl BatchCommand<'_> {
+    /// Runs over an open connection (the shell's).
+    async fn run(&self, ctx: &Ctx, client: &mut Client) -> Batch {
+        match self {
+            BatchCommand::Upload(a) => upload_all(ctx, client, a).await,
+            BatchCommand::Download(a) => download_all(ctx, client, a).await,
+            BatchCommand::Delete(a) => delete_all(ctx, client, a).await,
+        }
+    }
+
+    /// Connects, runs, closes (the command line's).
+    async fn run_connected(&self, ctx: &Ctx) -> std::result::Result<(), Reported> {
+        let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
+        let batch = self.run(ctx, &mut client).await;
+        client.close().await;
+        batch.finish()
+    }
 }
 
 async fn shutdown(ctx: &Ctx, password_stdin: bool) -> Result<()> {
@@ -1112,85 +1118,19 @@ async fn shell_line(
             print_entries(&entries, ctx.json || json);
             Ok(())
         }
-        ShellCommand::Upload(UploadArgs {
-            local,
-            to,
-            recursive,
-        }) => {
-            let mut batch = if recursive {
-                Batch::new()
-            } else {
-                Batch::with_overall(ctx, local.len())
-            };
-            let remote_dir = to.unwrap_or_default();
-            for l in &local {
-                let name = match local_name(l) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        batch.record(Err(e));
-                        continue;
-                    }
-                };
-                let remote = xfer_proto::path::join(&remote_dir, &name);
-                let go = if l.is_dir() && recursive {
-                    upload_tree(ctx, client, l, remote, &mut batch).await
-                } else {
-                    batch.record_item(upload_file(ctx, client, l, &remote).await)
-                };
-                if !go {
-                    break;
-                }
-            }
-            batch.summarize(ctx, "uploaded");
-            batch.finish()
-        }
-        ShellCommand::Download(DownloadArgs {
-            remote,
-            to,
-            recursive,
-        }) => {
-            let dir = to.unwrap_or_else(|| PathBuf::from("."));
-            let mut batch = if recursive {
-                Batch::new()
-            } else {
-                Batch::with_overall(ctx, remote.len())
-            };
-            for r in &remote {
-                let trimmed = r.trim_end_matches('/');
-                let name = trimmed.rsplit('/').next().unwrap_or(trimmed).to_string();
-                let go = if recursive {
-                    download_tree(
-                        ctx,
-                        client,
-                        trimmed.to_string(),
-                        dir.join(&name),
-                        &mut batch,
-                    )
-                    .await
-                } else {
-                    batch.record_item(download_file(ctx, client, trimmed, &dir.join(&name)).await)
-                };
-                if !go {
-                    break;
-                }
-            }
-            batch.summarize(ctx, "downloaded");
-            batch.finish()
-        }
-        ShellCommand::Delete(DeleteArgs { remote }) => {
-            let mut batch = Batch::new();
-            for r in &remote {
-                if !batch.record(client.delete(r).await) {
-                    break;
-                }
-            }
-            batch.finish()
-        }
+        ShellCommand::Upload(a) => BatchCommand::Upload(&a).run(ctx, client).await.finish(),
+        ShellCommand::Download(a) => BatchCommand::Download(&a).run(ctx, client).await.finish(),
+        ShellCommand::Delete(a) => BatchCommand::Delete(&a).run(ctx, client).await.finish(),
         ShellCommand::Rename(RenameArgs { from, to }) => one(client.rename(&from, &to).await),
         ShellCommand::Mkdir(MkdirArgs { remote_dir }) => one(client.mkdir(&remote_dir).await),
         ShellCommand::Whoami => {
             let info = client.whoami().await.map_err(|e| report(&e))?;
-            println!("{} ({}) on {}", info.user, info.role, client.server);
+            println!(
+                "{} ({}) on {}",
+                printable(&info.user),
+                info.role,
+                client.server
+            );
             Ok(())
         }
         ShellCommand::Quit => Ok(()),

@@ -196,7 +196,10 @@ impl Client {
                 ..
             }
             | Response::ShuttingDown { .. } => Err(ClientError::ServerShuttingDown),
-            Response::Error { code, message } => Err(ClientError::Server { code, message }),
+            Response::Error { code, message } => Err(ClientError::Server {
+                code,
+                message: crate::error::printable(&message),
+            }),
             other => Ok(other),
         }
     }
@@ -265,6 +268,13 @@ impl Client {
         loop {
             match reply {
                 Response::Entries { entries, done } => {
+                    if out.len() + entries.len() > xfer_proto::limits::MAX_LIST_ENTRIES {
+                        self.broken = true;
+                        return Err(ClientError::Other(format!(
+                            "the listing of `{path}` has more than {} entries; list a subfolder",
+                            xfer_proto::limits::MAX_LIST_ENTRIES
+                        )));
+                    }
                     out.extend(entries);
                     if done {
                         return Ok(out);

@@ -65,7 +65,7 @@ pub enum ClientError {
         reason: String,
     },
     /// The connection broke or timed out (exit 7).
-    #[error("connection to the server failed: {0}")]
+    #[error("connection to the server failed: {0} - check that the server is up and try again")]
     Broken(#[from] ConnError),
     /// The server is shutting down (exit 7).
     #[error("the server is shutting down; try again later")]
@@ -82,11 +82,29 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The server said something that makes no sense here (exit 1).
-    #[error("protocol error: {0}")]
+    #[error("protocol error: {0} - is the server an xferd of a matching version?")]
     Protocol(String),
     /// Anything else (exit 1).
     #[error("{0}")]
     Other(String),
+}
+
+/// Text from the server made safe for a terminal: control characters escaped (no escape
+/// sequences can reach the user's terminal) and cut at `MAX_MESSAGE_LEN` characters.
+pub fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == xfer_proto::limits::MAX_MESSAGE_LEN {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn not_logged_in(server: Option<&str>) -> String {
@@ -181,6 +199,17 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(err.exit_code(), code, "{err:?}");
         }
+    }
+
+    #[test]
+    fn server_text_cannot_drive_the_terminal() {
+        assert_eq!(printable("no such file"), "no such file");
+        assert_eq!(printable("bad\u{1b}[2Jthing\n"), "bad\\u{1b}[2Jthing\\n");
+        let long = "x".repeat(5000);
+        assert_eq!(
+            printable(&long).chars().count(),
+            xfer_proto::limits::MAX_MESSAGE_LEN + 1
+        );
     }
 
     #[test]

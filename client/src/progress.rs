@@ -22,11 +22,6 @@ impl Progress {
         }
     }
 
-    /// Whether bars are drawn.
-    pub fn enabled(&self) -> bool {
-        self.multi.is_some()
-    }
-
     /// A bar for one file of `total` bytes (hidden when disabled).
     pub fn bar(&self, label: &str, total: u64) -> ProgressBar {
         let Some(multi) = &self.multi else {

@@ -42,11 +42,6 @@ impl PinVerifier {
     pub fn seen(&self) -> Option<Fingerprint> {
         *self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    /// The pin this verifier enforces.
-    pub fn expected(&self) -> Option<Fingerprint> {
-        self.expected
-    }
 }
 
 impl ServerCertVerifier for PinVerifier {

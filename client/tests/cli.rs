@@ -218,18 +218,7 @@ fn traversal_and_absolute_paths_are_refused_by_every_command() {
 fn wrong_password_and_unknown_user_fail_alike_with_exit_3() {
     let server = TestServer::start();
     let h = home();
-    let login = |user: &str, pw: &str| {
-        h.run_with_stdin(
-            &[
-                "login",
-                &format!("{user}@{}", server.server()),
-                "--password-stdin",
-                "--fingerprint",
-                &server.fingerprint,
-            ],
-            &format!("{pw}\n"),
-        )
-    };
+    let login = |user: &str, pw: &str| h.login_with(&server, user, pw, &[]);
     let wrong = login("alice", "nope").expect_code(3);
     let unknown = login("mallory", "nope").expect_code(3);
     let last = |s: &str| s.lines().last().unwrap_or_default().to_string();
@@ -517,18 +506,7 @@ fn download_to_a_new_name_and_errors_for_bad_targets() {
 fn bind_selects_the_source_address() {
     let server = TestServer::start();
     let h = home();
-    let r = h.run_with_stdin(
-        &[
-            "--bind",
-            "127.0.0.2",
-            "login",
-            &format!("alice@{}", server.server()),
-            "--password-stdin",
-            "--fingerprint",
-            &server.fingerprint,
-        ],
-        "alice-pw\n",
-    );
+    let r = h.login_with(&server, "alice", "alice-pw", &["--bind", "127.0.0.2"]);
     r.expect_code(0);
     let sessions =
         std::fs::read_to_string(server.config().state_dir.join("sessions.json")).unwrap();
@@ -565,21 +543,9 @@ fn usage_errors_exit_2_and_unreachable_servers_exit_7() {
 #[test]
 fn a_brute_forced_source_is_refused_while_others_log_in() {
     let server = TestServer::start();
-    let target = format!("alice@{}", server.server());
     let attacker = home();
     let login_from = |h: &ClientHome, bind: &str, pw: &str| {
-        h.run_with_stdin(
-            &[
-                "--bind",
-                bind,
-                "login",
-                &target,
-                "--password-stdin",
-                "--fingerprint",
-                &server.fingerprint,
-            ],
-            &format!("{pw}\n"),
-        )
+        h.login_with(&server, "alice", pw, &["--bind", bind])
     };
     for i in 0..10 {
         login_from(&attacker, "127.0.0.2", &format!("guess-{i}")).expect_code(3);

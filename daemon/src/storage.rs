@@ -94,7 +94,8 @@ impl StorageError {
         }
     }
 
-    fn io(op: &'static str, path: &str, source: std::io::Error) -> Self {
+    /// Classifies an I/O error on `path` (a remote path) the one way every operation does.
+    pub(crate) fn io(op: &'static str, path: &str, source: std::io::Error) -> Self {
         match source.kind() {
             ErrorKind::NotFound => StorageError::NotFound(path.into()),
             ErrorKind::AlreadyExists => StorageError::AlreadyExists(path.into()),
@@ -144,11 +145,6 @@ impl Storage {
             root: root.to_path_buf(),
             tmp,
         })
-    }
-
-    /// The storage root.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// A user's tree, created on first use.

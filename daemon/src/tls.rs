@@ -96,7 +96,14 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// The fingerprint of the first certificate in a PEM file.
 pub fn fingerprint_of(cert_path: &Path) -> Result<Fingerprint, TlsError> {
-    let certs = load_certs(cert_path)?;
+    fingerprint_of_loaded(cert_path, &load_certs(cert_path)?)
+}
+
+/// The fingerprint of the end-entity certificate of a chain already read from `cert_path`.
+fn fingerprint_of_loaded(
+    cert_path: &Path,
+    certs: &[CertificateDer<'static>],
+) -> Result<Fingerprint, TlsError> {
     Fingerprint::of_certificate(&certs[0]).map_err(|e| TlsError::Read {
         what: "certificate",
         path: cert_path.to_path_buf(),
@@ -110,7 +117,7 @@ pub fn server_config(
     key_path: &Path,
 ) -> Result<(Arc<ServerConfig>, Fingerprint), TlsError> {
     let certs = load_certs(cert_path)?;
-    let fingerprint = fingerprint_of(cert_path)?;
+    let fingerprint = fingerprint_of_loaded(cert_path, &certs)?;
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TlsError::Read {
         what: "private key",
         path: key_path.to_path_buf(),

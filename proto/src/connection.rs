@@ -29,13 +29,6 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
 }
 
-impl ConnError {
-    /// True when the stream can no longer be used for frames.
-    pub fn is_fatal(&self) -> bool {
-        true
-    }
-}
-
 /// A framed connection over any byte stream (TLS in practice, in-memory pipes in tests).
 pub struct Connection<S> {
     /// The byte stream. For TLS it should already sit on a large buffer (see `limits::CHUNK_LEN`).
@@ -65,29 +58,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.frame_timeout = timeout;
     }
 
-    /// The deadline applied to each read and write.
-    pub fn io_timeout(&self) -> Duration {
-        self.io_timeout
-    }
-
-    /// Changes the deadline applied to each read and write.
-    pub fn set_io_timeout(&mut self, timeout: Duration) {
-        self.io_timeout = timeout;
-    }
-
-    /// The underlying stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
     /// The underlying stream, mutably (for body transfers).
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.stream
-    }
-
-    /// Unwraps the stream.
-    pub fn into_inner(self) -> S {
-        self.stream
     }
 
     /// Reads the next frame, waiting at most `first_byte` for it to start (an idle or login

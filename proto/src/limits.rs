@@ -22,7 +22,8 @@ pub const MAX_PASSWORD_LEN: usize = 1024;
 /// Longest session token, in bytes.
 pub const MAX_TOKEN_LEN: usize = 256;
 
-/// Longest free-text message (agent strings, error messages).
+/// Longest free-text message (agent strings, error messages) shown or logged; longer ones are
+/// cut.
 pub const MAX_MESSAGE_LEN: usize = 1024;
 
 /// Size of each buffer in the body pipeline: large reads and writes are what make TLS and
@@ -34,3 +35,7 @@ pub const PIPELINE_DEPTH: usize = 4;
 
 /// Most directory entries in one `Entries` frame; a listing spans as many frames as it needs.
 pub const MAX_ENTRIES_PER_FRAME: usize = 128;
+
+/// Most entries a client accepts in one listing, so a misbehaving server cannot grow its
+/// memory without bound (about 300 MB at the longest names).
+pub const MAX_LIST_ENTRIES: usize = 1_000_000;

@@ -284,22 +284,38 @@ impl ClientHome {
 
     /// Logs in as `user` (password from [`USERS`]) pinning the server's fingerprint.
     pub fn login(&self, server: &TestServer, user: &str) -> Run {
-        let pw = USERS
-            .iter()
-            .find(|(n, _, _)| *n == user)
-            .map(|(_, _, p)| *p)
-            .expect("known test user");
-        self.run_with_stdin(
-            &[
-                "login",
-                &format!("{user}@{}", server.server()),
-                "--password-stdin",
-                "--fingerprint",
-                &server.fingerprint,
-            ],
-            &format!("{pw}\n"),
-        )
+        self.login_with(server, user, password_of(user), &[])
     }
+
+    /// Logs in as `user` with `password` pinning the server's fingerprint; `before` goes in
+    /// front of `login` (global options such as `--bind`).
+    pub fn login_with(
+        &self,
+        server: &TestServer,
+        user: &str,
+        password: &str,
+        before: &[&str],
+    ) -> Run {
+        let target = format!("{user}@{}", server.server());
+        let mut args = before.to_vec();
+        args.extend([
+            "login",
+            &target,
+            "--password-stdin",
+            "--fingerprint",
+            &server.fingerprint,
+        ]);
+        self.run_with_stdin(&args, &format!("{password}\n"))
+    }
+}
+
+/// The [`USERS`] password of `user`.
+pub fn password_of(user: &str) -> &'static str {
+    USERS
+        .iter()
+        .find(|(n, _, _)| *n == user)
+        .map(|(_, _, p)| *p)
+        .expect("known test user")
 }
 
 /// Writes `data` to `path`, creating parent folders.
@@ -334,15 +350,23 @@ pub fn tricky_bytes() -> Vec<u8> {
     v
 }
 
-/// A raw protocol connection to a test server (TLS verified against its pin), for tests that
-/// need to send what the real client never would.
-pub async fn raw_connect(server: &TestServer) -> xfer_proto::Connection<xfer::conn::TlsStream> {
-    let addr = xfer::addr::ServerAddr::parse(&server.server()).unwrap();
-    let fp = xfer_proto::fingerprint::Fingerprint::parse(&server.fingerprint).unwrap();
-    let (tls, _) = xfer::conn::connect_tls(&addr, Some(fp), None)
+/// A raw protocol connection (TLS verified against `fp`), for tests that need to send what
+/// the real client never would.
+pub async fn raw_connect_to(
+    addr: &xfer::addr::ServerAddr,
+    fp: xfer_proto::fingerprint::Fingerprint,
+) -> xfer_proto::Connection<xfer::conn::TlsStream> {
+    let (tls, _) = xfer::conn::connect_tls(addr, Some(fp), None)
         .await
         .expect("TLS connect");
     xfer_proto::Connection::new(tls, Duration::from_secs(10))
+}
+
+/// A raw protocol connection to a test server.
+pub async fn raw_connect(server: &TestServer) -> xfer_proto::Connection<xfer::conn::TlsStream> {
+    let addr = xfer::addr::ServerAddr::parse(&server.server()).unwrap();
+    let fp = xfer_proto::fingerprint::Fingerprint::parse(&server.fingerprint).unwrap();
+    raw_connect_to(&addr, fp).await
 }
 
 /// Sends a hello and checks the answer.
@@ -360,17 +384,16 @@ pub async fn raw_hello(conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>)
     );
 }
 
-/// Hello, then a login as `user` with its [`USERS`] password.
-pub async fn raw_login(
-    server: &TestServer,
+/// Hello, then a login that must succeed.
+pub async fn raw_login_as(
+    conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>,
     user: &str,
-) -> xfer_proto::Connection<xfer::conn::TlsStream> {
-    let mut conn = raw_connect(server).await;
-    raw_hello(&mut conn).await;
-    let pw = USERS.iter().find(|u| u.0 == user).expect("test user").2;
+    password: &str,
+) {
+    raw_hello(conn).await;
     conn.write_frame(&xfer_proto::Request::Login {
         user: user.into(),
-        password: pw.into(),
+        password: password.into(),
     })
     .await
     .unwrap();
@@ -379,7 +402,35 @@ pub async fn raw_login(
         matches!(reply, xfer_proto::Response::LoggedIn { .. }),
         "{reply:?}"
     );
+}
+
+/// A raw connection to a test server, logged in as `user` with its [`USERS`] password.
+pub async fn raw_login(
+    server: &TestServer,
+    user: &str,
+) -> xfer_proto::Connection<xfer::conn::TlsStream> {
+    let mut conn = raw_connect(server).await;
+    raw_login_as(&mut conn, user, password_of(user)).await;
     conn
+}
+
+/// Sends an `Upload` header and checks the server is ready from byte 0.
+pub async fn raw_start_upload(
+    conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>,
+    path: &str,
+    size: u64,
+) {
+    conn.write_frame(&xfer_proto::Request::Upload {
+        path: path.into(),
+        size,
+        offset: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        conn.read_frame::<xfer_proto::Response>().await.unwrap(),
+        xfer_proto::Response::UploadReady { offset: 0 }
+    );
 }
 
 /// A logged-in library client for `user`.
@@ -389,7 +440,6 @@ pub async fn client(server: &TestServer, user: &str) -> xfer::conn::Client {
     let mut c = xfer::conn::Client::connect(&addr, fp, None)
         .await
         .expect("connect");
-    let pw = USERS.iter().find(|u| u.0 == user).expect("test user").2;
-    c.login(user, pw).await.expect("login");
+    c.login(user, password_of(user)).await.expect("login");
     c
 }

@@ -6,26 +6,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use xfer_proto::connection::ConnError;
 use xfer_proto::{ErrorCode, PROTOCOL_VERSION, Request, Response};
-use xfer_tests::{TestServer, client, raw_connect, raw_hello, raw_login};
-
-/// Sends an `Upload` header and checks the server is ready from byte 0.
-async fn start_upload(
-    conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>,
-    path: &str,
-    size: u64,
-) {
-    conn.write_frame(&Request::Upload {
-        path: path.into(),
-        size,
-        offset: 0,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        conn.read_frame::<Response>().await.unwrap(),
-        Response::UploadReady { offset: 0 }
-    );
-}
+use xfer_tests::{
+    TestServer, client, raw_connect, raw_hello, raw_login, raw_start_upload as start_upload,
+};
 
 /// A test server where alice already has `doc` containing "old".
 fn server_with_old_doc() -> TestServer {

@@ -170,29 +170,24 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     token: &str,
 ) -> Result<Flow, ConnError> {
     let state = ctx.state.clone();
+    // One lookup gives both the generation the token must carry and the role it gets.
+    let mut role = None;
     let record = if token.len() <= xfer_proto::limits::MAX_TOKEN_LEN {
-        state
-            .sessions
-            .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))
+        state.sessions.validate(token, |u| {
+            let (r, generation) = state.accounts.lookup(u)?;
+            role = Some(r);
+            Some(generation)
+        })
     } else {
         None
     };
-    let Some(record) = record else {
+    let (Some(record), Some(role)) = (record, role) else {
         tracing::info!(peer = %ctx.peer, "token refused: unknown, expired or revoked");
         return failed(
             ctx,
             conn,
             ErrorCode::SessionExpired,
             "session expired or revoked; log in again",
-        )
-        .await;
-    };
-    let Some((role, _)) = state.accounts.lookup(&record.user) else {
-        return failed(
-            ctx,
-            conn,
-            ErrorCode::SessionExpired,
-            "account no longer exists",
         )
         .await;
     };

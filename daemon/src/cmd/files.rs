@@ -66,39 +66,38 @@ pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Flow::Continue)
 }
 
-/// Runs a tree operation that answers `Ok` on success; `describe` turns its result into the
-/// log line's detail.
-async fn simple<S, T, F>(
+/// A change to the tree that answers `Ok`: delete, rename and mkdir. `f` returns where a
+/// rename put the entry (the audit's `to`), `None` for the others.
+async fn change<S, F>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
     op: &'static str,
-    path: &str,
+    path: String,
     f: F,
-    describe: impl FnOnce(T) -> String,
 ) -> Result<Flow, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    T: Send + 'static,
-    F: FnOnce(crate::storage::UserTree) -> Result<T, StorageError> + Send + 'static,
+    F: FnOnce(&crate::storage::UserTree, &str) -> Result<Option<String>, StorageError>
+        + Send
+        + 'static,
 {
     let t = tree(ctx);
-    match blocking(move || f(t)).await {
-        Ok(value) => {
-            let target = describe(value);
-            tracing::info!(user = %user(ctx), op, target = %target, "done");
-            let to = (op == "rename").then_some(target.as_str());
+    let p = path.clone();
+    match blocking(move || f(&t, &p)).await {
+        Ok(to) => {
+            tracing::info!(user = %user(ctx), op, path = %path, to = to.as_deref().unwrap_or(""), "done");
             ctx.audit(
                 op,
-                Some(path),
+                Some(&path),
                 Outcome {
-                    to,
+                    to: to.as_deref(),
                     ..Outcome::ok()
                 },
             );
             conn.write_frame(&Response::Ok).await?;
             Ok(Flow::Continue)
         }
-        Err(e) => report(ctx, conn, op, path, e).await,
+        Err(e) => report(ctx, conn, op, &path, e).await,
     }
 }
 
@@ -107,16 +106,7 @@ pub(super) async fn delete<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
 ) -> Result<Flow, ConnError> {
-    let p = path.clone();
-    simple(
-        ctx,
-        conn,
-        "delete",
-        &path.clone(),
-        move |t| t.delete(&p),
-        |()| path,
-    )
-    .await
+    change(ctx, conn, "delete", path, |t, p| t.delete(p).map(|()| None)).await
 }
 
 pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
@@ -125,15 +115,9 @@ pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
     from: String,
     to: String,
 ) -> Result<Flow, ConnError> {
-    let f = from.clone();
-    simple(
-        ctx,
-        conn,
-        "rename",
-        &from,
-        move |t| t.rename(&f, &to),
-        |dest| dest,
-    )
+    change(ctx, conn, "rename", from, move |t, f| {
+        t.rename(f, &to).map(Some)
+    })
     .await
 }
 
@@ -142,14 +126,5 @@ pub(super) async fn mkdir<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
 ) -> Result<Flow, ConnError> {
-    let p = path.clone();
-    simple(
-        ctx,
-        conn,
-        "mkdir",
-        &path.clone(),
-        move |t| t.mkdir(&p),
-        |()| path,
-    )
-    .await
+    change(ctx, conn, "mkdir", path, |t, p| t.mkdir(p).map(|()| None)).await
 }

@@ -56,29 +56,15 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         Err(BodyError::Local { source, in_sync }) => {
             // Deleting the temp file first frees the space; the old version is untouched.
             drop(pending);
-            let nospace = matches!(
-                source.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-            );
             tracing::warn!(user = %user, path = %path, error = %source, "upload failed writing on the server");
             if !in_sync {
                 return Ok(Flow::Close);
             }
             // The client still sends its trailer; read it so the stream stays in step.
             let _ = conn.read_frame::<Request>().await?;
-            let (code, msg) = if nospace {
-                (
-                    ErrorCode::NoSpace,
-                    "no space left on the server".to_string(),
-                )
-            } else {
-                (
-                    ErrorCode::Internal,
-                    format!("writing `{path}` failed on the server"),
-                )
-            };
-            ctx.audit("upload", Some(&path), Outcome::failed(code));
-            return reply_error(conn, code, msg).await;
+            let e = crate::storage::StorageError::io("writing", &path, source);
+            ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
+            return reply_error(conn, e.code(), e.client_message()).await;
         }
         Err(BodyError::Net(e)) => {
             tracing::info!(user = %user, path = %path, error = %e, "upload interrupted; partial data discarded");

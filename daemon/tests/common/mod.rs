@@ -202,38 +202,9 @@ pub async fn stalled_upload(
     size: u64,
     send: usize,
 ) -> xfer_proto::Connection<xfer::conn::TlsStream> {
-    let (tls, _) = xfer::conn::connect_tls(&serving.addr, Some(serving.fingerprint), None)
-        .await
-        .unwrap();
-    let mut conn = xfer_proto::Connection::new(tls, Duration::from_secs(10));
-    conn.write_frame(&xfer_proto::Request::Hello {
-        version: xfer_proto::PROTOCOL_VERSION,
-        agent: "test".into(),
-    })
-    .await
-    .unwrap();
-    conn.read_frame::<xfer_proto::Response>().await.unwrap();
-    conn.write_frame(&xfer_proto::Request::Login {
-        user: "alice".into(),
-        password: "alice-pw".into(),
-    })
-    .await
-    .unwrap();
-    assert!(matches!(
-        conn.read_frame::<xfer_proto::Response>().await.unwrap(),
-        xfer_proto::Response::LoggedIn { .. }
-    ));
-    conn.write_frame(&xfer_proto::Request::Upload {
-        path: path.into(),
-        size,
-        offset: 0,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        conn.read_frame::<xfer_proto::Response>().await.unwrap(),
-        xfer_proto::Response::UploadReady { offset: 0 }
-    );
+    let mut conn = xfer_tests::raw_connect_to(&serving.addr, serving.fingerprint).await;
+    xfer_tests::raw_login_as(&mut conn, "alice", "alice-pw").await;
+    xfer_tests::raw_start_upload(&mut conn, path, size).await;
     tokio::io::AsyncWriteExt::write_all(conn.get_mut(), &vec![0xAB; send])
         .await
         .unwrap();
