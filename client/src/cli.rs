@@ -3,11 +3,10 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use indicatif::HumanBytes;
 use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::{Entry, EntryKind, ErrorCode, Role};
 
@@ -16,6 +15,7 @@ use crate::conn::{Client, connect_tls};
 use crate::error::{ClientError, Result, printable};
 use crate::progress::Progress;
 use crate::state::{StateDir, StoredSession};
+use crate::transfer::BatchCommand;
 
 /// xfer: secure file transfer with an xferd server.
 #[derive(Debug, Parser)]
@@ -120,6 +120,9 @@ pub struct UploadArgs {
     /// Upload folders and everything in them
     #[arg(short, long)]
     pub recursive: bool,
+    /// Send every file whole, even if the server kept part of it from an interrupted upload
+    #[arg(long)]
+    pub no_resume: bool,
 }
 
 /// Arguments of `download`, shared by the command line and `xfer shell`.
@@ -134,6 +137,9 @@ pub struct DownloadArgs {
     /// Download folders and everything in them
     #[arg(short, long)]
     pub recursive: bool,
+    /// Fetch every file whole, even if a NAME.part from an interrupted download is there
+    #[arg(long)]
+    pub no_resume: bool,
 }
 
 /// Arguments of `delete`.
@@ -203,7 +209,7 @@ fn init_logging(verbose: u8) {
 /// An error that has already been printed, carrying the exit code.
 pub struct Reported(pub u8);
 
-fn report(e: &ClientError) -> Reported {
+pub(crate) fn report(e: &ClientError) -> Reported {
     eprintln!("xfer: error: {e}");
     Reported(e.exit_code())
 }
@@ -272,13 +278,15 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
 }
 
 /// What every command needs: the state folder and the global flags.
-struct Ctx {
+pub(crate) struct Ctx {
     state: StateDir,
     server: Option<String>,
     bind: Option<IpAddr>,
-    json: bool,
+    /// `--json`: print data as JSON.
+    pub(crate) json: bool,
     quiet: bool,
-    progress: Progress,
+    /// Progress bars (drawn only on a terminal).
+    pub(crate) progress: Progress,
 }
 
 impl Ctx {
@@ -306,14 +314,15 @@ impl Ctx {
         })
     }
 
-    fn status(&self, msg: impl std::fmt::Display) {
+    /// Prints a status line on stderr unless `-q`.
+    pub(crate) fn status(&self, msg: impl std::fmt::Display) {
         if !self.quiet {
             eprintln!("{msg}");
         }
     }
 
     /// Connects to the selected server with its pin and authenticates with the stored token.
-    async fn connect(&self) -> Result<(Client, String, StoredSession)> {
+    pub(crate) async fn connect(&self) -> Result<(Client, String, StoredSession)> {
         let sessions = self.state.sessions()?;
         let (key, stored) = sessions.select(self.server.as_deref())?;
         let server = ServerAddr::parse(&key)?;
@@ -594,426 +603,6 @@ async fn simple(ctx: &Ctx, f: impl for<'a> FnOnce(&'a mut Client) -> BoxFut<'a>)
     f(&mut client).await?;
     client.close().await;
     Ok(())
-}
-
-/// Runs one item of a multi-item command: prints its failure at once and remembers the first
-/// exit code, so one bad file does not stop the others (unless the connection is gone).
-struct Batch {
-    first: Option<u8>,
-    failed: usize,
-    /// Files moved, for the summary.
-    items: Vec<Item>,
-    /// The overall progress bar (hidden unless drawn).
-    overall: indicatif::ProgressBar,
-    /// When the batch started.
-    started: std::time::Instant,
-}
-
-/// One file a batch moved.
-struct Item {
-    from: String,
-    to: String,
-    bytes: u64,
-    digest: xfer_proto::Digest,
-}
-
-impl Batch {
-    fn new() -> Self {
-        Batch {
-            first: None,
-            failed: 0,
-            items: Vec::new(),
-            overall: indicatif::ProgressBar::hidden(),
-            started: std::time::Instant::now(),
-        }
-    }
-
-    /// A batch with an overall bar for `files` files.
-    fn with_overall(ctx: &Ctx, files: usize) -> Self {
-        Batch {
-            overall: ctx.progress.overall(files as u64),
-            ..Batch::new()
-        }
-    }
-
-    /// Records a file transfer's outcome; returns false when the batch must stop.
-    fn record_item(&mut self, r: Result<Item>) -> bool {
-        self.overall.inc(1);
-        match r {
-            Ok(item) => {
-                self.items.push(item);
-                self.record(Ok(()))
-            }
-            Err(e) => self.record(Err(e)),
-        }
-    }
-
-    /// Prints the summary: JSON on stdout with `--json`, else one status line when more than
-    /// one file was involved or something failed.
-    fn summarize(&self, ctx: &Ctx, verb: &str) {
-        self.overall.finish_and_clear();
-        let secs = self.started.elapsed().as_secs_f64();
-        let bytes: u64 = self.items.iter().map(|i| i.bytes).sum();
-        if ctx.json {
-            let files: Vec<_> = self
-                .items
-                .iter()
-                .map(|i| {
-                    serde_json::json!({
-                        "from": i.from,
-                        "to": i.to,
-                        "bytes": i.bytes,
-                        "blake3": blake3::Hash::from_bytes(i.digest).to_hex().to_string(),
-                    })
-                })
-                .collect();
-            let v = serde_json::json!({
-                "operation": verb,
-                "files": files,
-                "transferred": self.items.len(),
-                "bytes": bytes,
-                "failed": self.failed,
-                "seconds": (secs * 1000.0).round() / 1000.0,
-            });
-            println!("{v}");
-        } else if self.items.len() + self.failed > 1 || self.failed > 0 {
-            let rate = HumanBytes((bytes as f64 / secs.max(1e-6)) as u64);
-            let failed = if self.failed > 0 {
-                format!("; {} failed", self.failed)
-            } else {
-                String::new()
-            };
-            ctx.status(format_args!(
-                "{verb} {} file(s), {} in {secs:.1} s ({rate}/s){failed}",
-                self.items.len(),
-                HumanBytes(bytes)
-            ));
-        }
-    }
-    /// Records an outcome; returns false when the batch must stop.
-    fn record(&mut self, r: Result<()>) -> bool {
-        match r {
-            Ok(()) => true,
-            Err(e) => {
-                let Reported(code) = report(&e);
-                self.failed += 1;
-                self.first.get_or_insert(code);
-                !e.is_connection_lost()
-            }
-        }
-    }
-    fn finish(self) -> std::result::Result<(), Reported> {
-        match self.first {
-            None => Ok(()),
-            Some(code) => Err(Reported(code)),
-        }
-    }
-}
-
-fn local_name(path: &Path) -> Result<String> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| ClientError::Usage(format!("`{}` does not name a file", path.display())))?;
-    let name = name.to_str().ok_or_else(|| {
-        ClientError::Other(format!("`{}`: the name is not valid UTF-8", path.display()))
-    })?;
-    xfer_proto::path::check_name(name)
-        .map_err(|e| ClientError::Other(format!("`{}`: {e}", path.display())))?;
-    Ok(name.to_string())
-}
-
-async fn upload_file(ctx: &Ctx, client: &mut Client, local: &Path, remote: &str) -> Result<Item> {
-    let size = std::fs::metadata(local)
-        .map_err(|e| ClientError::local(format!("reading `{}`", local.display()), e))?
-        .len();
-    let bar = ctx.progress.bar(remote, size);
-    let b = bar.clone();
-    let started = std::time::Instant::now();
-    let result = client
-        .upload(local, remote, &mut move |n| b.set_position(n))
-        .await;
-    bar.finish_and_clear();
-    let done = result?;
-    ctx.status(format_args!(
-        "uploaded {} -> {remote} ({}, {}/s)",
-        local.display(),
-        HumanBytes(done.size),
-        HumanBytes((done.size as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64)
-    ));
-    Ok(Item {
-        from: local.display().to_string(),
-        to: remote.to_string(),
-        bytes: done.size,
-        digest: done.digest,
-    })
-}
-
-fn upload_tree<'a>(
-    ctx: &'a Ctx,
-    client: &'a mut Client,
-    local: &'a Path,
-    remote: String,
-    batch: &'a mut Batch,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + 'a>> {
-    Box::pin(async move {
-        if !batch.record(client.mkdir(&remote).await) {
-            return false;
-        }
-        let mut entries: Vec<_> = match std::fs::read_dir(local) {
-            Ok(it) => it.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
-            Err(e) => {
-                return batch.record(Err(ClientError::local(
-                    format!("reading folder `{}`", local.display()),
-                    e,
-                )));
-            }
-        };
-        entries.sort();
-        for path in entries {
-            let name = match local_name(&path) {
-                Ok(n) => n,
-                Err(e) => {
-                    if !batch.record(Err(e)) {
-                        return false;
-                    }
-                    continue;
-                }
-            };
-            let target = xfer_proto::path::join(&remote, &name);
-            let keep_going = if path.is_dir() {
-                upload_tree(ctx, client, &path, target, batch).await
-            } else {
-                batch.record_item(upload_file(ctx, client, &path, &target).await)
-            };
-            if !keep_going {
-                return false;
-            }
-        }
-        true
-    })
-}
-
-/// Uploads everything `args` names over `client`; the command line and the shell share it.
-async fn upload_all(ctx: &Ctx, client: &mut Client, args: &UploadArgs) -> Batch {
-    let remote_dir = args.to.as_deref().unwrap_or("");
-    let mut batch = if args.recursive {
-        Batch::new()
-    } else {
-        Batch::with_overall(ctx, args.local.len())
-    };
-    for local in &args.local {
-        let name = match local_name(local) {
-            Ok(n) => n,
-            Err(e) => {
-                batch.record(Err(e));
-                continue;
-            }
-        };
-        let remote = xfer_proto::path::join(remote_dir, &name);
-        let keep_going = if local.is_dir() {
-            if args.recursive {
-                upload_tree(ctx, client, local, remote, &mut batch).await
-            } else {
-                batch.record(Err(ClientError::Other(format!(
-                    "`{}` is a folder; use -r to upload folders",
-                    local.display()
-                ))))
-            }
-        } else {
-            batch.record_item(upload_file(ctx, client, local, &remote).await)
-        };
-        if !keep_going {
-            break;
-        }
-    }
-    batch.summarize(ctx, "uploaded");
-    batch
-}
-
-async fn download_file(
-    ctx: &Ctx,
-    client: &mut Client,
-    remote: &str,
-    target: &Path,
-) -> Result<Item> {
-    let bar = ctx.progress.bar(remote, 0);
-    let (b1, b2) = (bar.clone(), bar.clone());
-    let started = std::time::Instant::now();
-    let result = client
-        .download(
-            remote,
-            target,
-            &mut move |n| b1.set_position(n),
-            &mut move |size| b2.set_length(size),
-        )
-        .await;
-    bar.finish_and_clear();
-    let done = result?;
-    ctx.status(format_args!(
-        "downloaded {remote} -> {} ({}, {}/s)",
-        target.display(),
-        HumanBytes(done.size),
-        HumanBytes((done.size as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64)
-    ));
-    Ok(Item {
-        from: remote.to_string(),
-        to: target.display().to_string(),
-        bytes: done.size,
-        digest: done.digest,
-    })
-}
-
-fn download_tree<'a>(
-    ctx: &'a Ctx,
-    client: &'a mut Client,
-    remote: String,
-    local: PathBuf,
-    batch: &'a mut Batch,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + 'a>> {
-    Box::pin(async move {
-        let entries = match client.list(&remote).await {
-            Ok(e) => e,
-            Err(e) => return batch.record(Err(e)),
-        };
-        if let Err(e) = std::fs::create_dir_all(&local) {
-            return batch.record(Err(ClientError::local(
-                format!("creating folder `{}`", local.display()),
-                e,
-            )));
-        }
-        for entry in entries {
-            if xfer_proto::path::check_name(&entry.name).is_err() {
-                batch.record(Err(ClientError::Other(format!(
-                    "skipping `{}` in `{remote}`: unsafe name",
-                    entry.name
-                ))));
-                continue;
-            }
-            let r = xfer_proto::path::join(&remote, &entry.name);
-            let l = local.join(&entry.name);
-            let keep_going = match entry.kind {
-                EntryKind::Dir => download_tree(ctx, client, r, l, batch).await,
-                EntryKind::File => batch.record_item(download_file(ctx, client, &r, &l).await),
-                EntryKind::Other => true,
-            };
-            if !keep_going {
-                return false;
-            }
-        }
-        true
-    })
-}
-
-/// What a remote path names, found in its parent's listing. (Listing the path itself cannot
-/// tell a file from a folder holding one entry of the same name.)
-async fn remote_kind(client: &mut Client, path: &str) -> Result<EntryKind> {
-    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
-    client
-        .list(parent)
-        .await?
-        .into_iter()
-        .find(|e| e.name == name)
-        .map(|e| e.kind)
-        .ok_or_else(|| ClientError::Server {
-            code: ErrorCode::NotFound,
-            message: format!("`{path}` does not exist"),
-        })
-}
-
-/// Downloads everything `args` names over `client`; the command line and the shell share it.
-async fn download_all(ctx: &Ctx, client: &mut Client, args: &DownloadArgs) -> Batch {
-    let to = args.to.as_deref();
-    let dir = to.unwrap_or(Path::new("."));
-    // `--to NEW_NAME` with one file saves under that name, as `cp` would.
-    let save_as = args.remote.len() == 1 && to.is_some() && !dir.is_dir();
-    let mut batch = if args.recursive {
-        Batch::new()
-    } else {
-        Batch::with_overall(ctx, args.remote.len())
-    };
-    if !save_as && !dir.is_dir() {
-        batch.record(Err(ClientError::Other(format!(
-            "`{}` is not a folder",
-            dir.display()
-        ))));
-        return batch;
-    }
-    for remote in &args.remote {
-        let trimmed = remote.trim_end_matches('/');
-        let name = trimmed.rsplit('/').next().unwrap_or(trimmed);
-        if let Err(e) = xfer_proto::path::check_name(name) {
-            let why = xfer_proto::path::named_components(remote)
-                .err()
-                .unwrap_or(e);
-            batch.record(Err(ClientError::Server {
-                code: ErrorCode::InvalidPath,
-                message: format!("refused path `{remote}`: {why}"),
-            }));
-            continue;
-        }
-        let target = if save_as {
-            dir.to_path_buf()
-        } else {
-            dir.join(name)
-        };
-        let keep_going = if args.recursive {
-            match remote_kind(client, trimmed).await {
-                Ok(EntryKind::Dir) => {
-                    download_tree(ctx, client, trimmed.to_string(), target, &mut batch).await
-                }
-                Ok(_) => batch.record_item(download_file(ctx, client, trimmed, &target).await),
-                Err(e) => batch.record(Err(e)),
-            }
-        } else {
-            batch.record_item(download_file(ctx, client, trimmed, &target).await)
-        };
-        if !keep_going {
-            break;
-        }
-    }
-    batch.summarize(ctx, "downloaded");
-    batch
-}
-
-/// Deletes everything `args` names over `client`.
-async fn delete_all(ctx: &Ctx, client: &mut Client, args: &DeleteArgs) -> Batch {
-    let mut batch = Batch::new();
-    for remote in &args.remote {
-        let r = client.delete(remote).await;
-        if r.is_ok() {
-            ctx.status(format_args!("deleted {remote}"));
-        }
-        if !batch.record(r) {
-            break;
-        }
-    }
-    batch
-}
-
-/// A command that works through a list of paths, reporting each failure and going on.
-enum BatchCommand<'a> {
-    Upload(&'a UploadArgs),
-    Download(&'a DownloadArgs),
-    Delete(&'a DeleteArgs),
-}
-
-impl BatchCommand<'_> {
-    /// Runs over an open connection (the shell's).
-    async fn run(&self, ctx: &Ctx, client: &mut Client) -> Batch {
-        match self {
-            BatchCommand::Upload(a) => upload_all(ctx, client, a).await,
-            BatchCommand::Download(a) => download_all(ctx, client, a).await,
-            BatchCommand::Delete(a) => delete_all(ctx, client, a).await,
-        }
-    }
-
-    /// Connects, runs, closes (the command line's).
-    async fn run_connected(&self, ctx: &Ctx) -> std::result::Result<(), Reported> {
-        let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
-        let batch = self.run(ctx, &mut client).await;
-        client.close().await;
-        batch.finish()
-    }
 }
 
 async fn shutdown(ctx: &Ctx, password_stdin: bool) -> Result<()> {

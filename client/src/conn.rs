@@ -20,6 +20,7 @@ use xfer_proto::{Connection, Digest, Entry, ErrorCode, PROTOCOL_VERSION, Request
 
 use crate::addr::ServerAddr;
 use crate::error::{ClientError, Result};
+use crate::part::{Part, part_path};
 use crate::verifier::PinVerifier;
 
 /// Time allowed to open the TCP connection.
@@ -28,6 +29,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for each read or write; a login may wait for a busy server's password check.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed for the answer to a resumable upload or download, which may first hash
+/// everything the server holds (at about 1 GB/s).
+pub const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// The TLS stream the client speaks frames over.
 pub type TlsStream = tokio_rustls::client::TlsStream<BufStream<TcpStream>>;
@@ -42,6 +46,8 @@ pub struct Client {
     pub fingerprint: Fingerprint,
     /// The server's agent string from its hello.
     pub server_agent: String,
+    /// The protocol version agreed in the hello (2 and up can resume).
+    pub version: u16,
     /// Set when a failed transfer left the stream unusable.
     broken: bool,
 }
@@ -53,6 +59,37 @@ pub struct Transferred {
     pub size: u64,
     /// BLAKE3 of the file, as both sides computed it.
     pub digest: Digest,
+    /// Bytes that were already on the receiving side from an interrupted attempt and did not
+    /// travel again (0 for a full transfer).
+    pub resumed_from: u64,
+}
+
+/// Hooks a transfer reports to (positions count from the start of the file).
+pub struct Hooks<'a> {
+    /// The file's size, once known.
+    pub on_size: Box<dyn FnMut(u64) + Send + 'a>,
+    /// Where the transfer starts: above 0 when it resumes.
+    pub on_start: Box<dyn FnMut(u64) + Send + 'a>,
+    /// Bytes of the file done so far.
+    pub on_progress: Box<dyn FnMut(u64) + Send + 'a>,
+}
+
+impl Default for Hooks<'_> {
+    fn default() -> Self {
+        Hooks {
+            on_size: Box::new(|_| {}),
+            on_start: Box::new(|_| {}),
+            on_progress: Box::new(|_| {}),
+        }
+    }
+}
+
+/// BLAKE3 of the first `len` bytes of `file`, off the async threads.
+async fn hash_prefix(file: &std::fs::File, len: u64) -> std::io::Result<blake3::Hasher> {
+    let mut f = file.try_clone()?;
+    tokio::task::spawn_blocking(move || xfer_proto::body::hash_prefix(&mut f, len))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 async fn tcp_connect(server: &ServerAddr, bind: Option<IpAddr>) -> Result<TcpStream> {
@@ -162,6 +199,7 @@ impl Client {
             server,
             fingerprint,
             server_agent: String::new(),
+            version: PROTOCOL_VERSION,
             broken: false,
         };
         let reply = client
@@ -171,8 +209,9 @@ impl Client {
             })
             .await?;
         match reply {
-            Response::Hello { agent, .. } => {
+            Response::Hello { agent, version } => {
                 client.server_agent = agent;
+                client.version = version.min(PROTOCOL_VERSION);
                 Ok(client)
             }
             other => Err(unexpected(&other)),
@@ -190,7 +229,15 @@ impl Client {
     }
 
     async fn read(&mut self) -> Result<Response> {
-        match self.conn.read_frame::<Response>().await? {
+        self.read_within(IO_TIMEOUT).await
+    }
+
+    async fn read_within(&mut self, wait: Duration) -> Result<Response> {
+        match self
+            .conn
+            .read_frame_within::<Response>(wait, "waiting for a reply")
+            .await?
+        {
             Response::Error {
                 code: ErrorCode::ShuttingDown,
                 ..
@@ -205,13 +252,17 @@ impl Client {
     }
 
     async fn call(&mut self, req: &Request) -> Result<Response> {
+        self.call_within(req, IO_TIMEOUT).await
+    }
+
+    async fn call_within(&mut self, req: &Request, wait: Duration) -> Result<Response> {
         if self.broken {
             return Err(ClientError::Broken(
                 xfer_proto::connection::ConnError::Closed,
             ));
         }
         self.conn.write_frame(req).await?;
-        self.read().await
+        self.read_within(wait).await
     }
 
     async fn expect_ok(&mut self, req: &Request) -> Result<()> {
@@ -332,11 +383,14 @@ impl Client {
 
     /// Uploads the local file `local` to the remote path `remote`; the server commits it only
     /// after verifying its BLAKE3 digest, and the digests of both sides are compared again.
+    /// With `resume`, data the server kept from an interrupted upload of the same path is not
+    /// sent again if it equals this file's beginning (compared by digest, not by sending it).
     pub async fn upload(
         &mut self,
         local: &Path,
         remote: &str,
-        progress: &mut (dyn FnMut(u64) + Send),
+        resume: bool,
+        mut hooks: Hooks<'_>,
     ) -> Result<Transferred> {
         let ctx = || format!("reading `{}`", local.display());
         let file = std::fs::File::open(local).map_err(|e| ClientError::local(ctx(), e))?;
@@ -348,18 +402,42 @@ impl Client {
             )));
         }
         let size = meta.len();
-        let offset = match self
-            .call(&Request::Upload {
-                path: remote.into(),
-                size,
-                offset: 0,
-            })
-            .await?
-        {
-            Response::UploadReady { offset } if offset <= size => offset,
+        (hooks.on_size)(size);
+        let wanted = if resume && self.version >= 2 { size } else { 0 };
+        let reply = self
+            .call_within(
+                &Request::Upload {
+                    path: remote.into(),
+                    size,
+                    offset: wanted,
+                },
+                RESUME_CHECK_TIMEOUT,
+            )
+            .await?;
+        let (offset, prefix) = match reply {
+            Response::UploadReady { offset: 0 } => (0, None),
+            Response::UploadResume { offset, prefix } if offset > 0 && offset <= wanted => {
+                // Resume only if what the server holds is this file's beginning.
+                let ours = hash_prefix(&file, offset).await;
+                let agreed = match ours {
+                    Ok(h) if *h.finalize().as_bytes() == prefix => Some(h),
+                    _ => None,
+                };
+                let from = if agreed.is_some() { offset } else { 0 };
+                self.conn
+                    .write_frame(&Request::UploadFrom { offset: from })
+                    .await?;
+                (from, agreed)
+            }
             other => return Err(unexpected(&other)),
         };
-        let digest = match self.conn.send_body(file, offset, size, progress).await {
+        (hooks.on_start)(offset);
+        let mut progress = hooks.on_progress;
+        let digest = match self
+            .conn
+            .send_body(file, offset, size, prefix, &mut |n| progress(offset + n))
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 self.broken = true;
@@ -378,7 +456,11 @@ impl Client {
             .await?;
         match self.read().await? {
             Response::UploadDone { size: s, digest: d } if s == size && d == digest => {
-                Ok(Transferred { size, digest })
+                Ok(Transferred {
+                    size,
+                    digest,
+                    resumed_from: offset,
+                })
             }
             Response::UploadDone { .. } => Err(ClientError::Verification(format!(
                 "the server committed `{remote}` with a different size or digest than was sent"
@@ -387,56 +469,107 @@ impl Client {
         }
     }
 
-    /// Downloads the remote file `remote` to the local path `target` through a temp file in
-    /// the same folder, renamed into place only after the digest matches.
+    /// Downloads the remote file `remote` to the local path `target` through `TARGET.part`
+    /// (see [`crate::part`]), renamed into place only after the digest matches. With
+    /// `resume`, bytes already in the `.part` from an interrupted attempt are kept if the
+    /// server's file starts with the same bytes (compared by digest); a `.part` is left
+    /// behind when the connection breaks, so the next attempt can resume.
     pub async fn download(
         &mut self,
         remote: &str,
         target: &Path,
-        progress: &mut (dyn FnMut(u64) + Send),
-        on_size: &mut (dyn FnMut(u64) + Send),
+        resume: bool,
+        hooks: Hooks<'_>,
     ) -> Result<Transferred> {
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
+        let resume = resume && self.version >= 2;
+        let mut part = Part::open(target, resume).map_err(|e| {
+            ClientError::local(format!("creating `{}`", part_path(target).display()), e)
+        })?;
+        let result = self.download_into(remote, target, &mut part, hooks).await;
+        match result {
+            Ok(done) => {
+                part.commit(target)
+                    .map_err(|e| ClientError::local(format!("saving `{}`", target.display()), e))?;
+                Ok(done)
+            }
+            Err(e) => {
+                // Only a broken connection leaves something worth resuming; a bad digest or
+                // a local failure says the bytes held cannot be trusted or cannot grow.
+                let keep = matches!(e, ClientError::Broken(_) | ClientError::ServerShuttingDown);
+                part.abandon(keep);
+                Err(e)
+            }
+        }
+    }
+
+    async fn download_into(
+        &mut self,
+        remote: &str,
+        target: &Path,
+        part: &mut Part,
+        mut hooks: Hooks<'_>,
+    ) -> Result<Transferred> {
+        let write_err = |e| ClientError::local(format!("writing `{}`", target.display()), e);
+        let held = part.held;
+        let (request, ours) = if held > 0 {
+            match hash_prefix(&part.file, held).await {
+                Ok(h) => (
+                    Request::DownloadFrom {
+                        path: remote.into(),
+                        offset: held,
+                        prefix: *h.finalize().as_bytes(),
+                    },
+                    Some(h),
+                ),
+                Err(_) => {
+                    part.restart().map_err(write_err)?;
+                    (
+                        Request::Download {
+                            path: remote.into(),
+                            offset: 0,
+                        },
+                        None,
+                    )
+                }
+            }
+        } else {
+            (
+                Request::Download {
+                    path: remote.into(),
+                    offset: 0,
+                },
+                None,
+            )
         };
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".xfer-part")
-            .tempfile_in(dir)
-            .map_err(|e| {
-                ClientError::local(format!("creating a file in `{}`", dir.display()), e)
-            })?;
-        let (size, offset) = match self
-            .call(&Request::Download {
-                path: remote.into(),
-                offset: 0,
-            })
-            .await?
-        {
-            Response::DownloadReady { size, offset, .. } if offset == 0 => (size, offset),
+        let (size, offset, prefix) = match self.call_within(&request, RESUME_CHECK_TIMEOUT).await? {
+            Response::DownloadReady {
+                size, offset: 0, ..
+            } => {
+                if part.held > 0 {
+                    part.restart().map_err(write_err)?;
+                }
+                (size, 0, None)
+            }
+            Response::DownloadReady { size, offset, .. } if offset == held && offset <= size => {
+                (size, offset, ours)
+            }
             other => return Err(unexpected(&other)),
         };
-        on_size(size);
-        let file = temp
-            .as_file()
-            .try_clone()
-            .map_err(|e| ClientError::local(format!("writing `{}`", target.display()), e))?;
-        let received = self.conn.recv_body(file, offset, size, progress).await;
+        (hooks.on_size)(size);
+        (hooks.on_start)(offset);
+        let file = part.file.try_clone().map_err(write_err)?;
+        let mut progress = hooks.on_progress;
+        let received = self
+            .conn
+            .recv_body(file, offset, size, prefix, &mut |n| progress(offset + n))
+            .await;
         let local_error = match received {
             Ok((digest, _)) => Ok(digest),
             Err(BodyError::Local { source, in_sync }) => {
                 if !in_sync {
                     self.broken = true;
                 }
-                Err(ClientError::local(
-                    format!("writing `{}`", target.display()),
-                    source,
-                ))
+                Err(write_err(source))
             }
             Err(BodyError::Net(e)) => {
                 self.broken = true;
@@ -457,15 +590,11 @@ impl Client {
                 "`{remote}` arrived corrupted (digest mismatch); nothing was saved"
             )));
         }
-        temp.as_file()
-            .sync_all()
-            .map_err(|e| ClientError::local(format!("writing `{}`", target.display()), e))?;
-        temp.persist(target)
-            .map_err(|e| ClientError::local(format!("saving `{}`", target.display()), e.error))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(Transferred { size, digest })
+        Ok(Transferred {
+            size,
+            digest,
+            resumed_from: offset,
+        })
     }
 
     /// Closes the connection politely.

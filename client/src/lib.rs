@@ -8,7 +8,9 @@
 //!   written atomically.
 //! - [`addr`]: parsing `USER@HOST[:PORT]` and `HOST[:PORT]`.
 //! - [`conn`]: connecting (TCP, optional source address, TLS, hello) and every request.
+//! - [`part`]: the `.part` file a download is staged in and resumed from.
 //! - [`progress`]: progress bars on a terminal, silence elsewhere.
+//! - `transfer`: multi-file upload, download and delete: plan, run, report, summarize.
 //! - [`cli`]: the command line.
 #![forbid(unsafe_code)]
 
@@ -16,8 +18,10 @@ pub mod addr;
 pub mod cli;
 pub mod conn;
 pub mod error;
+pub mod part;
 pub mod progress;
 pub mod state;
+mod transfer;
 pub mod verifier;
 
 pub use error::ClientError;

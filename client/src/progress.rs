@@ -1,5 +1,5 @@
 //! Transfer progress: a bar per file with bytes, percent, rate and time left, and an overall
-//! bar when a command moves several files, drawn together on a terminal; nothing at all when
+//! bar (files done, bytes, rate, time left) when a command moves several files, drawn together on a terminal; nothing at all when
 //! stderr is not a terminal or with `-q`, so pipes and logs get no redraws.
 
 use std::io::IsTerminal;
@@ -38,17 +38,19 @@ impl Progress {
         bar
     }
 
-    /// An overall bar counting `files` files, shown only when there is more than one.
-    pub fn overall(&self, files: u64) -> ProgressBar {
+    /// An overall bar for `files` files of `bytes` bytes in all (more may be added as sizes
+    /// become known), shown only when there is more than one file.
+    pub fn overall(&self, files: u64, bytes: u64) -> ProgressBar {
         match &self.multi {
             Some(multi) if files > 1 => {
-                let bar = multi.insert(0, ProgressBar::new(files));
+                let bar = multi.insert(0, ProgressBar::new(bytes));
                 bar.set_style(
                     ProgressStyle::with_template(
-                        "total: {pos}/{len} files  {wide_bar}  {elapsed_precise}",
+                        "total: {msg:12} {bytes:>10}/{total_bytes:<10} {wide_bar} {binary_bytes_per_sec:>12} ETA {eta}",
                     )
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 );
+                bar.set_message(format!("0/{files} files"));
                 bar
             }
             _ => ProgressBar::hidden(),

@@ -613,50 +613,6 @@ fn symlinks_planted_in_a_tree_lead_nowhere_for_any_command() {
 }
 
 #[test]
-fn killing_the_client_mid_upload_leaves_the_old_version_and_no_partial_file() {
-    let server = TestServer::start();
-    let h = logged_in(&server, "alice");
-    write_file(&h.path("big"), b"old version");
-    h.run(&["upload", "big"]).expect_code(0);
-    write_file(&h.path("big"), &noise(256 << 20, 7));
-    for round in 0..3 {
-        let mut child = h
-            .command(&["upload", "big"])
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Wait until the upload has started on the server, then kill -9 the client.
-        let start = std::time::Instant::now();
-        while std::fs::read_dir(server.tmp_dir()).unwrap().count() == 0 {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "upload never started"
-            );
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert_eq!(
-            std::fs::read(server.user_dir("alice").join("big")).unwrap(),
-            b"old version",
-            "round {round}"
-        );
-        let start = std::time::Instant::now();
-        while std::fs::read_dir(server.tmp_dir()).unwrap().count() != 0 {
-            assert!(
-                start.elapsed() < Duration::from_secs(40),
-                "temp file left behind"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    h.run(&["list"]).expect_code(0);
-}
-
-#[test]
 fn every_operation_lands_in_the_audit_log_without_secrets() {
     let server = TestServer::start();
     let h = logged_in(&server, "alice");

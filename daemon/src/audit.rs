@@ -27,9 +27,12 @@ pub struct Event<'a> {
     /// Second path (rename target).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<&'a str>,
-    /// Bytes transferred.
+    /// Bytes that crossed the network.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// Where a resumed transfer started (bytes already on the receiving side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
     /// BLAKE3 of the file, hex.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,

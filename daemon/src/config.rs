@@ -127,6 +127,9 @@ pub struct Limits {
     pub max_queued_logins: usize,
     /// Largest file accepted by upload, in bytes (0: no limit beyond free disk space).
     pub max_upload_bytes: u64,
+    /// Seconds an interrupted upload's data is kept for resume after its last write (0: not
+    /// kept; every upload starts over).
+    pub partial_upload_ttl_secs: u64,
 }
 
 impl Default for Limits {
@@ -146,6 +149,7 @@ impl Default for Limits {
                 .unwrap_or(2),
             max_queued_logins: 32,
             max_upload_bytes: 0,
+            partial_upload_ttl_secs: 86400,
         }
     }
 }
@@ -174,6 +178,11 @@ impl Limits {
     /// Shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+    /// How long interrupted uploads stay resumable; `None` when resume is off.
+    pub fn partial_upload_ttl(&self) -> Option<Duration> {
+        (self.partial_upload_ttl_secs > 0)
+            .then(|| Duration::from_secs(self.partial_upload_ttl_secs))
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Ctx {
     pub peer: SocketAddr,
     /// Whether the client has sent a valid `Hello`.
     pub greeted: bool,
+    /// The protocol version agreed in the hello (decides which features the client knows).
+    pub version: u16,
     /// The session, once authenticated.
     pub auth: Option<Auth>,
     /// Failed logins or token checks on this connection.
@@ -63,6 +65,7 @@ impl Ctx {
             path,
             to: outcome.to,
             bytes: outcome.bytes,
+            resumed_from: outcome.resumed_from.filter(|&o| o > 0),
             digest: outcome
                 .digest
                 .map(|d| blake3::Hash::from_bytes(*d).to_hex().to_string()),
@@ -82,8 +85,10 @@ pub struct Outcome<'a> {
     pub error: Option<ErrorCode>,
     /// Rename target.
     pub to: Option<&'a str>,
-    /// Bytes transferred.
+    /// Bytes that crossed the network.
     pub bytes: Option<u64>,
+    /// Where a resumed transfer started.
+    pub resumed_from: Option<u64>,
     /// Digest of the file transferred.
     pub digest: Option<&'a xfer_proto::Digest>,
 }
@@ -158,6 +163,7 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
         state,
         peer,
         greeted: false,
+        version: 0,
         auth: None,
         failures: 0,
     };

@@ -65,6 +65,9 @@ max_auth_attempts = 3
 max_queued_logins = 32
 # Largest upload in bytes; 0 means no limit beyond free disk space.
 max_upload_bytes = 0
+# Seconds the data of an interrupted upload is kept (invisible, under ROOT/.xfer-partial) so
+# that the next upload of the same file resumes; 0 turns resume off (default: 24 hours).
+partial_upload_ttl_secs = 86400
 
 [sessions]
 # Seconds a session token stays valid after `xfer login` (default: 7 days).

@@ -9,6 +9,7 @@
 //! - [`tls`]: certificate generation (rcgen), loading, the TLS 1.3 server config and the fingerprint.
 //! - [`beneath`]: filesystem calls confined beneath a directory, never following a symlink.
 //! - [`storage`]: the one path resolver and every filesystem operation on a user's tree.
+//! - [`partial`]: interrupted uploads kept invisible for resume, locked, bounded and expiring.
 //! - [`server`]: the accept loop, connection cap and the one shutdown mechanism.
 //! - [`handler`]: one connection's state machine: hello, authentication, the role check, dispatch.
 //! - [`cmd`]: one module per request kind.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod fsutil;
 pub mod handler;
 pub mod init;
+pub mod partial;
 pub mod penalty;
 pub mod server;
 pub mod sessions;

@@ -157,6 +157,25 @@ impl Daemon {
         reload(&self.state)
     }
 
+    /// Deletes expired partial uploads now and then for as long as the daemon runs. The period
+    /// follows the (reloadable) lifetime: a quarter of it, between 1 s and 1 h.
+    async fn sweep_partials(state: Arc<State>) {
+        loop {
+            let ttl = state.limits().partial_upload_ttl();
+            // With resume off, whatever is left expires after the default lifetime.
+            let ttl = ttl.unwrap_or(Duration::from_secs(86400));
+            let storage = state.storage.clone();
+            match tokio::task::spawn_blocking(move || storage.sweep_partials(ttl)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(removed = n, "expired partial uploads deleted"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep partial uploads"),
+                Err(_) => {}
+            }
+            let period = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+            tokio::time::sleep(period).await;
+        }
+    }
+
     /// Serves connections from `listener` until `shutdown` completes or a superuser shuts the
     /// daemon down, then shuts down gracefully. Returns once every connection is closed.
     pub async fn run(
@@ -171,6 +190,7 @@ impl Daemon {
         let handle = state.shutdown_handle();
         tokio::pin!(shutdown);
         tracing::info!(listen = %listener.local_addr()?, fingerprint = %state.fingerprint(), "accepting connections");
+        let sweeper = tokio::spawn(Self::sweep_partials(state.clone()));
 
         loop {
             let accepted = tokio::select! {
@@ -206,6 +226,7 @@ impl Daemon {
             }
         }
         drop(listener);
+        sweeper.abort();
         let limits = state.limits();
         let open = tasks.len();
         tracing::info!(

@@ -5,14 +5,17 @@
 //! [`crate::beneath::Beneath`], which resolves them in the kernel beneath the user's folder
 //! without following any symlink (openat2 `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so a link
 //! planted inside a tree cannot lead any operation outside it, not even by a race. Uploads
-//! land in a temp file under `ROOT/.xfer-tmp` (same filesystem) and become visible only by
-//! rename after verification and fsync.
+//! land in a partial file under `ROOT/.xfer-partial/USER` (kept for resume, see
+//! [`crate::partial`]) or a temp file under `ROOT/.xfer-tmp` (same filesystem), and become
+//! visible only by rename after verification and fsync.
 
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::partial::PartialDir;
 
 use crate::beneath::{Beneath, Kind, Meta};
 
@@ -117,7 +120,7 @@ impl StorageError {
 pub struct Storage {
     /// The configured root.
     root: PathBuf,
-    /// `root/.xfer-tmp`, where uploads are written before they are committed.
+    /// `root/.xfer-tmp`, where uploads that cannot resume are written before their commit.
     tmp: PathBuf,
 }
 
@@ -128,6 +131,7 @@ impl Storage {
         crate::fsutil::create_dir_with_mode(root, 0o700)?;
         let tmp = root.join(TMP_DIR);
         crate::fsutil::create_dir_with_mode(&tmp, 0o700)?;
+        crate::fsutil::create_dir_with_mode(&root.join(crate::partial::PARTIAL_DIR), 0o700)?;
         let mut removed = 0;
         for entry in std::fs::read_dir(&tmp)? {
             let entry = entry?;
@@ -147,6 +151,11 @@ impl Storage {
         })
     }
 
+    /// Deletes partial uploads not touched for `ttl`; returns how many.
+    pub fn sweep_partials(&self, ttl: Duration) -> std::io::Result<usize> {
+        crate::partial::sweep(&self.root, ttl)
+    }
+
     /// A user's tree, created on first use.
     pub fn user_tree(&self, user: &str) -> std::io::Result<UserTree> {
         let dir = self.root.join(user);
@@ -161,6 +170,7 @@ impl Storage {
             dir,
             root: Arc::new(root),
             tmp: self.tmp.clone(),
+            partials: PartialDir::new(&self.root, user),
         })
     }
 }
@@ -172,8 +182,10 @@ pub struct UserTree {
     dir: PathBuf,
     /// The user's folder, open: all access goes through it.
     root: Arc<Beneath>,
-    /// Where uploads are staged.
+    /// Where uploads that cannot resume are staged.
     tmp: PathBuf,
+    /// Where uploads that can resume are staged.
+    partials: PartialDir,
 }
 
 /// A remote path resolved beneath the user's folder.
@@ -200,13 +212,79 @@ impl Resolved {
     }
 }
 
-/// An upload in progress: a temp file that becomes the target only through [`UserTree::commit`].
-/// Dropping it (error, abort, shutdown) deletes the temp file.
+/// An upload in progress: staged data that becomes the target only through
+/// [`UserTree::commit`]. Dropping it (a broken connection, an abort, a shutdown) keeps a
+/// resumable partial for the next attempt and deletes a plain temp file;
+/// [`PendingUpload::discard`] deletes either.
+#[derive(Debug)]
 pub struct PendingUpload {
-    /// The staged data.
-    pub temp: tempfile::NamedTempFile,
+    /// The staged data, positioned anywhere (bodies seek).
+    file: File,
+    /// The folder holding it.
+    dir: PathBuf,
+    /// Its name in that folder.
+    name: String,
     /// The remote path, for messages and the commit.
-    pub remote: String,
+    remote: String,
+    /// Bytes already staged by an interrupted attempt, offered for resume.
+    held: u64,
+    /// Kept on drop (a resumable partial) or deleted (a temp file, or discarded).
+    keep: bool,
+    /// Renamed into place: nothing left to clean up.
+    committed: bool,
+}
+
+impl PendingUpload {
+    /// The staged file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Bytes held from an interrupted attempt (0 for a fresh start).
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Whether an interruption now would leave data to resume from.
+    pub fn resumable(&self) -> bool {
+        self.keep
+    }
+
+    /// Drops what an earlier attempt left, to start from byte 0.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.file.set_len(0)?;
+        self.held = 0;
+        Ok(())
+    }
+
+    /// Deletes the staged data now (bad digest, failed write): nothing to resume from.
+    pub fn discard(mut self) {
+        self.keep = false;
+    }
+}
+
+impl Drop for PendingUpload {
+    fn drop(&mut self) {
+        if !self.committed && !self.keep {
+            let _ = std::fs::remove_file(self.dir.join(&self.name));
+        }
+    }
+}
+
+/// How an upload may use the partial-upload store.
+#[derive(Debug, Clone, Copy)]
+pub enum Staging {
+    /// A plain temp file, deleted if the upload does not complete (resume is off, or the
+    /// client cannot resume).
+    Temp,
+    /// A partial kept on interruption; `up_to` is the most the client will skip (0: start
+    /// over), `ttl` how long an untouched partial stays usable.
+    Resumable {
+        /// Largest offset the client accepts.
+        up_to: u64,
+        /// Expiry of untouched partials.
+        ttl: Duration,
+    },
 }
 
 fn entry_of(name: String, meta: &Meta) -> Entry {
@@ -350,6 +428,7 @@ impl UserTree {
         remote: &str,
         size: u64,
         max_bytes: u64,
+        staging: Staging,
     ) -> Result<PendingUpload, StorageError> {
         if max_bytes > 0 && size > max_bytes {
             return Err(StorageError::TooLarge(max_bytes));
@@ -360,30 +439,78 @@ impl UserTree {
         {
             return Err(StorageError::WrongKind(remote.into(), "a folder"));
         }
+        let mut pending = match staging {
+            Staging::Resumable { up_to, ttl } => {
+                // Keyed by the canonical path, so `a//b` and `a/b` share one partial.
+                let key = r.parts.join("/");
+                match self
+                    .partials
+                    .open(&key, ttl)
+                    .map_err(|e| StorageError::io("staging", remote, e))?
+                {
+                    Some(p) => {
+                        let mut up = PendingUpload {
+                            file: p.file,
+                            dir: p.dir,
+                            name: p.name,
+                            remote: remote.into(),
+                            held: p.held,
+                            keep: true,
+                            committed: false,
+                        };
+                        if up.held > up_to.min(size) {
+                            up.restart()
+                                .map_err(|e| StorageError::io("staging", remote, e))?;
+                        }
+                        Some(up)
+                    }
+                    // Another upload of this path is running: stage this one apart.
+                    None => None,
+                }
+            }
+            Staging::Temp => None,
+        };
+        if pending.is_none() {
+            let temp = tempfile::Builder::new()
+                .prefix("upload-")
+                .tempfile_in(&self.tmp)
+                .map_err(|e| StorageError::io("creating a temp file for", remote, e))?;
+            let (file, path) = temp.into_parts();
+            let path = path
+                .keep()
+                .map_err(|e| StorageError::io("staging", remote, e.error))?;
+            pending = Some(PendingUpload {
+                file,
+                dir: self.tmp.clone(),
+                name: path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                remote: remote.into(),
+                held: 0,
+                keep: false,
+                committed: false,
+            });
+        }
+        let pending = pending.expect("staged above");
         if let Ok(st) = rustix::fs::statvfs(&self.tmp) {
             let free = st.f_bavail.saturating_mul(st.f_frsize);
-            if size > free {
+            if size - pending.held > free {
+                // Dropping a partial keeps it: the space it holds is not what is missing.
                 return Err(StorageError::NoSpace);
             }
         }
-        let temp = tempfile::Builder::new()
-            .prefix("upload-")
-            .tempfile_in(&self.tmp)
-            .map_err(|e| StorageError::io("creating a temp file for", remote, e))?;
-        Ok(PendingUpload {
-            temp,
-            remote: remote.into(),
-        })
+        Ok(pending)
     }
 
     /// Makes a verified upload visible: fsync the data, re-check the target, rename over it
     /// (from the temp folder into the user's tree, by directory handles), fsync the folder.
     /// Until the rename the old version is untouched.
-    pub fn commit(&self, upload: PendingUpload) -> Result<(), StorageError> {
+    pub fn commit(&self, mut upload: PendingUpload) -> Result<(), StorageError> {
         let remote = upload.remote.clone();
         upload
-            .temp
-            .as_file()
+            .file
             .sync_all()
             .map_err(|e| StorageError::io("syncing", &remote, e))?;
         // The tree may have changed during the transfer (a folder or link put in the way).
@@ -393,26 +520,13 @@ impl UserTree {
         {
             return Err(StorageError::WrongKind(remote, "a folder"));
         }
-        let (_file, temp_path) = upload.temp.into_parts();
-        let temp_name = temp_path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_string)
-            .ok_or_else(|| {
-                StorageError::io(
-                    "committing",
-                    &remote,
-                    std::io::Error::other("bad temp name"),
-                )
-            })?;
-        let tmp_dir = std::fs::File::open(&self.tmp)
+        let staged_dir = std::fs::File::open(&upload.dir)
             .map_err(|e| StorageError::io("committing", &remote, e))?;
         let (parent, name) = r.split();
         self.root
-            .rename_into(&tmp_dir, &temp_name, &parent, name)
+            .rename_into(&staged_dir, &upload.name, &parent, name)
             .map_err(|e| self.fail("committing", &remote, e))?;
-        // The temp name is gone now; disarm its delete-on-drop.
-        let _ = temp_path.keep();
+        upload.committed = true;
         Ok(())
     }
 
@@ -509,8 +623,10 @@ mod tests {
     }
 
     fn put(tree: &UserTree, remote: &str, data: &[u8]) {
-        let mut up = tree.begin_upload(remote, data.len() as u64, 0).unwrap();
-        up.temp.write_all(data).unwrap();
+        let up = tree
+            .begin_upload(remote, data.len() as u64, 0, Staging::Temp)
+            .unwrap();
+        up.file().write_all(data).unwrap();
         tree.commit(up).unwrap();
     }
 
@@ -537,12 +653,63 @@ mod tests {
         let (d, _s, t) = tree();
         put(&t, "f", b"old");
         {
-            let mut up = t.begin_upload("f", 3, 0).unwrap();
-            up.temp.write_all(b"ne").unwrap();
+            let up = t.begin_upload("f", 3, 0, Staging::Temp).unwrap();
+            up.file().write_all(b"ne").unwrap();
         }
         assert_eq!(std::fs::read(t.dir().join("f")).unwrap(), b"old");
         let tmp = d.path().join("root").join(TMP_DIR);
         assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_interrupted_resumable_upload_is_kept_apart_and_offered_again() {
+        let (d, _s, t) = tree();
+        let resume = |up_to| Staging::Resumable {
+            up_to,
+            ttl: Duration::from_secs(60),
+        };
+        t.mkdir("d").unwrap();
+        put(&t, "d/f", b"old");
+        {
+            let up = t.begin_upload("d/f", 6, 0, resume(6)).unwrap();
+            assert_eq!(up.held(), 0);
+            up.file().write_all(b"new").unwrap();
+        }
+        // Invisible: the old version is still there and nothing else in the tree.
+        assert_eq!(std::fs::read(t.dir().join("d/f")).unwrap(), b"old");
+        assert_eq!(t.list("d").unwrap().len(), 1);
+        // The same file under another spelling of its path.
+        let mut up = t.begin_upload("d//f", 6, 0, resume(6)).unwrap();
+        assert_eq!(up.held(), 3);
+        use std::io::{Seek, SeekFrom};
+        up.file.seek(SeekFrom::Start(3)).unwrap();
+        up.file().write_all(b"abc").unwrap();
+        t.commit(up).unwrap();
+        assert_eq!(std::fs::read(t.dir().join("d/f")).unwrap(), b"newabc");
+        let partials = d
+            .path()
+            .join("root")
+            .join(crate::partial::PARTIAL_DIR)
+            .join("alice");
+        assert_eq!(std::fs::read_dir(&partials).unwrap().count(), 0);
+        // Asking to start over, or a file smaller than what is held, empties it.
+        {
+            let up = t.begin_upload("g", 10, 0, resume(10)).unwrap();
+            up.file().write_all(b"12345").unwrap();
+        }
+        assert_eq!(t.begin_upload("g", 10, 0, resume(0)).unwrap().held(), 0);
+        {
+            let up = t.begin_upload("g", 10, 0, resume(10)).unwrap();
+            up.file().write_all(b"12345").unwrap();
+        }
+        assert_eq!(t.begin_upload("g", 4, 0, resume(4)).unwrap().held(), 0);
+        // A discarded one is gone.
+        {
+            let up = t.begin_upload("h", 10, 0, resume(10)).unwrap();
+            up.file().write_all(b"12345").unwrap();
+            up.discard();
+        }
+        assert_eq!(t.begin_upload("h", 10, 0, resume(10)).unwrap().held(), 0);
     }
 
     #[test]
@@ -573,8 +740,8 @@ mod tests {
             t.open_for_download("flink"),
             Err(StorageError::Symlink(_))
         ));
-        assert!(t.begin_upload("link/new", 1, 0).is_err());
-        assert!(t.begin_upload("flink", 1, 0).is_err());
+        assert!(t.begin_upload("link/new", 1, 0, Staging::Temp).is_err());
+        assert!(t.begin_upload("flink", 1, 0, Staging::Temp).is_err());
         assert!(t.delete("link/secret").is_err());
         assert!(t.rename("flink", "x").is_err());
         assert!(t.mkdir("link/sub").is_err());

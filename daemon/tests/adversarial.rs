@@ -195,21 +195,16 @@ async fn kill_9_of_the_daemon_mid_upload_never_damages_the_old_version() {
         let mut c = serving.client("alice", "alice-pw").await;
         let old = dir.path().join("old");
         std::fs::write(&old, b"old version").unwrap();
-        c.upload(&old, "doc", &mut |_| {}).await.unwrap();
+        c.upload(&old, "doc", true, Default::default())
+            .await
+            .unwrap();
     }
+    let partials = storage.join(".xfer-partial/alice");
+    let partial_len = || common::partial_bytes(&storage, "alice");
     for round in 0..3 {
         let mut serving = Serving::start(&config);
-        if round > 0 {
-            // The previous round's kill left a temp file; a fresh start removes it.
-            assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "round {round}");
-            let log = serving.log.lock().unwrap().clone();
-            assert!(log.contains("removed temp files"), "{log}");
-        }
         let _conn = stalled_upload(&serving, "doc", 64 << 20, 4 << 20).await;
-        wait_for("the partial upload on disk", || {
-            std::fs::read_dir(&tmp).unwrap().count() > 0
-        })
-        .await;
+        wait_for("the partial upload on disk", || partial_len() > 0).await;
         serving.child.kill().unwrap(); // SIGKILL: no cleanup at all
         serving.child.wait().unwrap();
         assert_eq!(
@@ -217,11 +212,15 @@ async fn kill_9_of_the_daemon_mid_upload_never_damages_the_old_version() {
             b"old version"
         );
         assert_eq!(std::fs::read_dir(storage.join("alice")).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "round {round}");
+        // The received part is kept, invisible, for the next attempt to resume from.
+        assert!(partial_len() > 0, "round {round}");
     }
     let serving = Serving::start(&config);
     let mut c = serving.client("alice", "alice-pw").await;
     assert_eq!(c.list("").await.unwrap().len(), 1);
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(&partials).unwrap().count(), 1);
 }
 
 /// A small tmpfs mounted for one test; unmounted on drop.
@@ -266,7 +265,10 @@ async fn a_full_disk_gives_a_clear_error_removes_the_temp_file_and_keeps_serving
 
     // Larger than the free space: refused before any data is sent.
     let mut c = serving.client("alice", "alice-pw").await;
-    let err = c.upload(&big, "big", &mut |_| {}).await.unwrap_err();
+    let err = c
+        .upload(&big, "big", true, Default::default())
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains("no space left on the server"),
         "{err}"
@@ -275,10 +277,9 @@ async fn a_full_disk_gives_a_clear_error_removes_the_temp_file_and_keeps_serving
 
     // Two uploads that each fit but not together: the disk fills mid-transfer.
     let mut c2 = serving.client("alice", "alice-pw").await;
-    let (mut n1, mut n2) = (|_| {}, |_| {});
     let (r1, r2) = tokio::join!(
-        c.upload(&five, "a", &mut n1),
-        c2.upload(&five, "b", &mut n2)
+        c.upload(&five, "a", true, Default::default()),
+        c2.upload(&five, "b", true, Default::default())
     );
     let failures: Vec<_> = [&r1, &r2]
         .into_iter()
@@ -309,7 +310,10 @@ async fn a_full_disk_gives_a_clear_error_removes_the_temp_file_and_keeps_serving
     let small = work.path().join("small");
     std::fs::write(&small, b"fits").unwrap();
     let mut fresh = serving.client("alice", "alice-pw").await;
-    fresh.upload(&small, "small", &mut |_| {}).await.unwrap();
+    fresh
+        .upload(&small, "small", true, Default::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -343,7 +347,9 @@ async fn an_upload_is_fsynced_then_renamed_then_its_folder_fsynced() {
     let mut c = serving.client("alice", "alice-pw").await;
     let file = dir.path().join("payload");
     std::fs::write(&file, b"durable").unwrap();
-    c.upload(&file, "durable.txt", &mut |_| {}).await.unwrap();
+    c.upload(&file, "durable.txt", true, Default::default())
+        .await
+        .unwrap();
     // Signals would go to strace; stop the daemon through the protocol instead.
     let mut root = serving.client("root", "root-pw").await;
     root.shutdown("root-pw").await.unwrap();

@@ -220,7 +220,7 @@ async fn a_superuser_shutdown_ends_the_daemon_with_exit_0_while_another_client_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_in_flight_gets_the_grace_period_then_is_discarded() {
+async fn an_upload_in_flight_gets_the_grace_period_then_is_kept_invisible_for_resume() {
     let (dir, config) = setup(2);
     let mut serving = Serving::start(&config);
     // Keep an older version to prove it survives.
@@ -228,17 +228,20 @@ async fn an_upload_in_flight_gets_the_grace_period_then_is_discarded() {
     let mut c = serving.client("alice", "alice-pw").await;
     let old = dir.path().join("old");
     std::fs::write(&old, b"old version").unwrap();
-    c.upload(&old, "big", &mut |_| {}).await.unwrap();
+    c.upload(&old, "big", true, Default::default())
+        .await
+        .unwrap();
 
     // Start an upload by hand and stall it after 1 MiB.
     let _conn = common::stalled_upload(&serving, "big", 64 << 20, 1 << 20).await;
     // Wait until the partial data is on the server's disk.
     let tmp = storage.join(".xfer-tmp");
+    let partial_len = || common::partial_bytes(&storage, "alice");
     let start = Instant::now();
-    while std::fs::read_dir(&tmp).unwrap().count() == 0 {
+    while partial_len() == 0 {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "temp file never appeared"
+            "partial upload never appeared"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -254,11 +257,13 @@ async fn an_upload_in_flight_gets_the_grace_period_then_is_discarded() {
         std::fs::read(storage.join("alice/big")).unwrap(),
         b"old version"
     );
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
     assert_eq!(
-        std::fs::read_dir(&tmp).unwrap().count(),
-        0,
-        "partial upload discarded"
+        std::fs::read_dir(storage.join("alice")).unwrap().count(),
+        1,
+        "nothing partial is visible"
     );
+    assert!(partial_len() > 0, "the received part is kept for resume");
     let log = serving.log.lock().unwrap().clone();
     assert!(log.contains("grace period over"), "{log}");
 }

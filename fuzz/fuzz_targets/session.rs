@@ -96,9 +96,17 @@ enum Op {
         offset: u64,
     },
     UploadEnd([u8; 32]),
+    /// The answer to a resume offer, with any offset.
+    UploadFrom(Offset),
     Download {
         path: FPath,
         offset: Offset,
+    },
+    /// A resumed download with any prefix digest (or the right one for a prefix of `data`).
+    DownloadFrom {
+        path: FPath,
+        offset: Offset,
+        prefix: [u8; 32],
     },
     Delete(FPath),
     Rename(FPath, FPath),
@@ -155,6 +163,16 @@ enum Offset {
     Zero,
     Small(u8),
     Any(u64),
+}
+
+impl Offset {
+    fn value(&self) -> u64 {
+        match self {
+            Offset::Zero => 0,
+            Offset::Small(n) => *n as u64,
+            Offset::Any(n) => *n,
+        }
+    }
 }
 
 /// A remote path: parts joined with `/` (an empty first part makes it absolute).
@@ -553,13 +571,21 @@ impl Script<'_> {
                 offset: *offset,
             },
             Op::UploadEnd(digest) => Request::UploadEnd { digest: *digest },
+            Op::UploadFrom(offset) => Request::UploadFrom {
+                offset: offset.value(),
+            },
             Op::Download { path, offset } => Request::Download {
                 path: path.text(),
-                offset: match offset {
-                    Offset::Zero => 0,
-                    Offset::Small(n) => *n as u64,
-                    Offset::Any(n) => *n,
-                },
+                offset: offset.value(),
+            },
+            Op::DownloadFrom {
+                path,
+                offset,
+                prefix,
+            } => Request::DownloadFrom {
+                path: path.text(),
+                offset: offset.value(),
+                prefix: *prefix,
             },
             Op::Delete(p) => Request::Delete { path: p.text() },
             Op::Rename(from, to) => Request::Rename {
@@ -675,6 +701,10 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
                 assert_eq!(offset, 0);
             }
             Response::UploadDone { .. } => assert!(authenticated),
+            Response::UploadResume { offset, .. } => {
+                assert!(authenticated, "a resume offer before any authentication");
+                assert!(offset > 0, "a resume offer of nothing");
+            }
             Response::DownloadReady { size, offset, .. } => {
                 assert!(authenticated, "a download before any authentication");
                 assert!(
@@ -761,7 +791,25 @@ fn check_disk(fx: &Fixture, seen: &Observed) {
         );
     }
     let root = &fx.config.root;
-    expect_names(root, &[xferd::storage::TMP_DIR, USER, ADMIN]);
+    expect_names(
+        root,
+        &[
+            xferd::storage::TMP_DIR,
+            xferd::partial::PARTIAL_DIR,
+            USER,
+            ADMIN,
+        ],
+    );
+    // Interrupted uploads may stay for resume, but only as plain files named by a hash.
+    for (rel, what) in snapshot(&root.join(xferd::partial::PARTIAL_DIR)) {
+        let name = rel.file_name().unwrap().to_string_lossy().into_owned();
+        let is_user_dir = rel.components().count() == 1 && what == "dir";
+        let is_partial = rel.components().count() == 2
+            && what.starts_with("file")
+            && name.len() == 64
+            && name.bytes().all(|b| b.is_ascii_hexdigit());
+        assert!(is_user_dir || is_partial, "unexpected partial entry {rel:?} ({what})");
+    }
     let staged = snapshot(&root.join(xferd::storage::TMP_DIR));
     assert!(
         staged.is_empty(),

@@ -42,8 +42,17 @@ fn cancelled() -> std::io::Error {
     std::io::Error::other("transfer cancelled")
 }
 
-/// Hashes the first `len` bytes of `file` into `hasher`, from the start.
-fn hash_prefix(
+/// BLAKE3 of the first `len` bytes of `file`, as a hasher that can go on with the rest: a
+/// resumed transfer compares `finalize()` of it with the other side's prefix digest, then
+/// passes it to the body so the prefix is read once. Blocking; fails with `UnexpectedEof` if
+/// the file is shorter than `len`.
+pub fn hash_prefix(file: &mut std::fs::File, len: u64) -> std::io::Result<blake3::Hasher> {
+    let mut hasher = blake3::Hasher::new();
+    hash_prefix_into(file, len, &mut hasher)?;
+    Ok(hasher)
+}
+
+fn hash_prefix_into(
     file: &mut std::fs::File,
     len: u64,
     hasher: &mut blake3::Hasher,
@@ -61,22 +70,23 @@ fn hash_prefix(
 }
 
 /// Fills `buf`, failing only if a single read makes no progress within `timeout`: a slow but
-/// steady link is fine, a stalled one is not.
+/// steady link is fine, a stalled one is not. On failure, also says how much of `buf` was
+/// filled, so a receiver can keep what arrived (it is authenticated by TLS).
 async fn read_exact_progress<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut [u8],
     timeout: Duration,
-) -> Result<(), ConnError> {
+) -> Result<(), (usize, ConnError)> {
     let mut filled = 0;
     while filled < buf.len() {
         match tokio::time::timeout(timeout, r.read(&mut buf[filled..])).await {
-            Err(_) => return Err(ConnError::Timeout("receiving file data")),
-            Ok(Ok(0)) => return Err(ConnError::Truncated),
+            Err(_) => return Err((filled, ConnError::Timeout("receiving file data"))),
+            Ok(Ok(0)) => return Err((filled, ConnError::Truncated)),
             Ok(Ok(n)) => filled += n,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(ConnError::Truncated);
+                return Err((filled, ConnError::Truncated));
             }
-            Ok(Err(e)) => return Err(ConnError::Io(e)),
+            Ok(Err(e)) => return Err((filled, ConnError::Io(e))),
         }
     }
     Ok(())
@@ -105,6 +115,7 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
     mut file: std::fs::File,
     offset: u64,
     size: u64,
+    prefix: Option<blake3::Hasher>,
     io_timeout: Duration,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Digest, BodyError> {
@@ -117,7 +128,13 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<blake3::Hasher> {
         let mut hasher = blake3::Hasher::new();
         let result: std::io::Result<()> = (|| {
-            hash_prefix(&mut file, offset, &mut hasher)?;
+            match prefix {
+                Some(h) => {
+                    hasher = h;
+                    file.seek(SeekFrom::Start(offset))?;
+                }
+                None => hash_prefix_into(&mut file, offset, &mut hasher)?,
+            }
             let mut left = total;
             while left > 0 {
                 let mut buf = free_rx.recv().map_err(|_| cancelled())?;
@@ -187,6 +204,7 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
     mut file: std::fs::File,
     offset: u64,
     size: u64,
+    prefix: Option<blake3::Hasher>,
     io_timeout: Duration,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<(Digest, std::fs::File), BodyError> {
@@ -195,8 +213,10 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
     let (free_tx, mut free_rx) = mpsc::channel::<Vec<u8>>(PIPELINE_DEPTH);
     let writer = tokio::task::spawn_blocking(
         move || -> std::io::Result<(blake3::Hasher, std::fs::File)> {
-            let mut hasher = blake3::Hasher::new();
-            hash_prefix(&mut file, offset, &mut hasher)?;
+            let mut hasher = match prefix {
+                Some(h) => h,
+                None => hash_prefix(&mut file, offset)?,
+            };
             file.seek(SeekFrom::Start(offset))?;
             while let Ok(buf) = full_rx.recv() {
                 hasher.update(&buf);
@@ -227,7 +247,18 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
             None => Vec::new(),
         };
         buf.resize(n, 0);
-        read_exact_progress(r, &mut buf, io_timeout).await?;
+        if let Err((filled, e)) = read_exact_progress(r, &mut buf, io_timeout).await {
+            // Keep every byte that arrived, so a resumed transfer need not send it again,
+            // and let the writer finish before returning, so the file is complete when the
+            // caller releases it.
+            if writer_alive {
+                buf.truncate(filled);
+                let _ = full_tx.try_send(buf);
+            }
+            drop(full_tx);
+            let _ = writer.await;
+            return Err(e.into());
+        }
         received += n as u64;
         progress(received);
         if writer_alive {
@@ -274,8 +305,19 @@ mod tests {
         let src = file_with(&data);
         // The receiver already holds the prefix, as a resumed transfer would.
         let dst = file_with(&data[..offset as usize]);
-        let send = async move { a.send_body(src, offset, size, &mut |_| {}).await.unwrap() };
-        let recv = async move { b.recv_body(dst, offset, size, &mut |_| {}).await.unwrap() };
+        let send = async move {
+            a.send_body(src, offset, size, None, &mut |_| {})
+                .await
+                .unwrap()
+        };
+        // The receiver brings its own prefix hasher, as a resumed transfer does.
+        let mut held = dst.try_clone().unwrap();
+        let prefix = hash_prefix(&mut held, offset).unwrap();
+        let recv = async move {
+            b.recv_body(dst, offset, size, Some(prefix), &mut |_| {})
+                .await
+                .unwrap()
+        };
         let (d1, (d2, mut out)) = tokio::join!(send, recv);
         assert_eq!(d1, d2);
         assert_eq!(d1, *blake3::hash(&data).as_bytes());
@@ -294,12 +336,24 @@ mod tests {
         round_trip(all, (CHUNK_LEN + 5) as u64).await;
     }
 
+    #[test]
+    fn a_prefix_hasher_continues_to_the_whole_digest() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(CHUNK_LEN + 99).collect();
+        let mut f = file_with(&data);
+        let mut h = hash_prefix(&mut f, 1000).unwrap();
+        assert_eq!(h.finalize(), blake3::hash(&data[..1000]));
+        h.update(&data[1000..]);
+        assert_eq!(h.finalize(), blake3::hash(&data));
+        let short = hash_prefix(&mut f, data.len() as u64 + 1).unwrap_err();
+        assert_eq!(short.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
     #[tokio::test]
     async fn a_short_source_is_reported() {
         let (a, _b) = tokio::io::duplex(1 << 20);
         let mut a = Connection::new(a, Duration::from_secs(10));
         let err = a
-            .send_body(file_with(b"abc"), 0, 10, &mut |_| {})
+            .send_body(file_with(b"abc"), 0, 10, None, &mut |_| {})
             .await
             .unwrap_err();
         assert!(matches!(err, BodyError::SourceChanged), "{err:?}");
@@ -320,14 +374,14 @@ mod tests {
         // 15 bytes over 1.5 s with a 1 s progress deadline: slower than the deadline in
         // total, but never stalled, so it must succeed.
         let (digest, _) = b
-            .recv_body(tempfile::tempfile().unwrap(), 0, 15, &mut |_| {})
+            .recv_body(tempfile::tempfile().unwrap(), 0, 15, None, &mut |_| {})
             .await
             .unwrap();
         let expected: Vec<u8> = (0..15u8).collect();
         assert_eq!(digest, *blake3::hash(&expected).as_bytes());
         let _a = slow.await.unwrap();
         let err = b
-            .recv_body(tempfile::tempfile().unwrap(), 0, 1, &mut |_| {})
+            .recv_body(tempfile::tempfile().unwrap(), 0, 1, None, &mut |_| {})
             .await
             .unwrap_err();
         assert!(
@@ -343,7 +397,7 @@ mod tests {
         a.write_all(b"only five").await.unwrap();
         drop(a);
         let err = b
-            .recv_body(tempfile::tempfile().unwrap(), 0, 100, &mut |_| {})
+            .recv_body(tempfile::tempfile().unwrap(), 0, 100, None, &mut |_| {})
             .await
             .unwrap_err();
         assert!(

@@ -120,12 +120,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Streams bytes `offset..size` of `file` as a raw body and returns the digest of the whole
-    /// file (bytes `0..size`; the prefix is read and hashed but not sent).
+    /// file (bytes `0..size`). The prefix is not sent: `prefix` is a hasher that has already
+    /// absorbed bytes `0..offset` (see [`crate::body::hash_prefix`]), or `None` to hash them here.
     pub async fn send_body(
         &mut self,
         file: std::fs::File,
         offset: u64,
         size: u64,
+        prefix: Option<blake3::Hasher>,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<Digest, crate::body::BodyError> {
         crate::body::send(
@@ -133,6 +135,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             file,
             offset,
             size,
+            prefix,
             self.io_timeout,
             progress,
         )
@@ -140,13 +143,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Receives a raw body of `size - offset` bytes into `file` (positioned by this call at
-    /// `offset`), and returns the digest of the whole file and the file. On a local write
+    /// `offset`), and returns the digest of the whole file and the file. `prefix` is as for
+    /// [`Connection::send_body`]. On a local write
     /// failure the rest of the body is read and discarded, so the connection stays usable.
     pub async fn recv_body(
         &mut self,
         file: std::fs::File,
         offset: u64,
         size: u64,
+        prefix: Option<blake3::Hasher>,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(Digest, std::fs::File), crate::body::BodyError> {
         crate::body::recv(
@@ -154,6 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             file,
             offset,
             size,
+            prefix,
             self.io_timeout,
             progress,
         )

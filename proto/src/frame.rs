@@ -203,6 +203,15 @@ mod tests {
         // And the variant numbers the spec's tables give.
         let tag = |r: &Request| postcard::to_allocvec(r).unwrap()[0];
         assert_eq!(tag(&Request::Ping), 13);
+        assert_eq!(tag(&Request::UploadFrom { offset: 0 }), 14);
+        assert_eq!(
+            tag(&Request::DownloadFrom {
+                path: String::new(),
+                offset: 0,
+                prefix: [0; 32]
+            }),
+            15
+        );
         assert_eq!(
             tag(&Request::Shutdown {
                 password: String::new()
@@ -215,6 +224,13 @@ mod tests {
                 message: String::new()
             }),
             10
+        );
+        assert_eq!(
+            rtag(&Response::UploadResume {
+                offset: 0,
+                prefix: [0; 32]
+            }),
+            11
         );
         assert_eq!(
             postcard::to_allocvec(&ErrorCode::Internal).unwrap(),

@@ -1,4 +1,4 @@
-//! The xfer wire protocol, version 1: what `xferd` and `xfer` say to each other.
+//! The xfer wire protocol, version 2: what `xferd` and `xfer` say to each other.
 //!
 //! Map of the crate:
 //! - [`limits`]: every constant that bounds what the network may send (frame length, name length, ...).
@@ -7,6 +7,7 @@
 //! - [`connection`]: a buffered stream that reads and writes frames and file bodies with deadlines.
 //! - [`body`]: streaming a file body of known size through a bounded buffer pipeline with a BLAKE3 digest.
 //! - [`path`]: the one syntax check for remote paths that both sides apply.
+//! - [`staging`]: locked staging files that resumable bodies are written into.
 //! - [`tls`]: the TLS 1.3 crypto provider both sides use.
 //! - [`fingerprint`]: the server identity that clients pin (SHA-256 of the certificate's public key).
 //!
@@ -20,13 +21,18 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod path;
+pub mod staging;
 pub mod tls;
 
 pub use connection::Connection;
 pub use message::{Digest, Entry, EntryKind, ErrorCode, Request, Response, Role};
 
-/// The protocol version carried in the hello; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version carried in the hello; bumped whenever messages are added. Version 2
+/// added resumable transfers (`UploadResume`, `UploadFrom`, `DownloadFrom`).
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest version a server still serves (without the features added since).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
 /// The ALPN identifier negotiated in the TLS handshake; a server refuses any other.
 pub const ALPN: &[u8] = b"xfer/1";

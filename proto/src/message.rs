@@ -45,7 +45,9 @@ pub enum Request {
         path: String,
         /// Exact size of the whole file in bytes.
         size: u64,
-        /// Where the client would like to start; the server may choose a smaller offset.
+        /// 0 to start over (any partial upload to this path is discarded); more than 0 asks to
+        /// resume from at most this many bytes (protocol 2; the server then may answer
+        /// `UploadResume`).
         offset: u64,
     },
     /// Trailer of an upload body: the digest of the whole file (bytes `0..size`).
@@ -85,6 +87,24 @@ pub enum Request {
     },
     /// No-op round trip, answered by `Ok`.
     Ping,
+    /// Answer to `UploadResume` (protocol 2): where the body that follows starts. Either the
+    /// offered offset (the client's own prefix has the same digest) or 0 (start over; the
+    /// server discards what it held).
+    UploadFrom {
+        /// `0` or the offset the server offered.
+        offset: u64,
+    },
+    /// Start a download that resumes a partial copy (protocol 2). The server sends from
+    /// `offset` if its first `offset` bytes have digest `prefix`, else from 0; `DownloadReady`
+    /// says which.
+    DownloadFrom {
+        /// Remote path of the file.
+        path: String,
+        /// How many bytes the client already holds.
+        offset: u64,
+        /// BLAKE3 of the bytes the client holds (`0..offset`).
+        prefix: Digest,
+    },
 }
 
 /// What the server answers.
@@ -117,7 +137,7 @@ pub enum Response {
     },
     /// The server is ready for an upload body starting at `offset`.
     UploadReady {
-        /// First byte the client must send (0 until resume exists).
+        /// First byte the client must send; always 0 (resuming goes through `UploadResume`).
         offset: u64,
     },
     /// The upload was verified and committed under its final name.
@@ -152,6 +172,15 @@ pub enum Response {
     ShuttingDown {
         /// Human-readable reason.
         message: String,
+    },
+    /// Answer to an `Upload` that asked to resume (protocol 2), instead of `UploadReady`: the
+    /// server holds the first `offset` bytes of an interrupted upload to this path, whose
+    /// BLAKE3 is `prefix`. The client answers `UploadFrom`.
+    UploadResume {
+        /// Bytes the server holds (more than 0, at most the offset the client asked for).
+        offset: u64,
+        /// BLAKE3 of those bytes.
+        prefix: Digest,
     },
 }
 

@@ -443,3 +443,150 @@ pub async fn client(server: &TestServer, user: &str) -> xfer::conn::Client {
     c.login(user, password_of(user)).await.expect("login");
     c
 }
+
+/// A TCP relay between a client and a test server that counts the bytes of each connection
+/// in each direction and can stall a direction after a number of bytes, as a dropped or frozen
+/// link would. Used to measure what a resumed transfer really sends.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    shared: Arc<ProxyShared>,
+}
+
+#[derive(Default)]
+struct ProxyShared {
+    /// Per-connection caps for new connections: client to server, server to client.
+    caps: std::sync::Mutex<(u64, u64)>,
+    /// Bytes relayed on each connection so far: (client to server, server to client).
+    counts: std::sync::Mutex<Vec<Arc<[std::sync::atomic::AtomicU64; 2]>>>,
+}
+
+impl Proxy {
+    /// Relays `127.0.0.1:PORT` (a new port) to `target`, without caps.
+    pub fn start(target: SocketAddr) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let shared = Arc::new(ProxyShared {
+            caps: std::sync::Mutex::new((u64::MAX, u64::MAX)),
+            ..Default::default()
+        });
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let (up_cap, down_cap) = *s.caps.lock().unwrap();
+                let counts: Arc<[std::sync::atomic::AtomicU64; 2]> = Arc::new(Default::default());
+                s.counts.lock().unwrap().push(counts.clone());
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let up = counts.clone();
+                std::thread::spawn(move || relay(client, server, up_cap, &up[0]));
+                std::thread::spawn(move || relay(s2, c2, down_cap, &counts[1]));
+            }
+        });
+        Proxy { addr, shared }
+    }
+
+    /// `127.0.0.1:PORT` of the proxy, as clients name it.
+    pub fn server(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Connections opened from now on relay at most `up` bytes to the server and `down` bytes
+    /// to the client, then forward nothing more in that direction until the sender closes.
+    pub fn set_caps(&self, up: u64, down: u64) {
+        *self.shared.caps.lock().unwrap() = (up, down);
+    }
+
+    /// Bytes relayed on the most recent connection: (client to server, server to client).
+    pub fn last_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.shared
+            .counts
+            .lock()
+            .unwrap()
+            .last()
+            .map(|c| (c[0].load(Relaxed), c[1].load(Relaxed)))
+            .unwrap_or((0, 0))
+    }
+
+    /// Waits until the most recent connection has relayed `up` bytes to the server or `down`
+    /// bytes to the client (so a capped direction has stalled).
+    pub fn wait_for(&self, up: u64, down: u64, timeout: Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            let (u, d) = self.last_counts();
+            if u >= up || d >= down {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "proxy relayed only {u} up / {d} down bytes in {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Copies `from` to `to`, counting, until `cap` bytes; then discards the rest until `from`
+/// closes and closes both: to the receiver, a link that froze and then dropped.
+fn relay(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    cap: u64,
+    count: &std::sync::atomic::AtomicU64,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let left = cap.saturating_sub(count.load(Relaxed));
+        if left == 0 {
+            // Stalled: forward nothing more, but drain, so the sender's death is seen at once
+            // (unread data would hide its FIN) and passed on as a closed connection.
+            while matches!(from.read(&mut buf), Ok(n) if n > 0) {}
+            break;
+        }
+        let want = buf.len().min(left.min(usize::MAX as u64) as usize);
+        match from.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                count.fetch_add(n as u64, Relaxed);
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
+
+impl TestServer {
+    /// Bytes held in `user`'s partial uploads, once the daemon has let go of them all (an
+    /// upload still running holds a lock on its partial); waits up to `timeout`.
+    pub fn released_partial_bytes(&self, user: &str, timeout: Duration) -> u64 {
+        let dir = self
+            .config()
+            .root
+            .join(xferd::partial::PARTIAL_DIR)
+            .join(user);
+        let start = std::time::Instant::now();
+        'again: loop {
+            assert!(start.elapsed() < timeout, "partial uploads still held");
+            let mut total = 0;
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let f = std::fs::File::open(e.path()).expect("open partial");
+                if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue 'again;
+                }
+                total += f.metadata().unwrap().len();
+            }
+            return total;
+        }
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{ErrorCode, PROTOCOL_VERSION, Request, Response};
 use xfer_tests::{
@@ -33,12 +33,25 @@ async fn assert_closed(conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_version_mismatch_gets_a_clear_error() {
+async fn versions_are_negotiated_down_and_too_old_ones_refused() {
     let server = TestServer::start();
+    // A newer client is told which version to speak.
     let mut conn = raw_connect(&server).await;
     conn.write_frame(&Request::Hello {
         version: PROTOCOL_VERSION + 1,
         agent: "future".into(),
+    })
+    .await
+    .unwrap();
+    match conn.read_frame::<Response>().await.unwrap() {
+        Response::Hello { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
+        other => panic!("{other:?}"),
+    }
+    // One older than the oldest supported is refused and disconnected.
+    let mut conn = raw_connect(&server).await;
+    conn.write_frame(&Request::Hello {
+        version: xfer_proto::MIN_PROTOCOL_VERSION - 1,
+        agent: "past".into(),
     })
     .await
     .unwrap();
@@ -220,10 +233,9 @@ async fn concurrent_uploads_to_one_name_leave_exactly_one_complete_winner() {
     let mut cb = client(&server, "alice").await;
     let pa = dir.path().join("a");
     let pb = dir.path().join("b");
-    let (mut na, mut nb) = (|_| {}, |_| {});
     let (ra, rb) = tokio::join!(
-        ca.upload(&pa, "same", &mut na),
-        cb.upload(&pb, "same", &mut nb)
+        ca.upload(&pa, "same", true, Default::default()),
+        cb.upload(&pb, "same", true, Default::default())
     );
     ra.unwrap();
     rb.unwrap();
@@ -316,4 +328,152 @@ async fn a_silent_client_is_dropped_at_the_login_deadline() {
     );
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_closed(&mut conn).await;
+}
+
+/// Waits until the daemon has let go of every partial upload of `user`.
+fn released(server: &TestServer) -> u64 {
+    server.released_partial_bytes("alice", Duration::from_secs(30))
+}
+
+/// Starts an upload of 1000 bytes to `f` that accepts resuming from anywhere.
+async fn ask_to_resume(conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>) {
+    conn.write_frame(&Request::Upload {
+        path: "f".into(),
+        size: 1000,
+        offset: 1000,
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_upload_is_offered_back_by_digest_and_completed() {
+    let server = TestServer::start();
+    let data = xfer_tests::noise(1000, 5);
+    let digest = *blake3::hash(&data).as_bytes();
+    // First attempt: 400 bytes, then the connection drops.
+    let mut conn = raw_login(&server, "alice").await;
+    ask_to_resume(&mut conn).await;
+    assert_eq!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::UploadReady { offset: 0 }
+    );
+    conn.get_mut().write_all(&data[..400]).await.unwrap();
+    conn.get_mut().flush().await.unwrap();
+    drop(conn);
+    assert_eq!(released(&server), 400);
+
+    // An offset outside {0, held} is a protocol error.
+    let offer = Response::UploadResume {
+        offset: 400,
+        prefix: *blake3::hash(&data[..400]).as_bytes(),
+    };
+    let mut conn = raw_login(&server, "alice").await;
+    ask_to_resume(&mut conn).await;
+    assert_eq!(conn.read_frame::<Response>().await.unwrap(), offer);
+    conn.write_frame(&Request::UploadFrom { offset: 7 })
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(conn.read_frame().await.unwrap()),
+        ErrorCode::BadRequest
+    );
+    assert_closed(&mut conn).await;
+    assert_eq!(released(&server), 400, "a refused answer keeps the data");
+
+    // Accepting the offer: only bytes 400.. travel, and the whole file is verified.
+    let mut conn = raw_login(&server, "alice").await;
+    ask_to_resume(&mut conn).await;
+    assert_eq!(conn.read_frame::<Response>().await.unwrap(), offer);
+    conn.write_frame(&Request::UploadFrom { offset: 400 })
+        .await
+        .unwrap();
+    conn.get_mut().write_all(&data[400..]).await.unwrap();
+    conn.write_frame(&Request::UploadEnd { digest })
+        .await
+        .unwrap();
+    assert_eq!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::UploadDone { size: 1000, digest }
+    );
+    assert_eq!(
+        std::fs::read(server.user_dir("alice").join("f")).unwrap(),
+        data
+    );
+    assert_eq!(released(&server), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_client_is_never_offered_a_resume() {
+    let server = TestServer::start();
+    let mut conn = raw_login(&server, "alice").await;
+    xfer_tests::raw_start_upload(&mut conn, "f", 100).await;
+    conn.get_mut().write_all(&[1u8; 50]).await.unwrap();
+    conn.get_mut().flush().await.unwrap();
+    drop(conn);
+    assert_eq!(released(&server), 50);
+    let mut conn = raw_connect(&server).await;
+    conn.write_frame(&Request::Hello {
+        version: 1,
+        agent: "old".into(),
+    })
+    .await
+    .unwrap();
+    match conn.read_frame::<Response>().await.unwrap() {
+        Response::Hello { version, .. } => assert_eq!(version, 1),
+        other => panic!("{other:?}"),
+    }
+    conn.write_frame(&Request::Login {
+        user: "alice".into(),
+        password: xfer_tests::password_of("alice").into(),
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::LoggedIn { .. }
+    ));
+    conn.write_frame(&Request::Upload {
+        path: "f".into(),
+        size: 100,
+        offset: 100,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        conn.read_frame::<Response>().await.unwrap(),
+        Response::UploadReady { offset: 0 }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_resumes_only_when_the_prefix_digest_matches() {
+    let server = TestServer::start();
+    let data = xfer_tests::noise(5000, 6);
+    let mut conn = raw_login(&server, "alice").await;
+    std::fs::write(server.user_dir("alice").join("f"), &data).unwrap();
+    for (prefix, expect) in [(&data[..1234], 1234u64), (&data[1..1235], 0)] {
+        conn.write_frame(&Request::DownloadFrom {
+            path: "f".into(),
+            offset: 1234,
+            prefix: *blake3::hash(prefix).as_bytes(),
+        })
+        .await
+        .unwrap();
+        match conn.read_frame::<Response>().await.unwrap() {
+            Response::DownloadReady { size, offset, .. } => {
+                assert_eq!((size, offset), (5000, expect));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut body = vec![0u8; (5000 - expect) as usize];
+        conn.get_mut().read_exact(&mut body).await.unwrap();
+        assert_eq!(body, data[expect as usize..]);
+        assert_eq!(
+            conn.read_frame::<Response>().await.unwrap(),
+            Response::DownloadEnd {
+                digest: *blake3::hash(&data).as_bytes()
+            }
+        );
+    }
 }

@@ -3,7 +3,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::connection::ConnError;
 use xfer_proto::message::SessionInfo;
-use xfer_proto::{Connection, ErrorCode, PROTOCOL_VERSION, Response};
+use xfer_proto::{Connection, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Response};
 
 use super::reply_error;
 use crate::accounts::VerifyOutcome;
@@ -23,20 +23,22 @@ pub(super) async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
     if ctx.greeted {
         return reply_error(conn, ErrorCode::BadRequest, "Hello was already sent").await;
     }
-    if version != PROTOCOL_VERSION {
+    if version < MIN_PROTOCOL_VERSION {
         tracing::info!(peer = %ctx.peer, version, agent = %loggable(agent), "protocol version mismatch");
         conn.write_frame(&Response::error(
             ErrorCode::VersionMismatch,
             format!(
-                "this server speaks xfer protocol version {PROTOCOL_VERSION}, the client speaks {version}; upgrade the older side"
+                "this server speaks xfer protocol versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}, the client speaks {version}; upgrade the client"
             ),
         ))
         .await?;
         return Ok(Flow::Close);
     }
     ctx.greeted = true;
+    // A newer client gets this server's version and must speak it; an older one keeps its own.
+    ctx.version = version.min(PROTOCOL_VERSION);
     conn.write_frame(&Response::Hello {
-        version: PROTOCOL_VERSION,
+        version: ctx.version,
         agent: crate::AGENT.into(),
     })
     .await?;

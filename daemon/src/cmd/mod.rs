@@ -33,7 +33,9 @@ fn access(req: &Request) -> Access {
         | Request::List { .. }
         | Request::Upload { .. }
         | Request::UploadEnd { .. }
+        | Request::UploadFrom { .. }
         | Request::Download { .. }
+        | Request::DownloadFrom { .. }
         | Request::Delete { .. }
         | Request::Rename { .. }
         | Request::Mkdir { .. } => Access::Role(Role::User),
@@ -122,11 +124,18 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Request::Upload { path, size, offset } => {
             transfer::upload(ctx, conn, path, size, offset).await
         }
-        Request::Download { path, offset } => transfer::download(ctx, conn, path, offset).await,
-        Request::UploadEnd { .. } => {
+        Request::Download { path, offset } => {
+            transfer::download(ctx, conn, path, offset, None).await
+        }
+        Request::DownloadFrom {
+            path,
+            offset,
+            prefix,
+        } => transfer::download(ctx, conn, path, offset, Some(prefix)).await,
+        Request::UploadEnd { .. } | Request::UploadFrom { .. } => {
             conn.write_frame(&Response::error(
                 ErrorCode::BadRequest,
-                "UploadEnd without an upload in progress",
+                "UploadEnd or UploadFrom without an upload in progress",
             ))
             .await?;
             Ok(Flow::Close)

@@ -6,10 +6,94 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::body::BodyError;
 use xfer_proto::connection::ConnError;
-use xfer_proto::{Connection, ErrorCode, Request, Response};
+use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
 use super::{blocking, reply_error};
 use crate::handler::{Ctx, Flow, Outcome};
+use crate::storage::{PendingUpload, Staging};
+
+/// Empties the staged file for a fresh start. A failure must not go on: bytes past the new
+/// body's end would stay in the file. Returns false after answering with an error (close).
+async fn restart<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    pending: &mut PendingUpload,
+    path: &str,
+) -> Result<bool, ConnError> {
+    match pending.restart() {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::error!(path = %path, error = %e, "cannot reset a partial upload");
+            conn.write_frame(&Response::error(
+                ErrorCode::Internal,
+                format!("cannot prepare the upload of `{path}`"),
+            ))
+            .await?;
+            Ok(false)
+        }
+    }
+}
+
+/// Tells the client where to start: `UploadReady { 0 }` when nothing is held, else
+/// `UploadResume` with the digest of what is held, and reads the client's `UploadFrom`.
+/// Returns the agreed offset and a hasher over the bytes before it, or `None` when the client
+/// broke the protocol (already answered; close).
+async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    conn: &mut Connection<S>,
+    pending: &mut PendingUpload,
+    path: &str,
+) -> Result<Option<(u64, Option<blake3::Hasher>)>, ConnError> {
+    let held = pending.held();
+    let hashed = if held > 0 {
+        let file = pending.file().try_clone();
+        tokio::task::spawn_blocking(move || xfer_proto::body::hash_prefix(&mut file?, held))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+    } else {
+        Err(std::io::Error::other("nothing held"))
+    };
+    let hasher = match hashed {
+        Ok(h) => h,
+        Err(e) => {
+            if held > 0 {
+                // Unreadable or shorter than it was: not worth resuming from.
+                tracing::warn!(path = %path, error = %e, "partial upload unreadable; starting over");
+            }
+            if !restart(conn, pending, path).await? {
+                return Ok(None);
+            }
+            conn.write_frame(&Response::UploadReady { offset: 0 })
+                .await?;
+            return Ok(Some((0, None)));
+        }
+    };
+    conn.write_frame(&Response::UploadResume {
+        offset: held,
+        prefix: *hasher.finalize().as_bytes(),
+    })
+    .await?;
+    // The client hashes its own prefix before it answers, which takes a while for big files.
+    let limits = ctx.state.limits();
+    match conn
+        .read_frame_within::<Request>(limits.idle_timeout(), "waiting for UploadFrom")
+        .await?
+    {
+        Request::UploadFrom { offset } if offset == held => Ok(Some((held, Some(hasher)))),
+        Request::UploadFrom { offset: 0 } => {
+            tracing::info!(path = %path, held, "client's file differs from the partial upload; starting over");
+            Ok(restart(conn, pending, path).await?.then_some((0, None)))
+        }
+        _ => {
+            conn.write_frame(&Response::error(
+                ErrorCode::BadRequest,
+                format!("expected UploadFrom with offset 0 or {held}"),
+            ))
+            .await?;
+            Ok(None)
+        }
+    }
+}
 
 fn rate_mb_s(bytes: u64, secs: f64) -> f64 {
     if secs > 0.0 {
@@ -24,14 +108,20 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
     size: u64,
-    _offset: u64,
+    up_to: u64,
 ) -> Result<Flow, ConnError> {
     let auth = ctx.auth.as_ref().expect("dispatcher checked the session");
     let user = auth.user.clone();
     let tree = auth.tree.clone();
-    let max = ctx.state.limits().max_upload_bytes;
+    let limits = ctx.state.limits();
+    let max = limits.max_upload_bytes;
+    // Clients older than protocol 2 cannot answer a resume offer: give them a plain temp file.
+    let staging = match limits.partial_upload_ttl() {
+        Some(ttl) if ctx.version >= 2 => Staging::Resumable { up_to, ttl },
+        _ => Staging::Temp,
+    };
     let p = path.clone();
-    let pending = match blocking(move || tree.begin_upload(&p, size, max)).await {
+    let mut pending = match blocking(move || tree.begin_upload(&p, size, max, staging)).await {
         Ok(p) => p,
         Err(e) => {
             tracing::info!(user = %user, path = %path, error = %e, "upload refused");
@@ -39,23 +129,24 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             return reply_error(conn, e.code(), e.client_message()).await;
         }
     };
-    // Resume is not offered yet: always start from byte 0.
-    conn.write_frame(&Response::UploadReady { offset: 0 })
-        .await?;
+    let (start, prefix) = match offer_resume(ctx, conn, &mut pending, &path).await? {
+        Some(agreed) => agreed,
+        None => return Ok(Flow::Close),
+    };
     let started = Instant::now();
-    let file = match pending.temp.as_file().try_clone() {
+    let file = match pending.file().try_clone() {
         Ok(f) => f,
         Err(e) => {
-            tracing::error!(error = %e, "cannot clone temp file handle");
+            tracing::error!(error = %e, "cannot clone the staged file's handle");
             return Ok(Flow::Close);
         }
     };
-    let received = conn.recv_body(file, 0, size, &mut |_| {}).await;
+    let received = conn.recv_body(file, start, size, prefix, &mut |_| {}).await;
     let digest = match received {
         Ok((digest, _)) => digest,
         Err(BodyError::Local { source, in_sync }) => {
-            // Deleting the temp file first frees the space; the old version is untouched.
-            drop(pending);
+            // Deleting the staged data first frees the space; the old version is untouched.
+            pending.discard();
             tracing::warn!(user = %user, path = %path, error = %source, "upload failed writing on the server");
             if !in_sync {
                 return Ok(Flow::Close);
@@ -67,11 +158,19 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             return reply_error(conn, e.code(), e.client_message()).await;
         }
         Err(BodyError::Net(e)) => {
-            tracing::info!(user = %user, path = %path, error = %e, "upload interrupted; partial data discarded");
+            let kept = if pending.resumable() {
+                "partial data kept for resume"
+            } else {
+                "partial data discarded"
+            };
+            tracing::info!(user = %user, path = %path, error = %e, "upload interrupted; {kept}");
             ctx.audit(
                 "upload",
                 Some(&path),
-                Outcome::failed(ErrorCode::BadRequest),
+                Outcome {
+                    resumed_from: Some(start),
+                    ..Outcome::failed(ErrorCode::BadRequest)
+                },
             );
             return Err(e);
         }
@@ -89,8 +188,8 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     if claimed != digest {
-        // Remove the temp file before answering, so "nothing was saved" is already true.
-        drop(pending);
+        // Remove the staged data before answering, so "nothing was saved" is already true.
+        pending.discard();
         tracing::warn!(user = %user, path = %path, "upload digest mismatch; discarded");
         ctx.audit(
             "upload",
@@ -111,12 +210,15 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         return reply_error(conn, e.code(), e.client_message()).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    let sent = size - start;
     tracing::info!(
         user = %user,
         path = %path,
-        bytes = size,
+        size,
+        bytes = sent,
+        resumed_from = start,
         secs = format_args!("{secs:.3}"),
-        mb_per_s = format_args!("{:.1}", rate_mb_s(size, secs)),
+        mb_per_s = format_args!("{:.1}", rate_mb_s(sent, secs)),
         digest = %blake3::Hash::from_bytes(digest).to_hex(),
         "upload complete"
     );
@@ -124,7 +226,8 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         "upload",
         Some(&path),
         Outcome {
-            bytes: Some(size),
+            bytes: Some(sent),
+            resumed_from: Some(start),
             digest: Some(&digest),
             ..Outcome::ok()
         },
@@ -139,6 +242,7 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
     offset: u64,
+    prefix: Option<Digest>,
 ) -> Result<Flow, ConnError> {
     let auth = ctx.auth.as_ref().expect("dispatcher checked the session");
     let user = auth.user.clone();
@@ -152,14 +256,44 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
             return reply_error(conn, e.code(), e.client_message()).await;
         }
     };
-    if offset > size {
-        return reply_error(
-            conn,
-            ErrorCode::BadRequest,
-            format!("offset {offset} is beyond the end of `{path}` ({size} bytes)"),
-        )
-        .await;
-    }
+    let (offset, hasher) = match prefix {
+        // A resume: send from `offset` only if the client's bytes are this file's bytes.
+        Some(theirs) if offset > 0 && offset <= size => {
+            let mut f = match file.try_clone() {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot clone a file handle");
+                    return Ok(Flow::Close);
+                }
+            };
+            let hashed =
+                tokio::task::spawn_blocking(move || xfer_proto::body::hash_prefix(&mut f, offset))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r);
+            match hashed {
+                Ok(h) if *h.finalize().as_bytes() == theirs => (offset, Some(h)),
+                Ok(_) => {
+                    tracing::info!(user = %user, path = %path, offset, "client's partial copy differs; sending the whole file");
+                    (0, None)
+                }
+                Err(e) => {
+                    tracing::warn!(user = %user, path = %path, error = %e, "cannot hash for resume; sending the whole file");
+                    (0, None)
+                }
+            }
+        }
+        Some(_) => (0, None),
+        None if offset > size => {
+            return reply_error(
+                conn,
+                ErrorCode::BadRequest,
+                format!("offset {offset} is beyond the end of `{path}` ({size} bytes)"),
+            )
+            .await;
+        }
+        None => (offset, None),
+    };
     conn.write_frame(&Response::DownloadReady {
         size,
         offset,
@@ -167,7 +301,10 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     })
     .await?;
     let started = Instant::now();
-    let digest = match conn.send_body(file, offset, size, &mut |_| {}).await {
+    let digest = match conn
+        .send_body(file, offset, size, hasher, &mut |_| {})
+        .await
+    {
         Ok(d) => d,
         Err(e) => {
             // The body length was promised; the only honest signal left is closing.
@@ -186,6 +323,7 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
         Some(&path),
         Outcome {
             bytes: Some(size - offset),
+            resumed_from: Some(offset),
             digest: Some(&digest),
             ..Outcome::ok()
         },

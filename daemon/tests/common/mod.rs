@@ -213,3 +213,13 @@ pub async fn stalled_upload(
         .unwrap();
     conn
 }
+
+/// Bytes held in `user`'s partial uploads under `storage` (0 when none).
+pub fn partial_bytes(storage: &std::path::Path, user: &str) -> u64 {
+    std::fs::read_dir(storage.join(".xfer-partial").join(user))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
+}

@@ -1,0 +1,561 @@
+//! Multi-file commands (`upload`, `download`, `delete`) for the command line and the shell:
+//! a plan made first (walking the local or remote tree, so the overall bar knows the total),
+//! then every step over one connection, each failure reported and the rest carried on, and a
+//! summary at the end.
+
+use std::path::{Path, PathBuf};
+
+use indicatif::{HumanBytes, ProgressBar};
+use xfer_proto::{EntryKind, ErrorCode};
+
+use crate::cli::{Ctx, DeleteArgs, DownloadArgs, Reported, UploadArgs, report};
+use crate::conn::{Client, Hooks, Transferred};
+use crate::error::{ClientError, Result};
+
+/// The outcome of a multi-item command: every failure is printed when it happens, the first
+/// one's exit code is kept, and one bad file does not stop the others (a lost connection does).
+pub(crate) struct Batch {
+    first: Option<u8>,
+    failed: usize,
+    /// Files moved, for the summary.
+    items: Vec<Item>,
+    /// When the batch started.
+    started: std::time::Instant,
+}
+
+/// One file a batch moved.
+struct Item {
+    from: String,
+    to: String,
+    /// Bytes in the file.
+    bytes: u64,
+    /// Bytes that were already on the other side (a resumed transfer).
+    resumed_from: u64,
+    digest: xfer_proto::Digest,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            first: None,
+            failed: 0,
+            items: Vec::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Records an outcome; returns false when the batch must stop.
+    fn record(&mut self, r: Result<()>) -> bool {
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                let Reported(code) = report(&e);
+                self.failed += 1;
+                self.first.get_or_insert(code);
+                !e.is_connection_lost()
+            }
+        }
+    }
+
+    /// Prints the summary: JSON on stdout with `--json`, else one status line when more than
+    /// one file was involved or something failed.
+    fn summarize(&self, ctx: &Ctx, verb: &str) {
+        let secs = self.started.elapsed().as_secs_f64();
+        let bytes: u64 = self.items.iter().map(|i| i.bytes).sum();
+        let sent: u64 = self.items.iter().map(|i| i.bytes - i.resumed_from).sum();
+        if ctx.json {
+            let files: Vec<_> = self
+                .items
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "from": i.from,
+                        "to": i.to,
+                        "bytes": i.bytes,
+                        "resumed_from": i.resumed_from,
+                        "sent": i.bytes - i.resumed_from,
+                        "blake3": blake3::Hash::from_bytes(i.digest).to_hex().to_string(),
+                    })
+                })
+                .collect();
+            let v = serde_json::json!({
+                "operation": verb,
+                "files": files,
+                "transferred": self.items.len(),
+                "bytes": bytes,
+                "sent": sent,
+                "failed": self.failed,
+                "seconds": (secs * 1000.0).round() / 1000.0,
+            });
+            println!("{v}");
+        } else if self.items.len() + self.failed > 1 || self.failed > 0 {
+            let rate = HumanBytes((sent as f64 / secs.max(1e-6)) as u64);
+            let failed = if self.failed > 0 {
+                format!("; {} failed", self.failed)
+            } else {
+                String::new()
+            };
+            ctx.status(format_args!(
+                "{verb} {} file(s), {} in {secs:.1} s ({rate}/s){failed}",
+                self.items.len(),
+                HumanBytes(bytes)
+            ));
+        }
+    }
+
+    /// The command's result: the first failure's exit code, if any.
+    pub(crate) fn finish(self) -> std::result::Result<(), Reported> {
+        match self.first {
+            None => Ok(()),
+            Some(code) => Err(Reported(code)),
+        }
+    }
+}
+
+/// One thing to do, found while planning.
+enum Step {
+    /// Create a remote folder (upload -r keeps empty folders).
+    RemoteDir(String),
+    /// Create a local folder (download -r keeps empty folders).
+    LocalDir(PathBuf),
+    /// Upload a file of the size seen while planning.
+    Upload {
+        local: PathBuf,
+        remote: String,
+        size: u64,
+    },
+    /// Download a file; its size is known when it came from a listing.
+    Download {
+        remote: String,
+        local: PathBuf,
+        size: Option<u64>,
+    },
+}
+
+/// What a plan adds up to, for the overall bar.
+#[derive(Default)]
+struct Plan {
+    steps: Vec<Step>,
+    files: u64,
+    bytes: u64,
+}
+
+impl Plan {
+    fn push(&mut self, step: Step) {
+        match &step {
+            Step::Upload { size, .. } => {
+                self.files += 1;
+                self.bytes += size;
+            }
+            Step::Download { size, .. } => {
+                self.files += 1;
+                self.bytes += size.unwrap_or(0);
+            }
+            Step::RemoteDir(_) | Step::LocalDir(_) => {}
+        }
+        self.steps.push(step);
+    }
+}
+
+/// The last component of a local path, checked as a remote name.
+fn local_name(path: &Path) -> Result<String> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| ClientError::Usage(format!("`{}` does not name a file", path.display())))?;
+    let name = name.to_str().ok_or_else(|| {
+        ClientError::Other(format!("`{}`: the name is not valid UTF-8", path.display()))
+    })?;
+    xfer_proto::path::check_name(name)
+        .map_err(|e| ClientError::Other(format!("`{}`: {e}", path.display())))?;
+    Ok(name.to_string())
+}
+
+fn file_size(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ClientError::local(format!("reading `{}`", path.display()), e))?;
+    Ok(meta.len())
+}
+
+/// Adds a local folder and everything under it to the plan, sorted by name; unreadable or
+/// unnameable entries are reported and skipped.
+fn plan_upload_tree(local: &Path, remote: String, plan: &mut Plan, batch: &mut Batch) {
+    plan.push(Step::RemoteDir(remote.clone()));
+    let mut entries: Vec<_> = match std::fs::read_dir(local) {
+        Ok(it) => it.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
+        Err(e) => {
+            batch.record(Err(ClientError::local(
+                format!("reading folder `{}`", local.display()),
+                e,
+            )));
+            return;
+        }
+    };
+    entries.sort();
+    for path in entries {
+        let name = match local_name(&path) {
+            Ok(n) => n,
+            Err(e) => {
+                batch.record(Err(e));
+                continue;
+            }
+        };
+        let target = xfer_proto::path::join(&remote, &name);
+        if path.is_dir() {
+            plan_upload_tree(&path, target, plan, batch);
+        } else {
+            match file_size(&path) {
+                Ok(size) => plan.push(Step::Upload {
+                    local: path,
+                    remote: target,
+                    size,
+                }),
+                Err(e) => {
+                    batch.record(Err(e));
+                }
+            }
+        }
+    }
+}
+
+fn plan_upload(args: &UploadArgs, batch: &mut Batch) -> Plan {
+    let remote_dir = args.to.as_deref().unwrap_or("");
+    let mut plan = Plan::default();
+    for local in &args.local {
+        let name = match local_name(local) {
+            Ok(n) => n,
+            Err(e) => {
+                batch.record(Err(e));
+                continue;
+            }
+        };
+        let remote = xfer_proto::path::join(remote_dir, &name);
+        if local.is_dir() {
+            if args.recursive {
+                plan_upload_tree(local, remote, &mut plan, batch);
+            } else {
+                batch.record(Err(ClientError::Other(format!(
+                    "`{}` is a folder; use -r to upload folders",
+                    local.display()
+                ))));
+            }
+            continue;
+        }
+        match file_size(local) {
+            Ok(size) => plan.push(Step::Upload {
+                local: local.clone(),
+                remote,
+                size,
+            }),
+            Err(e) => {
+                batch.record(Err(e));
+            }
+        }
+    }
+    plan
+}
+
+/// Adds a remote folder and everything under it to the plan, from its listings. Returns false
+/// when the connection is gone.
+fn plan_download_tree<'a>(
+    client: &'a mut Client,
+    remote: String,
+    local: PathBuf,
+    plan: &'a mut Plan,
+    batch: &'a mut Batch,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + 'a>> {
+    Box::pin(async move {
+        let entries = match client.list(&remote).await {
+            Ok(e) => e,
+            Err(e) => return batch.record(Err(e)),
+        };
+        plan.push(Step::LocalDir(local.clone()));
+        for entry in entries {
+            if xfer_proto::path::check_name(&entry.name).is_err() {
+                batch.record(Err(ClientError::Other(format!(
+                    "skipping `{}` in `{remote}`: unsafe name",
+                    crate::error::printable(&entry.name)
+                ))));
+                continue;
+            }
+            let r = xfer_proto::path::join(&remote, &entry.name);
+            let l = local.join(&entry.name);
+            match entry.kind {
+                EntryKind::Dir => {
+                    if !plan_download_tree(client, r, l, plan, batch).await {
+                        return false;
+                    }
+                }
+                EntryKind::File => plan.push(Step::Download {
+                    remote: r,
+                    local: l,
+                    size: Some(entry.size),
+                }),
+                EntryKind::Other => {}
+            }
+        }
+        true
+    })
+}
+
+/// What a remote path names, found in its parent's listing. (Listing the path itself cannot
+/// tell a file from a folder holding one entry of the same name.)
+async fn remote_kind(client: &mut Client, path: &str) -> Result<EntryKind> {
+    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+    client
+        .list(parent)
+        .await?
+        .into_iter()
+        .find(|e| e.name == name)
+        .map(|e| e.kind)
+        .ok_or_else(|| ClientError::Server {
+            code: ErrorCode::NotFound,
+            message: format!("`{path}` does not exist"),
+        })
+}
+
+async fn plan_download(client: &mut Client, args: &DownloadArgs, batch: &mut Batch) -> Plan {
+    let mut plan = Plan::default();
+    let to = args.to.as_deref();
+    let dir = to.unwrap_or(Path::new("."));
+    // `--to NEW_NAME` with one file saves under that name, as `cp` would.
+    let save_as = args.remote.len() == 1 && to.is_some() && !dir.is_dir();
+    if !save_as && !dir.is_dir() {
+        batch.record(Err(ClientError::Other(format!(
+            "`{}` is not a folder",
+            dir.display()
+        ))));
+        return plan;
+    }
+    for remote in &args.remote {
+        let trimmed = remote.trim_end_matches('/');
+        let name = trimmed.rsplit('/').next().unwrap_or(trimmed);
+        if let Err(e) = xfer_proto::path::check_name(name) {
+            let why = xfer_proto::path::named_components(remote)
+                .err()
+                .unwrap_or(e);
+            batch.record(Err(ClientError::Server {
+                code: ErrorCode::InvalidPath,
+                message: format!("refused path `{remote}`: {why}"),
+            }));
+            continue;
+        }
+        let target = if save_as {
+            dir.to_path_buf()
+        } else {
+            dir.join(name)
+        };
+        let file = Step::Download {
+            remote: trimmed.to_string(),
+            local: target.clone(),
+            size: None,
+        };
+        if !args.recursive {
+            plan.push(file);
+            continue;
+        }
+        match remote_kind(client, trimmed).await {
+            Ok(EntryKind::Dir) => {
+                if !plan_download_tree(client, trimmed.to_string(), target, &mut plan, batch).await
+                {
+                    break;
+                }
+            }
+            Ok(_) => plan.push(file),
+            Err(e) => {
+                if !batch.record(Err(e)) {
+                    break;
+                }
+            }
+        }
+    }
+    plan
+}
+
+/// Moves one file with its own bar, feeding the overall bar; prints its line.
+async fn transfer_one(
+    ctx: &Ctx,
+    client: &mut Client,
+    step: &Step,
+    overall: &ProgressBar,
+    resume: bool,
+) -> Result<Item> {
+    let (label, known) = match step {
+        Step::Upload { remote, size, .. } => (remote.as_str(), Some(*size)),
+        Step::Download { remote, size, .. } => (remote.as_str(), *size),
+        Step::RemoteDir(_) | Step::LocalDir(_) => unreachable!("folders are not transfers"),
+    };
+    let bar = ctx.progress.bar(label, known.unwrap_or(0));
+    let base = overall.position();
+    let (b1, b2, b3) = (bar.clone(), bar.clone(), bar.clone());
+    let (o1, o2, o3) = (overall.clone(), overall.clone(), overall.clone());
+    let hooks = Hooks {
+        on_size: Box::new(move |size| {
+            b1.set_length(size);
+            if known.is_none() {
+                o1.inc_length(size);
+            }
+        }),
+        on_start: Box::new(move |offset| {
+            b2.set_position(offset);
+            b2.reset_eta();
+            o2.set_position(base + offset);
+        }),
+        on_progress: Box::new(move |n| {
+            b3.set_position(n);
+            o3.set_position(base + n);
+        }),
+    };
+    let started = std::time::Instant::now();
+    let (result, from, to) = match step {
+        Step::Upload { local, remote, .. } => (
+            client.upload(local, remote, resume, hooks).await,
+            local.display().to_string(),
+            remote.clone(),
+        ),
+        Step::Download { remote, local, .. } => (
+            client.download(remote, local, resume, hooks).await,
+            remote.clone(),
+            local.display().to_string(),
+        ),
+        Step::RemoteDir(_) | Step::LocalDir(_) => unreachable!("folders are not transfers"),
+    };
+    bar.finish_and_clear();
+    let done: Transferred = result?;
+    let sent = done.size - done.resumed_from;
+    let rate = HumanBytes((sent as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64);
+    let how = if done.resumed_from > 0 {
+        format!(
+            "resumed at {}, sent {} at {rate}/s",
+            HumanBytes(done.resumed_from),
+            HumanBytes(sent)
+        )
+    } else {
+        format!("{rate}/s")
+    };
+    let verb = if matches!(step, Step::Upload { .. }) {
+        "uploaded"
+    } else {
+        "downloaded"
+    };
+    ctx.status(format_args!(
+        "{verb} {} -> {} ({}, {how})",
+        crate::error::printable(&from),
+        crate::error::printable(&to),
+        HumanBytes(done.size)
+    ));
+    Ok(Item {
+        from,
+        to,
+        bytes: done.size,
+        resumed_from: done.resumed_from,
+        digest: done.digest,
+    })
+}
+
+/// Runs a plan over `client`: folders first as they come, each file with its bar.
+async fn run_plan(ctx: &Ctx, client: &mut Client, plan: Plan, resume: bool, batch: &mut Batch) {
+    let overall = ctx.progress.overall(plan.files, plan.bytes);
+    let mut done_files = 0;
+    for step in &plan.steps {
+        let keep_going = match step {
+            Step::RemoteDir(remote) => batch.record(client.mkdir(remote).await),
+            Step::LocalDir(local) => batch.record(std::fs::create_dir_all(local).map_err(|e| {
+                ClientError::local(format!("creating folder `{}`", local.display()), e)
+            })),
+            Step::Upload { size, .. }
+            | Step::Download {
+                size: Some(size), ..
+            } => {
+                let base = overall.position();
+                let r = transfer_one(ctx, client, step, &overall, resume).await;
+                // A failed file still counts as handled, so the total stays reachable.
+                overall.set_position(base + size);
+                done_files += 1;
+                overall.set_message(format!("{done_files}/{} files", plan.files));
+                record_item(batch, r)
+            }
+            Step::Download { size: None, .. } => {
+                let r = transfer_one(ctx, client, step, &overall, resume).await;
+                done_files += 1;
+                overall.set_message(format!("{done_files}/{} files", plan.files));
+                record_item(batch, r)
+            }
+        };
+        if !keep_going {
+            break;
+        }
+    }
+    overall.finish_and_clear();
+}
+
+fn record_item(batch: &mut Batch, r: Result<Item>) -> bool {
+    match r {
+        Ok(item) => {
+            batch.items.push(item);
+            true
+        }
+        Err(e) => batch.record(Err(e)),
+    }
+}
+
+/// Uploads everything `args` names over `client`.
+pub(crate) async fn upload_all(ctx: &Ctx, client: &mut Client, args: &UploadArgs) -> Batch {
+    let mut batch = Batch::new();
+    let plan = plan_upload(args, &mut batch);
+    run_plan(ctx, client, plan, !args.no_resume, &mut batch).await;
+    batch.summarize(ctx, "uploaded");
+    batch
+}
+
+/// Downloads everything `args` names over `client`.
+pub(crate) async fn download_all(ctx: &Ctx, client: &mut Client, args: &DownloadArgs) -> Batch {
+    let mut batch = Batch::new();
+    let plan = plan_download(client, args, &mut batch).await;
+    run_plan(ctx, client, plan, !args.no_resume, &mut batch).await;
+    batch.summarize(ctx, "downloaded");
+    batch
+}
+
+/// Deletes everything `args` names over `client`.
+pub(crate) async fn delete_all(ctx: &Ctx, client: &mut Client, args: &DeleteArgs) -> Batch {
+    let mut batch = Batch::new();
+    for remote in &args.remote {
+        let r = client.delete(remote).await;
+        if r.is_ok() {
+            ctx.status(format_args!("deleted {remote}"));
+        }
+        if !batch.record(r) {
+            break;
+        }
+    }
+    batch
+}
+
+/// A command that works through a list of paths, reporting each failure and going on.
+pub(crate) enum BatchCommand<'a> {
+    /// `upload`
+    Upload(&'a UploadArgs),
+    /// `download`
+    Download(&'a DownloadArgs),
+    /// `delete`
+    Delete(&'a DeleteArgs),
+}
+
+impl BatchCommand<'_> {
+    /// Runs over an open connection (the shell's).
+    pub(crate) async fn run(&self, ctx: &Ctx, client: &mut Client) -> Batch {
+        match self {
+            BatchCommand::Upload(a) => upload_all(ctx, client, a).await,
+            BatchCommand::Download(a) => download_all(ctx, client, a).await,
+            BatchCommand::Delete(a) => delete_all(ctx, client, a).await,
+        }
+    }
+
+    /// Connects, runs, closes (the command line's).
+    pub(crate) async fn run_connected(&self, ctx: &Ctx) -> std::result::Result<(), Reported> {
+        let (mut client, _, _) = ctx.connect().await.map_err(|e| report(&e))?;
+        let batch = self.run(ctx, &mut client).await;
+        client.close().await;
+        batch.finish()
+    }
+}

@@ -1,0 +1,224 @@
+//! The partial-upload store: data of interrupted uploads, kept invisible under
+//! `ROOT/.xfer-partial/USER/` so that the next upload of the same path resumes instead of
+//! starting over, and deleted when it expires.
+//!
+//! One file per (user, remote path), named by the BLAKE3 of the path, so nothing a user
+//! chooses becomes a file name here. The upload that owns a partial holds it locked
+//! ([`xfer_proto::staging`]); a second upload of the same path at the same time finds it
+//! locked and stages an ordinary temp file instead.
+//!
+//! Partials are not fsynced: after a power loss one may hold garbage, which is harmless,
+//! because a resume only happens when the client's digest of its own prefix equals the
+//! server's digest of what it holds.
+
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use xfer_proto::staging::{open_locked, still_named, try_lock};
+
+/// Folder under the storage root that holds partial uploads. User names cannot start with
+/// `.`, so it never collides with a user's tree.
+pub const PARTIAL_DIR: &str = ".xfer-partial";
+
+/// Most partial uploads kept per user; starting one more deletes that user's oldest.
+pub const MAX_PARTIALS_PER_USER: usize = 64;
+
+/// A user's folder of partial uploads.
+#[derive(Debug, Clone)]
+pub struct PartialDir {
+    dir: PathBuf,
+}
+
+/// A partial upload opened and locked by this process.
+#[derive(Debug)]
+pub struct Partial {
+    /// The data; the `flock` lives as long as this handle (and its clones).
+    pub file: File,
+    /// Its folder (for the commit's rename).
+    pub dir: PathBuf,
+    /// Its name in that folder.
+    pub name: String,
+    /// Bytes it holds that may be resumed (0 after expiry or a reset).
+    pub held: u64,
+}
+
+fn is_expired(meta: &std::fs::Metadata, ttl: Duration) -> bool {
+    meta.modified()
+        .ok()
+        .and_then(|m| SystemTime::now().duration_since(m).ok())
+        .is_some_and(|age| age > ttl)
+}
+
+impl PartialDir {
+    /// The partial-upload folder of `user` under the storage `root` (created on first use).
+    pub fn new(root: &Path, user: &str) -> PartialDir {
+        PartialDir {
+            dir: root.join(PARTIAL_DIR).join(user),
+        }
+    }
+
+    /// The file name for a remote path (its canonical `a/b/c` form).
+    pub fn name_for(remote: &str) -> String {
+        blake3::hash(remote.as_bytes()).to_hex().to_string()
+    }
+
+    /// Opens (creating if needed) and locks the partial for `remote`. `None` when another
+    /// upload of the same path holds it. A partial older than `ttl` is emptied first.
+    pub fn open(&self, remote: &str, ttl: Duration) -> std::io::Result<Option<Partial>> {
+        crate::fsutil::create_dir_with_mode(&self.dir, 0o700)?;
+        let name = Self::name_for(remote);
+        let path = self.dir.join(&name);
+        if !path.exists() {
+            self.make_room()?;
+        }
+        let Some(file) = open_locked(&path)? else {
+            return Ok(None);
+        };
+        let meta = file.metadata()?;
+        let mut held = meta.len();
+        if held > 0 && is_expired(&meta, ttl) {
+            file.set_len(0)?;
+            held = 0;
+        }
+        Ok(Some(Partial {
+            file,
+            dir: self.dir.clone(),
+            name,
+            held,
+        }))
+    }
+
+    /// Keeps the folder under [`MAX_PARTIALS_PER_USER`] by deleting the oldest unlocked ones.
+    fn make_room(&self) -> std::io::Result<()> {
+        let mut entries: Vec<(SystemTime, PathBuf)> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, e.path()))
+            })
+            .collect();
+        if entries.len() < MAX_PARTIALS_PER_USER {
+            return Ok(());
+        }
+        entries.sort();
+        let excess = entries.len() + 1 - MAX_PARTIALS_PER_USER;
+        for (_, path) in entries.into_iter().take(excess) {
+            remove_if_unlocked(&path, |_| true)?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes `path` if no upload holds it and `pred` agrees; true if it was deleted.
+fn remove_if_unlocked(
+    path: &Path,
+    pred: impl Fn(&std::fs::Metadata) -> bool,
+) -> std::io::Result<bool> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if !try_lock(&file)? || !still_named(&file, path)? || !pred(&file.metadata()?) {
+        return Ok(false);
+    }
+    std::fs::remove_file(path)?;
+    Ok(true)
+}
+
+/// Deletes every partial upload under `root` older than `ttl` that no upload holds; returns
+/// how many it deleted. Run at start and then periodically.
+pub fn sweep(root: &Path, ttl: Duration) -> std::io::Result<usize> {
+    let base = root.join(PARTIAL_DIR);
+    let users = match std::fs::read_dir(&base) {
+        Ok(it) => it,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for user in users.filter_map(|e| e.ok()) {
+        if !user.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(user.path()) else {
+            continue;
+        };
+        for f in files.filter_map(|e| e.ok()) {
+            match remove_if_unlocked(&f.path(), |m| is_expired(m, ttl)) {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot expire a partial upload"),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const DAY: Duration = Duration::from_secs(86400);
+
+    #[test]
+    fn a_partial_survives_its_handle_and_is_found_again() {
+        let d = tempfile::tempdir().unwrap();
+        let pd = PartialDir::new(d.path(), "alice");
+        let mut p = pd.open("a/b", DAY).unwrap().unwrap();
+        assert_eq!(p.held, 0);
+        p.file.write_all(b"12345").unwrap();
+        // Locked while held: a second upload of the same path gets nothing.
+        assert!(pd.open("a/b", DAY).unwrap().is_none());
+        drop(p);
+        let p = pd.open("a/b", DAY).unwrap().unwrap();
+        assert_eq!(p.held, 5);
+        // Another path is another partial.
+        assert_eq!(pd.open("a/c", DAY).unwrap().unwrap().held, 0);
+    }
+
+    #[test]
+    fn expired_partials_are_emptied_on_open_and_swept() {
+        let d = tempfile::tempdir().unwrap();
+        let pd = PartialDir::new(d.path(), "alice");
+        let mut p = pd.open("f", DAY).unwrap().unwrap();
+        p.file.write_all(b"old data").unwrap();
+        drop(p);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            pd.open("f", Duration::from_millis(1))
+                .unwrap()
+                .unwrap()
+                .held,
+            0
+        );
+        let mut p = pd.open("g", DAY).unwrap().unwrap();
+        p.file.write_all(b"x").unwrap();
+        // Held ones are never swept, whatever their age.
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(sweep(d.path(), Duration::from_millis(1)).unwrap(), 1);
+        drop(p);
+        assert_eq!(sweep(d.path(), Duration::from_millis(1)).unwrap(), 1);
+        assert_eq!(sweep(d.path(), DAY).unwrap(), 0);
+    }
+
+    #[test]
+    fn each_user_keeps_a_bounded_number() {
+        let d = tempfile::tempdir().unwrap();
+        let pd = PartialDir::new(d.path(), "alice");
+        for i in 0..MAX_PARTIALS_PER_USER + 5 {
+            drop(pd.open(&format!("f{i}"), DAY).unwrap().unwrap());
+        }
+        let n = std::fs::read_dir(d.path().join(PARTIAL_DIR).join("alice"))
+            .unwrap()
+            .count();
+        assert_eq!(n, MAX_PARTIALS_PER_USER);
+    }
+}
