@@ -10,6 +10,8 @@
 //! - [`conn`]: connecting (TCP, optional source address, TLS, hello) and every request.
 //! - [`progress`]: progress bars on a terminal, silence elsewhere.
 //! - [`cli`]: the command line.
+//! - `shell`: where `xfer shell` reads its lines: a line editor with history on a terminal,
+//!   plain lines from a pipe.
 #![forbid(unsafe_code)]
 
 pub mod addr;
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod conn;
 pub mod error;
 pub mod progress;
+mod shell;
 pub mod state;
 pub mod verifier;
 
