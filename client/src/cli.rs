@@ -14,6 +14,7 @@ use crate::addr::ServerAddr;
 use crate::conn::{Client, connect_tls};
 use crate::error::{ClientError, Result, printable};
 use crate::progress::Progress;
+use crate::shell::ShellInput;
 use crate::state::{StateDir, StoredSession};
 use crate::transfer::BatchCommand;
 
@@ -726,27 +727,23 @@ async fn shell_line(
     }
 }
 
-/// `xfer shell`: one connection, many commands. On a terminal it shows a prompt; from a pipe
-/// it runs each line as a script would. The exit code is the first failure's (0 if none).
+/// `xfer shell`: one connection, many commands. On a terminal it edits lines with history
+/// ([`ShellInput`]); from a pipe it runs each line as a script would. The exit code is the
+/// first failure's (0 if none).
 async fn shell(ctx: &Ctx) -> std::result::Result<(), Reported> {
-    use tokio::io::AsyncBufReadExt;
     let (mut client, key, _) = ctx.connect().await.map_err(|e| report(&e))?;
     let interactive = std::io::stdin().is_terminal();
     if interactive && !ctx.quiet {
         eprintln!("Connected to {key}. Type `help` for commands, `quit` to leave.");
     }
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut input = ShellInput::new(&ctx.state, interactive, shell_command_names());
     let mut first_failure: Option<u8> = None;
     loop {
-        if interactive {
-            eprint!("xfer> ");
-            let _ = std::io::stderr().flush();
-        }
-        let line = match lines.next_line().await {
+        let line = match input.next_line().await {
             Ok(Some(l)) => l,
             Ok(None) => break,
             Err(e) => {
-                first_failure.get_or_insert(report(&ClientError::local("reading commands", e)).0);
+                first_failure.get_or_insert(report(&e).0);
                 break;
             }
         };
@@ -793,7 +790,37 @@ async fn shell(ctx: &Ctx) -> std::result::Result<(), Reported> {
     }
 }
 
+/// The shell's command names and aliases, for Tab completion; taken from the parser so the
+/// two cannot drift apart.
+fn shell_command_names() -> Vec<String> {
+    use clap::CommandFactory;
+    let mut parser = ShellLine::command();
+    parser.build();
+    let mut names: Vec<String> = parser
+        .get_subcommands()
+        .flat_map(|c| std::iter::once(c.get_name()).chain(c.get_visible_aliases()))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Exit codes after which the connection cannot carry more commands.
 fn client_is_gone(code: u8) -> bool {
     code == 7 || code == 3
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tab_completion_offers_every_shell_command_and_alias() {
+        assert_eq!(
+            super::shell_command_names(),
+            [
+                "delete", "download", "exit", "get", "help", "list", "ls", "mkdir", "mv", "put",
+                "quit", "rename", "rm", "upload", "whoami"
+            ]
+        );
+    }
 }

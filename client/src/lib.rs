@@ -12,6 +12,8 @@
 //! - [`progress`]: progress bars on a terminal, silence elsewhere.
 //! - `transfer`: multi-file upload, download and delete: plan, run, report, summarize.
 //! - [`cli`]: the command line.
+//! - `shell`: where `xfer shell` reads its lines: a line editor with history on a terminal,
+//!   plain lines from a pipe.
 #![forbid(unsafe_code)]
 
 pub mod addr;
@@ -20,6 +22,7 @@ pub mod conn;
 pub mod error;
 pub mod part;
 pub mod progress;
+mod shell;
 pub mod state;
 mod transfer;
 pub mod verifier;

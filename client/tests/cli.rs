@@ -723,6 +723,8 @@ ls
     h.run_with_stdin(&["shell"], "ls\nwhoami\n").expect_code(0);
     h.run_with_stdin(&["shell"], "frobnicate\nls\n")
         .expect_code(2);
+    // A pipe is a script, not a person: nothing is kept.
+    assert!(!h.config_dir().join("shell_history").exists());
 }
 
 #[test]
@@ -821,4 +823,108 @@ fn progress_is_drawn_on_a_terminal_and_never_on_a_pipe() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains('%'), "{text:?}");
+}
+
+#[test]
+fn the_shell_edits_lines_and_keeps_a_private_history_on_a_terminal() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Stdio;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal test");
+        return;
+    }
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    let cmd = format!(
+        "{} --config-dir {} shell",
+        h.bin.display(),
+        h.config_dir().display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("TERM", "xterm")
+        .current_dir(h.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let screen = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let screen = Arc::clone(&screen);
+        let mut out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = out.read(&mut buf) {
+                screen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let text = || String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
+    let wait_for = |what: &str, done: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done(&text()) {
+            assert!(Instant::now() < deadline, "waited for {what}: {:?}", text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Type only while the editor is reading, as a person would: it turns bracketed paste on
+    // each time it takes the terminal, so that marks each prompt. (A Ctrl-C typed while a
+    // command runs would be a real SIGINT.)
+    let prompts = |n: usize| move |t: &str| t.matches("\x1b[?2004h").count() >= n;
+    let mut keys = child.stdin.take().unwrap();
+    let mut type_keys = |k: &str| {
+        keys.write_all(k.as_bytes()).unwrap();
+        keys.flush().unwrap();
+    };
+    wait_for("the first prompt", &prompts(1));
+    assert!(text().contains("xfer> "), "{:?}", text());
+    // Tab completes the command name.
+    type_keys("who\t\r");
+    wait_for("whoami's answer", &|t| t.contains("alice (user)"));
+    // A leading space: runs, but stays out of the history.
+    wait_for("the second prompt", &prompts(2));
+    type_keys(" mkdir hidden-dir\r");
+    wait_for("the third prompt", &prompts(3));
+    assert!(server.user_dir("alice").join("hidden-dir").is_dir());
+    // Ctrl-C drops the line (were it run, the unknown command would make the exit code 2).
+    type_keys("frobnicate\x03");
+    wait_for("a fresh prompt after Ctrl-C", &prompts(4));
+    type_keys("ls\r");
+    wait_for("the listing", &|t| t.matches("hidden-dir").count() >= 2);
+    wait_for("the prompt after ls", &prompts(5));
+    type_keys("quit\r");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the shell did not quit: {:?}", text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    assert!(status.success(), "{status:?}: {:?}", text());
+    let path = h.config_dir().join("shell_history");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let history = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        history.contains("whoami") && history.contains("ls") && history.contains("quit"),
+        "{history}"
+    );
+    assert!(
+        !history.contains("hidden-dir") && !history.contains("frobnicate"),
+        "{history}"
+    );
 }
