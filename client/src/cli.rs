@@ -491,6 +491,7 @@ async fn login(
         },
     );
     sessions.current = Some(key.clone());
+    sessions.last_user.insert(key.clone(), info.user.clone());
     ctx.state.save_sessions(&sessions)?;
     ctx.status(format_args!(
         "Logged in to {key} as {} ({}).",
@@ -514,10 +515,8 @@ async fn logout(ctx: &Ctx) -> Result<()> {
         }) => Ok(()),
         Err(e) => Err(e),
     };
+    // `current` stays, so the next command says whom to log in as, and where.
     sessions.servers.remove(&key);
-    if sessions.current.as_deref() == Some(key.as_str()) {
-        sessions.current = None;
-    }
     ctx.state.save_sessions(&sessions)?;
     match remote {
         Ok(()) => {
@@ -630,10 +629,11 @@ fn forget(ctx: &Ctx, server: &str) -> Result<()> {
     }
     let mut sessions = ctx.state.sessions()?;
     let had_session = sessions.servers.remove(&key).is_some();
+    let had_user = sessions.last_user.remove(&key).is_some();
     if sessions.current.as_deref() == Some(key.as_str()) {
         sessions.current = None;
     }
-    if had_session {
+    if had_session || had_user {
         ctx.state.save_sessions(&sessions)?;
     }
     if !had_pin && !had_session {

@@ -112,7 +112,7 @@ async fn tcp_connect(server: &ServerAddr, bind: Option<IpAddr>) -> Result<TcpStr
             None => "the name has no addresses".into(),
         }));
     }
-    let mut last = String::new();
+    let mut last = (addrs[0], String::new());
     for addr in addrs {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()
@@ -130,11 +130,18 @@ async fn tcp_connect(server: &ServerAddr, bind: Option<IpAddr>) -> Result<TcpStr
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);
             }
-            Ok(Err(e)) => last = format!("{addr}: {e}"),
-            Err(_) => last = format!("{addr}: connection timed out"),
+            // The address is named only when the host name was not one already.
+            Ok(Err(e)) => last = (addr, crate::error::io_text(&e)),
+            Err(_) => last = (addr, "connection timed out".into()),
         }
     }
-    Err(fail(last))
+    let (addr, why) = last;
+    let same = server.host.trim_matches(['[', ']']) == addr.ip().to_string();
+    Err(fail(if same {
+        format!("{why} - is xferd running there, and is the port right?")
+    } else {
+        format!("{addr}: {why} - is xferd running there, and is the port right?")
+    }))
 }
 
 /// Connects and completes the TLS handshake. With `pin`, the server must hold that key

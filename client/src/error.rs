@@ -11,8 +11,13 @@ pub enum ClientError {
     #[error("{0}")]
     Usage(String),
     /// No stored session for the server (exit 3).
-    #[error("{}", not_logged_in(.0.as_deref()))]
-    NotLoggedIn(Option<String>),
+    #[error("{}", not_logged_in(.server.as_deref(), .user.as_deref()))]
+    NotLoggedIn {
+        /// The server, if one was chosen.
+        server: Option<String>,
+        /// Who last logged in there, if known.
+        user: Option<String>,
+    },
     /// The server refused the request (exit code from the error code).
     #[error("{message}")]
     Server {
@@ -74,7 +79,7 @@ pub enum ClientError {
     #[error("{0}")]
     Verification(String),
     /// A local file could not be read or written (exit 1).
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", io_text(.source))]
     Local {
         /// What was being done, naming the file.
         context: String,
@@ -107,10 +112,30 @@ pub fn printable(text: &str) -> String {
     out
 }
 
-fn not_logged_in(server: Option<&str>) -> String {
+/// An I/O error in words, without the `(os error N)` tail.
+pub fn io_text(e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::NotFound => "no such file or folder".into(),
+        K::PermissionDenied => "permission denied".into(),
+        K::AlreadyExists => "it already exists".into(),
+        K::StorageFull => "no space left on this disk".into(),
+        K::ConnectionRefused => "connection refused".into(),
+        _ => {
+            let text = e.to_string();
+            match text.find(" (os error") {
+                Some(i) => text[..i].to_string(),
+                None => text,
+            }
+        }
+    }
+}
+
+fn not_logged_in(server: Option<&str>, user: Option<&str>) -> String {
+    let user = user.unwrap_or("USER");
     match server {
-        Some(s) => format!("not logged in to {s} - run `xfer login USER@{s}`"),
-        None => "not logged in - run `xfer login USER@HOST[:PORT]`".to_string(),
+        Some(s) => format!("not logged in to {s} - run `xfer login {user}@{s}`"),
+        None => format!("not logged in - run `xfer login {user}@HOST[:PORT]`"),
     }
 }
 
@@ -119,7 +144,7 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Usage(_) => 2,
-            ClientError::NotLoggedIn(_) => 3,
+            ClientError::NotLoggedIn { .. } => 3,
             ClientError::Server { code, .. } => code.exit_code(),
             ClientError::KeyChanged { .. }
             | ClientError::FingerprintMismatch { .. }
@@ -162,7 +187,13 @@ mod tests {
         let fp = Fingerprint([0; 32]);
         let cases: Vec<(ClientError, u8)> = vec![
             (ClientError::Usage("x".into()), 2),
-            (ClientError::NotLoggedIn(None), 3),
+            (
+                ClientError::NotLoggedIn {
+                    server: None,
+                    user: None,
+                },
+                3,
+            ),
             (
                 ClientError::Server {
                     code: ErrorCode::AuthFailed,
@@ -214,10 +245,24 @@ mod tests {
 
     #[test]
     fn not_logged_in_says_what_to_do() {
-        let msg = ClientError::NotLoggedIn(Some("127.0.0.1:7443".into())).to_string();
+        let msg = |server: Option<&str>, user: Option<&str>| {
+            ClientError::NotLoggedIn {
+                server: server.map(String::from),
+                user: user.map(String::from),
+            }
+            .to_string()
+        };
         assert_eq!(
-            msg,
+            msg(Some("127.0.0.1:7443"), Some("alice")),
+            "not logged in to 127.0.0.1:7443 - run `xfer login alice@127.0.0.1:7443`"
+        );
+        assert_eq!(
+            msg(Some("127.0.0.1:7443"), None),
             "not logged in to 127.0.0.1:7443 - run `xfer login USER@127.0.0.1:7443`"
+        );
+        assert_eq!(
+            msg(None, None),
+            "not logged in - run `xfer login USER@HOST[:PORT]`"
         );
     }
 }

@@ -228,6 +228,9 @@ pub struct Sessions {
     /// Sessions by server (`host:port`).
     #[serde(default)]
     pub servers: BTreeMap<String, StoredSession>,
+    /// Who last logged in to each server (kept after logout, for "run `xfer login alice@...`").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub last_user: BTreeMap<String, String>,
 }
 
 impl Sessions {
@@ -235,13 +238,19 @@ impl Sessions {
     pub fn select(&self, wanted: Option<&str>) -> Result<(String, StoredSession), ClientError> {
         let server = match wanted {
             Some(s) => s.to_string(),
-            None => self.current.clone().ok_or(ClientError::NotLoggedIn(None))?,
+            None => self.current.clone().ok_or(ClientError::NotLoggedIn {
+                server: None,
+                user: None,
+            })?,
         };
-        let session = self
-            .servers
-            .get(&server)
-            .cloned()
-            .ok_or_else(|| ClientError::NotLoggedIn(Some(server.clone())))?;
+        let session =
+            self.servers
+                .get(&server)
+                .cloned()
+                .ok_or_else(|| ClientError::NotLoggedIn {
+                    user: self.last_user.get(&server).cloned(),
+                    server: Some(server.clone()),
+                })?;
         Ok((server, session))
     }
 }
@@ -300,7 +309,7 @@ mod tests {
         let mut s = Sessions::default();
         assert!(matches!(
             s.select(None),
-            Err(ClientError::NotLoggedIn(None))
+            Err(ClientError::NotLoggedIn { server: None, .. })
         ));
         s.current = Some("a:1".into());
         s.servers.insert(
@@ -315,7 +324,10 @@ mod tests {
         assert_eq!(s.select(None).unwrap().0, "a:1");
         assert!(matches!(
             s.select(Some("b:2")),
-            Err(ClientError::NotLoggedIn(Some(_)))
+            Err(ClientError::NotLoggedIn {
+                server: Some(_),
+                user: None
+            })
         ));
     }
 }

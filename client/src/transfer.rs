@@ -58,7 +58,7 @@ impl Batch {
     }
 
     /// Prints the summary: JSON on stdout with `--json`, else one status line when more than
-    /// one file was involved or something failed.
+    /// one file was involved (a single failure has said everything already).
     fn summarize(&self, ctx: &Ctx, verb: &str) {
         let secs = self.started.elapsed().as_secs_f64();
         let bytes: u64 = self.items.iter().map(|i| i.bytes).sum();
@@ -88,7 +88,7 @@ impl Batch {
                 "seconds": (secs * 1000.0).round() / 1000.0,
             });
             println!("{v}");
-        } else if self.items.len() + self.failed > 1 || self.failed > 0 {
+        } else if self.items.len() + self.failed > 1 {
             let rate = HumanBytes((sent as f64 / secs.max(1e-6)) as u64);
             let failed = if self.failed > 0 {
                 format!("; {} failed", self.failed)
@@ -420,7 +420,7 @@ async fn transfer_one(
         Step::RemoteDir(_) | Step::LocalDir(_) => unreachable!("folders are not transfers"),
     };
     bar.finish_and_clear();
-    let done: Transferred = result?;
+    let done: Transferred = result.map_err(|e| with_hint(e, step))?;
     let sent = done.size - done.resumed_from;
     let rate = HumanBytes((sent as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64);
     let how = if done.resumed_from > 0 {
@@ -450,6 +450,27 @@ async fn transfer_one(
         resumed_from: done.resumed_from,
         digest: done.digest,
     })
+}
+
+/// Adds what to do next to the server's "not found" and "is a folder" answers.
+fn with_hint(e: ClientError, step: &Step) -> ClientError {
+    let ClientError::Server { code, message } = e else {
+        return e;
+    };
+    let hint = match (step, code) {
+        (Step::Upload { remote, .. }, ErrorCode::NotFound) => match remote.rsplit_once('/') {
+            Some((parent, _)) => format!(" - create it with `xfer mkdir {parent}`"),
+            None => String::new(),
+        },
+        (Step::Download { remote, .. }, ErrorCode::WrongKind) if message.ends_with("a folder") => {
+            format!(" - to download a folder, use `xfer download -r {remote}`")
+        }
+        _ => String::new(),
+    };
+    ClientError::Server {
+        code,
+        message: format!("{message}{hint}"),
+    }
 }
 
 /// Runs a plan over `client`: folders first as they come, each file with its bar.

@@ -296,7 +296,12 @@ fn whoami_and_logout_which_revokes_the_token_on_the_server() {
 
     let saved = std::fs::read(h.config_dir().join("sessions.toml")).unwrap();
     h.run(&["logout"]).expect_code(0);
-    h.run(&["whoami"]).expect_code(3);
+    let r = h.run(&["whoami"]).expect_code(3);
+    let expected = format!(
+        "xfer: error: not logged in to {0} - run `xfer login root@{0}`",
+        server.server()
+    );
+    assert_eq!(r.stderr.trim(), expected);
     // Putting the old token back does not help: the server revoked it.
     std::fs::write(h.config_dir().join("sessions.toml"), saved).unwrap();
     let r = h.run(&["whoami"]).expect_code(3);

@@ -257,3 +257,30 @@ fn expired_partial_uploads_are_deleted() {
     let v = summary(&h.run(&["upload", "f", "--json"]).expect_code(0).stdout);
     assert_eq!(v["files"][0]["resumed_from"], 0, "{v}");
 }
+
+#[test]
+fn a_retry_takes_over_from_an_upload_whose_link_went_silent() {
+    let server = TestServer::start();
+    let proxy = Proxy::start(server.addr);
+    let h = via(&proxy, &server, "alice");
+    let size = 8u64 << 20;
+    let data = noise(size as usize, 8);
+    write_file(&h.path("f"), &data);
+    // The server never hears that this client died: it would wait for its 30 s timeout.
+    proxy.set_freeze(true);
+    kill_when_stalled(&h, &proxy, &["upload", "f"], size / 2, u64::MAX);
+    proxy.set_freeze(false);
+    let started = std::time::Instant::now();
+    let v = summary(&h.run(&["upload", "f", "--json"]).expect_code(0).stdout);
+    let resumed = v["files"][0]["resumed_from"].as_u64().unwrap();
+    assert!(
+        resumed > 0,
+        "the retry resumed from the stalled attempt's data: {v}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "no wait for the old connection's timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(std::fs::read(server.user_dir("alice").join("f")).unwrap() == data);
+}

@@ -11,11 +11,16 @@
 //! because a resume only happens when the client's digest of its own prefix equals the
 //! server's digest of what it holds.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Notify;
 
 use xfer_proto::staging::{open_locked, still_named, try_lock};
 
@@ -109,6 +114,106 @@ impl PartialDir {
             remove_if_unlocked(&path, |_| true)?;
         }
         Ok(())
+    }
+}
+
+/// An upload that holds a partial: how to stop it, and when it last made progress.
+struct Holder {
+    id: u64,
+    stop: Arc<Notify>,
+    last_progress_ms: Arc<AtomicU64>,
+}
+
+/// The resumable uploads this daemon is running, by user and path. A retry usually arrives
+/// while the server has not yet noticed that the previous attempt's connection is gone (a
+/// dropped link is only noticed at the transfer timeout); without this, the retry would find
+/// the partial locked and start over.
+pub struct ActiveUploads {
+    holders: Mutex<HashMap<(String, String), Holder>>,
+    next_id: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for ActiveUploads {
+    fn default() -> Self {
+        ActiveUploads {
+            holders: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// Registration of a running upload; removed on drop.
+pub struct Claim {
+    owner: Arc<ActiveUploads>,
+    key: (String, String),
+    id: u64,
+    /// Notified when a newer attempt takes over; the upload must then stop.
+    pub stop: Arc<Notify>,
+    last_progress_ms: Arc<AtomicU64>,
+}
+
+impl Claim {
+    /// Records progress (the holder is alive).
+    pub fn progressed(&self) {
+        let now = self.owner.epoch.elapsed().as_millis() as u64;
+        self.last_progress_ms.store(now, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut holders = self.owner.holders.lock().unwrap_or_else(|e| e.into_inner());
+        if holders.get(&self.key).is_some_and(|h| h.id == self.id) {
+            holders.remove(&self.key);
+        }
+    }
+}
+
+impl ActiveUploads {
+    /// Registers the upload that now holds the partial of `user`'s `path`.
+    pub fn claim(self: &Arc<Self>, user: &str, path: &str) -> Claim {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(Notify::new());
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last_progress_ms = Arc::new(AtomicU64::new(now));
+        let key = (user.to_string(), path.to_string());
+        self.holders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                key.clone(),
+                Holder {
+                    id,
+                    stop: stop.clone(),
+                    last_progress_ms: last_progress_ms.clone(),
+                },
+            );
+        Claim {
+            owner: self.clone(),
+            key,
+            id,
+            stop,
+            last_progress_ms,
+        }
+    }
+
+    /// Stops the upload holding `user`'s `path` if it has made no progress for `idle`;
+    /// true if one was told to stop. An upload that is moving is left alone: it is a
+    /// concurrent upload, not a dead one.
+    pub fn stop_if_stalled(&self, user: &str, path: &str, idle: Duration) -> bool {
+        let holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = holders.get(&(user.to_string(), path.to_string())) else {
+            return false;
+        };
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = h.last_progress_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < idle.as_millis() as u64 {
+            return false;
+        }
+        h.stop.notify_one();
+        true
     }
 }
 

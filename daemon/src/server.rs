@@ -34,6 +34,8 @@ pub struct State {
     pub sessions: SessionStore,
     /// The storage root.
     pub storage: Storage,
+    /// Resumable uploads in progress, so a retry can take over from a stalled one.
+    pub uploads: Arc<crate::partial::ActiveUploads>,
     /// Failed-login penalties per source.
     pub penalties: crate::penalty::Penalties,
     /// The audit trail.
@@ -131,6 +133,7 @@ impl Daemon {
                 accounts,
                 sessions,
                 storage,
+                uploads: Default::default(),
                 penalties,
                 audit,
                 limits,

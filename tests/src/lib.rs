@@ -457,6 +457,8 @@ pub struct Proxy {
 struct ProxyShared {
     /// Per-connection caps for new connections: client to server, server to client.
     caps: std::sync::Mutex<(u64, u64)>,
+    /// Whether a stalled connection stays open towards the receiver after the sender died.
+    freeze: std::sync::atomic::AtomicBool,
     /// Bytes relayed on each connection so far: (client to server, server to client).
     counts: std::sync::Mutex<Vec<Arc<[std::sync::atomic::AtomicU64; 2]>>>,
 }
@@ -478,12 +480,13 @@ impl Proxy {
                     continue;
                 };
                 let (up_cap, down_cap) = *s.caps.lock().unwrap();
+                let freeze = s.freeze.load(std::sync::atomic::Ordering::Relaxed);
                 let counts: Arc<[std::sync::atomic::AtomicU64; 2]> = Arc::new(Default::default());
                 s.counts.lock().unwrap().push(counts.clone());
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let up = counts.clone();
-                std::thread::spawn(move || relay(client, server, up_cap, &up[0]));
-                std::thread::spawn(move || relay(s2, c2, down_cap, &counts[1]));
+                std::thread::spawn(move || relay(client, server, up_cap, freeze, &up[0]));
+                std::thread::spawn(move || relay(s2, c2, down_cap, freeze, &counts[1]));
             }
         });
         Proxy { addr, shared }
@@ -498,6 +501,15 @@ impl Proxy {
     /// to the client, then forward nothing more in that direction until the sender closes.
     pub fn set_caps(&self, up: u64, down: u64) {
         *self.shared.caps.lock().unwrap() = (up, down);
+    }
+
+    /// With `true`, connections opened from now on keep a stalled direction open towards its
+    /// receiver for a minute after the sender died, as a link that silently went dead would:
+    /// the receiver learns nothing until its own timeout.
+    pub fn set_freeze(&self, freeze: bool) {
+        self.shared
+            .freeze
+            .store(freeze, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Bytes relayed on the most recent connection: (client to server, server to client).
@@ -536,6 +548,7 @@ fn relay(
     mut from: std::net::TcpStream,
     mut to: std::net::TcpStream,
     cap: u64,
+    freeze: bool,
     count: &std::sync::atomic::AtomicU64,
 ) {
     use std::io::{Read, Write};
@@ -547,6 +560,9 @@ fn relay(
             // Stalled: forward nothing more, but drain, so the sender's death is seen at once
             // (unread data would hide its FIN) and passed on as a closed connection.
             while matches!(from.read(&mut buf), Ok(n) if n > 0) {}
+            if freeze {
+                std::thread::sleep(Duration::from_secs(60));
+            }
             break;
         }
         let want = buf.len().min(left.min(usize::MAX as u64) as usize);

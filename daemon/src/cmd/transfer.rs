@@ -1,7 +1,7 @@
 //! Upload and download: size-prefixed raw bodies, verified by BLAKE3 before anything is
 //! committed, with the upload staged in a temp file that only a verified rename makes visible.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::body::BodyError;
@@ -95,6 +95,24 @@ async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// How long a new upload waits for another upload of the same path to let go of its
+/// partial before it starts over in a temp file of its own.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+/// An upload without progress for this long may be stopped by a retry of the same path.
+const STALLED: Duration = Duration::from_secs(1);
+
+/// Audits an upload that ended mid-body (its data is kept for resume when it can be).
+fn audit_interrupted(ctx: &Ctx, path: &str, start: u64) {
+    ctx.audit(
+        "upload",
+        Some(path),
+        Outcome {
+            resumed_from: Some(start),
+            ..Outcome::failed(ErrorCode::BadRequest)
+        },
+    );
+}
+
 fn rate_mb_s(bytes: u64, secs: f64) -> f64 {
     if secs > 0.0 {
         bytes as f64 / secs / 1e6
@@ -120,15 +138,36 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         Some(ttl) if ctx.version >= 2 => Staging::Resumable { up_to, ttl },
         _ => Staging::Temp,
     };
-    let p = path.clone();
-    let mut pending = match blocking(move || tree.begin_upload(&p, size, max, staging)).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::info!(user = %user, path = %path, error = %e, "upload refused");
-            ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-            return reply_error(conn, e.code(), e.client_message()).await;
+    // The partial's key: `a//b` and `a/b` are one path.
+    let key = xfer_proto::path::named_components(&path)
+        .map(|p| p.join("/"))
+        .unwrap_or_default();
+    let deadline = Instant::now() + TAKEOVER_WAIT;
+    let mut pending = loop {
+        let (t, p) = (tree.clone(), path.clone());
+        let pending = match blocking(move || t.begin_upload(&p, size, max, staging)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::info!(user = %user, path = %path, error = %e, "upload refused");
+                ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
+                return reply_error(conn, e.code(), e.client_message()).await;
+            }
+        };
+        // Another upload holds the partial. If it is a stalled earlier attempt of this
+        // retry, stop it and take its data over; if it is moving, upload alongside it.
+        let held_elsewhere = matches!(staging, Staging::Resumable { .. }) && !pending.resumable();
+        if !held_elsewhere || Instant::now() >= deadline {
+            break pending;
         }
+        drop(pending);
+        if ctx.state.uploads.stop_if_stalled(&user, &key, STALLED) {
+            tracing::info!(user = %user, path = %path, "a stalled earlier upload of this path was stopped; resuming from its data");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let claim = pending
+        .resumable()
+        .then(|| ctx.state.uploads.claim(&user, &key));
     let (start, prefix) = match offer_resume(ctx, conn, &mut pending, &path).await? {
         Some(agreed) => agreed,
         None => return Ok(Flow::Close),
@@ -141,7 +180,21 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(Flow::Close);
         }
     };
-    let received = conn.recv_body(file, start, size, prefix, &mut |_| {}).await;
+    let received = match &claim {
+        Some(claim) => {
+            let mut progressed = |_| claim.progressed();
+            tokio::select! {
+                r = conn.recv_body(file, start, size, prefix, &mut progressed) => r,
+                _ = claim.stop.notified() => {
+                    // A retry of this upload has taken over; this connection is presumed dead.
+                    tracing::info!(user = %user, path = %path, "upload taken over by a newer attempt");
+                    audit_interrupted(ctx, &path, start);
+                    return Ok(Flow::Close);
+                }
+            }
+        }
+        None => conn.recv_body(file, start, size, prefix, &mut |_| {}).await,
+    };
     let digest = match received {
         Ok((digest, _)) => digest,
         Err(BodyError::Local { source, in_sync }) => {
@@ -164,14 +217,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
                 "partial data discarded"
             };
             tracing::info!(user = %user, path = %path, error = %e, "upload interrupted; {kept}");
-            ctx.audit(
-                "upload",
-                Some(&path),
-                Outcome {
-                    resumed_from: Some(start),
-                    ..Outcome::failed(ErrorCode::BadRequest)
-                },
-            );
+            audit_interrupted(ctx, &path, start);
             return Err(e);
         }
         Err(BodyError::SourceChanged) => return Ok(Flow::Close),
