@@ -3,10 +3,22 @@
 
 use std::time::Duration;
 
-use xfer_tests::{ClientHome, TestServer, noise, tricky_bytes, write_file};
+use xfer_tests::{ClientHome, TestServer, noise, password_of, tricky_bytes, write_file};
 
 fn home() -> ClientHome {
     ClientHome::new(env!("CARGO_BIN_EXE_xfer"))
+}
+
+/// Whether `script` (util-linux) can run a command on a pseudo-terminal; says so when not.
+fn have_script() -> bool {
+    let ok = std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal test");
+    }
+    ok
 }
 
 fn logged_in(server: &TestServer, user: &str) -> ClientHome {
@@ -767,12 +779,7 @@ fn a_transfer_summary_is_printed_and_available_as_json() {
 
 #[test]
 fn progress_is_drawn_on_a_terminal_and_never_on_a_pipe() {
-    if std::process::Command::new("script")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal test");
+    if !have_script() {
         return;
     }
     let server = TestServer::start();
@@ -838,12 +845,7 @@ fn the_shell_edits_lines_and_keeps_a_private_history_on_a_terminal() {
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
-    if std::process::Command::new("script")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal test");
+    if !have_script() {
         return;
     }
     let server = TestServer::start();
@@ -932,4 +934,59 @@ fn the_shell_edits_lines_and_keeps_a_private_history_on_a_terminal() {
         !history.contains("hidden-dir") && !history.contains("frobnicate"),
         "{history}"
     );
+}
+
+#[test]
+fn first_contact_on_a_terminal_shows_the_key_and_asks() {
+    if !have_script() {
+        return;
+    }
+    let server = TestServer::start();
+    let h = home();
+    let cmd = format!(
+        "{} --config-dir {} login alice@{}",
+        h.bin.display(),
+        h.config_dir().display(),
+        server.server()
+    );
+    // `script` runs the login on a pseudo-terminal and types our standard input into it.
+    let on_a_terminal = |typed: &str| {
+        let mut child = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for line in typed.lines() {
+            // One line at a time, as a person would, after the prompt had time to appear.
+            std::thread::sleep(Duration::from_millis(500));
+            stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = on_a_terminal("no");
+    assert_eq!(code, Some(6), "{text}");
+    assert!(
+        text.contains("can't be established") && text.contains(&server.fingerprint),
+        "{text}"
+    );
+    assert!(text.contains("nothing was sent"), "{text}");
+    let known = std::fs::read_to_string(h.config_dir().join("known_servers")).unwrap_or_default();
+    assert!(!known.contains(&server.server()), "{known}");
+
+    let (code, text) = on_a_terminal(&format!("yes\n{}", password_of("alice")));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("Logged in"), "{text}");
+    assert!(
+        !text.contains(password_of("alice")),
+        "the password is not echoed: {text}"
+    );
+    h.run(&["whoami"]).expect_code(0);
 }
