@@ -557,24 +557,39 @@ async fn whoami(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// One listing entry as JSON, borrowed from the entry so that a large listing is written
+/// out one object at a time instead of built as a JSON tree first.
+#[derive(serde::Serialize)]
+struct JsonEntry<'a> {
+    name: &'a str,
+    size: u64,
+    modified: String,
+    modified_unix: i64,
+    kind: &'static str,
+}
+
 fn print_entries(entries: &[Entry], json: bool) {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if json {
-        let list: Vec<_> = entries
-            .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "name": e.name,
-                    "size": e.size,
-                    "modified": format_time(e.modified),
-                    "modified_unix": e.modified,
-                    "kind": e.kind.as_str(),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(list));
+        let _ = out.write_all(b"[");
+        for (i, e) in entries.iter().enumerate() {
+            if i > 0 {
+                let _ = out.write_all(b",");
+            }
+            let _ = serde_json::to_writer(
+                &mut out,
+                &JsonEntry {
+                    name: &e.name,
+                    size: e.size,
+                    modified: format_time(e.modified),
+                    modified_unix: e.modified,
+                    kind: e.kind.as_str(),
+                },
+            );
+        }
+        let _ = out.write_all(b"]\n");
         return;
     }
-    let mut out = std::io::stdout().lock();
     for e in entries {
         let when = format_time(e.modified).replace('T', " ").replace('Z', "");
         let name = printable(&e.name);
