@@ -335,6 +335,8 @@ impl Client {
                     }
                     out.extend(entries);
                     if done {
+                        // Servers send folders in directory order.
+                        out.sort_by(|a, b| a.name.cmp(&b.name));
                         return Ok(out);
                     }
                 }

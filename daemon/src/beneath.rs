@@ -159,8 +159,22 @@ impl Beneath {
 
     /// The entries of directory `parts` (without `.` and `..`), with their metadata.
     pub fn read_dir(&self, parts: &[&str]) -> std::io::Result<Vec<(Vec<u8>, Meta)>> {
-        let fd = self.open_dir(parts)?;
         let mut out = Vec::new();
+        self.read_dir_each(parts, |name, meta| {
+            out.push((name, meta));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Hands each entry of directory `parts` (without `.` and `..`) to `f` in directory order,
+    /// so a huge folder is never held in memory; `f` returns false to stop early.
+    pub fn read_dir_each(
+        &self,
+        parts: &[&str],
+        mut f: impl FnMut(Vec<u8>, Meta) -> bool,
+    ) -> std::io::Result<()> {
+        let fd = self.open_dir(parts)?;
         let mut dir = rustix::fs::Dir::read_from(&fd)?;
         while let Some(entry) = dir.read() {
             let entry = entry?;
@@ -169,13 +183,17 @@ impl Beneath {
                 continue;
             }
             match rustix::fs::statat(&fd, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => out.push((name.to_vec(), Meta::from(&st))),
+                Ok(st) => {
+                    if !f(name.to_vec(), Meta::from(&st)) {
+                        return Ok(());
+                    }
+                }
                 // Removed between listing and stat: simply not there any more.
                 Err(Errno::NOENT) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Creates directory `name` inside directory `parent`.

@@ -371,24 +371,36 @@ impl UserTree {
 
     /// Lists a folder (or describes a single file), sorted by name.
     pub fn list(&self, remote: &str) -> Result<Vec<Entry>, StorageError> {
+        let mut out = Vec::new();
+        self.list_each(remote, |e| {
+            out.push(e);
+            true
+        })?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Hands each entry of a folder (or the one entry of a file) to `f`, in directory order;
+    /// `f` returns false to stop early. Memory stays constant whatever the folder's size.
+    pub fn list_each(
+        &self,
+        remote: &str,
+        mut f: impl FnMut(Entry) -> bool,
+    ) -> Result<(), StorageError> {
         let r = self.resolve(remote, false)?;
         let meta = r
             .meta
             .ok_or_else(|| StorageError::NotFound(remote.into()))?;
         if meta.kind != Kind::Dir {
             let name = r.parts.last().cloned().unwrap_or_default();
-            return Ok(vec![entry_of(name, &meta)]);
+            f(entry_of(name, &meta));
+            return Ok(());
         }
-        let raw = self
-            .root
-            .read_dir(&r.all())
-            .map_err(|e| self.fail("listing", remote, e))?;
-        let mut out: Vec<Entry> = raw
-            .into_iter()
-            .map(|(name, meta)| entry_of(String::from_utf8_lossy(&name).into_owned(), &meta))
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        self.root
+            .read_dir_each(&r.all(), |name, meta| {
+                f(entry_of(String::from_utf8_lossy(&name).into_owned(), &meta))
+            })
+            .map_err(|e| self.fail("listing", remote, e))
     }
 
     /// Opens a regular file for download: the file, its size and modification time.

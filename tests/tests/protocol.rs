@@ -477,3 +477,38 @@ async fn a_download_resumes_only_when_the_prefix_digest_matches() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_folder_streams_in_full_frames_and_ends_once() {
+    let server = TestServer::start();
+    let mut conn = raw_login(&server, "alice").await;
+    let dir = server.user_dir("alice").join("many");
+    std::fs::create_dir(&dir).unwrap();
+    for i in 0..300 {
+        std::fs::write(dir.join(format!("f{i:03}")), b"").unwrap();
+    }
+    conn.write_frame(&Request::List {
+        path: "many".into(),
+    })
+    .await
+    .unwrap();
+    let mut sizes = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    loop {
+        match conn.read_frame::<Response>().await.unwrap() {
+            Response::Entries { entries, done } => {
+                sizes.push(entries.len());
+                names.extend(entries.into_iter().map(|e| e.name));
+                if done {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(sizes, [128, 128, 44]);
+    assert_eq!(names.len(), 300);
+    // The connection is in step afterwards.
+    conn.write_frame(&Request::Ping).await.unwrap();
+    assert_eq!(conn.read_frame::<Response>().await.unwrap(), Response::Ok);
+}

@@ -3,7 +3,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::connection::ConnError;
 use xfer_proto::limits::MAX_ENTRIES_PER_FRAME;
-use xfer_proto::{Connection, Response};
+use xfer_proto::{Connection, Entry, Response};
 
 use super::{blocking, reply_error};
 use crate::handler::{Ctx, Flow, Outcome};
@@ -41,28 +41,49 @@ pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
 ) -> Result<Flow, ConnError> {
+    // Entries are read on a blocking thread and sent as each frame fills, in directory
+    // order (the client sorts), so a folder of a million files costs the server a couple of
+    // frames of memory, not the whole listing per connection.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Entry>, StorageError>>(2);
     let t = tree(ctx);
     let p = path.clone();
-    let entries = match blocking(move || t.list(&p)).await {
-        Ok(e) => e,
-        Err(e) => return report(ctx, conn, "list", &path, e).await,
-    };
+    let walker = tokio::task::spawn_blocking(move || {
+        let mut batch = Vec::with_capacity(MAX_ENTRIES_PER_FRAME);
+        let walked = t.list_each(&p, |e| {
+            batch.push(e);
+            batch.len() < MAX_ENTRIES_PER_FRAME
+                || tx.blocking_send(Ok(std::mem::take(&mut batch))).is_ok()
+        });
+        let _ = match walked {
+            Ok(()) if batch.is_empty() => Ok(()),
+            Ok(()) => tx.blocking_send(Ok(batch)),
+            Err(e) => tx.blocking_send(Err(e)),
+        };
+    });
+    // One batch is held back, so the last frame can say `done`.
+    let mut held: Option<Vec<Entry>> = None;
+    while let Some(item) = rx.recv().await {
+        match item {
+            Ok(batch) => {
+                if let Some(prev) = held.replace(batch) {
+                    conn.write_frame(&Response::Entries {
+                        entries: prev,
+                        done: false,
+                    })
+                    .await?;
+                }
+            }
+            // Before any frame, this is the whole answer; after some, it ends the listing.
+            Err(e) => return report(ctx, conn, "list", &path, e).await,
+        }
+    }
+    let _ = walker.await;
+    conn.write_frame(&Response::Entries {
+        entries: held.unwrap_or_default(),
+        done: true,
+    })
+    .await?;
     ctx.audit("list", Some(&path), Outcome::ok());
-    let mut chunks = entries.chunks(MAX_ENTRIES_PER_FRAME).peekable();
-    if chunks.peek().is_none() {
-        conn.write_frame(&Response::Entries {
-            entries: Vec::new(),
-            done: true,
-        })
-        .await?;
-    }
-    while let Some(chunk) = chunks.next() {
-        conn.write_frame(&Response::Entries {
-            entries: chunk.to_vec(),
-            done: chunks.peek().is_none(),
-        })
-        .await?;
-    }
     Ok(Flow::Continue)
 }
 
