@@ -12,7 +12,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::BufStream;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
-use xfer_proto::body::BodyError;
+use xfer_proto::body::{BodyError, hash_prefix};
 use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::message::SessionInfo;
@@ -82,14 +82,6 @@ impl Default for Hooks<'_> {
             on_progress: Box::new(|_| {}),
         }
     }
-}
-
-/// BLAKE3 of the first `len` bytes of `file`, off the async threads.
-async fn hash_prefix(file: &std::fs::File, len: u64) -> std::io::Result<blake3::Hasher> {
-    let mut f = file.try_clone()?;
-    tokio::task::spawn_blocking(move || xfer_proto::body::hash_prefix(&mut f, len))
-        .await
-        .map_err(std::io::Error::other)?
 }
 
 async fn tcp_connect(server: &ServerAddr, bind: Option<IpAddr>) -> Result<TcpStream> {
@@ -520,35 +512,27 @@ impl Client {
     ) -> Result<Transferred> {
         let write_err = |e| ClientError::local(format!("writing `{}`", target.display()), e);
         let held = part.held;
-        let (request, ours) = if held > 0 {
+        let ours = if held > 0 {
             match hash_prefix(&part.file, held).await {
-                Ok(h) => (
-                    Request::DownloadFrom {
-                        path: remote.into(),
-                        offset: held,
-                        prefix: *h.finalize().as_bytes(),
-                    },
-                    Some(h),
-                ),
+                Ok(h) => Some(h),
                 Err(_) => {
                     part.restart().map_err(write_err)?;
-                    (
-                        Request::Download {
-                            path: remote.into(),
-                            offset: 0,
-                        },
-                        None,
-                    )
+                    None
                 }
             }
         } else {
-            (
-                Request::Download {
-                    path: remote.into(),
-                    offset: 0,
-                },
-                None,
-            )
+            None
+        };
+        let request = match &ours {
+            Some(h) => Request::DownloadFrom {
+                path: remote.into(),
+                offset: held,
+                prefix: *h.finalize().as_bytes(),
+            },
+            None => Request::Download {
+                path: remote.into(),
+                offset: 0,
+            },
         };
         let (size, offset, prefix) = match self.call_within(&request, RESUME_CHECK_TIMEOUT).await? {
             Response::DownloadReady {

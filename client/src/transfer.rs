@@ -118,18 +118,44 @@ enum Step {
     RemoteDir(String),
     /// Create a local folder (download -r keeps empty folders).
     LocalDir(PathBuf),
-    /// Upload a file of the size seen while planning.
-    Upload {
-        local: PathBuf,
-        remote: String,
-        size: u64,
-    },
-    /// Download a file; its size is known when it came from a listing.
-    Download {
-        remote: String,
-        local: PathBuf,
-        size: Option<u64>,
-    },
+    /// Move one file.
+    File(FileJob),
+}
+
+/// Which way a file goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Up,
+    Down,
+}
+
+/// One file to move.
+struct FileJob {
+    direction: Direction,
+    local: PathBuf,
+    remote: String,
+    /// Known from the local file or a listing; a plain download learns it from the server.
+    size: Option<u64>,
+}
+
+impl FileJob {
+    fn upload(local: PathBuf, remote: String, size: u64) -> Step {
+        Step::File(FileJob {
+            direction: Direction::Up,
+            local,
+            remote,
+            size: Some(size),
+        })
+    }
+
+    fn download(remote: String, local: PathBuf, size: Option<u64>) -> Step {
+        Step::File(FileJob {
+            direction: Direction::Down,
+            local,
+            remote,
+            size,
+        })
+    }
 }
 
 /// What a plan adds up to, for the overall bar.
@@ -142,16 +168,9 @@ struct Plan {
 
 impl Plan {
     fn push(&mut self, step: Step) {
-        match &step {
-            Step::Upload { size, .. } => {
-                self.files += 1;
-                self.bytes += size;
-            }
-            Step::Download { size, .. } => {
-                self.files += 1;
-                self.bytes += size.unwrap_or(0);
-            }
-            Step::RemoteDir(_) | Step::LocalDir(_) => {}
+        if let Step::File(job) = &step {
+            self.files += 1;
+            self.bytes += job.size.unwrap_or(0);
         }
         self.steps.push(step);
     }
@@ -204,11 +223,7 @@ fn plan_upload_tree(local: &Path, remote: String, plan: &mut Plan, batch: &mut B
             plan_upload_tree(&path, target, plan, batch);
         } else {
             match file_size(&path) {
-                Ok(size) => plan.push(Step::Upload {
-                    local: path,
-                    remote: target,
-                    size,
-                }),
+                Ok(size) => plan.push(FileJob::upload(path, target, size)),
                 Err(e) => {
                     batch.record(Err(e));
                 }
@@ -241,11 +256,7 @@ fn plan_upload(args: &UploadArgs, batch: &mut Batch) -> Plan {
             continue;
         }
         match file_size(local) {
-            Ok(size) => plan.push(Step::Upload {
-                local: local.clone(),
-                remote,
-                size,
-            }),
+            Ok(size) => plan.push(FileJob::upload(local.clone(), remote, size)),
             Err(e) => {
                 batch.record(Err(e));
             }
@@ -285,11 +296,7 @@ fn plan_download_tree<'a>(
                         return false;
                     }
                 }
-                EntryKind::File => plan.push(Step::Download {
-                    remote: r,
-                    local: l,
-                    size: Some(entry.size),
-                }),
+                EntryKind::File => plan.push(FileJob::download(r, l, Some(entry.size))),
                 EntryKind::Other => {}
             }
         }
@@ -344,11 +351,7 @@ async fn plan_download(client: &mut Client, args: &DownloadArgs, batch: &mut Bat
         } else {
             dir.join(name)
         };
-        let file = Step::Download {
-            remote: trimmed.to_string(),
-            local: target.clone(),
-            size: None,
-        };
+        let file = FileJob::download(trimmed.to_string(), target.clone(), None);
         if !args.recursive {
             plan.push(file);
             continue;
@@ -375,15 +378,11 @@ async fn plan_download(client: &mut Client, args: &DownloadArgs, batch: &mut Bat
 async fn transfer_one(
     ctx: &Ctx,
     client: &mut Client,
-    step: &Step,
+    job: &FileJob,
     overall: &ProgressBar,
     resume: bool,
 ) -> Result<Item> {
-    let (label, known) = match step {
-        Step::Upload { remote, size, .. } => (remote.as_str(), Some(*size)),
-        Step::Download { remote, size, .. } => (remote.as_str(), *size),
-        Step::RemoteDir(_) | Step::LocalDir(_) => unreachable!("folders are not transfers"),
-    };
+    let (label, known) = (job.remote.as_str(), job.size);
     let bar = ctx.progress.bar(label, known.unwrap_or(0));
     let base = overall.position();
     let (b1, b2, b3) = (bar.clone(), bar.clone(), bar.clone());
@@ -406,21 +405,25 @@ async fn transfer_one(
         }),
     };
     let started = std::time::Instant::now();
-    let (result, from, to) = match step {
-        Step::Upload { local, remote, .. } => (
-            client.upload(local, remote, resume, hooks).await,
-            local.display().to_string(),
-            remote.clone(),
+    let local = job.local.display().to_string();
+    let (result, from, to, verb) = match job.direction {
+        Direction::Up => (
+            client.upload(&job.local, &job.remote, resume, hooks).await,
+            local,
+            job.remote.clone(),
+            "uploaded",
         ),
-        Step::Download { remote, local, .. } => (
-            client.download(remote, local, resume, hooks).await,
-            remote.clone(),
-            local.display().to_string(),
+        Direction::Down => (
+            client
+                .download(&job.remote, &job.local, resume, hooks)
+                .await,
+            job.remote.clone(),
+            local,
+            "downloaded",
         ),
-        Step::RemoteDir(_) | Step::LocalDir(_) => unreachable!("folders are not transfers"),
     };
     bar.finish_and_clear();
-    let done: Transferred = result.map_err(|e| with_hint(e, step))?;
+    let done: Transferred = result.map_err(|e| with_hint(e, job))?;
     let sent = done.size - done.resumed_from;
     let rate = HumanBytes((sent as f64 / started.elapsed().as_secs_f64().max(1e-6)) as u64);
     let how = if done.resumed_from > 0 {
@@ -431,11 +434,6 @@ async fn transfer_one(
         )
     } else {
         format!("{rate}/s")
-    };
-    let verb = if matches!(step, Step::Upload { .. }) {
-        "uploaded"
-    } else {
-        "downloaded"
     };
     ctx.status(format_args!(
         "{verb} {} -> {} ({}, {how})",
@@ -453,16 +451,17 @@ async fn transfer_one(
 }
 
 /// Adds what to do next to the server's "not found" and "is a folder" answers.
-fn with_hint(e: ClientError, step: &Step) -> ClientError {
+fn with_hint(e: ClientError, job: &FileJob) -> ClientError {
     let ClientError::Server { code, message } = e else {
         return e;
     };
-    let hint = match (step, code) {
-        (Step::Upload { remote, .. }, ErrorCode::NotFound) => match remote.rsplit_once('/') {
+    let remote = &job.remote;
+    let hint = match (job.direction, code) {
+        (Direction::Up, ErrorCode::NotFound) => match remote.rsplit_once('/') {
             Some((parent, _)) => format!(" - create it with `xfer mkdir {parent}`"),
             None => String::new(),
         },
-        (Step::Download { remote, .. }, ErrorCode::WrongKind) if message.ends_with("a folder") => {
+        (Direction::Down, ErrorCode::WrongKind) if message.ends_with("a folder") => {
             format!(" - to download a folder, use `xfer download -r {remote}`")
         }
         _ => String::new(),
@@ -483,20 +482,13 @@ async fn run_plan(ctx: &Ctx, client: &mut Client, plan: Plan, resume: bool, batc
             Step::LocalDir(local) => batch.record(std::fs::create_dir_all(local).map_err(|e| {
                 ClientError::local(format!("creating folder `{}`", local.display()), e)
             })),
-            Step::Upload { size, .. }
-            | Step::Download {
-                size: Some(size), ..
-            } => {
+            Step::File(job) => {
                 let base = overall.position();
-                let r = transfer_one(ctx, client, step, &overall, resume).await;
+                let r = transfer_one(ctx, client, job, &overall, resume).await;
                 // A failed file still counts as handled, so the total stays reachable.
-                overall.set_position(base + size);
-                done_files += 1;
-                overall.set_message(format!("{done_files}/{} files", plan.files));
-                record_item(batch, r)
-            }
-            Step::Download { size: None, .. } => {
-                let r = transfer_one(ctx, client, step, &overall, resume).await;
+                if let Some(size) = job.size {
+                    overall.set_position(base + size);
+                }
                 done_files += 1;
                 overall.set_message(format!("{done_files}/{} files", plan.files));
                 record_item(batch, r)

@@ -120,8 +120,10 @@ impl PartialDir {
 /// An upload that holds a partial: how to stop it, and when it last made progress.
 struct Holder {
     id: u64,
-    stop: Arc<Notify>,
-    last_progress_ms: Arc<AtomicU64>,
+    /// Notified when a newer attempt takes over.
+    stop: Notify,
+    /// Milliseconds since [`ActiveUploads::epoch`] at the last progress.
+    last_progress_ms: AtomicU64,
 }
 
 /// The resumable uploads this daemon is running, by user and path. A retry usually arrives
@@ -129,7 +131,7 @@ struct Holder {
 /// dropped link is only noticed at the transfer timeout); without this, the retry would find
 /// the partial locked and start over.
 pub struct ActiveUploads {
-    holders: Mutex<HashMap<(String, String), Holder>>,
+    holders: Mutex<HashMap<(String, String), Arc<Holder>>>,
     next_id: AtomicU64,
     epoch: Instant,
 }
@@ -144,76 +146,87 @@ impl Default for ActiveUploads {
     }
 }
 
+/// What a retry found holding the partial it wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// No upload of this daemon: one being torn down, or another process.
+    Nobody,
+    /// An upload that is moving (a concurrent one, or a dead one still writing what it had
+    /// buffered), left alone.
+    Moving,
+    /// A stalled upload, now told to stop; its data is free soon.
+    Stopped,
+}
+
 /// Registration of a running upload; removed on drop.
 pub struct Claim {
     owner: Arc<ActiveUploads>,
     key: (String, String),
-    id: u64,
-    /// Notified when a newer attempt takes over; the upload must then stop.
-    pub stop: Arc<Notify>,
-    last_progress_ms: Arc<AtomicU64>,
+    holder: Arc<Holder>,
 }
 
 impl Claim {
     /// Records progress (the holder is alive).
     pub fn progressed(&self) {
-        let now = self.owner.epoch.elapsed().as_millis() as u64;
-        self.last_progress_ms.store(now, Ordering::Relaxed);
+        let now = self.owner.now_ms();
+        self.holder.last_progress_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Completes when a newer attempt takes over; the upload must then stop.
+    pub async fn stopped(&self) {
+        self.holder.stop.notified().await
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let mut holders = self.owner.holders.lock().unwrap_or_else(|e| e.into_inner());
-        if holders.get(&self.key).is_some_and(|h| h.id == self.id) {
+        let mut holders = self.owner.lock();
+        if holders
+            .get(&self.key)
+            .is_some_and(|h| h.id == self.holder.id)
+        {
             holders.remove(&self.key);
         }
     }
 }
 
 impl ActiveUploads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Holder>>> {
+        self.holders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     /// Registers the upload that now holds the partial of `user`'s `path`.
     pub fn claim(self: &Arc<Self>, user: &str, path: &str) -> Claim {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let stop = Arc::new(Notify::new());
-        let now = self.epoch.elapsed().as_millis() as u64;
-        let last_progress_ms = Arc::new(AtomicU64::new(now));
+        let holder = Arc::new(Holder {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            stop: Notify::new(),
+            last_progress_ms: AtomicU64::new(self.now_ms()),
+        });
         let key = (user.to_string(), path.to_string());
-        self.holders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                key.clone(),
-                Holder {
-                    id,
-                    stop: stop.clone(),
-                    last_progress_ms: last_progress_ms.clone(),
-                },
-            );
+        self.lock().insert(key.clone(), holder.clone());
         Claim {
             owner: self.clone(),
             key,
-            id,
-            stop,
-            last_progress_ms,
+            holder,
         }
     }
 
-    /// Stops the upload holding `user`'s `path` if it has made no progress for `idle`;
-    /// true if one was told to stop. An upload that is moving is left alone: it is a
-    /// concurrent upload, not a dead one.
-    pub fn stop_if_stalled(&self, user: &str, path: &str, idle: Duration) -> bool {
-        let holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+    /// Stops the upload holding `user`'s `path` if it has made no progress for `idle`.
+    pub fn stop_if_stalled(&self, user: &str, path: &str, idle: Duration) -> Holding {
+        let holders = self.lock();
         let Some(h) = holders.get(&(user.to_string(), path.to_string())) else {
-            return false;
+            return Holding::Nobody;
         };
-        let now = self.epoch.elapsed().as_millis() as u64;
         let last = h.last_progress_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < idle.as_millis() as u64 {
-            return false;
+        if self.now_ms().saturating_sub(last) < idle.as_millis() as u64 {
+            return Holding::Moving;
         }
         h.stop.notify_one();
-        true
+        Holding::Stopped
     }
 }
 

@@ -226,6 +226,8 @@ pub struct PendingUpload {
     name: String,
     /// The remote path, for messages and the commit.
     remote: String,
+    /// The canonical remote path (`a/b`), which names its partial.
+    key: String,
     /// Bytes already staged by an interrupted attempt, offered for resume.
     held: u64,
     /// Kept on drop (a resumable partial) or deleted (a temp file, or discarded).
@@ -238,6 +240,11 @@ impl PendingUpload {
     /// The staged file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The canonical remote path (`a//b` and `a/b` are one upload).
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// Bytes held from an interrupted attempt (0 for a fresh start).
@@ -451,61 +458,60 @@ impl UserTree {
         {
             return Err(StorageError::WrongKind(remote.into(), "a folder"));
         }
-        let mut pending = match staging {
-            Staging::Resumable { up_to, ttl } => {
-                // Keyed by the canonical path, so `a//b` and `a/b` share one partial.
-                let key = r.parts.join("/");
-                match self
-                    .partials
-                    .open(&key, ttl)
-                    .map_err(|e| StorageError::io("staging", remote, e))?
-                {
-                    Some(p) => {
-                        let mut up = PendingUpload {
-                            file: p.file,
-                            dir: p.dir,
-                            name: p.name,
-                            remote: remote.into(),
-                            held: p.held,
-                            keep: true,
-                            committed: false,
-                        };
-                        if up.held > up_to.min(size) {
-                            up.restart()
-                                .map_err(|e| StorageError::io("staging", remote, e))?;
-                        }
-                        Some(up)
-                    }
-                    // Another upload of this path is running: stage this one apart.
-                    None => None,
-                }
-            }
+        // Keyed by the canonical path, so `a//b` and `a/b` share one partial.
+        let key = r.parts.join("/");
+        let partial = match staging {
+            Staging::Resumable { up_to, ttl } => self
+                .partials
+                .open(&key, ttl)
+                .map_err(|e| StorageError::io("staging", remote, e))?
+                .map(|p| (p, up_to)),
             Staging::Temp => None,
         };
-        if pending.is_none() {
-            let temp = tempfile::Builder::new()
-                .prefix("upload-")
-                .tempfile_in(&self.tmp)
-                .map_err(|e| StorageError::io("creating a temp file for", remote, e))?;
-            let (file, path) = temp.into_parts();
-            let path = path
-                .keep()
-                .map_err(|e| StorageError::io("staging", remote, e.error))?;
-            pending = Some(PendingUpload {
-                file,
-                dir: self.tmp.clone(),
-                name: path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or_default()
-                    .to_string(),
-                remote: remote.into(),
-                held: 0,
-                keep: false,
-                committed: false,
-            });
-        }
-        let pending = pending.expect("staged above");
+        let pending = match partial {
+            Some((p, up_to)) => {
+                let mut up = PendingUpload {
+                    file: p.file,
+                    dir: p.dir,
+                    name: p.name,
+                    remote: remote.into(),
+                    key,
+                    held: p.held,
+                    keep: true,
+                    committed: false,
+                };
+                if up.held > up_to.min(size) {
+                    up.restart()
+                        .map_err(|e| StorageError::io("staging", remote, e))?;
+                }
+                up
+            }
+            // Resume is off, or another upload of this path holds its partial.
+            None => {
+                let (file, path) = tempfile::Builder::new()
+                    .prefix("upload-")
+                    .tempfile_in(&self.tmp)
+                    .map_err(|e| StorageError::io("creating a temp file for", remote, e))?
+                    .into_parts();
+                let path = path
+                    .keep()
+                    .map_err(|e| StorageError::io("staging", remote, e.error))?;
+                PendingUpload {
+                    file,
+                    dir: self.tmp.clone(),
+                    name: path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                    remote: remote.into(),
+                    key,
+                    held: 0,
+                    keep: false,
+                    committed: false,
+                }
+            }
+        };
         if let Ok(st) = rustix::fs::statvfs(&self.tmp) {
             let free = st.f_bavail.saturating_mul(st.f_frsize);
             if size - pending.held > free {

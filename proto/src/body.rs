@@ -44,9 +44,16 @@ fn cancelled() -> std::io::Error {
 
 /// BLAKE3 of the first `len` bytes of `file`, as a hasher that can go on with the rest: a
 /// resumed transfer compares `finalize()` of it with the other side's prefix digest, then
-/// passes it to the body so the prefix is read once. Blocking; fails with `UnexpectedEof` if
-/// the file is shorter than `len`.
-pub fn hash_prefix(file: &mut std::fs::File, len: u64) -> std::io::Result<blake3::Hasher> {
+/// passes it to the body so the prefix is read once. Runs on the blocking pool; fails with
+/// `UnexpectedEof` if the file is shorter than `len`.
+pub async fn hash_prefix(file: &std::fs::File, len: u64) -> std::io::Result<blake3::Hasher> {
+    let mut file = file.try_clone()?;
+    tokio::task::spawn_blocking(move || hash_prefix_blocking(&mut file, len))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn hash_prefix_blocking(file: &mut std::fs::File, len: u64) -> std::io::Result<blake3::Hasher> {
     let mut hasher = blake3::Hasher::new();
     hash_prefix_into(file, len, &mut hasher)?;
     Ok(hasher)
@@ -215,7 +222,7 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
         move || -> std::io::Result<(blake3::Hasher, std::fs::File)> {
             let mut hasher = match prefix {
                 Some(h) => h,
-                None => hash_prefix(&mut file, offset)?,
+                None => hash_prefix_blocking(&mut file, offset)?,
             };
             file.seek(SeekFrom::Start(offset))?;
             while let Ok(buf) = full_rx.recv() {
@@ -311,8 +318,7 @@ mod tests {
                 .unwrap()
         };
         // The receiver brings its own prefix hasher, as a resumed transfer does.
-        let mut held = dst.try_clone().unwrap();
-        let prefix = hash_prefix(&mut held, offset).unwrap();
+        let prefix = hash_prefix(&dst, offset).await.unwrap();
         let recv = async move {
             b.recv_body(dst, offset, size, Some(prefix), &mut |_| {})
                 .await
@@ -336,15 +342,15 @@ mod tests {
         round_trip(all, (CHUNK_LEN + 5) as u64).await;
     }
 
-    #[test]
-    fn a_prefix_hasher_continues_to_the_whole_digest() {
+    #[tokio::test]
+    async fn a_prefix_hasher_continues_to_the_whole_digest() {
         let data: Vec<u8> = (0..=255u8).cycle().take(CHUNK_LEN + 99).collect();
-        let mut f = file_with(&data);
-        let mut h = hash_prefix(&mut f, 1000).unwrap();
+        let f = file_with(&data);
+        let mut h = hash_prefix(&f, 1000).await.unwrap();
         assert_eq!(h.finalize(), blake3::hash(&data[..1000]));
         h.update(&data[1000..]);
         assert_eq!(h.finalize(), blake3::hash(&data));
-        let short = hash_prefix(&mut f, data.len() as u64 + 1).unwrap_err();
+        let short = hash_prefix(&f, data.len() as u64 + 1).await.unwrap_err();
         assert_eq!(short.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 

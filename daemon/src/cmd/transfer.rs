@@ -4,12 +4,13 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use xfer_proto::body::BodyError;
+use xfer_proto::body::{BodyError, hash_prefix};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
 use super::{blocking, reply_error};
 use crate::handler::{Ctx, Flow, Outcome};
+use crate::partial::Holding;
 use crate::storage::{PendingUpload, Staging};
 
 /// Empties the staged file for a fresh start. A failure must not go on: bytes past the new
@@ -44,29 +45,25 @@ async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
     path: &str,
 ) -> Result<Option<(u64, Option<blake3::Hasher>)>, ConnError> {
     let held = pending.held();
-    let hashed = if held > 0 {
-        let file = pending.file().try_clone();
-        tokio::task::spawn_blocking(move || xfer_proto::body::hash_prefix(&mut file?, held))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-    } else {
-        Err(std::io::Error::other("nothing held"))
-    };
-    let hasher = match hashed {
-        Ok(h) => h,
-        Err(e) => {
-            if held > 0 {
+    let hasher = if held > 0 {
+        match hash_prefix(pending.file(), held).await {
+            Ok(h) => Some(h),
+            Err(e) => {
                 // Unreadable or shorter than it was: not worth resuming from.
                 tracing::warn!(path = %path, error = %e, "partial upload unreadable; starting over");
+                if !restart(conn, pending, path).await? {
+                    return Ok(None);
+                }
+                None
             }
-            if !restart(conn, pending, path).await? {
-                return Ok(None);
-            }
-            conn.write_frame(&Response::UploadReady { offset: 0 })
-                .await?;
-            return Ok(Some((0, None)));
         }
+    } else {
+        None
+    };
+    let Some(hasher) = hasher else {
+        conn.write_frame(&Response::UploadReady { offset: 0 })
+            .await?;
+        return Ok(Some((0, None)));
     };
     conn.write_frame(&Response::UploadResume {
         offset: held,
@@ -95,8 +92,8 @@ async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// How long a new upload waits for another upload of the same path to let go of its
-/// partial before it starts over in a temp file of its own.
+/// How long a new upload waits for a stopped or finishing upload of the same path to let go
+/// of its partial before it starts over in a temp file of its own.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 /// An upload without progress for this long may be stopped by a retry of the same path.
 const STALLED: Duration = Duration::from_secs(1);
@@ -138,11 +135,8 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         Some(ttl) if ctx.version >= 2 => Staging::Resumable { up_to, ttl },
         _ => Staging::Temp,
     };
-    // The partial's key: `a//b` and `a/b` are one path.
-    let key = xfer_proto::path::named_components(&path)
-        .map(|p| p.join("/"))
-        .unwrap_or_default();
     let deadline = Instant::now() + TAKEOVER_WAIT;
+    let mut stopped_one = false;
     let mut pending = loop {
         let (t, p) = (tree.clone(), path.clone());
         let pending = match blocking(move || t.begin_upload(&p, size, max, staging)).await {
@@ -153,21 +147,30 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
                 return reply_error(conn, e.code(), e.client_message()).await;
             }
         };
-        // Another upload holds the partial. If it is a stalled earlier attempt of this
-        // retry, stop it and take its data over; if it is moving, upload alongside it.
+        // Another upload holds the partial. A stalled earlier attempt of this retry is
+        // stopped and its data taken over. A moving one may be a killed client's last
+        // buffered bytes being written (it lets go within moments) or a real concurrent
+        // upload: wait for it until the deadline, then go alongside in a temp file.
         let held_elsewhere = matches!(staging, Staging::Resumable { .. }) && !pending.resumable();
         if !held_elsewhere || Instant::now() >= deadline {
             break pending;
         }
-        drop(pending);
-        if ctx.state.uploads.stop_if_stalled(&user, &key, STALLED) {
+        if ctx
+            .state
+            .uploads
+            .stop_if_stalled(&user, pending.key(), STALLED)
+            == Holding::Stopped
+            && !stopped_one
+        {
+            stopped_one = true;
             tracing::info!(user = %user, path = %path, "a stalled earlier upload of this path was stopped; resuming from its data");
         }
+        drop(pending);
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let claim = pending
         .resumable()
-        .then(|| ctx.state.uploads.claim(&user, &key));
+        .then(|| ctx.state.uploads.claim(&user, pending.key()));
     let (start, prefix) = match offer_resume(ctx, conn, &mut pending, &path).await? {
         Some(agreed) => agreed,
         None => return Ok(Flow::Close),
@@ -185,7 +188,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             let mut progressed = |_| claim.progressed();
             tokio::select! {
                 r = conn.recv_body(file, start, size, prefix, &mut progressed) => r,
-                _ = claim.stop.notified() => {
+                _ = claim.stopped() => {
                     // A retry of this upload has taken over; this connection is presumed dead.
                     tracing::info!(user = %user, path = %path, "upload taken over by a newer attempt");
                     audit_interrupted(ctx, &path, start);
@@ -249,7 +252,6 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
-    let tree = ctx.auth.as_ref().expect("checked").tree.clone();
     if let Err(e) = blocking(move || tree.commit(pending)).await {
         tracing::warn!(user = %user, path = %path, error = %e, "upload commit failed");
         ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
@@ -304,31 +306,17 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let (offset, hasher) = match prefix {
         // A resume: send from `offset` only if the client's bytes are this file's bytes.
-        Some(theirs) if offset > 0 && offset <= size => {
-            let mut f = match file.try_clone() {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot clone a file handle");
-                    return Ok(Flow::Close);
-                }
-            };
-            let hashed =
-                tokio::task::spawn_blocking(move || xfer_proto::body::hash_prefix(&mut f, offset))
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r);
-            match hashed {
-                Ok(h) if *h.finalize().as_bytes() == theirs => (offset, Some(h)),
-                Ok(_) => {
-                    tracing::info!(user = %user, path = %path, offset, "client's partial copy differs; sending the whole file");
-                    (0, None)
-                }
-                Err(e) => {
-                    tracing::warn!(user = %user, path = %path, error = %e, "cannot hash for resume; sending the whole file");
-                    (0, None)
-                }
+        Some(theirs) if offset > 0 && offset <= size => match hash_prefix(&file, offset).await {
+            Ok(h) if *h.finalize().as_bytes() == theirs => (offset, Some(h)),
+            Ok(_) => {
+                tracing::info!(user = %user, path = %path, offset, "client's partial copy differs; sending the whole file");
+                (0, None)
             }
-        }
+            Err(e) => {
+                tracing::warn!(user = %user, path = %path, error = %e, "cannot hash for resume; sending the whole file");
+                (0, None)
+            }
+        },
         Some(_) => (0, None),
         None if offset > size => {
             return reply_error(
