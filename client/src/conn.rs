@@ -12,7 +12,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::BufStream;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
-use xfer_proto::body::{BodyError, hash_prefix};
+use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
 use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::message::SessionInfo;
@@ -29,9 +29,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for each read or write; a login may wait for a busy server's password check.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
-/// Time allowed for the answer to a resumable upload or download, which may first hash
-/// everything the server holds (at about 1 GB/s).
-pub const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// The TLS stream the client speaks frames over.
 pub type TlsStream = tokio_rustls::client::TlsStream<BufStream<TcpStream>>;
@@ -412,7 +409,8 @@ impl Client {
                     size,
                     offset: wanted,
                 },
-                RESUME_CHECK_TIMEOUT,
+                // The server may first hash what it holds of this file.
+                IO_TIMEOUT + hashing_allowance(wanted),
             )
             .await?;
         let (offset, prefix) = match reply {
@@ -534,7 +532,9 @@ impl Client {
                 offset: 0,
             },
         };
-        let (size, offset, prefix) = match self.call_within(&request, RESUME_CHECK_TIMEOUT).await? {
+        // The server first hashes as many bytes as the .part holds.
+        let wait = IO_TIMEOUT + hashing_allowance(held);
+        let (size, offset, prefix) = match self.call_within(&request, wait).await? {
             Response::DownloadReady {
                 size, offset: 0, ..
             } => {

@@ -53,6 +53,16 @@ pub async fn hash_prefix(file: &std::fs::File, len: u64) -> std::io::Result<blak
         .map_err(std::io::Error::other)?
 }
 
+/// Slowest rate at which a peer is expected to read and hash a held prefix (a slow disk):
+/// waiting for its answer allows `len` bytes at this rate on top of the usual deadline, so a
+/// huge resume is not cut off and a hung peer is not waited on for long.
+pub const HASH_RATE_FLOOR: u64 = 50_000_000;
+
+/// Extra time for a peer to hash `len` bytes before it answers (see [`HASH_RATE_FLOOR`]).
+pub fn hashing_allowance(len: u64) -> Duration {
+    Duration::from_secs(len / HASH_RATE_FLOOR)
+}
+
 fn hash_prefix_blocking(file: &mut std::fs::File, len: u64) -> std::io::Result<blake3::Hasher> {
     let mut hasher = blake3::Hasher::new();
     hash_prefix_into(file, len, &mut hasher)?;

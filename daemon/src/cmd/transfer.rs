@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use xfer_proto::body::{BodyError, hash_prefix};
+use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
@@ -71,9 +71,9 @@ async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
     })
     .await?;
     // The client hashes its own prefix before it answers, which takes a while for big files.
-    let limits = ctx.state.limits();
+    let wait = ctx.state.limits().io_timeout() + hashing_allowance(held);
     match conn
-        .read_frame_within::<Request>(limits.idle_timeout(), "waiting for UploadFrom")
+        .read_frame_within::<Request>(wait, "waiting for UploadFrom")
         .await?
     {
         Request::UploadFrom { offset } if offset == held => Ok(Some((held, Some(hasher)))),
