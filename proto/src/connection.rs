@@ -64,8 +64,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Reads the next frame, waiting at most `first_byte` for it to start (an idle or login
-    /// deadline) and then at most the I/O timeout for the rest. A clean close between frames
-    /// is [`ConnError::Closed`].
+    /// deadline) and then at most the frame timeout ([`Connection::set_frame_timeout`]) for
+    /// the rest. A clean close between frames is [`ConnError::Closed`].
     pub async fn read_frame_within<T: DeserializeOwned>(
         &mut self,
         first_byte: Duration,
@@ -144,8 +144,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Receives a raw body of `size - offset` bytes into `file` (positioned by this call at
     /// `offset`), and returns the digest of the whole file and the file. `prefix` is as for
-    /// [`Connection::send_body`]. On a local write
-    /// failure the rest of the body is read and discarded, so the connection stays usable.
+    /// [`Connection::send_body`]. On a local write failure the rest of the body is read and
+    /// discarded, so the connection stays usable.
     pub async fn recv_body(
         &mut self,
         file: std::fs::File,

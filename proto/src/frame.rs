@@ -31,12 +31,10 @@ pub enum FrameError {
 
 /// Reads the length prefix from the start of `buf`, checking it against the cap.
 pub fn frame_len(buf: &[u8]) -> Result<usize, FrameError> {
-    let header: [u8; HEADER_LEN] = buf
-        .get(..HEADER_LEN)
-        .ok_or(FrameError::Incomplete)?
-        .try_into()
-        .map_err(|_| FrameError::Incomplete)?;
-    let len = u32::from_be_bytes(header) as usize;
+    let header = buf
+        .first_chunk::<HEADER_LEN>()
+        .ok_or(FrameError::Incomplete)?;
+    let len = u32::from_be_bytes(*header) as usize;
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge(len));
     }
@@ -69,17 +67,17 @@ pub fn parse_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), FrameE
 pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    let mut out_vec = std::mem::take(out);
-    out_vec =
-        postcard::to_extend(msg, out_vec).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    let len = out_vec.len() - start - HEADER_LEN;
+    // Encoding in place (not into a taken Vec) lets any failure cut `out` back to what it held.
+    if let Err(e) = postcard::to_io(msg, &mut *out) {
+        out.truncate(start);
+        return Err(FrameError::Malformed(e.to_string()));
+    }
+    let len = out.len() - start - HEADER_LEN;
     if len > MAX_FRAME_LEN {
-        out_vec.truncate(start);
-        *out = out_vec;
+        out.truncate(start);
         return Err(FrameError::TooLarge(len));
     }
-    out_vec[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
-    *out = out_vec;
+    out[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! - [`limits`]: every constant that bounds what the network may send (frame length, name length, ...).
 //! - [`message`]: the request and response enums, carried one per frame.
 //! - [`frame`]: the size-prefixed frame codec (u32 length + postcard body), pure and allocation-checked.
-//! - [`connection`]: a buffered stream that reads and writes frames and file bodies with deadlines.
+//! - [`connection`]: a stream that reads and writes frames and file bodies with deadlines.
 //! - [`body`]: streaming a file body of known size through a bounded buffer pipeline with a BLAKE3 digest.
 //! - [`path`]: the one syntax check for remote paths that both sides apply.
 //! - [`staging`]: locked staging files that resumable bodies are written into.

@@ -32,7 +32,7 @@ pub enum PathError {
     #[error("path contains a forbidden character ({0:?})")]
     ForbiddenChar(char),
     /// The path names nothing where a name is required.
-    #[error("empty path")]
+    #[error("empty path: name a file or folder inside your storage root")]
     Empty,
 }
 

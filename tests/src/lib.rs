@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tempfile::TempDir;
-use xfer_proto::Role;
+use xfer::addr::ServerAddr;
+use xfer_proto::fingerprint::Fingerprint;
+use xfer_proto::{Request, Response, Role};
 use xferd::accounts::UsersFile;
 use xferd::config::Config;
 use xferd::server::{Daemon, State};
@@ -33,6 +35,9 @@ pub struct TestServer {
     pub fingerprint: String,
     /// Shared daemon state (for reloads and shutdown handles).
     pub state: Arc<State>,
+    /// The storage root the daemon serves, kept so that path helpers need not re-read the
+    /// config file (about 0.5 ms a call in a debug build; polling loops call them often).
+    root: PathBuf,
     /// Sends the test's shutdown signal.
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// The daemon thread; yields `run`'s result.
@@ -73,6 +78,7 @@ impl TestServer {
     ) -> TestServer {
         let mut config = Config::load(&config_path).expect("config");
         edit(&mut config);
+        let root = config.root.clone();
         let std_listener =
             std::net::TcpListener::bind(addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
                 .expect("bind");
@@ -104,6 +110,7 @@ impl TestServer {
             addr,
             fingerprint,
             state,
+            root,
             stop: Some(stop_tx),
             thread: Some(thread),
         }
@@ -121,12 +128,12 @@ impl TestServer {
 
     /// A user's storage folder.
     pub fn user_dir(&self, user: &str) -> PathBuf {
-        self.config().root.join(user)
+        self.root.join(user)
     }
 
     /// The folder where uploads are staged.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.config().root.join(xferd::storage::TMP_DIR)
+        self.root.join(xferd::storage::TMP_DIR)
     }
 
     /// Edits the users file as `xferd user ...` would; the daemon notices on its own.
@@ -166,6 +173,26 @@ impl TestServer {
     /// True while the daemon thread runs.
     pub fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Bytes held in `user`'s partial uploads, once the daemon has let go of them all (an
+    /// upload still running holds a lock on its partial); waits up to `timeout`.
+    pub fn released_partial_bytes(&self, user: &str, timeout: Duration) -> u64 {
+        let dir = self.root.join(xferd::partial::PARTIAL_DIR).join(user);
+        let start = std::time::Instant::now();
+        'again: loop {
+            assert!(start.elapsed() < timeout, "partial uploads still held");
+            let mut total = 0;
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let f = std::fs::File::open(e.path()).expect("open partial");
+                if !xfer_proto::staging::try_lock(&f).expect("flock a partial upload") {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue 'again;
+                }
+                total += f.metadata().unwrap().len();
+            }
+            return total;
+        }
     }
 
     /// Stops the daemon and returns `run`'s result and the folder (for a restart).
@@ -350,93 +377,89 @@ pub fn tricky_bytes() -> Vec<u8> {
     v
 }
 
+/// A raw protocol connection, as the tests that speak the protocol by hand use it.
+pub type RawConn = xfer_proto::Connection<xfer::conn::TlsStream>;
+
 /// A raw protocol connection (TLS verified against `fp`), for tests that need to send what
 /// the real client never would.
-pub async fn raw_connect_to(
-    addr: &xfer::addr::ServerAddr,
-    fp: xfer_proto::fingerprint::Fingerprint,
-) -> xfer_proto::Connection<xfer::conn::TlsStream> {
+pub async fn raw_connect_to(addr: &ServerAddr, fp: Fingerprint) -> RawConn {
     let (tls, _) = xfer::conn::connect_tls(addr, Some(fp), None)
         .await
         .expect("TLS connect");
     xfer_proto::Connection::new(tls, Duration::from_secs(10))
 }
 
+/// Where a test server listens and the key it is pinned by, as a client takes them.
+fn address_and_pin(server: &TestServer) -> (ServerAddr, Fingerprint) {
+    (
+        ServerAddr::parse(&server.server()).unwrap(),
+        Fingerprint::parse(&server.fingerprint).unwrap(),
+    )
+}
+
 /// A raw protocol connection to a test server.
-pub async fn raw_connect(server: &TestServer) -> xfer_proto::Connection<xfer::conn::TlsStream> {
-    let addr = xfer::addr::ServerAddr::parse(&server.server()).unwrap();
-    let fp = xfer_proto::fingerprint::Fingerprint::parse(&server.fingerprint).unwrap();
+pub async fn raw_connect(server: &TestServer) -> RawConn {
+    let (addr, fp) = address_and_pin(server);
     raw_connect_to(&addr, fp).await
 }
 
+/// Sends one request and reads the one frame that answers it.
+pub async fn raw_call(conn: &mut RawConn, request: &Request) -> Response {
+    conn.write_frame(request).await.unwrap();
+    conn.read_frame().await.unwrap()
+}
+
 /// Sends a hello and checks the answer.
-pub async fn raw_hello(conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>) {
-    conn.write_frame(&xfer_proto::Request::Hello {
-        version: xfer_proto::PROTOCOL_VERSION,
-        agent: "xfer-tests".into(),
-    })
-    .await
-    .unwrap();
-    let reply: xfer_proto::Response = conn.read_frame().await.unwrap();
-    assert!(
-        matches!(reply, xfer_proto::Response::Hello { .. }),
-        "{reply:?}"
-    );
+pub async fn raw_hello(conn: &mut RawConn) {
+    let reply = raw_call(
+        conn,
+        &Request::Hello {
+            version: xfer_proto::PROTOCOL_VERSION,
+            agent: "xfer-tests".into(),
+        },
+    )
+    .await;
+    assert!(matches!(reply, Response::Hello { .. }), "{reply:?}");
 }
 
 /// Hello, then a login that must succeed.
-pub async fn raw_login_as(
-    conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>,
-    user: &str,
-    password: &str,
-) {
+pub async fn raw_login_as(conn: &mut RawConn, user: &str, password: &str) {
     raw_hello(conn).await;
-    conn.write_frame(&xfer_proto::Request::Login {
-        user: user.into(),
-        password: password.into(),
-    })
-    .await
-    .unwrap();
-    let reply: xfer_proto::Response = conn.read_frame().await.unwrap();
-    assert!(
-        matches!(reply, xfer_proto::Response::LoggedIn { .. }),
-        "{reply:?}"
-    );
+    let reply = raw_call(
+        conn,
+        &Request::Login {
+            user: user.into(),
+            password: password.into(),
+        },
+    )
+    .await;
+    assert!(matches!(reply, Response::LoggedIn { .. }), "{reply:?}");
 }
 
 /// A raw connection to a test server, logged in as `user` with its [`USERS`] password.
-pub async fn raw_login(
-    server: &TestServer,
-    user: &str,
-) -> xfer_proto::Connection<xfer::conn::TlsStream> {
+pub async fn raw_login(server: &TestServer, user: &str) -> RawConn {
     let mut conn = raw_connect(server).await;
     raw_login_as(&mut conn, user, password_of(user)).await;
     conn
 }
 
 /// Sends an `Upload` header and checks the server is ready from byte 0.
-pub async fn raw_start_upload(
-    conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>,
-    path: &str,
-    size: u64,
-) {
-    conn.write_frame(&xfer_proto::Request::Upload {
-        path: path.into(),
-        size,
-        offset: 0,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        conn.read_frame::<xfer_proto::Response>().await.unwrap(),
-        xfer_proto::Response::UploadReady { offset: 0 }
-    );
+pub async fn raw_start_upload(conn: &mut RawConn, path: &str, size: u64) {
+    let reply = raw_call(
+        conn,
+        &Request::Upload {
+            path: path.into(),
+            size,
+            offset: 0,
+        },
+    )
+    .await;
+    assert_eq!(reply, Response::UploadReady { offset: 0 });
 }
 
 /// A logged-in library client for `user`.
 pub async fn client(server: &TestServer, user: &str) -> xfer::conn::Client {
-    let addr = xfer::addr::ServerAddr::parse(&server.server()).unwrap();
-    let fp = xfer_proto::fingerprint::Fingerprint::parse(&server.fingerprint).unwrap();
+    let (addr, fp) = address_and_pin(server);
     let mut c = xfer::conn::Client::connect(&addr, fp, None)
         .await
         .expect("connect");
@@ -578,31 +601,4 @@ fn relay(
     }
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
-}
-
-impl TestServer {
-    /// Bytes held in `user`'s partial uploads, once the daemon has let go of them all (an
-    /// upload still running holds a lock on its partial); waits up to `timeout`.
-    pub fn released_partial_bytes(&self, user: &str, timeout: Duration) -> u64 {
-        let dir = self
-            .config()
-            .root
-            .join(xferd::partial::PARTIAL_DIR)
-            .join(user);
-        let start = std::time::Instant::now();
-        'again: loop {
-            assert!(start.elapsed() < timeout, "partial uploads still held");
-            let mut total = 0;
-            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let f = std::fs::File::open(e.path()).expect("open partial");
-                if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue 'again;
-                }
-                total += f.metadata().unwrap().len();
-            }
-            return total;
-        }
-    }
 }

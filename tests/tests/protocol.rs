@@ -7,14 +7,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{ErrorCode, PROTOCOL_VERSION, Request, Response};
 use xfer_tests::{
-    TestServer, client, raw_connect, raw_hello, raw_login, raw_start_upload as start_upload,
+    RawConn, TestServer, client, raw_call as call, raw_connect, raw_hello, raw_login,
+    raw_start_upload as start_upload, write_file,
 };
 
 /// A test server where alice already has `doc` containing "old".
 fn server_with_old_doc() -> TestServer {
     let server = TestServer::start();
-    std::fs::create_dir_all(server.user_dir("alice")).unwrap();
-    std::fs::write(server.user_dir("alice").join("doc"), b"old").unwrap();
+    write_file(&server.user_dir("alice").join("doc"), b"old");
     server
 }
 
@@ -25,7 +25,19 @@ fn error_code(r: Response) -> ErrorCode {
     }
 }
 
-async fn assert_closed(conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>) {
+/// Sends `request` and checks that it is refused with `code`.
+async fn expect_error(conn: &mut RawConn, request: Request, code: ErrorCode) {
+    // Async functions cannot be #[track_caller]: the request says which call failed.
+    let answer = error_code(call(conn, &request).await);
+    assert_eq!(answer, code, "answer to {request:?}");
+}
+
+/// Sends a ping and checks the connection is still in step.
+async fn expect_pong(conn: &mut RawConn) {
+    assert_eq!(call(conn, &Request::Ping).await, Response::Ok);
+}
+
+async fn assert_closed(conn: &mut RawConn) {
     match conn.read_frame::<Response>().await {
         Err(ConnError::Closed) | Err(ConnError::Io(_)) | Err(ConnError::Truncated) => {}
         other => panic!("expected the server to close, got {other:?}"),
@@ -37,25 +49,21 @@ async fn versions_are_negotiated_down_and_too_old_ones_refused() {
     let server = TestServer::start();
     // A newer client is told which version to speak.
     let mut conn = raw_connect(&server).await;
-    conn.write_frame(&Request::Hello {
+    let hello = Request::Hello {
         version: PROTOCOL_VERSION + 1,
         agent: "future".into(),
-    })
-    .await
-    .unwrap();
-    match conn.read_frame::<Response>().await.unwrap() {
+    };
+    match call(&mut conn, &hello).await {
         Response::Hello { version, .. } => assert_eq!(version, PROTOCOL_VERSION),
         other => panic!("{other:?}"),
     }
     // One older than the oldest supported is refused and disconnected.
     let mut conn = raw_connect(&server).await;
-    conn.write_frame(&Request::Hello {
+    let hello = Request::Hello {
         version: xfer_proto::MIN_PROTOCOL_VERSION - 1,
         agent: "past".into(),
-    })
-    .await
-    .unwrap();
-    match conn.read_frame::<Response>().await.unwrap() {
+    };
+    match call(&mut conn, &hello).await {
         Response::Error { code, message } => {
             assert_eq!(code, ErrorCode::VersionMismatch);
             assert!(message.contains("version"), "{message}");
@@ -68,43 +76,22 @@ async fn versions_are_negotiated_down_and_too_old_ones_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_out_of_order_are_refused() {
     let server = TestServer::start();
+    let list_root = || Request::List { path: "".into() };
     let mut conn = raw_connect(&server).await;
-    conn.write_frame(&Request::List { path: "".into() })
-        .await
-        .unwrap();
-    assert_eq!(
-        error_code(conn.read_frame().await.unwrap()),
-        ErrorCode::BadRequest
-    );
+    expect_error(&mut conn, list_root(), ErrorCode::BadRequest).await;
     assert_closed(&mut conn).await;
 
     let mut conn = raw_connect(&server).await;
     raw_hello(&mut conn).await;
-    conn.write_frame(&Request::List { path: "".into() })
-        .await
-        .unwrap();
-    assert_eq!(
-        error_code(conn.read_frame().await.unwrap()),
-        ErrorCode::NotAuthenticated
-    );
-    conn.write_frame(&Request::Shutdown {
+    expect_error(&mut conn, list_root(), ErrorCode::NotAuthenticated).await;
+    let shutdown = Request::Shutdown {
         password: "x".into(),
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        error_code(conn.read_frame().await.unwrap()),
-        ErrorCode::NotAuthenticated
-    );
+    };
+    expect_error(&mut conn, shutdown, ErrorCode::NotAuthenticated).await;
 
     let mut conn = raw_login(&server, "alice").await;
-    conn.write_frame(&Request::UploadEnd { digest: [0; 32] })
-        .await
-        .unwrap();
-    assert_eq!(
-        error_code(conn.read_frame().await.unwrap()),
-        ErrorCode::BadRequest
-    );
+    let stray_end = Request::UploadEnd { digest: [0; 32] };
+    expect_error(&mut conn, stray_end, ErrorCode::BadRequest).await;
     assert_closed(&mut conn).await;
 }
 
@@ -146,32 +133,19 @@ async fn three_failed_logins_close_the_connection() {
     let server = TestServer::start();
     let mut conn = raw_connect(&server).await;
     raw_hello(&mut conn).await;
+    let login = |password: String| Request::Login {
+        user: "alice".into(),
+        password,
+    };
     for attempt in 1..=3 {
-        conn.write_frame(&Request::Login {
-            user: "alice".into(),
-            password: format!("guess-{attempt}"),
-        })
-        .await
-        .unwrap();
-        assert_eq!(
-            error_code(conn.read_frame().await.unwrap()),
-            ErrorCode::AuthFailed
-        );
+        let guess = login(format!("guess-{attempt}"));
+        expect_error(&mut conn, guess, ErrorCode::AuthFailed).await;
     }
     assert_closed(&mut conn).await;
     // An over-long password is refused like a wrong one.
     let mut conn = raw_connect(&server).await;
     raw_hello(&mut conn).await;
-    conn.write_frame(&Request::Login {
-        user: "alice".into(),
-        password: "p".repeat(2000),
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        error_code(conn.read_frame().await.unwrap()),
-        ErrorCode::AuthFailed
-    );
+    expect_error(&mut conn, login("p".repeat(2000)), ErrorCode::AuthFailed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,23 +154,17 @@ async fn a_digest_mismatch_commits_nothing_and_keeps_the_old_version() {
     let mut conn = raw_login(&server, "alice").await;
     start_upload(&mut conn, "doc", 5).await;
     conn.get_mut().write_all(b"hello").await.unwrap();
-    conn.write_frame(&Request::UploadEnd {
+    let wrong = Request::UploadEnd {
         digest: *blake3::hash(b"HELLO").as_bytes(),
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        error_code(conn.read_frame().await.unwrap()),
-        ErrorCode::VerificationFailed
-    );
+    };
+    expect_error(&mut conn, wrong, ErrorCode::VerificationFailed).await;
     assert_eq!(
         std::fs::read(server.user_dir("alice").join("doc")).unwrap(),
         b"old"
     );
     assert_eq!(std::fs::read_dir(server.tmp_dir()).unwrap().count(), 0);
     // The connection is still in step and usable.
-    conn.write_frame(&Request::Ping).await.unwrap();
-    assert_eq!(conn.read_frame::<Response>().await.unwrap(), Response::Ok);
+    expect_pong(&mut conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,12 +195,12 @@ async fn concurrent_uploads_to_one_name_leave_exactly_one_complete_winner() {
     let dir = tempfile::tempdir().unwrap();
     let a = xfer_tests::noise(2 << 20, 1);
     let b = xfer_tests::noise(2 << 20, 2);
-    std::fs::write(dir.path().join("a"), &a).unwrap();
-    std::fs::write(dir.path().join("b"), &b).unwrap();
-    let mut ca = client(&server, "alice").await;
-    let mut cb = client(&server, "alice").await;
     let pa = dir.path().join("a");
     let pb = dir.path().join("b");
+    std::fs::write(&pa, &a).unwrap();
+    std::fs::write(&pb, &b).unwrap();
+    let mut ca = client(&server, "alice").await;
+    let mut cb = client(&server, "alice").await;
     let (ra, rb) = tokio::join!(
         ca.upload(&pa, "same", true, Default::default()),
         cb.upload(&pb, "same", true, Default::default())
@@ -248,23 +216,19 @@ async fn concurrent_uploads_to_one_name_leave_exactly_one_complete_winner() {
 async fn a_download_from_an_offset_sends_the_rest_and_the_whole_file_digest() {
     let server = TestServer::start();
     let data = xfer_tests::noise(700_000, 9);
-    std::fs::create_dir_all(server.user_dir("alice")).unwrap();
-    std::fs::write(server.user_dir("alice").join("f"), &data).unwrap();
+    write_file(&server.user_dir("alice").join("f"), &data);
     let mut conn = raw_login(&server, "alice").await;
-    conn.write_frame(&Request::Download {
+    let download = |offset| Request::Download {
         path: "f".into(),
-        offset: 300_000,
-    })
-    .await
-    .unwrap();
-    match conn.read_frame::<Response>().await.unwrap() {
+        offset,
+    };
+    match call(&mut conn, &download(300_000)).await {
         Response::DownloadReady { size, offset, .. } => {
             assert_eq!((size, offset), (700_000, 300_000));
         }
         other => panic!("{other:?}"),
     }
     let mut rest = vec![0u8; 400_000];
-    use tokio::io::AsyncReadExt;
     conn.get_mut().read_exact(&mut rest).await.unwrap();
     assert_eq!(rest, data[300_000..]);
     assert_eq!(
@@ -273,16 +237,7 @@ async fn a_download_from_an_offset_sends_the_rest_and_the_whole_file_digest() {
             digest: *blake3::hash(&data).as_bytes()
         }
     );
-    conn.write_frame(&Request::Download {
-        path: "f".into(),
-        offset: 800_000,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        error_code(conn.read_frame().await.unwrap()),
-        ErrorCode::BadRequest
-    );
+    expect_error(&mut conn, download(800_000), ErrorCode::BadRequest).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,20 +285,20 @@ async fn a_silent_client_is_dropped_at_the_login_deadline() {
     assert_closed(&mut conn).await;
 }
 
-/// Waits until the daemon has let go of every partial upload of `user`.
+/// Bytes held in alice's partial uploads, once the daemon has let go of them all.
 fn released(server: &TestServer) -> u64 {
     server.released_partial_bytes("alice", Duration::from_secs(30))
 }
 
-/// Starts an upload of 1000 bytes to `f` that accepts resuming from anywhere.
-async fn ask_to_resume(conn: &mut xfer_proto::Connection<xfer::conn::TlsStream>) {
-    conn.write_frame(&Request::Upload {
+/// Starts an upload of 1000 bytes to `f` that accepts resuming from anywhere; returns the
+/// server's answer.
+async fn ask_to_resume(conn: &mut RawConn) -> Response {
+    let upload = Request::Upload {
         path: "f".into(),
         size: 1000,
         offset: 1000,
-    })
-    .await
-    .unwrap();
+    };
+    call(conn, &upload).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,9 +308,8 @@ async fn an_interrupted_upload_is_offered_back_by_digest_and_completed() {
     let digest = *blake3::hash(&data).as_bytes();
     // First attempt: 400 bytes, then the connection drops.
     let mut conn = raw_login(&server, "alice").await;
-    ask_to_resume(&mut conn).await;
     assert_eq!(
-        conn.read_frame::<Response>().await.unwrap(),
+        ask_to_resume(&mut conn).await,
         Response::UploadReady { offset: 0 }
     );
     conn.get_mut().write_all(&data[..400]).await.unwrap();
@@ -369,31 +323,21 @@ async fn an_interrupted_upload_is_offered_back_by_digest_and_completed() {
         prefix: *blake3::hash(&data[..400]).as_bytes(),
     };
     let mut conn = raw_login(&server, "alice").await;
-    ask_to_resume(&mut conn).await;
-    assert_eq!(conn.read_frame::<Response>().await.unwrap(), offer);
-    conn.write_frame(&Request::UploadFrom { offset: 7 })
-        .await
-        .unwrap();
-    assert_eq!(
-        error_code(conn.read_frame().await.unwrap()),
-        ErrorCode::BadRequest
-    );
+    assert_eq!(ask_to_resume(&mut conn).await, offer);
+    let odd = Request::UploadFrom { offset: 7 };
+    expect_error(&mut conn, odd, ErrorCode::BadRequest).await;
     assert_closed(&mut conn).await;
     assert_eq!(released(&server), 400, "a refused answer keeps the data");
 
     // Accepting the offer: only bytes 400.. travel, and the whole file is verified.
     let mut conn = raw_login(&server, "alice").await;
-    ask_to_resume(&mut conn).await;
-    assert_eq!(conn.read_frame::<Response>().await.unwrap(), offer);
+    assert_eq!(ask_to_resume(&mut conn).await, offer);
     conn.write_frame(&Request::UploadFrom { offset: 400 })
         .await
         .unwrap();
     conn.get_mut().write_all(&data[400..]).await.unwrap();
-    conn.write_frame(&Request::UploadEnd { digest })
-        .await
-        .unwrap();
     assert_eq!(
-        conn.read_frame::<Response>().await.unwrap(),
+        call(&mut conn, &Request::UploadEnd { digest }).await,
         Response::UploadDone { size: 1000, digest }
     );
     assert_eq!(
@@ -407,41 +351,35 @@ async fn an_interrupted_upload_is_offered_back_by_digest_and_completed() {
 async fn a_version_1_client_is_never_offered_a_resume() {
     let server = TestServer::start();
     let mut conn = raw_login(&server, "alice").await;
-    xfer_tests::raw_start_upload(&mut conn, "f", 100).await;
+    start_upload(&mut conn, "f", 100).await;
     conn.get_mut().write_all(&[1u8; 50]).await.unwrap();
     conn.get_mut().flush().await.unwrap();
     drop(conn);
     assert_eq!(released(&server), 50);
     let mut conn = raw_connect(&server).await;
-    conn.write_frame(&Request::Hello {
+    let hello = Request::Hello {
         version: 1,
         agent: "old".into(),
-    })
-    .await
-    .unwrap();
-    match conn.read_frame::<Response>().await.unwrap() {
+    };
+    match call(&mut conn, &hello).await {
         Response::Hello { version, .. } => assert_eq!(version, 1),
         other => panic!("{other:?}"),
     }
-    conn.write_frame(&Request::Login {
+    let login = Request::Login {
         user: "alice".into(),
         password: xfer_tests::password_of("alice").into(),
-    })
-    .await
-    .unwrap();
+    };
     assert!(matches!(
-        conn.read_frame::<Response>().await.unwrap(),
+        call(&mut conn, &login).await,
         Response::LoggedIn { .. }
     ));
-    conn.write_frame(&Request::Upload {
+    let resumable = Request::Upload {
         path: "f".into(),
         size: 100,
         offset: 100,
-    })
-    .await
-    .unwrap();
+    };
     assert_eq!(
-        conn.read_frame::<Response>().await.unwrap(),
+        call(&mut conn, &resumable).await,
         Response::UploadReady { offset: 0 }
     );
 }
@@ -453,14 +391,12 @@ async fn a_download_resumes_only_when_the_prefix_digest_matches() {
     let mut conn = raw_login(&server, "alice").await;
     std::fs::write(server.user_dir("alice").join("f"), &data).unwrap();
     for (prefix, expect) in [(&data[..1234], 1234u64), (&data[1..1235], 0)] {
-        conn.write_frame(&Request::DownloadFrom {
+        let resume = Request::DownloadFrom {
             path: "f".into(),
             offset: 1234,
             prefix: *blake3::hash(prefix).as_bytes(),
-        })
-        .await
-        .unwrap();
-        match conn.read_frame::<Response>().await.unwrap() {
+        };
+        match call(&mut conn, &resume).await {
             Response::DownloadReady { size, offset, .. } => {
                 assert_eq!((size, offset), (5000, expect));
             }
@@ -509,6 +445,5 @@ async fn a_big_folder_streams_in_full_frames_and_ends_once() {
     assert_eq!(sizes, [128, 128, 44]);
     assert_eq!(names.len(), 300);
     // The connection is in step afterwards.
-    conn.write_frame(&Request::Ping).await.unwrap();
-    assert_eq!(conn.read_frame::<Response>().await.unwrap(), Response::Ok);
+    expect_pong(&mut conn).await;
 }
