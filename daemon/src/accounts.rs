@@ -216,14 +216,13 @@ impl UsersFile {
 
     /// Writes the users file atomically with mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), AccountError> {
-        let body = toml::to_string(self).map_err(|e| AccountError::Hash(e.to_string()))?;
+        let io = |source| AccountError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let body = toml::to_string(self).map_err(|e| io(std::io::Error::other(e)))?;
         let text = format!("{USERS_HEADER}{body}");
-        crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(|source| {
-            AccountError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        })
+        crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(io)
     }
 
     /// Adds an account.
@@ -247,24 +246,25 @@ impl UsersFile {
     /// Changes a password, bumping the generation so existing sessions are revoked.
     pub fn set_password(&mut self, name: &str, password: &str) -> Result<(), AccountError> {
         let hash = hash_password(password)?;
-        let rec = self
-            .users
-            .get_mut(name)
-            .ok_or_else(|| AccountError::NoSuchUser(name.into()))?;
-        rec.hash = hash;
-        rec.generation += 1;
+        self.next_generation(name)?.hash = hash;
         Ok(())
     }
 
     /// Changes a role, bumping the generation so existing sessions are revoked.
     pub fn set_role(&mut self, name: &str, role: Role) -> Result<(), AccountError> {
+        self.next_generation(name)?.role = role;
+        Ok(())
+    }
+
+    /// The account about to change, its generation already moved on: every change to an
+    /// account goes through here so that none can leave its old sessions valid.
+    fn next_generation(&mut self, name: &str) -> Result<&mut UserRecord, AccountError> {
         let rec = self
             .users
             .get_mut(name)
             .ok_or_else(|| AccountError::NoSuchUser(name.into()))?;
-        rec.role = role;
         rec.generation += 1;
-        Ok(())
+        Ok(rec)
     }
 
     /// Deletes an account.
@@ -373,11 +373,10 @@ impl Accounts {
         if password.len() > MAX_PASSWORD_LEN || name.len() > MAX_USER_LEN {
             return VerifyOutcome::Denied;
         }
-        let record = self.snapshot().users.get(name).cloned();
-        let hash = record
-            .as_ref()
-            .map(|r| r.hash.clone())
-            .unwrap_or_else(|| self.dummy_hash.clone());
+        let (found, hash) = match self.snapshot().users.get(name) {
+            Some(r) => (Some((r.role, r.generation)), r.hash.clone()),
+            None => (None, self.dummy_hash.clone()),
+        };
         // Counted by a guard so a cancelled login (aborted at shutdown) still leaves the queue.
         struct Queued<'a>(&'a AtomicUsize);
         impl Drop for Queued<'_> {
@@ -398,11 +397,8 @@ impl Accounts {
         .await
         .unwrap_or(false);
         drop(queued);
-        match (ok, record) {
-            (true, Some(r)) => VerifyOutcome::Ok {
-                role: r.role,
-                generation: r.generation,
-            },
+        match (ok, found) {
+            (true, Some((role, generation))) => VerifyOutcome::Ok { role, generation },
             _ => VerifyOutcome::Denied,
         }
     }

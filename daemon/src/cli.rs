@@ -518,11 +518,8 @@ fn spawn_signal_tasks(state: std::sync::Arc<crate::server::State>) {
                 states.push(now);
             }
             let _ = sd_notify::notify(false, &states);
-            match crate::server::reload(&state) {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous users and certificate")
-                }
+            if let Err(e) = crate::server::reload(&state) {
+                tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous limits, users and certificate");
             }
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         }
@@ -575,13 +572,11 @@ async fn quickstart(
             users.users.len()
         );
     }
-    let user = users
-        .users
-        .keys()
-        .find(|n| n.as_str() == "admin")
-        .or_else(|| users.users.keys().next())
-        .cloned()
-        .unwrap_or_else(|| "admin".into());
+    // The quickstart's own superuser if it is there, else any account.
+    let user = match users.users.keys().next() {
+        Some(other) if !users.users.contains_key("admin") => other.as_str(),
+        _ => "admin",
+    };
     println!("Log in from another terminal with:");
     println!();
     println!("    xfer login {user}@{connect} --fingerprint {fp}");

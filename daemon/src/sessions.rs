@@ -272,16 +272,6 @@ impl SessionStore {
         out.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(&b.0)));
         out
     }
-
-    /// Number of live sessions.
-    pub fn len(&self) -> usize {
-        self.list().len()
-    }
-
-    /// True when there are no sessions.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

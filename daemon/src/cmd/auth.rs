@@ -2,6 +2,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::connection::ConnError;
+use xfer_proto::limits::MAX_USER_LEN;
 use xfer_proto::message::SessionInfo;
 use xfer_proto::{Connection, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Response};
 
@@ -9,9 +10,12 @@ use super::reply_error;
 use crate::accounts::VerifyOutcome;
 use crate::handler::{Auth, Ctx, Flow, Outcome};
 
-/// A client-supplied name made safe for a log line.
+/// A client-supplied name made safe for a log line (escaped, and no longer than a valid name).
 fn loggable(name: &str) -> String {
-    name.chars().take(64).flat_map(char::escape_debug).collect()
+    name.chars()
+        .take(MAX_USER_LEN)
+        .flat_map(char::escape_debug)
+        .collect()
 }
 
 pub(super) async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
@@ -61,18 +65,15 @@ async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Flow::Continue)
 }
 
+/// Makes this connection `user`'s: opens their storage (creating it on first login).
 fn start_session(
     ctx: &mut Ctx,
     user: &str,
     role: xfer_proto::Role,
     token: String,
     expires: i64,
-) -> Result<SessionInfo, String> {
-    let tree = ctx
-        .state
-        .storage
-        .user_tree(user)
-        .map_err(|e| format!("cannot open storage for `{user}`: {e}"))?;
+) -> std::io::Result<SessionInfo> {
+    let tree = ctx.state.storage.user_tree(user)?;
     ctx.auth = Some(Auth {
         user: user.into(),
         role,
@@ -85,6 +86,21 @@ fn start_session(
         role,
         expires,
     })
+}
+
+/// Answers a login or token that checked out but whose storage cannot be opened.
+async fn storage_unavailable<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    user: &str,
+    e: &std::io::Error,
+) -> Result<Flow, ConnError> {
+    tracing::error!(user = %user, error = %e, "cannot open the user's storage; no session started");
+    reply_error(
+        conn,
+        ErrorCode::Internal,
+        "cannot open your storage on the server",
+    )
+    .await
 }
 
 pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
@@ -126,15 +142,9 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                         .await?;
                     Ok(Flow::Continue)
                 }
-                Err(msg) => {
-                    tracing::error!(user = %user, error = %msg, "login failed on the server side");
+                Err(e) => {
                     state.sessions.revoke(&token);
-                    reply_error(
-                        conn,
-                        ErrorCode::Internal,
-                        "cannot open your storage on the server",
-                    )
-                    .await
+                    storage_unavailable(conn, user, &e).await
                 }
             }
         }
@@ -199,15 +209,7 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             conn.write_frame(&Response::Session(session)).await?;
             Ok(Flow::Continue)
         }
-        Err(msg) => {
-            tracing::error!(user = %record.user, error = %msg, "cannot open storage");
-            reply_error(
-                conn,
-                ErrorCode::Internal,
-                "cannot open your storage on the server",
-            )
-            .await
-        }
+        Err(e) => storage_unavailable(conn, &record.user, &e).await,
     }
 }
 
@@ -228,7 +230,7 @@ pub(super) async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
 ) -> Result<Flow, ConnError> {
-    let auth = ctx.auth.as_ref().expect("dispatcher checked the session");
+    let auth = ctx.session();
     conn.write_frame(&Response::Session(SessionInfo {
         user: auth.user.clone(),
         role: auth.role,

@@ -13,12 +13,7 @@ pub(super) async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     password: &str,
 ) -> Result<Flow, ConnError> {
-    let user = ctx
-        .auth
-        .as_ref()
-        .expect("dispatcher checked the session")
-        .user
-        .clone();
+    let user = ctx.session().user.clone();
     let state = ctx.state.clone();
     match state.accounts.verify(&user, password).await {
         VerifyOutcome::Ok { role, .. } if role >= Role::Superuser => {
