@@ -73,9 +73,9 @@ partial_upload_ttl_secs = 86400
 ttl_secs = 604800
 
 [penalties]
-# Brute-force defence, per source address (IPv6: per /64). Each failed login or invalid token
-# adds per_failure_secs to the source's penalty, up to max_secs; while the penalty exceeds
-# threshold_secs, password logins from that source are refused without being checked.
+# Brute-force defence, per source address (IPv6: per /64). Each failed login, invalid token or
+# wrong shutdown password adds per_failure_secs to the source's penalty, up to max_secs; while
+# the penalty exceeds threshold_secs, passwords from that source are refused unchecked.
 per_failure_secs = 5
 threshold_secs = 15
 max_secs = 600

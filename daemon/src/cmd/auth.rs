@@ -49,7 +49,39 @@ pub(super) async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Flow::Continue)
 }
 
-async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
+/// Refuses a password check from a source penalised for failed ones, without spending an
+/// argon2 run on it: answers, audits `op` as rate-limited and closes. `None`: go ahead.
+pub(super) async fn refuse_if_penalised<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    conn: &mut Connection<S>,
+    op: &str,
+    user: &str,
+) -> Result<Option<Flow>, ConnError> {
+    let Some(wait) = ctx.state.penalties.refused_for(ctx.peer.ip()) else {
+        return Ok(None);
+    };
+    tracing::warn!(user = %loggable(user), peer = %ctx.peer, op, wait_secs = wait.as_secs(), "password check refused: source is penalised for failed logins");
+    ctx.audit_as(
+        &loggable(user),
+        op,
+        None,
+        Outcome::failed(ErrorCode::RateLimited),
+    );
+    conn.write_frame(&Response::error(
+        ErrorCode::RateLimited,
+        format!(
+            "too many failed logins from {}; try again in {} s",
+            ctx.peer.ip().to_canonical(),
+            wait.as_secs().max(1)
+        ),
+    ))
+    .await?;
+    Ok(Some(Flow::Close))
+}
+
+/// Answers a failed password or token check: counts it against the connection and the
+/// source's penalty, and closes once the connection has used up its attempts.
+pub(super) async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
     code: ErrorCode,
@@ -109,26 +141,10 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     password: &str,
 ) -> Result<Flow, ConnError> {
-    let state = ctx.state.clone();
-    if let Some(wait) = state.penalties.refused_for(ctx.peer.ip()) {
-        tracing::warn!(user = %loggable(user), peer = %ctx.peer, wait_secs = wait.as_secs(), "login refused: source is penalised for failed logins");
-        ctx.audit_as(
-            &loggable(user),
-            "login",
-            None,
-            Outcome::failed(ErrorCode::RateLimited),
-        );
-        conn.write_frame(&Response::error(
-            ErrorCode::RateLimited,
-            format!(
-                "too many failed logins from {}; try again in {} s",
-                ctx.peer.ip().to_canonical(),
-                wait.as_secs().max(1)
-            ),
-        ))
-        .await?;
-        return Ok(Flow::Close);
+    if let Some(flow) = refuse_if_penalised(ctx, conn, "login", user).await? {
+        return Ok(flow);
     }
+    let state = ctx.state.clone();
     match state.accounts.verify(user, password).await {
         VerifyOutcome::Ok { role, generation } => {
             let (token, rec) = state
