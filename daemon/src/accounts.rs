@@ -63,7 +63,7 @@ pub enum AccountError {
     #[error("user `{0}` already exists")]
     Exists(String),
     /// No such account.
-    #[error("no user named `{0}`")]
+    #[error("no user named `{0}` (`xferd user list` shows the accounts)")]
     NoSuchUser(String),
     /// The password is unacceptable.
     #[error("{0}")]

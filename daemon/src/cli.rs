@@ -352,6 +352,8 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             role,
             password_stdin,
         } => {
+            // Checked before the prompt (`add` checks again), so a bad or taken name fails
+            // before anyone types a password twice.
             crate::accounts::validate_name(&name)?;
             if users.users.contains_key(&name) {
                 bail!(
@@ -367,8 +369,9 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             name,
             password_stdin,
         } => {
+            // Before the prompt too, for the same reason.
             if !users.users.contains_key(&name) {
-                bail!("no user named `{name}`");
+                return Err(crate::accounts::AccountError::NoSuchUser(name).into());
             }
             let pw = read_password(password_stdin, &format!("New password for {name}: "), true)?;
             users.set_password(&name, &pw)?;

@@ -80,7 +80,10 @@ fn read_file(path: &Path) -> std::io::Result<HashMap<String, SessionRecord>> {
             .map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("`{}` is corrupt: {e}", path.display()),
+                    format!(
+                        "`{}` is corrupt ({e}); restore it from a backup, or delete it to end every session",
+                        path.display()
+                    ),
                 )
             })?
             .sessions),
