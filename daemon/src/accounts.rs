@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -18,6 +17,8 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use serde::{Deserialize, Serialize};
 use xfer_proto::Role;
 use xfer_proto::limits::{MAX_PASSWORD_LEN, MAX_USER_LEN};
+
+use crate::fsutil::{FileStamp, file_stamp};
 
 /// OWASP's recommended argon2id memory cost, in KiB.
 pub const ARGON2_M_KIB: u32 = 19_456;
@@ -62,7 +63,7 @@ pub enum AccountError {
     #[error("user `{0}` already exists")]
     Exists(String),
     /// No such account.
-    #[error("no user named `{0}`")]
+    #[error("no user named `{0}` (`xferd user list` shows the accounts)")]
     NoSuchUser(String),
     /// The password is unacceptable.
     #[error("{0}")]
@@ -216,14 +217,13 @@ impl UsersFile {
 
     /// Writes the users file atomically with mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), AccountError> {
-        let body = toml::to_string(self).map_err(|e| AccountError::Hash(e.to_string()))?;
+        let io = |source| AccountError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let body = toml::to_string(self).map_err(|e| io(std::io::Error::other(e)))?;
         let text = format!("{USERS_HEADER}{body}");
-        crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(|source| {
-            AccountError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        })
+        crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(io)
     }
 
     /// Adds an account.
@@ -247,24 +247,25 @@ impl UsersFile {
     /// Changes a password, bumping the generation so existing sessions are revoked.
     pub fn set_password(&mut self, name: &str, password: &str) -> Result<(), AccountError> {
         let hash = hash_password(password)?;
-        let rec = self
-            .users
-            .get_mut(name)
-            .ok_or_else(|| AccountError::NoSuchUser(name.into()))?;
-        rec.hash = hash;
-        rec.generation += 1;
+        self.next_generation(name)?.hash = hash;
         Ok(())
     }
 
     /// Changes a role, bumping the generation so existing sessions are revoked.
     pub fn set_role(&mut self, name: &str, role: Role) -> Result<(), AccountError> {
+        self.next_generation(name)?.role = role;
+        Ok(())
+    }
+
+    /// The account about to change, its generation already moved on: every change to an
+    /// account goes through here so that none can leave its old sessions valid.
+    fn next_generation(&mut self, name: &str) -> Result<&mut UserRecord, AccountError> {
         let rec = self
             .users
             .get_mut(name)
             .ok_or_else(|| AccountError::NoSuchUser(name.into()))?;
-        rec.role = role;
         rec.generation += 1;
-        Ok(())
+        Ok(rec)
     }
 
     /// Deletes an account.
@@ -298,8 +299,8 @@ pub struct Accounts {
     path: PathBuf,
     /// Current contents; swapped whole on reload so readers never see a half-applied file.
     current: RwLock<Arc<UsersFile>>,
-    /// Modification time of the loaded file, to notice `xferd user ...` edits.
-    loaded_mtime: Mutex<Option<SystemTime>>,
+    /// Stamp of the loaded file, to notice `xferd user ...` edits.
+    loaded_stamp: Mutex<Option<FileStamp>>,
     /// Caps concurrent argon2 runs (CPU and 19 MiB each).
     slots: Arc<tokio::sync::Semaphore>,
     /// Logins currently waiting for or holding a slot.
@@ -322,7 +323,7 @@ impl Accounts {
         Ok(Accounts {
             path: path.to_path_buf(),
             current: RwLock::new(Arc::new(file)),
-            loaded_mtime: Mutex::new(mtime(path)),
+            loaded_stamp: Mutex::new(file_stamp(path)),
             slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1))),
             queued: AtomicUsize::new(0),
             max_queued: max_queued + max_concurrent.max(1),
@@ -332,25 +333,25 @@ impl Accounts {
 
     /// Re-reads the users file; on error the old accounts stay in force.
     pub fn reload(&self) -> Result<usize, AccountError> {
-        let stamp = mtime(&self.path);
+        let stamp = file_stamp(&self.path);
         let file = UsersFile::load(&self.path)?;
         let n = file.users.len();
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(file);
-        *self.loaded_mtime.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+        *self.loaded_stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
         Ok(n)
     }
 
     /// The current accounts, reloading first if the file changed on disk.
     pub fn snapshot(&self) -> Arc<UsersFile> {
-        let stamp = mtime(&self.path);
-        let changed = *self.loaded_mtime.lock().unwrap_or_else(|e| e.into_inner()) != stamp;
+        let stamp = file_stamp(&self.path);
+        let changed = *self.loaded_stamp.lock().unwrap_or_else(|e| e.into_inner()) != stamp;
         if changed {
             match self.reload() {
                 Ok(n) => tracing::info!(users = n, "users file changed on disk; reloaded"),
                 Err(e) => {
                     tracing::error!(error = %e, "users file changed but is invalid; keeping the previous accounts");
                     // Remember the stamp so the error is logged once per change, not per request.
-                    *self.loaded_mtime.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+                    *self.loaded_stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
                 }
             }
         }
@@ -373,11 +374,10 @@ impl Accounts {
         if password.len() > MAX_PASSWORD_LEN || name.len() > MAX_USER_LEN {
             return VerifyOutcome::Denied;
         }
-        let record = self.snapshot().users.get(name).cloned();
-        let hash = record
-            .as_ref()
-            .map(|r| r.hash.clone())
-            .unwrap_or_else(|| self.dummy_hash.clone());
+        let (found, hash) = match self.snapshot().users.get(name) {
+            Some(r) => (Some((r.role, r.generation)), r.hash.clone()),
+            None => (None, self.dummy_hash.clone()),
+        };
         // Counted by a guard so a cancelled login (aborted at shutdown) still leaves the queue.
         struct Queued<'a>(&'a AtomicUsize);
         impl Drop for Queued<'_> {
@@ -398,18 +398,11 @@ impl Accounts {
         .await
         .unwrap_or(false);
         drop(queued);
-        match (ok, record) {
-            (true, Some(r)) => VerifyOutcome::Ok {
-                role: r.role,
-                generation: r.generation,
-            },
+        match (ok, found) {
+            (true, Some((role, generation))) => VerifyOutcome::Ok { role, generation },
             _ => VerifyOutcome::Denied,
         }
     }
-}
-
-fn mtime(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 #[cfg(test)]
@@ -493,6 +486,26 @@ mod tests {
         assert!(verify_blocking(&g.users["alice"].hash, "pw2"));
         g.remove("alice").unwrap();
         assert!(g.users.is_empty());
+    }
+
+    #[test]
+    fn an_edit_within_one_tick_of_the_file_clock_is_still_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        let mut f = UsersFile::default();
+        f.add("alice", Role::User, "pw").unwrap();
+        f.save(&p).unwrap();
+        let acc = Accounts::load(&p, 1, 1).unwrap();
+        let first = std::fs::metadata(&p).unwrap().modified().unwrap();
+        f.add("bob", Role::User, "pw").unwrap();
+        f.save(&p).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(first)
+            .unwrap();
+        assert!(acc.lookup("bob").is_some());
     }
 
     #[tokio::test]

@@ -352,6 +352,8 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             role,
             password_stdin,
         } => {
+            // Checked before the prompt (`add` checks again), so a bad or taken name fails
+            // before anyone types a password twice.
             crate::accounts::validate_name(&name)?;
             if users.users.contains_key(&name) {
                 bail!(
@@ -367,8 +369,9 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             name,
             password_stdin,
         } => {
+            // Before the prompt too, for the same reason.
             if !users.users.contains_key(&name) {
-                bail!("no user named `{name}`");
+                return Err(crate::accounts::AccountError::NoSuchUser(name).into());
             }
             let pw = read_password(password_stdin, &format!("New password for {name}: "), true)?;
             users.set_password(&name, &pw)?;
@@ -518,11 +521,8 @@ fn spawn_signal_tasks(state: std::sync::Arc<crate::server::State>) {
                 states.push(now);
             }
             let _ = sd_notify::notify(false, &states);
-            match crate::server::reload(&state) {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous users and certificate")
-                }
+            if let Err(e) = crate::server::reload(&state) {
+                tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous limits, users and certificate");
             }
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         }
@@ -575,13 +575,11 @@ async fn quickstart(
             users.users.len()
         );
     }
-    let user = users
-        .users
-        .keys()
-        .find(|n| n.as_str() == "admin")
-        .or_else(|| users.users.keys().next())
-        .cloned()
-        .unwrap_or_else(|| "admin".into());
+    // The quickstart's own superuser if it is there, else any account.
+    let user = match users.users.keys().next() {
+        Some(other) if !users.users.contains_key("admin") => other.as_str(),
+        _ => "admin",
+    };
     println!("Log in from another terminal with:");
     println!();
     println!("    xfer login {user}@{connect} --fingerprint {fp}");

@@ -1,8 +1,10 @@
-//! Atomic file writes: temp file in the same folder, fsync, rename, fsync the folder.
+//! Atomic file writes (temp file in the same folder, fsync, rename, fsync the folder), the
+//! stamp that tells one written version from the next, and folder creation.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::SystemTime;
 
 /// Replaces `path` with `contents` atomically: a reader sees the old file or the new one, never
 /// a mix, and a crash leaves one of the two. A new file gets `mode`; a replaced one keeps its
@@ -28,6 +30,25 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     sync_dir(dir)
+}
+
+/// One version of a file that is only ever replaced whole (by [`write_atomic`]), to notice
+/// that another process replaced it. The inode is part of it because two versions written
+/// within one tick of the kernel's coarse file clock have the same modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    ino: u64,
+    modified: SystemTime,
+}
+
+/// The stamp of the file at `path`; `None` when it cannot be read (for example, missing).
+pub fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        ino: m.ino(),
+        modified: m.modified().ok()?,
+    })
 }
 
 /// Flushes a folder's entries (a rename is only durable once its folder is synced).

@@ -46,14 +46,17 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The authenticated session, for commands the dispatcher only runs with one.
+    pub fn session(&self) -> &Auth {
+        self.auth
+            .as_ref()
+            .expect("the dispatcher checked the session")
+    }
+
     /// Records an operation in the audit trail as the authenticated user.
     pub fn audit(&self, op: &str, path: Option<&str>, outcome: Outcome<'_>) {
-        let user = self
-            .auth
-            .as_ref()
-            .map(|a| a.user.clone())
-            .unwrap_or_default();
-        self.audit_as(&user, op, path, outcome);
+        let user = self.auth.as_ref().map_or("", |a| a.user.as_str());
+        self.audit_as(user, op, path, outcome);
     }
 
     /// Records an operation in the audit trail under `user` (a failed login's name).
@@ -168,12 +171,8 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
         failures: 0,
     };
     loop {
-        let stopping = *stop.borrow();
-        if stopping {
-            notify_shutdown(&mut conn).await;
-            break;
-        }
-        let (wait, phase) = if ctx.auth.is_some() {
+        let authenticated = ctx.auth.is_some();
+        let (wait, phase) = if authenticated {
             (limits.idle_timeout(), "idle")
         } else {
             (
@@ -183,7 +182,6 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
         };
         // Before authentication the login deadline bounds everything, including a frame
         // that started in time but trickles in.
-        let authenticated = ctx.auth.is_some();
         let next = async {
             let read = conn.read_frame_within::<Request>(wait, phase);
             if authenticated {
@@ -194,6 +192,8 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     .unwrap_or(Err(ConnError::Timeout("waiting for login")))
             }
         };
+        // `wait_for` is ready at once when shutdown has already started, so a client that sends
+        // another request after the flip is told too.
         let read = tokio::select! {
             biased;
             _ = stop.wait_for(|v| *v) => None,

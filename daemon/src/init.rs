@@ -1,7 +1,6 @@
 //! `xferd init` and the first-run quickstart: a commented config, an empty users file, the
 //! storage root, and a fresh key and self-signed certificate.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -74,9 +73,9 @@ partial_upload_ttl_secs = 86400
 ttl_secs = 604800
 
 [penalties]
-# Brute-force defence, per source address (IPv6: per /64). Each failed login or invalid token
-# adds per_failure_secs to the source's penalty, up to max_secs; while the penalty exceeds
-# threshold_secs, password logins from that source are refused without being checked.
+# Brute-force defence, per source address (IPv6: per /64). Each failed login, invalid token or
+# wrong shutdown password adds per_failure_secs to the source's penalty, up to max_secs; while
+# the penalty exceeds threshold_secs, passwords from that source are refused unchecked.
 per_failure_secs = 5
 threshold_secs = 15
 max_secs = 600
@@ -132,12 +131,16 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
         format!("--listen `{listen}` is not an ADDRESS:PORT such as 0.0.0.0:7443")
     })?;
     let root = opts.root.clone().unwrap_or_else(|| "storage".into());
-    let dir = crate::fsutil::parent_dir(&opts.config).to_path_buf();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating `{}`", dir.display()))?;
-    let key_path = dir.join("key.pem");
-    let cert_path = dir.join("cert.pem");
+    let state_dir = opts.state_dir.clone().unwrap_or_else(|| "state".into());
+    let text = render_config(&listen, &root, &state_dir);
+    // The paths below come from the config as the daemon will read it, so they cannot drift
+    // from what the template says.
+    let config = crate::config::Config::from_str(&opts.config, &text)
+        .context("the generated config is invalid")?;
+    let dir = crate::fsutil::parent_dir(&opts.config);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating `{}`", dir.display()))?;
     if !opts.force {
-        for existing in [&opts.config, &key_path] {
+        for existing in [&opts.config, &config.key] {
             if existing.exists() {
                 bail!(
                     "`{}` already exists; pass --force to replace it (clients that pinned the old key will refuse the new one)",
@@ -146,20 +149,14 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
             }
         }
     }
-    let state_dir = opts.state_dir.clone().unwrap_or_else(|| "state".into());
-    let text = render_config(&listen, &root, &state_dir);
-    crate::config::Config::from_str(&opts.config, &text)
-        .context("the generated config is invalid")?;
     let id = crate::tls::generate(&opts.hostnames)?;
-    crate::fsutil::write_atomic(&key_path, id.key_pem.as_bytes(), 0o600)
-        .with_context(|| format!("writing `{}`", key_path.display()))?;
-    crate::fsutil::write_atomic(&cert_path, id.cert_pem.as_bytes(), 0o644)
-        .with_context(|| format!("writing `{}`", cert_path.display()))?;
-    let users = dir.join("users.toml");
-    if !users.exists() {
-        UsersFile::default().save(&users)?;
+    crate::fsutil::write_atomic(&config.key, id.key_pem.as_bytes(), 0o600)
+        .with_context(|| format!("writing `{}`", config.key.display()))?;
+    crate::fsutil::write_atomic(&config.cert, id.cert_pem.as_bytes(), 0o644)
+        .with_context(|| format!("writing `{}`", config.cert.display()))?;
+    if !config.users_file.exists() {
+        UsersFile::default().save(&config.users_file)?;
     }
-    let config = crate::config::Config::from_str(&opts.config, &text)?;
     crate::fsutil::create_dir_with_mode(&config.root, 0o700)
         .with_context(|| format!("creating storage root `{}`", config.root.display()))?;
     crate::fsutil::create_dir_with_mode(&config.state_dir, 0o700)
@@ -179,14 +176,15 @@ pub fn random_password() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }
 
-/// Mode bits of a file (for tests and `check`).
-pub fn mode_of(path: &Path) -> std::io::Result<u32> {
-    Ok(std::fs::metadata(path)?.permissions().mode() & 0o7777)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
+
+    fn mode_of(path: &Path) -> std::io::Result<u32> {
+        Ok(std::fs::metadata(path)?.permissions().mode() & 0o7777)
+    }
 
     #[test]
     fn example_config_matches_the_template() {

@@ -1,6 +1,7 @@
-//! Brute-force defence in the manner of OpenSSH's PerSourcePenalties: every failed login adds
-//! penalty time to its source; a source whose penalty exceeds a threshold is refused password
-//! logins (without spending a password check on it) until the penalty falls back below it.
+//! Brute-force defence in the manner of OpenSSH's PerSourcePenalties: every failed password or
+//! token check (login, authentication, the shutdown request's password) adds penalty time to
+//! its source; a source whose penalty exceeds a threshold has its passwords refused (without
+//! spending a password check on them) until the penalty falls back below it.
 //! Other sources are unaffected. IPv6 sources are grouped by /64, since one host usually owns a
 //! whole /64. The table is bounded: when full, the entry closest to expiry is dropped.
 

@@ -154,8 +154,7 @@ impl Daemon {
         self.state.shutdown_handle()
     }
 
-    /// Reloads the users file and certificate. Both are loaded and checked before either is
-    /// swapped in, so a broken file leaves the running state exactly as it was.
+    /// Reloads the config's limits, the users file and the certificate (see [`reload`]).
     pub fn reload(&self) -> anyhow::Result<()> {
         reload(&self.state)
     }

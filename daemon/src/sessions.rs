@@ -12,6 +12,8 @@ use argon2::password_hash::rand_core::{OsRng, RngCore};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use crate::fsutil::{FileStamp, file_stamp};
+
 /// Prefix of every token, so a leaked one is recognisable (as GitHub does with `ghp_`).
 pub const TOKEN_PREFIX: &str = "xfer1_";
 
@@ -69,13 +71,7 @@ fn token_key(token: &str) -> String {
 
 struct Loaded {
     sessions: HashMap<String, SessionRecord>,
-    stamp: Option<(u64, SystemTime)>,
-}
-
-fn stamp_of(path: &Path) -> Option<(u64, SystemTime)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.ino(), m.modified().ok()?))
+    stamp: Option<FileStamp>,
 }
 
 fn read_file(path: &Path) -> std::io::Result<HashMap<String, SessionRecord>> {
@@ -84,7 +80,10 @@ fn read_file(path: &Path) -> std::io::Result<HashMap<String, SessionRecord>> {
             .map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("`{}` is corrupt: {e}", path.display()),
+                    format!(
+                        "`{}` is corrupt ({e}); restore it from a backup, or delete it to end every session",
+                        path.display()
+                    ),
                 )
             })?
             .sessions),
@@ -110,7 +109,7 @@ impl SessionStore {
     pub fn open(state_dir: &Path, ttl_secs: u64) -> std::io::Result<Self> {
         crate::fsutil::create_dir_with_mode(state_dir, 0o700)?;
         let path = state_dir.join("sessions.json");
-        let stamp = stamp_of(&path);
+        let stamp = file_stamp(&path);
         let mut sessions = read_file(&path)?;
         let t = now();
         sessions.retain(|_, s| s.expires > t);
@@ -124,7 +123,7 @@ impl SessionStore {
 
     /// Re-reads the file if another process replaced it.
     fn refresh(&self, loaded: &mut Loaded) {
-        let stamp = stamp_of(&self.path);
+        let stamp = file_stamp(&self.path);
         if stamp == loaded.stamp {
             return;
         }
@@ -175,7 +174,7 @@ impl SessionStore {
                 .map_err(std::io::Error::other)
                 .and_then(|bytes| crate::fsutil::write_atomic(&self.path, &bytes, 0o600));
             match result {
-                Ok(()) => loaded.stamp = stamp_of(&self.path),
+                Ok(()) => loaded.stamp = file_stamp(&self.path),
                 Err(e) => {
                     tracing::error!(path = %self.path.display(), error = %e, "cannot save sessions; they will not survive a restart")
                 }
@@ -271,16 +270,6 @@ impl SessionStore {
             .collect();
         out.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(&b.0)));
         out
-    }
-
-    /// Number of live sessions.
-    pub fn len(&self) -> usize {
-        self.list().len()
-    }
-
-    /// True when there are no sessions.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Serving, proc_kib, set_config, setup, stalled_upload};
+use common::{Serving, proc_kib, set_config, setup, stalled_upload, upload_bytes, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use xfer::conn::connect_tls;
@@ -174,17 +174,6 @@ async fn garbage_and_huge_length_prefixes_cost_nothing_and_harm_no_one() {
     assert_eq!(serving.wait_exit(Duration::from_secs(20)).await.0, 0);
 }
 
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_daemon_mid_upload_never_damages_the_old_version() {
     let (dir, config) = setup(10);
@@ -193,18 +182,19 @@ async fn kill_9_of_the_daemon_mid_upload_never_damages_the_old_version() {
     {
         let serving = Serving::start(&config);
         let mut c = serving.client("alice", "alice-pw").await;
-        let old = dir.path().join("old");
-        std::fs::write(&old, b"old version").unwrap();
-        c.upload(&old, "doc", true, Default::default())
-            .await
-            .unwrap();
+        upload_bytes(&mut c, dir.path(), "doc", b"old version").await;
     }
     let partials = storage.join(".xfer-partial/alice");
     let partial_len = || common::partial_bytes(&storage, "alice");
     for round in 0..3 {
         let mut serving = Serving::start(&config);
         let _conn = stalled_upload(&serving, "doc", 64 << 20, 4 << 20).await;
-        wait_for("the partial upload on disk", || partial_len() > 0).await;
+        wait_for(
+            "the partial upload on disk",
+            Duration::from_secs(20),
+            || partial_len() > 0,
+        )
+        .await;
         serving.child.kill().unwrap(); // SIGKILL: no cleanup at all
         serving.child.wait().unwrap();
         assert_eq!(
@@ -307,13 +297,8 @@ async fn a_full_disk_gives_a_clear_error_removes_the_temp_file_and_keeps_serving
     // The connections that failed are still usable, and the daemon keeps serving.
     c.ping().await.unwrap();
     c2.ping().await.unwrap();
-    let small = work.path().join("small");
-    std::fs::write(&small, b"fits").unwrap();
     let mut fresh = serving.client("alice", "alice-pw").await;
-    fresh
-        .upload(&small, "small", true, Default::default())
-        .await
-        .unwrap();
+    upload_bytes(&mut fresh, work.path(), "small", b"fits").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,11 +330,7 @@ async fn an_upload_is_fsynced_then_renamed_then_its_folder_fsynced() {
     std::fs::set_permissions(&strace_wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut serving = Serving::start_with_binary(&config, &strace_wrapper);
     let mut c = serving.client("alice", "alice-pw").await;
-    let file = dir.path().join("payload");
-    std::fs::write(&file, b"durable").unwrap();
-    c.upload(&file, "durable.txt", true, Default::default())
-        .await
-        .unwrap();
+    upload_bytes(&mut c, dir.path(), "durable.txt", b"durable").await;
     // Signals would go to strace; stop the daemon through the protocol instead.
     let mut root = serving.client("root", "root-pw").await;
     root.shutdown("root-pw").await.unwrap();

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Serving, XFERD, set_config, setup, xferd};
+use common::{Serving, XFERD, set_config, setup, upload_bytes, wait_for, xferd};
 
 use xfer::addr::ServerAddr;
 use xfer::conn::Client;
@@ -163,6 +163,22 @@ fn a_weak_hash_or_unknown_key_stops_the_daemon_naming_the_culprit() {
     assert!(check.stderr.contains("max_speed"), "{}", check.stderr);
 }
 
+/// After shutdown starts: the idle client hears of it, and the daemon exits 0 well inside the
+/// (long) grace period, since only transfers get one.
+async fn idle_client_is_told_and_the_daemon_exits_0_at_once(
+    serving: &mut Serving,
+    idle: &mut Client,
+) {
+    let notice = idle.wait_for_notice(Duration::from_secs(10)).await;
+    assert!(
+        matches!(notice, Err(xfer::ClientError::ServerShuttingDown)),
+        "{notice:?}"
+    );
+    let (code, took) = serving.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_0_at_once_despite_an_idle_client_and_tells_it() {
     // A long grace period: if idle clients were waited for, the exit would take 30 s.
@@ -172,14 +188,7 @@ async fn sigterm_exits_0_at_once_despite_an_idle_client_and_tells_it() {
     idle.ping().await.unwrap();
 
     serving.signal(rustix::process::Signal::TERM);
-    let notice = idle.wait_for_notice(Duration::from_secs(10)).await;
-    assert!(
-        matches!(notice, Err(xfer::ClientError::ServerShuttingDown)),
-        "{notice:?}"
-    );
-    let (code, took) = serving.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(code, 0);
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    idle_client_is_told_and_the_daemon_exits_0_at_once(&mut serving, &mut idle).await;
     // The listener is gone.
     assert!(
         Client::connect(&serving.addr, serving.fingerprint, None)
@@ -203,14 +212,7 @@ async fn a_superuser_shutdown_ends_the_daemon_with_exit_0_while_another_client_i
     idle.ping().await.unwrap();
 
     admin.shutdown("root-pw").await.unwrap();
-    let notice = idle.wait_for_notice(Duration::from_secs(10)).await;
-    assert!(
-        matches!(notice, Err(xfer::ClientError::ServerShuttingDown)),
-        "{notice:?}"
-    );
-    let (code, took) = serving.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(code, 0);
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    idle_client_is_told_and_the_daemon_exits_0_at_once(&mut serving, &mut idle).await;
     let log = serving.log.lock().unwrap().clone();
     assert!(log.contains("shutdown requested by superuser"), "{log}");
     assert!(
@@ -226,25 +228,19 @@ async fn an_upload_in_flight_gets_the_grace_period_then_is_kept_invisible_for_re
     // Keep an older version to prove it survives.
     let storage = dir.path().join("storage");
     let mut c = serving.client("alice", "alice-pw").await;
-    let old = dir.path().join("old");
-    std::fs::write(&old, b"old version").unwrap();
-    c.upload(&old, "big", true, Default::default())
-        .await
-        .unwrap();
+    upload_bytes(&mut c, dir.path(), "big", b"old version").await;
 
     // Start an upload by hand and stall it after 1 MiB.
     let _conn = common::stalled_upload(&serving, "big", 64 << 20, 1 << 20).await;
     // Wait until the partial data is on the server's disk.
     let tmp = storage.join(".xfer-tmp");
     let partial_len = || common::partial_bytes(&storage, "alice");
-    let start = Instant::now();
-    while partial_len() == 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "partial upload never appeared"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for(
+        "the partial upload on disk",
+        Duration::from_secs(10),
+        || partial_len() > 0,
+    )
+    .await;
 
     serving.signal(rustix::process::Signal::TERM);
     let (code, took) = serving.wait_exit(Duration::from_secs(20)).await;
@@ -378,14 +374,10 @@ async fn notifies_systemd_and_reloads_on_sighup_without_dropping_sessions() {
     let good_cert = std::fs::read(&cert).unwrap();
     std::fs::write(&cert, b"not a certificate").unwrap();
     serving.signal(rustix::process::Signal::HUP);
-    let start = Instant::now();
-    while !serving.log.lock().unwrap().contains("reload failed") {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no reload failure logged"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for("a reload failure logged", Duration::from_secs(10), || {
+        serving.logged("reload failed")
+    })
+    .await;
     Client::connect(&serving.addr, old_fp, None).await.unwrap();
     std::fs::write(&cert, good_cert).unwrap();
 
@@ -420,40 +412,21 @@ async fn notifies_systemd_and_reloads_on_sighup_without_dropping_sessions() {
     // Limits reload too: with 2 connections per source, the third from 127.0.0.1 is refused.
     set_config(&config, &[("max_connections_per_source", "2")]);
     serving.signal(rustix::process::Signal::HUP);
-    let start = Instant::now();
-    while !serving
-        .log
-        .lock()
-        .unwrap()
-        .contains("reloaded config limits")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no reload logged"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for("the reload logged", Duration::from_secs(10), || {
+        serving.logged("reloaded config limits")
+    })
+    .await;
     let mut second = Client::connect(&serving.addr, new_fp, None).await.unwrap();
     second.ping().await.unwrap();
     assert!(Client::connect(&serving.addr, new_fp, None).await.is_err());
     // A broken config is refused on reload and the running limits stay.
     set_config(&config, &[("max_connections", "0")]);
     serving.signal(rustix::process::Signal::HUP);
-    let start = Instant::now();
-    while serving.log.lock().unwrap().matches("reload failed").count() < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "bad config not reported"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        serving
-            .log
-            .lock()
-            .unwrap()
-            .contains("limits.max_connections")
-    );
+    wait_for("the bad config reported", Duration::from_secs(10), || {
+        serving.log.lock().unwrap().matches("reload failed").count() >= 2
+    })
+    .await;
+    assert!(serving.logged("limits.max_connections"));
     open.ping().await.unwrap();
 }
 

@@ -2,6 +2,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::connection::ConnError;
+use xfer_proto::limits::MAX_USER_LEN;
 use xfer_proto::message::SessionInfo;
 use xfer_proto::{Connection, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Response};
 
@@ -9,9 +10,12 @@ use super::reply_error;
 use crate::accounts::VerifyOutcome;
 use crate::handler::{Auth, Ctx, Flow, Outcome};
 
-/// A client-supplied name made safe for a log line.
+/// A client-supplied name made safe for a log line (escaped, and no longer than a valid name).
 fn loggable(name: &str) -> String {
-    name.chars().take(64).flat_map(char::escape_debug).collect()
+    name.chars()
+        .take(MAX_USER_LEN)
+        .flat_map(char::escape_debug)
+        .collect()
 }
 
 pub(super) async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
@@ -45,7 +49,39 @@ pub(super) async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Flow::Continue)
 }
 
-async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
+/// Refuses a password check from a source penalised for failed ones, without spending an
+/// argon2 run on it: answers, audits `op` as rate-limited and closes. `None`: go ahead.
+pub(super) async fn refuse_if_penalised<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    conn: &mut Connection<S>,
+    op: &str,
+    user: &str,
+) -> Result<Option<Flow>, ConnError> {
+    let Some(wait) = ctx.state.penalties.refused_for(ctx.peer.ip()) else {
+        return Ok(None);
+    };
+    tracing::warn!(user = %loggable(user), peer = %ctx.peer, op, wait_secs = wait.as_secs(), "password check refused: source is penalised for failed logins");
+    ctx.audit_as(
+        &loggable(user),
+        op,
+        None,
+        Outcome::failed(ErrorCode::RateLimited),
+    );
+    conn.write_frame(&Response::error(
+        ErrorCode::RateLimited,
+        format!(
+            "too many failed logins from {}; try again in {} s",
+            ctx.peer.ip().to_canonical(),
+            wait.as_secs().max(1)
+        ),
+    ))
+    .await?;
+    Ok(Some(Flow::Close))
+}
+
+/// Answers a failed password or token check: counts it against the connection and the
+/// source's penalty, and closes once the connection has used up its attempts.
+pub(super) async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
     code: ErrorCode,
@@ -61,18 +97,15 @@ async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Flow::Continue)
 }
 
+/// Makes this connection `user`'s: opens their storage (creating it on first login).
 fn start_session(
     ctx: &mut Ctx,
     user: &str,
     role: xfer_proto::Role,
     token: String,
     expires: i64,
-) -> Result<SessionInfo, String> {
-    let tree = ctx
-        .state
-        .storage
-        .user_tree(user)
-        .map_err(|e| format!("cannot open storage for `{user}`: {e}"))?;
+) -> std::io::Result<SessionInfo> {
+    let tree = ctx.state.storage.user_tree(user)?;
     ctx.auth = Some(Auth {
         user: user.into(),
         role,
@@ -87,32 +120,31 @@ fn start_session(
     })
 }
 
+/// Answers a login or token that checked out but whose storage cannot be opened.
+async fn storage_unavailable<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    user: &str,
+    e: &std::io::Error,
+) -> Result<Flow, ConnError> {
+    tracing::error!(user = %user, error = %e, "cannot open the user's storage; no session started");
+    reply_error(
+        conn,
+        ErrorCode::Internal,
+        "cannot open your storage on the server",
+    )
+    .await
+}
+
 pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
     user: &str,
     password: &str,
 ) -> Result<Flow, ConnError> {
-    let state = ctx.state.clone();
-    if let Some(wait) = state.penalties.refused_for(ctx.peer.ip()) {
-        tracing::warn!(user = %loggable(user), peer = %ctx.peer, wait_secs = wait.as_secs(), "login refused: source is penalised for failed logins");
-        ctx.audit_as(
-            &loggable(user),
-            "login",
-            None,
-            Outcome::failed(ErrorCode::RateLimited),
-        );
-        conn.write_frame(&Response::error(
-            ErrorCode::RateLimited,
-            format!(
-                "too many failed logins from {}; try again in {} s",
-                ctx.peer.ip().to_canonical(),
-                wait.as_secs().max(1)
-            ),
-        ))
-        .await?;
-        return Ok(Flow::Close);
+    if let Some(flow) = refuse_if_penalised(ctx, conn, "login", user).await? {
+        return Ok(flow);
     }
+    let state = ctx.state.clone();
     match state.accounts.verify(user, password).await {
         VerifyOutcome::Ok { role, generation } => {
             let (token, rec) = state
@@ -126,15 +158,9 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
                         .await?;
                     Ok(Flow::Continue)
                 }
-                Err(msg) => {
-                    tracing::error!(user = %user, error = %msg, "login failed on the server side");
+                Err(e) => {
                     state.sessions.revoke(&token);
-                    reply_error(
-                        conn,
-                        ErrorCode::Internal,
-                        "cannot open your storage on the server",
-                    )
-                    .await
+                    storage_unavailable(conn, user, &e).await
                 }
             }
         }
@@ -199,15 +225,7 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             conn.write_frame(&Response::Session(session)).await?;
             Ok(Flow::Continue)
         }
-        Err(msg) => {
-            tracing::error!(user = %record.user, error = %msg, "cannot open storage");
-            reply_error(
-                conn,
-                ErrorCode::Internal,
-                "cannot open your storage on the server",
-            )
-            .await
-        }
+        Err(e) => storage_unavailable(conn, &record.user, &e).await,
     }
 }
 
@@ -228,7 +246,7 @@ pub(super) async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
 ) -> Result<Flow, ConnError> {
-    let auth = ctx.auth.as_ref().expect("dispatcher checked the session");
+    let auth = ctx.session();
     conn.write_frame(&Response::Session(SessionInfo {
         user: auth.user.clone(),
         role: auth.role,

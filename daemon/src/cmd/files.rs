@@ -9,21 +9,6 @@ use super::{blocking, reply_error};
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::storage::StorageError;
 
-fn tree(ctx: &Ctx) -> crate::storage::UserTree {
-    ctx.auth
-        .as_ref()
-        .expect("dispatcher checked the session")
-        .tree
-        .clone()
-}
-
-fn user(ctx: &Ctx) -> &str {
-    &ctx.auth
-        .as_ref()
-        .expect("dispatcher checked the session")
-        .user
-}
-
 async fn report<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     conn: &mut Connection<S>,
@@ -31,7 +16,7 @@ async fn report<S: AsyncRead + AsyncWrite + Unpin>(
     path: &str,
     e: StorageError,
 ) -> Result<Flow, ConnError> {
-    tracing::info!(user = %user(ctx), op, error = %e, "request failed");
+    tracing::info!(user = %ctx.session().user, op, error = %e, "request failed");
     ctx.audit(op, Some(path), Outcome::failed(e.code()));
     reply_error(conn, e.code(), e.client_message()).await
 }
@@ -45,7 +30,7 @@ pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
     // order (the client sorts), so a folder of a million files costs the server a couple of
     // frames of memory, not the whole listing per connection.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Entry>, StorageError>>(2);
-    let t = tree(ctx);
+    let t = ctx.session().tree.clone();
     let p = path.clone();
     let walker = tokio::task::spawn_blocking(move || {
         let mut batch = Vec::with_capacity(MAX_ENTRIES_PER_FRAME);
@@ -102,11 +87,11 @@ where
         + Send
         + 'static,
 {
-    let t = tree(ctx);
+    let t = ctx.session().tree.clone();
     let p = path.clone();
     match blocking(move || f(&t, &p)).await {
         Ok(to) => {
-            tracing::info!(user = %user(ctx), op, path = %path, to = to.as_deref().unwrap_or(""), "done");
+            tracing::info!(user = %ctx.session().user, op, path = %path, to = to.as_deref().unwrap_or(""), "done");
             ctx.audit(
                 op,
                 Some(&path),

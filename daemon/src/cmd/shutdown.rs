@@ -1,5 +1,6 @@
 //! The shutdown request: the dispatcher has already checked the superuser role; this checks the
-//! password again, then starts the daemon's one shutdown path.
+//! password again (penalised on failure like a login), then starts the daemon's one shutdown
+//! path.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::connection::ConnError;
@@ -13,12 +14,13 @@ pub(super) async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     password: &str,
 ) -> Result<Flow, ConnError> {
-    let user = ctx
-        .auth
-        .as_ref()
-        .expect("dispatcher checked the session")
-        .user
-        .clone();
+    let user = ctx.session().user.clone();
+    // The password is checked again, so it is guessed against like a login and limited alike:
+    // without this a stolen superuser token would allow unlimited guesses, a few per
+    // connection.
+    if let Some(flow) = super::auth::refuse_if_penalised(ctx, conn, "shutdown", &user).await? {
+        return Ok(flow);
+    }
     let state = ctx.state.clone();
     match state.accounts.verify(&user, password).await {
         VerifyOutcome::Ok { role, .. } if role >= Role::Superuser => {
@@ -47,16 +49,13 @@ pub(super) async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(
         VerifyOutcome::Denied => {
             tracing::warn!(user = %user, peer = %ctx.peer, "shutdown refused: wrong password");
             ctx.audit("shutdown", None, Outcome::failed(ErrorCode::AuthFailed));
-            ctx.failures += 1;
-            conn.write_frame(&Response::error(
+            super::auth::failed(
+                ctx,
+                conn,
                 ErrorCode::AuthFailed,
                 "wrong password; the server keeps running",
-            ))
-            .await?;
-            if ctx.failures >= state.limits().max_auth_attempts {
-                return Ok(Flow::Close);
-            }
-            Ok(Flow::Continue)
+            )
+            .await
         }
     }
 }

@@ -132,6 +132,11 @@ impl Serving {
         }
     }
 
+    /// True once the daemon's log holds `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log.lock().unwrap().contains(text)
+    }
+
     pub async fn client(&self, user: &str, pw: &str) -> Client {
         let mut c = Client::connect(&self.addr, self.fingerprint, None)
             .await
@@ -222,4 +227,22 @@ pub fn partial_bytes(storage: &std::path::Path, user: &str) -> u64 {
         .flatten()
         .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
         .sum()
+}
+
+/// Polls `done` until it holds, failing the test after `limit`.
+pub async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Writes `contents` to a file in the local folder `dir` and uploads it to `remote`.
+pub async fn upload_bytes(c: &mut Client, dir: &Path, remote: &str, contents: &[u8]) {
+    let local = dir.join(format!("local-{remote}"));
+    std::fs::write(&local, contents).unwrap();
+    c.upload(&local, remote, true, Default::default())
+        .await
+        .unwrap();
 }
