@@ -15,7 +15,7 @@ use crate::conn::{Client, connect_tls};
 use crate::error::{ClientError, Result, printable};
 use crate::progress::Progress;
 use crate::shell::ShellInput;
-use crate::state::{StateDir, StoredSession};
+use crate::state::{KnownServers, StateDir, StoredSession};
 use crate::transfer::BatchCommand;
 
 /// xfer: secure file transfer with an xferd server.
@@ -254,22 +254,17 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         }
         Command::Logout => logout(&ctx).await,
         Command::Whoami => whoami(&ctx).await,
-        Command::List { remote_dir } => list(&ctx, remote_dir.as_deref().unwrap_or("")).await,
+        Command::List { remote_dir } => {
+            let dir = remote_dir.as_deref().unwrap_or("");
+            one_request(&ctx, async |c| c.list(dir).await)
+                .await
+                .map(|entries| print_entries(&entries, ctx.json))
+        }
         Command::Upload(a) => return BatchCommand::Upload(&a).run_connected(&ctx).await,
         Command::Download(a) => return BatchCommand::Download(&a).run_connected(&ctx).await,
         Command::Delete(a) => return BatchCommand::Delete(&a).run_connected(&ctx).await,
-        Command::Rename(a) => {
-            simple(&ctx, |c| {
-                Box::pin(async move { c.rename(&a.from, &a.to).await })
-            })
-            .await
-        }
-        Command::Mkdir(a) => {
-            simple(&ctx, |c| {
-                Box::pin(async move { c.mkdir(&a.remote_dir).await })
-            })
-            .await
-        }
+        Command::Rename(a) => one_request(&ctx, async |c| c.rename(&a.from, &a.to).await).await,
+        Command::Mkdir(a) => one_request(&ctx, async |c| c.mkdir(&a.remote_dir).await).await,
         Command::Shutdown { password_stdin } => shutdown(&ctx, password_stdin).await,
         Command::Forget { server } => forget(&ctx, &server),
         Command::Shell => return shell(&ctx).await,
@@ -324,11 +319,17 @@ impl Ctx {
 
     /// Connects to the selected server with its pin and authenticates with the stored token.
     pub(crate) async fn connect(&self) -> Result<(Client, String, StoredSession)> {
-        let sessions = self.state.sessions()?;
-        let (key, stored) = sessions.select(self.server.as_deref())?;
-        let server = ServerAddr::parse(&key)?;
+        let (key, stored) = self.state.sessions()?.select(self.server.as_deref())?;
+        let client = self.connect_as(&key, &stored).await?;
+        Ok((client, key, stored))
+    }
+
+    /// [`Ctx::connect`] for a session the caller has already read, so that a command which
+    /// also rewrites `sessions.toml` reads it once.
+    async fn connect_as(&self, key: &str, stored: &StoredSession) -> Result<Client> {
+        let server = ServerAddr::parse(key)?;
         let known = self.state.known_servers()?;
-        let pin = known.get(&key).ok_or_else(|| {
+        let pin = known.get(key).ok_or_else(|| {
             ClientError::Other(format!(
                 "no pinned key for {key} in `{}` - run `xfer login {}@{key}`",
                 self.state.known_servers_path().display(),
@@ -337,9 +338,9 @@ impl Ctx {
         })?;
         let mut client = Client::connect(&server, pin, self.bind)
             .await
-            .inspect_err(|e| self.warn_key_changed(e))?;
+            .inspect_err(|e| self.warn_key_changed(e, &known))?;
         match client.authenticate(&stored.token).await {
-            Ok(_) => Ok((client, key, stored)),
+            Ok(_) => Ok(client),
             Err(ClientError::Server {
                 code: ErrorCode::SessionExpired | ErrorCode::NotAuthenticated,
                 ..
@@ -354,7 +355,8 @@ impl Ctx {
         }
     }
 
-    fn warn_key_changed(&self, e: &ClientError) {
+    /// The OpenSSH-style warning for a changed key; `known` is the pin file as just read.
+    fn warn_key_changed(&self, e: &ClientError, known: &KnownServers) {
         if let ClientError::KeyChanged {
             server,
             pinned,
@@ -362,11 +364,8 @@ impl Ctx {
         } = e
         {
             let path = self.state.known_servers_path();
-            let line = self
-                .state
-                .known_servers()
-                .ok()
-                .and_then(|k| k.line_of(server))
+            let line = known
+                .line_of(server)
                 .map(|l| format!(":{l}"))
                 .unwrap_or_default();
             eprintln!(
@@ -441,7 +440,7 @@ async fn login(
     // First connection: establish who the server is before anything is sent.
     let (tls, seen) = connect_tls(&server, pinned, ctx.bind)
         .await
-        .inspect_err(|e| ctx.warn_key_changed(e))?;
+        .inspect_err(|e| ctx.warn_key_changed(e, &known))?;
     drop(tls);
     if let Some(expected) = expected
         && expected != seen
@@ -453,58 +452,57 @@ async fn login(
         });
     }
     if pinned.is_none() {
-        let trusted = if expected.is_some() || accept_new {
-            true
-        } else if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        if expected.is_none() && !accept_new {
+            if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+                return Err(ClientError::UnknownServer { server: key, seen });
+            }
             eprintln!("The authenticity of server '{key}' can't be established.");
             eprintln!("Its key fingerprint is {seen}.");
             eprintln!("Compare it with the output of `xferd fingerprint` on the server.");
             if !ask_yes_no("Are you sure you want to trust it and continue (yes/no)? ")? {
                 return Err(ClientError::NotConfirmed);
             }
-            true
-        } else {
-            return Err(ClientError::UnknownServer { server: key, seen });
-        };
-        if trusted {
-            known.set(&key, seen);
-            ctx.state.save_known_servers(&known)?;
-            ctx.status(format_args!("Pinned {key} with key {seen}."));
         }
+        known.set(&key, seen);
+        ctx.state.save_known_servers(&known)?;
+        ctx.status(format_args!("Pinned {key} with key {seen}."));
     }
     let password = read_password(password_stdin, &format!("Password for {user}@{key}: "))?;
     // Second connection, pinned to the key just checked: prompts may have outlasted the
     // server's login deadline on the first one.
     let mut client = Client::connect(&server, seen, ctx.bind)
         .await
-        .inspect_err(|e| ctx.warn_key_changed(e))?;
+        .inspect_err(|e| ctx.warn_key_changed(e, &known))?;
     let (token, info) = client.login(&user, &password).await?;
     client.close().await;
+    // The name is the server's text, and it is printed again from this file later (prompts,
+    // "run `xfer login USER@...`"): escaped once here, it is safe everywhere after.
+    let user = printable(&info.user);
     let mut sessions = ctx.state.sessions()?;
     sessions.servers.insert(
         key.clone(),
         StoredSession {
-            user: info.user.clone(),
+            user: user.clone(),
             role: info.role,
             token,
             expires: info.expires,
         },
     );
     sessions.current = Some(key.clone());
-    sessions.last_user.insert(key.clone(), info.user.clone());
+    sessions.last_user.insert(key.clone(), user.clone());
     ctx.state.save_sessions(&sessions)?;
     ctx.status(format_args!(
-        "Logged in to {key} as {} ({}).",
-        info.user, info.role
+        "Logged in to {key} as {user} ({}).",
+        info.role
     ));
     Ok(())
 }
 
 async fn logout(ctx: &Ctx) -> Result<()> {
     let mut sessions = ctx.state.sessions()?;
-    let (key, _) = sessions.select(ctx.server.as_deref())?;
-    let remote = match ctx.connect().await {
-        Ok((mut client, _, _)) => {
+    let (key, stored) = sessions.select(ctx.server.as_deref())?;
+    let remote = match ctx.connect_as(&key, &stored).await {
+        Ok(mut client) => {
             let r = client.logout().await;
             client.close().await;
             r
@@ -603,21 +601,15 @@ fn print_entries(entries: &[Entry], json: bool) {
     }
 }
 
-async fn list(ctx: &Ctx, dir: &str) -> Result<()> {
+/// Connects, runs one request over the connection, closes it.
+async fn one_request<T>(
+    ctx: &Ctx,
+    request: impl AsyncFnOnce(&mut Client) -> Result<T>,
+) -> Result<T> {
     let (mut client, _, _) = ctx.connect().await?;
-    let entries = client.list(dir).await?;
+    let answer = request(&mut client).await?;
     client.close().await;
-    print_entries(&entries, ctx.json);
-    Ok(())
-}
-
-type BoxFut<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>;
-
-async fn simple(ctx: &Ctx, f: impl for<'a> FnOnce(&'a mut Client) -> BoxFut<'a>) -> Result<()> {
-    let (mut client, _, _) = ctx.connect().await?;
-    f(&mut client).await?;
-    client.close().await;
-    Ok(())
+    Ok(answer)
 }
 
 async fn shutdown(ctx: &Ctx, password_stdin: bool) -> Result<()> {
@@ -828,6 +820,29 @@ fn client_is_gone(code: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
+    /// The shell keeps its own, shorter help lines, so its commands are declared apart from the
+    /// command line's (the arguments are shared); what a user types must still be the same.
+    #[test]
+    fn shell_commands_are_named_and_aliased_as_on_the_command_line() {
+        let cli = super::Cli::command();
+        let aliases = |c: &clap::Command| {
+            c.get_visible_aliases()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        for shell in super::ShellLine::command().get_subcommands() {
+            if shell.get_name() == "quit" {
+                continue;
+            }
+            let line = cli
+                .find_subcommand(shell.get_name())
+                .unwrap_or_else(|| panic!("`{}` is no command of xfer", shell.get_name()));
+            assert_eq!(aliases(shell), aliases(line), "{}", shell.get_name());
+        }
+    }
+
     #[test]
     fn tab_completion_offers_every_shell_command_and_alias() {
         assert_eq!(

@@ -1,6 +1,7 @@
 //! Transfer progress: a bar per file with bytes, percent, rate and time left, and an overall
-//! bar (files done, bytes, rate, time left) when a command moves several files, drawn together on a terminal; nothing at all when
-//! stderr is not a terminal or with `-q`, so pipes and logs get no redraws.
+//! bar (files done, bytes, rate, time left) when a command moves several files, drawn together
+//! on a terminal; nothing at all when stderr is not a terminal or with `-q`, so pipes and logs
+//! get no redraws.
 
 use std::io::IsTerminal;
 
@@ -28,12 +29,9 @@ impl Progress {
             return ProgressBar::hidden();
         };
         let bar = multi.add(ProgressBar::new(total));
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:30!} {bytes:>10}/{total_bytes:<10} {percent:>3}% {binary_bytes_per_sec:>12} ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        bar.set_style(style(
+            "{msg:30!} {bytes:>10}/{total_bytes:<10} {percent:>3}% {binary_bytes_per_sec:>12} ETA {eta}",
+        ));
         bar.set_message(label.to_string());
         bar
     }
@@ -44,16 +42,19 @@ impl Progress {
         match &self.multi {
             Some(multi) if files > 1 => {
                 let bar = multi.insert(0, ProgressBar::new(bytes));
-                bar.set_style(
-                    ProgressStyle::with_template(
-                        "total: {msg:12} {bytes:>10}/{total_bytes:<10} {wide_bar} {binary_bytes_per_sec:>12} ETA {eta}",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-                );
+                bar.set_style(style(
+                    "total: {msg:12} {bytes:>10}/{total_bytes:<10} {wide_bar} {binary_bytes_per_sec:>12} ETA {eta}",
+                ));
                 bar.set_message(format!("0/{files} files"));
                 bar
             }
             _ => ProgressBar::hidden(),
         }
     }
+}
+
+/// The style drawn from `template`; a plain bar should the template ever fail to parse, since a
+/// transfer must not fail over its decoration.
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
 }

@@ -39,23 +39,22 @@ pub struct StateDir {
     dir: PathBuf,
 }
 
+/// Replaces `path` with `contents`, 0600 from the first byte: temp file, fsync, rename, fsync
+/// the folder (best effort: the rename has happened either way).
 fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), ClientError> {
-    let ctx = || format!("writing `{}`", path.display());
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".xfer-tmp")
-        .tempfile_in(dir)
-        .map_err(|e| ClientError::local(ctx(), e))?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| ClientError::local(ctx(), e))?;
-    tmp.write_all(contents)
-        .map_err(|e| ClientError::local(ctx(), e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| ClientError::local(ctx(), e))?;
-    tmp.persist(path)
-        .map_err(|e| ClientError::local(ctx(), e.error))?;
+    let write = || -> std::io::Result<()> {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".xfer-tmp")
+            .tempfile_in(dir)?;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        tmp.write_all(contents)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    };
+    write().map_err(|e| ClientError::local(format!("writing `{}`", path.display()), e))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -98,8 +97,16 @@ impl StateDir {
             }
         };
         KnownServers::parse(&text).map_err(|(line, why)| {
-            ClientError::Other(format!("`{}` line {line}: {why}", path.display()))
+            ClientError::Other(format!(
+                "`{}` line {line}: {why} - correct or delete that line",
+                path.display()
+            ))
         })
+    }
+
+    /// Path of the sessions file.
+    fn sessions_path(&self) -> PathBuf {
+        self.dir.join(SESSIONS)
     }
 
     /// Writes the pins.
@@ -109,7 +116,7 @@ impl StateDir {
 
     /// Reads the sessions.
     pub fn sessions(&self) -> Result<Sessions, ClientError> {
-        let path = self.dir.join(SESSIONS);
+        let path = self.sessions_path();
         match std::fs::read_to_string(&path) {
             Ok(t) => toml::from_str(&t).map_err(|e| {
                 ClientError::Other(format!(
@@ -130,7 +137,7 @@ impl StateDir {
     pub fn save_sessions(&self, sessions: &Sessions) -> Result<(), ClientError> {
         let text = toml::to_string(sessions).map_err(|e| ClientError::Other(e.to_string()))?;
         write_atomic(
-            &self.dir.join(SESSIONS),
+            &self.sessions_path(),
             format!(
                 "# xfer sessions: tokens are secrets; this file must stay private (0600).\n{text}"
             )

@@ -1,9 +1,11 @@
 //! End-to-end tests of the real `xfer` binary against a daemon running in-process: every
 //! command of the contract, its exit codes and its guarantees, as a user would run them.
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use xfer_tests::{ClientHome, TestServer, noise, password_of, tricky_bytes, write_file};
+use xfer_tests::{ClientHome, Run, TestServer, noise, password_of, tricky_bytes, write_file};
 
 fn home() -> ClientHome {
     ClientHome::new(env!("CARGO_BIN_EXE_xfer"))
@@ -11,10 +13,7 @@ fn home() -> ClientHome {
 
 /// Whether `script` (util-linux) can run a command on a pseudo-terminal; says so when not.
 fn have_script() -> bool {
-    let ok = std::process::Command::new("script")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let ok = Command::new("script").arg("--version").output().is_ok();
     if !ok {
         eprintln!("SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal test");
     }
@@ -25,6 +24,46 @@ fn logged_in(server: &TestServer, user: &str) -> ClientHome {
     let h = home();
     h.login(server, user).expect_code(0);
     h
+}
+
+/// Writes `data` to the local file `name` and uploads it under the same name.
+fn uploaded(h: &ClientHome, name: &str, data: &[u8]) {
+    write_file(&h.path(name), data);
+    h.run(&["upload", name]).expect_code(0);
+}
+
+/// Runs `xfer ARGS`, which must succeed, and parses its standard output as JSON.
+fn json_of(h: &ClientHome, args: &[&str]) -> serde_json::Value {
+    let out = h.run(args).expect_code(0).stdout;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `xfer login TARGET --password-stdin EXTRA...` with `password` typed on standard input.
+fn login_piped(h: &ClientHome, target: &str, extra: &[&str], password: &str) -> Run {
+    let mut args = vec!["login", target, "--password-stdin"];
+    args.extend_from_slice(extra);
+    h.run_with_stdin(&args, &format!("{password}\n"))
+}
+
+/// Permission bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// `xfer ARGS` with `h`'s state folder, run by `script` on a pseudo-terminal in `h`'s folder.
+fn on_a_pty(h: &ClientHome, args: &str) -> Command {
+    let cmd = format!(
+        "{} --config-dir {} {args}",
+        h.bin.display(),
+        h.config_dir().display()
+    );
+    let mut script = Command::new("script");
+    script
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("TERM", "xterm")
+        .current_dir(h.dir.path());
+    script
 }
 
 #[test]
@@ -74,16 +113,14 @@ fn round_trip_keeps_every_byte_of_tricky_empty_and_oddly_named_files() {
 fn list_shows_name_size_time_and_kind_in_text_and_json() {
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
-    write_file(&h.path("a.txt"), b"12345");
-    h.run(&["upload", "a.txt"]).expect_code(0);
+    uploaded(&h, "a.txt", b"12345");
     h.run(&["mkdir", "photos/2026"]).expect_code(0);
 
     let text = h.run(&["list"]).expect_code(0).stdout;
     assert!(text.contains("a.txt") && text.contains("photos/"), "{text}");
     assert!(text.contains(" 5 "), "{text}");
 
-    let json = h.run(&["ls", "--json"]).expect_code(0).stdout;
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = json_of(&h, &["ls", "--json"]);
     let arr = v.as_array().unwrap();
     assert_eq!(arr.len(), 2);
     let a = arr.iter().find(|e| e["name"] == "a.txt").unwrap();
@@ -107,8 +144,7 @@ fn a_large_folder_lists_completely_across_frames() {
     for i in 0..300 {
         std::fs::write(dir.join(format!("file-{i:03}-{}", "x".repeat(200))), b"").unwrap();
     }
-    let json = h.run(&["ls", "many", "--json"]).expect_code(0).stdout;
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = json_of(&h, &["ls", "many", "--json"]);
     assert_eq!(v.as_array().unwrap().len(), 300);
 }
 
@@ -140,8 +176,7 @@ fn delete_rename_mkdir_do_what_they_say() {
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
     let root = server.user_dir("alice");
-    write_file(&h.path("a"), b"A");
-    h.run(&["upload", "a"]).expect_code(0);
+    uploaded(&h, "a", b"A");
     h.run(&["mkdir", "d1/d2"]).expect_code(0);
     assert!(root.join("d1/d2").is_dir());
     h.run(&["mv", "a", "b"]).expect_code(0);
@@ -156,8 +191,7 @@ fn delete_rename_mkdir_do_what_they_say() {
     assert!(!root.join("d1").exists());
     h.run(&["rm", "d1"]).expect_code(5);
     // A file where a folder is wanted.
-    write_file(&h.path("f"), b"x");
-    h.run(&["upload", "f"]).expect_code(0);
+    uploaded(&h, "f", b"x");
     h.run(&["mkdir", "f/sub"]).expect_code(1);
 }
 
@@ -166,8 +200,7 @@ fn users_see_only_their_own_tree() {
     let server = TestServer::start();
     let alice = logged_in(&server, "alice");
     let bob = logged_in(&server, "bob");
-    write_file(&alice.path("secret.txt"), b"alice only");
-    alice.run(&["upload", "secret.txt"]).expect_code(0);
+    uploaded(&alice, "secret.txt", b"alice only");
 
     let listing = bob.run(&["list", "--json"]).expect_code(0).stdout;
     assert_eq!(listing.trim(), "[]");
@@ -185,8 +218,7 @@ fn users_see_only_their_own_tree() {
 fn traversal_and_absolute_paths_are_refused_by_every_command() {
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
-    write_file(&h.path("f"), b"x");
-    h.run(&["upload", "f"]).expect_code(0);
+    uploaded(&h, "f", b"x");
     for bad in [
         "..",
         "../x",
@@ -279,8 +311,6 @@ fn not_logged_in_says_how_to_log_in() {
 fn state_files_are_private_and_hold_a_token_not_the_password() {
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
-    use std::os::unix::fs::PermissionsExt;
-    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&h.config_dir()), 0o700);
     for name in ["known_servers", "sessions.toml"] {
         assert_eq!(mode(&h.config_dir().join(name)), 0o600, "{name}");
@@ -301,8 +331,7 @@ fn whoami_and_logout_which_revokes_the_token_on_the_server() {
         who.contains("root") && who.contains("superuser") && who.contains(&server.server()),
         "{who}"
     );
-    let json = h.run(&["whoami", "--json"]).expect_code(0).stdout;
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = json_of(&h, &["whoami", "--json"]);
     assert_eq!(v["user"], "root");
     assert_eq!(v["role"], "superuser");
 
@@ -342,8 +371,7 @@ fn a_password_change_or_account_deletion_revokes_sessions() {
 fn sessions_survive_a_daemon_restart() {
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
-    write_file(&h.path("f"), b"persist");
-    h.run(&["upload", "f"]).expect_code(0);
+    uploaded(&h, "f", b"persist");
     let (result, dir, config, addr) = server.stop();
     result.unwrap();
     let server = TestServer::launch(dir, config, Some(addr), |_| {});
@@ -358,19 +386,12 @@ fn first_contact_needs_a_fingerprint_or_accept_new() {
     let h = home();
     let target = format!("alice@{}", server.server());
     // No terminal, no flag: refused before the password is sent.
-    let r = h
-        .run_with_stdin(&["login", &target, "--password-stdin"], "alice-pw\n")
-        .expect_code(6);
+    let r = login_piped(&h, &target, &[], "alice-pw").expect_code(6);
     assert!(r.stderr.contains(&server.fingerprint), "{}", r.stderr);
     assert!(r.stderr.contains("--accept-new"), "{}", r.stderr);
     // A wrong fingerprint: refused, nothing pinned.
     let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
-    let r = h
-        .run_with_stdin(
-            &["login", &target, "--password-stdin", "--fingerprint", wrong],
-            "alice-pw\n",
-        )
-        .expect_code(6);
+    let r = login_piped(&h, &target, &["--fingerprint", wrong], "alice-pw").expect_code(6);
     assert!(
         r.stderr.contains(wrong) && r.stderr.contains(&server.fingerprint),
         "{}",
@@ -379,23 +400,9 @@ fn first_contact_needs_a_fingerprint_or_accept_new() {
     let known = std::fs::read_to_string(h.config_dir().join("known_servers")).unwrap_or_default();
     assert!(!known.contains(&server.server()));
     // A malformed fingerprint is a usage error.
-    h.run_with_stdin(
-        &[
-            "login",
-            &target,
-            "--password-stdin",
-            "--fingerprint",
-            "SHA256:nope",
-        ],
-        "alice-pw\n",
-    )
-    .expect_code(2);
+    login_piped(&h, &target, &["--fingerprint", "SHA256:nope"], "alice-pw").expect_code(2);
     // --accept-new pins it.
-    h.run_with_stdin(
-        &["login", &target, "--password-stdin", "--accept-new"],
-        "alice-pw\n",
-    )
-    .expect_code(0);
+    login_piped(&h, &target, &["--accept-new"], "alice-pw").expect_code(0);
     let known = std::fs::read_to_string(h.config_dir().join("known_servers")).unwrap();
     assert!(known.contains(&server.fingerprint));
 }
@@ -424,18 +431,10 @@ fn a_changed_server_key_is_refused_before_any_password_is_sent() {
 
     // Logging in again is refused too, even with --accept-new, and the password never leaves.
     let target = format!("alice@{}", server.server());
-    h.run_with_stdin(
-        &["login", &target, "--password-stdin", "--accept-new"],
-        "alice-pw\n",
-    )
-    .expect_code(6);
+    login_piped(&h, &target, &["--accept-new"], "alice-pw").expect_code(6);
     let log_users_before =
         std::fs::read_to_string(server.config().state_dir.join("sessions.json")).unwrap();
-    h.run_with_stdin(
-        &["login", &target, "--password-stdin", "--fingerprint", &new],
-        "alice-pw\n",
-    )
-    .expect_code(6);
+    login_piped(&h, &target, &["--fingerprint", &new], "alice-pw").expect_code(6);
     let log_users_after =
         std::fs::read_to_string(server.config().state_dir.join("sessions.json")).unwrap();
     assert_eq!(
@@ -509,8 +508,7 @@ fn recursive_upload_and_download_keep_the_tree_and_empty_folders() {
 fn download_to_a_new_name_and_errors_for_bad_targets() {
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
-    write_file(&h.path("f"), b"data");
-    h.run(&["upload", "f"]).expect_code(0);
+    uploaded(&h, "f", b"data");
     h.run(&["download", "f", "--to", "renamed"]).expect_code(0);
     assert_eq!(std::fs::read(h.path("renamed")).unwrap(), b"data");
     h.run(&["download", "f", "f", "--to", "not-a-dir"])
@@ -535,24 +533,14 @@ fn usage_errors_exit_2_and_unreachable_servers_exit_7() {
     let h = home();
     h.run(&["frobnicate"]).expect_code(2);
     h.run(&["upload"]).expect_code(2);
-    h.run_with_stdin(&["login", "no-at-sign", "--password-stdin"], "x\n")
-        .expect_code(2);
+    login_piped(&h, "no-at-sign", &[], "x").expect_code(2);
     // A port where nothing listens.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let r = h
-        .run_with_stdin(
-            &[
-                "login",
-                &format!("alice@127.0.0.1:{port}"),
-                "--password-stdin",
-                "--accept-new",
-            ],
-            "x\n",
-        )
-        .expect_code(7);
+    let target = format!("alice@127.0.0.1:{port}");
+    let r = login_piped(&h, &target, &["--accept-new"], "x").expect_code(7);
     assert!(r.stderr.contains("cannot reach"), "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
 }
@@ -622,8 +610,7 @@ fn symlinks_planted_in_a_tree_lead_nowhere_for_any_command() {
     assert!(!outside.join("f").exists() && !outside.join("sub").exists());
     assert!(!h.path("dl/secret").exists() && !h.path("dl/filelink").exists());
     // Listing the root shows the links as "other", never what they point to.
-    let json = h.run(&["list", "--json"]).expect_code(0).stdout;
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = json_of(&h, &["list", "--json"]);
     for e in v.as_array().unwrap() {
         assert_eq!(e["kind"], "other", "{e}");
     }
@@ -633,20 +620,12 @@ fn symlinks_planted_in_a_tree_lead_nowhere_for_any_command() {
 fn every_operation_lands_in_the_audit_log_without_secrets() {
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
-    write_file(&h.path("f"), b"audited");
-    h.run(&["upload", "f"]).expect_code(0);
+    uploaded(&h, "f", b"audited");
     h.run(&["download", "f", "--to", "copy"]).expect_code(0);
     h.run(&["mv", "f", "g"]).expect_code(0);
     h.run(&["rm", "missing"]).expect_code(5);
-    h.run_with_stdin(
-        &[
-            "login",
-            &format!("bob@{}", server.server()),
-            "--password-stdin",
-        ],
-        "not-bobs-password\n",
-    )
-    .expect_code(3);
+    let bob = format!("bob@{}", server.server());
+    login_piped(&h, &bob, &[], "not-bobs-password").expect_code(3);
     let text = std::fs::read_to_string(server.config().audit_log).unwrap();
     let events: Vec<serde_json::Value> = text
         .lines()
@@ -756,8 +735,7 @@ fn a_transfer_summary_is_printed_and_available_as_json() {
         "{}",
         r.stderr
     );
-    let json = h.run(&["--json", "upload", "a", "b"]).expect_code(0).stdout;
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = json_of(&h, &["--json", "upload", "a", "b"]);
     assert_eq!(v["operation"], "uploaded");
     assert_eq!(v["transferred"], 2);
     assert_eq!(v["bytes"], 7);
@@ -768,11 +746,7 @@ fn a_transfer_summary_is_printed_and_available_as_json() {
         blake3::hash(b"two!").to_hex().as_str()
     );
     std::fs::create_dir(h.path("dl")).unwrap();
-    let json = h
-        .run(&["--json", "download", "a", "--to", "dl"])
-        .expect_code(0)
-        .stdout;
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = json_of(&h, &["--json", "download", "a", "--to", "dl"]);
     assert_eq!(v["operation"], "downloaded");
     assert_eq!(v["bytes"], 3);
 }
@@ -793,18 +767,8 @@ fn progress_is_drawn_on_a_terminal_and_never_on_a_pipe() {
         r.stderr
     );
     // Under a pseudo-terminal (`script` runs it on one): the bar is drawn.
-    let cmd = format!(
-        "{} --config-dir {} upload {}",
-        h.bin.display(),
-        h.config_dir().display(),
-        h.path("big").display()
-    );
-    let out = std::process::Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .env("TERM", "xterm")
-        .current_dir(h.dir.path())
-        .output()
-        .unwrap();
+    let upload_big = format!("upload {}", h.path("big").display());
+    let out = on_a_pty(&h, &upload_big).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -813,26 +777,12 @@ fn progress_is_drawn_on_a_terminal_and_never_on_a_pipe() {
     );
     // Several files: an overall bar counts them too.
     write_file(&h.path("small"), b"x");
-    let two = format!(
-        "{} --config-dir {} upload {} {}",
-        h.bin.display(),
-        h.config_dir().display(),
-        h.path("big").display(),
-        h.path("small").display()
-    );
-    let out = std::process::Command::new("script")
-        .args(["-qec", &two, "/dev/null"])
-        .env("TERM", "xterm")
-        .output()
-        .unwrap();
+    let two = format!("{upload_big} {}", h.path("small").display());
+    let out = on_a_pty(&h, &two).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("/2 files"), "no overall bar in {text:?}");
     // And -q silences it even on a terminal.
-    let out = std::process::Command::new("script")
-        .args(["-qec", &format!("{cmd} -q"), "/dev/null"])
-        .env("TERM", "xterm")
-        .output()
-        .unwrap();
+    let out = on_a_pty(&h, &format!("{upload_big} -q")).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains('%'), "{text:?}");
 }
@@ -840,7 +790,6 @@ fn progress_is_drawn_on_a_terminal_and_never_on_a_pipe() {
 #[test]
 fn the_shell_edits_lines_and_keeps_a_private_history_on_a_terminal() {
     use std::io::{Read, Write};
-    use std::os::unix::fs::PermissionsExt;
     use std::process::Stdio;
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
@@ -850,15 +799,7 @@ fn the_shell_edits_lines_and_keeps_a_private_history_on_a_terminal() {
     }
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
-    let cmd = format!(
-        "{} --config-dir {} shell",
-        h.bin.display(),
-        h.config_dir().display()
-    );
-    let mut child = std::process::Command::new("script")
-        .args(["-qec", &cmd, "/dev/null"])
-        .env("TERM", "xterm")
-        .current_dir(h.dir.path())
+    let mut child = on_a_pty(&h, "shell")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -923,8 +864,7 @@ fn the_shell_edits_lines_and_keeps_a_private_history_on_a_terminal() {
     reader.join().unwrap();
     assert!(status.success(), "{status:?}: {:?}", text());
     let path = h.config_dir().join("shell_history");
-    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
+    assert_eq!(mode(&path), 0o600);
     let history = std::fs::read_to_string(&path).unwrap();
     assert!(
         history.contains("whoami") && history.contains("ls") && history.contains("quit"),
@@ -943,17 +883,10 @@ fn first_contact_on_a_terminal_shows_the_key_and_asks() {
     }
     let server = TestServer::start();
     let h = home();
-    let cmd = format!(
-        "{} --config-dir {} login alice@{}",
-        h.bin.display(),
-        h.config_dir().display(),
-        server.server()
-    );
+    let login = format!("login alice@{}", server.server());
     // `script` runs the login on a pseudo-terminal and types our standard input into it.
     let on_a_terminal = |typed: &str| {
-        let mut child = std::process::Command::new("script")
-            .args(["-qec", &cmd, "/dev/null"])
-            .env("TERM", "xterm")
+        let mut child = on_a_pty(&h, &login)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -38,17 +38,34 @@ fn via(proxy: &Proxy, server: &TestServer, user: &str) -> ClientHome {
     h
 }
 
-/// Starts `xfer ARGS`, waits until the proxy has stalled it at `up`/`down` bytes, kills it
-/// with SIGKILL, and lifts the caps for the next connection.
-fn kill_when_stalled(h: &ClientHome, proxy: &Proxy, args: &[&str], up: u64, down: u64) {
+/// `server` behind a new counting proxy, and a client home logged in as alice through it.
+fn relayed(server: TestServer) -> (TestServer, Proxy, ClientHome) {
+    let proxy = Proxy::start(server.addr);
+    let h = via(&proxy, &server, "alice");
+    (server, proxy, h)
+}
+
+/// Starts `xfer ARGS` and returns once the proxy has stalled it at `up`/`down` bytes.
+fn stalled(h: &ClientHome, proxy: &Proxy, args: &[&str], up: u64, down: u64) -> Child {
     proxy.set_caps(up, down);
-    let mut child: Child = h.command(args).stdin(Stdio::null()).spawn().unwrap();
+    let child = h.command(args).stdin(Stdio::null()).spawn().unwrap();
     proxy.wait_for(up, down, LONG);
-    // Let the capped bytes reach the other end's file before the client dies.
+    // Let the capped bytes reach the other end's file before anything else happens.
     std::thread::sleep(Duration::from_millis(200));
+    child
+}
+
+/// Kills a stalled client with SIGKILL and lifts the caps for the next connection.
+fn kill(mut child: Child, proxy: &Proxy) {
     child.kill().unwrap();
     child.wait().unwrap();
     proxy.set_caps(u64::MAX, u64::MAX);
+}
+
+/// Starts `xfer ARGS`, waits until the proxy has stalled it at `up`/`down` bytes, kills it
+/// with SIGKILL, and lifts the caps for the next connection.
+fn kill_when_stalled(h: &ClientHome, proxy: &Proxy, args: &[&str], up: u64, down: u64) {
+    kill(stalled(h, proxy, args, up, down), proxy);
 }
 
 /// Downloads `remote` into a new folder `dl` and kills the client after `cut` bytes came
@@ -60,7 +77,11 @@ fn interrupted_download(h: &ClientHome, proxy: &Proxy, remote: &str, cut: u64) -
     dl
 }
 
-fn summary(stdout: &str) -> serde_json::Value {
+/// Runs `xfer ARGS --json`, which must succeed, and returns its transfer summary.
+fn summary(h: &ClientHome, args: &[&str]) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let stdout = h.run(&args).expect_code(0).stdout;
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
@@ -77,9 +98,7 @@ fn assert_only_missing_sent(sent: u64, size: u64, held: u64) {
 
 #[test]
 fn a_killed_upload_resumes_sending_only_the_missing_bytes() {
-    let server = TestServer::start();
-    let proxy = Proxy::start(server.addr);
-    let h = via(&proxy, &server, "alice");
+    let (server, proxy, h) = relayed(TestServer::start());
     write_file(&h.path("big"), b"old version");
     h.run(&["upload", "big"]).expect_code(0);
     let size = size();
@@ -105,9 +124,8 @@ fn a_killed_upload_resumes_sending_only_the_missing_bytes() {
         assert!(now > held && now <= held + size / 4, "round {round}: {now}");
         held = now;
     }
-    let out = h.run(&["upload", "big", "--json"]).expect_code(0);
+    let v = summary(&h, &["upload", "big"]);
     let (sent, _) = proxy.last_counts();
-    let v = summary(&out.stdout);
     assert_eq!(v["files"][0]["resumed_from"], held, "{v}");
     assert_eq!(v["files"][0]["sent"], size - held, "{v}");
     assert_only_missing_sent(sent, size, held);
@@ -125,9 +143,7 @@ fn a_killed_upload_resumes_sending_only_the_missing_bytes() {
 
 #[test]
 fn a_killed_download_resumes_into_its_part_file() {
-    let server = TestServer::start();
-    let proxy = Proxy::start(server.addr);
-    let h = via(&proxy, &server, "alice");
+    let (_server, proxy, h) = relayed(TestServer::start());
     let size = size();
     let data = noise(size as usize, 9);
     write_file(&h.path("big"), &data);
@@ -138,11 +154,8 @@ fn a_killed_download_resumes_into_its_part_file() {
     let held = std::fs::metadata(&part).expect("a .part is left").len();
     assert!(held > 0 && held <= size / 2, "{held}");
     assert!(!h.path("dl/big").exists(), "nothing under the final name");
-    let out = h
-        .run(&["download", "big", "--to", dl, "--json"])
-        .expect_code(0);
+    let v = summary(&h, &["download", "big", "--to", dl]);
     let (_, received) = proxy.last_counts();
-    let v = summary(&out.stdout);
     assert_eq!(v["files"][0]["resumed_from"], held, "{v}");
     assert_only_missing_sent(received, size, held);
     assert!(std::fs::read(h.path("dl/big")).unwrap() == data);
@@ -155,9 +168,7 @@ fn a_killed_download_resumes_into_its_part_file() {
 
 #[test]
 fn a_changed_file_or_no_resume_starts_over_cleanly() {
-    let server = TestServer::start();
-    let proxy = Proxy::start(server.addr);
-    let h = via(&proxy, &server, "alice");
+    let (server, proxy, h) = relayed(TestServer::start());
     let size = 4u64 << 20;
     let mut data = noise(size as usize, 1);
     write_file(&h.path("f"), &data);
@@ -167,7 +178,7 @@ fn a_changed_file_or_no_resume_starts_over_cleanly() {
     assert!(server.released_partial_bytes("alice", LONG) > 0);
     data[10] ^= 0xff;
     write_file(&h.path("f"), &data);
-    let v = summary(&h.run(&["upload", "f", "--json"]).expect_code(0).stdout);
+    let v = summary(&h, &["upload", "f"]);
     assert_eq!(v["files"][0]["resumed_from"], 0, "{v}");
     assert!(proxy.last_counts().0 >= size);
     assert!(std::fs::read(server.user_dir("alice").join("f")).unwrap() == data);
@@ -175,11 +186,7 @@ fn a_changed_file_or_no_resume_starts_over_cleanly() {
     // --no-resume sends everything even when the server holds a matching prefix.
     kill_when_stalled(&h, &proxy, &["upload", "f"], size / 2, u64::MAX);
     assert!(server.released_partial_bytes("alice", LONG) > 0);
-    let v = summary(
-        &h.run(&["upload", "f", "--no-resume", "--json"])
-            .expect_code(0)
-            .stdout,
-    );
+    let v = summary(&h, &["upload", "f", "--no-resume"]);
     assert_eq!(v["files"][0]["resumed_from"], 0, "{v}");
 
     // Download: the remote file changes after an interruption.
@@ -189,11 +196,7 @@ fn a_changed_file_or_no_resume_starts_over_cleanly() {
     let newer = noise(size as usize + 5, 2);
     write_file(&h.path("f"), &newer);
     h.run(&["upload", "f"]).expect_code(0);
-    let v = summary(
-        &h.run(&["download", "f", "--to", dl, "--json"])
-            .expect_code(0)
-            .stdout,
-    );
+    let v = summary(&h, &["download", "f", "--to", dl]);
     assert_eq!(v["files"][0]["resumed_from"], 0, "{v}");
     assert!(
         std::fs::read(h.path("dl/f")).unwrap() == newer,
@@ -204,33 +207,22 @@ fn a_changed_file_or_no_resume_starts_over_cleanly() {
 
 #[test]
 fn an_upload_resumes_across_a_daemon_restart() {
-    let server = TestServer::start_with(|c| c.limits.shutdown_grace_secs = 1);
-    let proxy = Proxy::start(server.addr);
-    let h = via(&proxy, &server, "alice");
+    let (server, proxy, h) = relayed(TestServer::start_with(|c| c.limits.shutdown_grace_secs = 1));
     let size = size();
     let data = noise(size as usize, 3);
     write_file(&h.path("big"), &data);
     // The client stays alive and stalled while the daemon stops: the grace period ends,
     // the transfer is aborted and its data kept.
-    proxy.set_caps(size / 2, u64::MAX);
-    let mut child = h
-        .command(&["upload", "big"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    proxy.wait_for(size / 2, u64::MAX, LONG);
-    std::thread::sleep(Duration::from_millis(200));
+    let child = stalled(&h, &proxy, &["upload", "big"], size / 2, u64::MAX);
     let (result, dir, config, addr) = server.stop();
     result.unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    proxy.set_caps(u64::MAX, u64::MAX);
+    kill(child, &proxy);
     let server = TestServer::launch(dir, config, Some(addr), |c| {
         c.limits.shutdown_grace_secs = 1
     });
     let held = server.released_partial_bytes("alice", LONG);
     assert!(held > 0);
-    let v = summary(&h.run(&["upload", "big", "--json"]).expect_code(0).stdout);
+    let v = summary(&h, &["upload", "big"]);
     assert_eq!(v["files"][0]["resumed_from"], held, "{v}");
     assert_only_missing_sent(proxy.last_counts().0, size, held);
     assert!(std::fs::read(server.user_dir("alice").join("big")).unwrap() == data);
@@ -238,9 +230,9 @@ fn an_upload_resumes_across_a_daemon_restart() {
 
 #[test]
 fn expired_partial_uploads_are_deleted() {
-    let server = TestServer::start_with(|c| c.limits.partial_upload_ttl_secs = 1);
-    let proxy = Proxy::start(server.addr);
-    let h = via(&proxy, &server, "alice");
+    let (server, proxy, h) = relayed(TestServer::start_with(|c| {
+        c.limits.partial_upload_ttl_secs = 1
+    }));
     let size = 4u64 << 20;
     write_file(&h.path("f"), &noise(size as usize, 4));
     kill_when_stalled(&h, &proxy, &["upload", "f"], size / 2, u64::MAX);
@@ -254,15 +246,13 @@ fn expired_partial_uploads_are_deleted() {
         assert!(start.elapsed() < Duration::from_secs(10), "not swept");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let v = summary(&h.run(&["upload", "f", "--json"]).expect_code(0).stdout);
+    let v = summary(&h, &["upload", "f"]);
     assert_eq!(v["files"][0]["resumed_from"], 0, "{v}");
 }
 
 #[test]
 fn a_retry_takes_over_from_an_upload_whose_link_went_silent() {
-    let server = TestServer::start();
-    let proxy = Proxy::start(server.addr);
-    let h = via(&proxy, &server, "alice");
+    let (server, proxy, h) = relayed(TestServer::start());
     let size = 8u64 << 20;
     let data = noise(size as usize, 8);
     write_file(&h.path("f"), &data);
@@ -271,7 +261,7 @@ fn a_retry_takes_over_from_an_upload_whose_link_went_silent() {
     kill_when_stalled(&h, &proxy, &["upload", "f"], size / 2, u64::MAX);
     proxy.set_freeze(false);
     let started = std::time::Instant::now();
-    let v = summary(&h.run(&["upload", "f", "--json"]).expect_code(0).stdout);
+    let v = summary(&h, &["upload", "f"]);
     let resumed = v["files"][0]["resumed_from"].as_u64().unwrap();
     assert!(
         resumed > 0,
