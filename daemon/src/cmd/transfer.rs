@@ -125,7 +125,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     size: u64,
     up_to: u64,
 ) -> Result<Flow, ConnError> {
-    let auth = ctx.auth.as_ref().expect("dispatcher checked the session");
+    let auth = ctx.session();
     let user = auth.user.clone();
     let tree = auth.tree.clone();
     let limits = ctx.state.limits();
@@ -292,7 +292,7 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     offset: u64,
     prefix: Option<Digest>,
 ) -> Result<Flow, ConnError> {
-    let auth = ctx.auth.as_ref().expect("dispatcher checked the session");
+    let auth = ctx.session();
     let user = auth.user.clone();
     let tree = auth.tree.clone();
     let p = path.clone();
