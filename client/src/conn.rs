@@ -20,7 +20,7 @@ use xfer_proto::{Connection, Digest, Entry, ErrorCode, PROTOCOL_VERSION, Request
 
 use crate::addr::ServerAddr;
 use crate::error::{ClientError, Result};
-use crate::part::{Part, part_path};
+use crate::part::{Dest, Part, part_path};
 use crate::verifier::PinVerifier;
 
 /// Time allowed to open the TCP connection.
@@ -468,7 +468,7 @@ impl Client {
         }
     }
 
-    /// Downloads the remote file `remote` to the local path `target` through `TARGET.part`
+    /// Downloads the remote file `remote` to `dest` through `NAME.part` beside it
     /// (see [`crate::part`]), renamed into place only after the digest matches. With
     /// `resume`, bytes already in the `.part` from an interrupted attempt are kept if the
     /// server's file starts with the same bytes (compared by digest); a `.part` is left
@@ -476,18 +476,19 @@ impl Client {
     pub async fn download(
         &mut self,
         remote: &str,
-        target: &Path,
+        dest: &Dest,
         resume: bool,
         hooks: Hooks<'_>,
     ) -> Result<Transferred> {
         let resume = resume && self.version >= 2;
-        let mut part = Part::open(target, resume).map_err(|e| {
-            ClientError::local(format!("creating `{}`", part_path(target).display()), e)
+        let target = dest.path();
+        let mut part = Part::open(dest, resume).map_err(|e| {
+            ClientError::local(format!("creating `{}`", part_path(&target).display()), e)
         })?;
-        let result = self.download_into(remote, target, &mut part, hooks).await;
+        let result = self.download_into(remote, &target, &mut part, hooks).await;
         match result {
             Ok(done) => {
-                part.commit(target)
+                part.commit(dest)
                     .map_err(|e| ClientError::local(format!("saving `{}`", target.display()), e))?;
                 Ok(done)
             }

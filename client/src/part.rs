@@ -1,12 +1,108 @@
-//! The `.part` file a download is written to and resumed from: `NAME.part` beside the target,
-//! renamed over the target only after the whole file's digest matched.
+//! Where a download lands: a [`Dest`] beneath the local folder the user named, and the `.part`
+//! file it is written to and resumed from (`NAME.part` beside the target, renamed over the
+//! target only after the whole file's digest matched).
+//!
+//! Every local folder and file of a download is created through the folder's open descriptor
+//! with the kernel's confinement ([`xfer_proto::beneath`]): names come from the server, and a
+//! local folder swapped for a symlink during `download -r` must not let a file land outside
+//! `--to`. The staging file is created and renamed inside its parent's open descriptor, so
+//! the folder checked is the folder written.
 //!
 //! A download holds its `.part` locked ([`xfer_proto::staging`]), so two downloads to the
 //! same target at once cannot write into one file: the second one finds it locked and writes
 //! to a private temp file instead (it cannot resume, but it cannot corrupt either).
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+use xfer_proto::beneath::Beneath;
+
+/// A local file or folder a download creates: a checked relative path beneath a folder the
+/// user named, which is opened once and never left.
+#[derive(Debug, Clone)]
+pub struct Dest {
+    /// The folder the user named (`--to`, or the current folder), opened following links in
+    /// its own path, as `cp` would.
+    root: Arc<Beneath>,
+    /// How the user wrote that folder, for messages.
+    root_path: PathBuf,
+    /// Names beneath the root, each a checked single component; the last is the file or
+    /// folder itself.
+    parts: Vec<String>,
+}
+
+/// Mode for folders a download creates: what `mkdir` gives, less the umask.
+const DIR_MODE: u32 = 0o777;
+
+impl Dest {
+    /// `name` inside the folder `root`, which must exist.
+    pub fn new(root: &Path, name: &str) -> std::io::Result<Dest> {
+        xfer_proto::path::check_name(name).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{name}`: {e}"))
+        })?;
+        Ok(Dest {
+            root: Arc::new(Beneath::open_following(root)?),
+            root_path: root.to_path_buf(),
+            parts: vec![name.to_string()],
+        })
+    }
+
+    /// The entry `name` inside this folder (`name` must be a checked single component).
+    pub fn child(&self, name: &str) -> Dest {
+        let mut parts = self.parts.clone();
+        parts.push(name.to_string());
+        Dest {
+            root: self.root.clone(),
+            root_path: self.root_path.clone(),
+            parts,
+        }
+    }
+
+    /// The path as the user would write it, for messages.
+    pub fn path(&self) -> PathBuf {
+        let mut p = self.root_path.clone();
+        p.extend(&self.parts);
+        p
+    }
+
+    fn split(&self) -> (&str, Vec<&str>) {
+        let (name, parents) = self.parts.split_last().expect("a Dest names something");
+        (name, parents.iter().map(String::as_str).collect())
+    }
+
+    /// Creates this folder and any missing folder above it, never through a symlink.
+    pub fn create_dir_all(&self) -> std::io::Result<()> {
+        let names: Vec<&str> = self.parts.iter().map(String::as_str).collect();
+        for i in 0..names.len() {
+            match self.root.mkdir_mode(&names[..i], names[i], DIR_MODE) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // A file, or a symlink, where the folder should be is refused here.
+                    self.root.open_dir(&names[..=i])?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The open parent folder and the file's own name.
+    fn parent(&self) -> std::io::Result<(OwnedFd, &str)> {
+        let (name, parents) = self.split();
+        Ok((self.root.open_dir(&parents)?, name))
+    }
+}
+
+/// A fresh unpredictable number for a temp name (uniqueness comes from `O_EXCL`).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
 
 /// Where a download to `target` is staged.
 pub fn part_path(target: &Path) -> PathBuf {
@@ -20,27 +116,23 @@ pub fn part_path(target: &Path) -> PathBuf {
 pub struct Part {
     /// The open file (locked if `resumable`).
     pub file: File,
-    /// Its path.
-    pub path: PathBuf,
+    /// The folder it is in, open: the commit renames inside this very folder.
+    dir: OwnedFd,
+    /// Its name in that folder.
+    name: String,
     /// Bytes already in it from an earlier attempt.
     pub held: u64,
     /// `NAME.part`, kept if the transfer breaks; else a private temp file, deleted.
     pub resumable: bool,
 }
 
-fn folder_of(target: &Path) -> &Path {
-    match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 impl Part {
-    /// Opens `NAME.part` for `target`, keeping its content when `keep` (to resume) and
-    /// emptying it otherwise; falls back to a private temp file when another download holds it.
-    pub fn open(target: &Path, keep: bool) -> std::io::Result<Part> {
-        let path = part_path(target);
-        if let Some(file) = xfer_proto::staging::open_locked(&path)? {
+    /// Opens `NAME.part` for `dest`, keeping its content when `keep` (to resume) and emptying
+    /// it otherwise; falls back to a private temp file when another download holds it.
+    pub fn open(dest: &Dest, keep: bool) -> std::io::Result<Part> {
+        let (dir, target) = dest.parent()?;
+        let name = format!("{target}.part");
+        if let Some(file) = xfer_proto::staging::open_locked_at(&dir, Path::new(&name))? {
             let mut held = file.metadata()?.len();
             if !keep && held > 0 {
                 file.set_len(0)?;
@@ -48,26 +140,35 @@ impl Part {
             }
             return Ok(Part {
                 file,
-                path,
+                dir,
+                name,
                 held,
                 resumable: true,
             });
         }
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let (file, temp) = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".xfer-part")
-            .tempfile_in(folder_of(target))?
-            .into_parts();
-        Ok(Part {
-            file,
-            path: temp.keep().map_err(|e| e.error)?,
-            held: 0,
-            resumable: false,
-        })
+        // A fresh random name, created exclusively: never an existing file or a link.
+        for _ in 0..8 {
+            let name = format!(".{target}.{:016x}.xfer-part", random_u64());
+            match rustix::fs::openat(
+                &dir,
+                name.as_str(),
+                OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(fd) => {
+                    return Ok(Part {
+                        file: File::from(fd),
+                        dir,
+                        name,
+                        held: 0,
+                        resumable: false,
+                    });
+                }
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(std::io::Error::other("cannot find a free temporary name"))
     }
 
     /// Empties it for a fresh start.
@@ -77,20 +178,19 @@ impl Part {
         Ok(())
     }
 
-    /// Makes it the target: fsync, rename over `target`, fsync the folder.
-    pub fn commit(self, target: &Path) -> std::io::Result<()> {
+    /// Makes it the target: fsync, rename over the target in the same folder, fsync the folder.
+    pub fn commit(self, dest: &Dest) -> std::io::Result<()> {
         self.file.sync_all()?;
-        std::fs::rename(&self.path, target)?;
-        if let Ok(d) = File::open(folder_of(target)) {
-            let _ = d.sync_all();
-        }
+        let (target, _) = dest.split();
+        rustix::fs::renameat(&self.dir, self.name.as_str(), &self.dir, target)?;
+        rustix::fs::fsync(&self.dir)?;
         Ok(())
     }
 
     /// Ends a transfer that failed: a resumable `.part` stays when `keep`, anything else goes.
     pub fn abandon(self, keep: bool) {
         if !(keep && self.resumable) {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = rustix::fs::unlinkat(&self.dir, self.name.as_str(), AtFlags::empty());
         }
     }
 }
@@ -104,26 +204,61 @@ mod tests {
     fn a_part_is_kept_locked_and_resumed() {
         let d = tempfile::tempdir().unwrap();
         let target = d.path().join("f.bin");
+        let dest = Dest::new(d.path(), "f.bin").unwrap();
+        assert_eq!(dest.path(), target);
         assert_eq!(part_path(&target), d.path().join("f.bin.part"));
-        let mut p = Part::open(&target, true).unwrap();
+        let mut p = Part::open(&dest, true).unwrap();
         assert!(p.resumable);
         p.file.write_all(b"abc").unwrap();
         // A second download of the same target meanwhile gets a private file.
-        let other = Part::open(&target, true).unwrap();
+        let other = Part::open(&dest, true).unwrap();
         assert!(!other.resumable);
         other.abandon(true);
         p.abandon(true);
-        let p = Part::open(&target, true).unwrap();
+        let p = Part::open(&dest, true).unwrap();
         assert_eq!(p.held, 3);
-        p.commit(&target).unwrap();
+        p.commit(&dest).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"abc");
         assert!(!part_path(&target).exists());
         let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "{names:?}");
         // Not keeping empties it.
-        let mut p = Part::open(&target, true).unwrap();
+        let mut p = Part::open(&dest, true).unwrap();
         p.file.write_all(b"xyz").unwrap();
         p.abandon(true);
-        assert_eq!(Part::open(&target, false).unwrap().held, 0);
+        assert_eq!(Part::open(&dest, false).unwrap().held, 0);
+    }
+
+    #[test]
+    fn a_folder_swapped_for_a_symlink_is_never_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let to = d.path().join("to");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(&to).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let sub = Dest::new(&to, "sub").unwrap();
+        sub.create_dir_all().unwrap();
+        let file = sub.child("f");
+        // Between planning and writing, someone replaces `to/sub` with a link outwards.
+        std::fs::remove_dir(to.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&outside, to.join("sub")).unwrap();
+        assert!(Part::open(&file, true).is_err());
+        assert!(sub.create_dir_all().is_err());
+        assert!(sub.child("deeper").create_dir_all().is_err());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        // A folder the user named may itself be a link: that one is followed, as `cp` does.
+        let link = d.path().join("link-to-outside");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let f = Dest::new(&link, "g").unwrap();
+        Part::open(&f, false).unwrap().commit(&f).unwrap();
+        assert!(outside.join("g").exists());
+    }
+
+    #[test]
+    fn names_with_a_slash_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(Dest::new(d.path(), "trail/").is_err());
+        assert!(Dest::new(d.path(), "..").is_err());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 }

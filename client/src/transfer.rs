@@ -11,6 +11,7 @@ use xfer_proto::{EntryKind, ErrorCode};
 use crate::cli::{Ctx, DeleteArgs, DownloadArgs, Reported, UploadArgs, report};
 use crate::conn::{Client, Hooks, Transferred};
 use crate::error::{ClientError, Result};
+use crate::part::Dest;
 
 /// The outcome of a multi-item command: every failure is printed when it happens, the first
 /// one's exit code is kept, and one bad file does not stop the others (a lost connection does).
@@ -117,22 +118,22 @@ enum Step {
     /// Create a remote folder (upload -r keeps empty folders).
     RemoteDir(String),
     /// Create a local folder (download -r keeps empty folders).
-    LocalDir(PathBuf),
+    LocalDir(Dest),
     /// Move one file.
     File(FileJob),
 }
 
-/// Which way a file goes.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Which way a file goes, and its local end.
 enum Direction {
-    Up,
-    Down,
+    /// From this local file.
+    Up(PathBuf),
+    /// To this local file, confined beneath the folder the user named.
+    Down(Dest),
 }
 
 /// One file to move.
 struct FileJob {
     direction: Direction,
-    local: PathBuf,
     remote: String,
     /// Known from the local file or a listing; a plain download learns it from the server.
     size: Option<u64>,
@@ -141,17 +142,15 @@ struct FileJob {
 impl FileJob {
     fn upload(local: PathBuf, remote: String, size: u64) -> Step {
         Step::File(FileJob {
-            direction: Direction::Up,
-            local,
+            direction: Direction::Up(local),
             remote,
             size: Some(size),
         })
     }
 
-    fn download(remote: String, local: PathBuf, size: Option<u64>) -> Step {
+    fn download(remote: String, dest: Dest, size: Option<u64>) -> Step {
         Step::File(FileJob {
-            direction: Direction::Down,
-            local,
+            direction: Direction::Down(dest),
             remote,
             size,
         })
@@ -265,43 +264,58 @@ fn plan_upload(args: &UploadArgs, batch: &mut Batch) -> Plan {
     plan
 }
 
-/// Adds a remote folder and everything under it to the plan, from its listings. Returns false
-/// when the connection is gone.
-fn plan_download_tree<'a>(
-    client: &'a mut Client,
+/// Adds a remote folder and everything under it to the plan, from its listings, walking with
+/// an explicit stack: a server may send any tree, and one deeper than a path may be (64
+/// folders) is cut there with an error instead of growing without end. Returns false when the
+/// connection is gone.
+async fn plan_download_tree(
+    client: &mut Client,
     remote: String,
-    local: PathBuf,
-    plan: &'a mut Plan,
-    batch: &'a mut Batch,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + 'a>> {
-    Box::pin(async move {
+    dest: Dest,
+    plan: &mut Plan,
+    batch: &mut Batch,
+) -> bool {
+    let mut stack = vec![(remote, dest)];
+    while let Some((remote, dest)) = stack.pop() {
         let entries = match client.list(&remote).await {
             Ok(e) => e,
-            Err(e) => return batch.record(Err(e)),
+            Err(e) => {
+                if !batch.record(Err(e)) {
+                    return false;
+                }
+                continue;
+            }
         };
-        plan.push(Step::LocalDir(local.clone()));
+        plan.push(Step::LocalDir(dest.clone()));
+        let mut folders = Vec::new();
         for entry in entries {
             if xfer_proto::path::check_name(&entry.name).is_err() {
                 batch.record(Err(ClientError::Other(format!(
-                    "skipping `{}` in `{remote}`: unsafe name",
-                    crate::error::printable(&entry.name)
+                    "skipping `{}` in `{}`: unsafe name",
+                    crate::error::printable(&entry.name),
+                    crate::error::printable(&remote)
                 ))));
                 continue;
             }
             let r = xfer_proto::path::join(&remote, &entry.name);
-            let l = local.join(&entry.name);
+            let d = dest.child(&entry.name);
             match entry.kind {
-                EntryKind::Dir => {
-                    if !plan_download_tree(client, r, l, plan, batch).await {
-                        return false;
-                    }
+                EntryKind::Dir if xfer_proto::path::components(&r).is_err() => {
+                    batch.record(Err(ClientError::Protocol(format!(
+                        "the server listed `{}`, deeper than a path may go ({} folders); skipped",
+                        crate::error::printable(&r),
+                        xfer_proto::limits::MAX_PATH_DEPTH
+                    ))));
                 }
-                EntryKind::File => plan.push(FileJob::download(r, l, Some(entry.size))),
+                EntryKind::Dir => folders.push((r, d)),
+                EntryKind::File => plan.push(FileJob::download(r, d, Some(entry.size))),
                 EntryKind::Other => {}
             }
         }
-        true
-    })
+        // Reversed, so folders are planned in listing order.
+        stack.extend(folders.into_iter().rev());
+    }
+    true
 }
 
 /// What a remote path names, found in its parent's listing. (Listing the path itself cannot
@@ -318,6 +332,28 @@ async fn remote_kind(client: &mut Client, path: &str) -> Result<EntryKind> {
             code: ErrorCode::NotFound,
             message: format!("`{path}` does not exist"),
         })
+}
+
+/// Where `--to` puts a download named `name`: inside the folder, or, with one file and a `--to`
+/// that is not a folder, under that name (as `cp` would).
+fn download_dest(dir: &Path, name: &str, save_as: bool) -> Result<Dest> {
+    let (folder, name) = if save_as {
+        let folder = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+            return Err(ClientError::Usage(format!(
+                "`{}` does not name a file with a UTF-8 name",
+                dir.display()
+            )));
+        };
+        (folder, name)
+    } else {
+        (dir, name)
+    };
+    Dest::new(folder, name)
+        .map_err(|e| ClientError::local(format!("opening `{}`", folder.join(name).display()), e))
 }
 
 async fn plan_download(client: &mut Client, args: &DownloadArgs, batch: &mut Batch) -> Plan {
@@ -346,24 +382,24 @@ async fn plan_download(client: &mut Client, args: &DownloadArgs, batch: &mut Bat
             }));
             continue;
         }
-        let target = if save_as {
-            dir.to_path_buf()
-        } else {
-            dir.join(name)
+        let dest = match download_dest(dir, name, save_as) {
+            Ok(d) => d,
+            Err(e) => {
+                batch.record(Err(e));
+                continue;
+            }
         };
-        let file = FileJob::download(trimmed.to_string(), target.clone(), None);
         if !args.recursive {
-            plan.push(file);
+            plan.push(FileJob::download(trimmed.to_string(), dest, None));
             continue;
         }
         match remote_kind(client, trimmed).await {
             Ok(EntryKind::Dir) => {
-                if !plan_download_tree(client, trimmed.to_string(), target, &mut plan, batch).await
-                {
+                if !plan_download_tree(client, trimmed.to_string(), dest, &mut plan, batch).await {
                     break;
                 }
             }
-            Ok(_) => plan.push(file),
+            Ok(_) => plan.push(FileJob::download(trimmed.to_string(), dest, None)),
             Err(e) => {
                 if !batch.record(Err(e)) {
                     break;
@@ -405,20 +441,17 @@ async fn transfer_one(
         }),
     };
     let started = std::time::Instant::now();
-    let local = job.local.display().to_string();
-    let (result, from, to, verb) = match job.direction {
-        Direction::Up => (
-            client.upload(&job.local, &job.remote, resume, hooks).await,
-            local,
+    let (result, from, to, verb) = match &job.direction {
+        Direction::Up(local) => (
+            client.upload(local, &job.remote, resume, hooks).await,
+            local.display().to_string(),
             job.remote.clone(),
             "uploaded",
         ),
-        Direction::Down => (
-            client
-                .download(&job.remote, &job.local, resume, hooks)
-                .await,
+        Direction::Down(dest) => (
+            client.download(&job.remote, dest, resume, hooks).await,
             job.remote.clone(),
-            local,
+            dest.path().display().to_string(),
             "downloaded",
         ),
     };
@@ -456,12 +489,12 @@ fn with_hint(e: ClientError, job: &FileJob) -> ClientError {
         return e;
     };
     let remote = &job.remote;
-    let hint = match (job.direction, code) {
-        (Direction::Up, ErrorCode::NotFound) => match remote.rsplit_once('/') {
+    let hint = match (&job.direction, code) {
+        (Direction::Up(_), ErrorCode::NotFound) => match remote.rsplit_once('/') {
             Some((parent, _)) => format!(" - create it with `xfer mkdir {parent}`"),
             None => String::new(),
         },
-        (Direction::Down, ErrorCode::WrongKind) if message.ends_with("a folder") => {
+        (Direction::Down(_), ErrorCode::WrongKind) if message.ends_with("a folder") => {
             format!(" - to download a folder, use `xfer download -r {remote}`")
         }
         _ => String::new(),
@@ -479,8 +512,8 @@ async fn run_plan(ctx: &Ctx, client: &mut Client, plan: Plan, resume: bool, batc
     for step in &plan.steps {
         let keep_going = match step {
             Step::RemoteDir(remote) => batch.record(client.mkdir(remote).await),
-            Step::LocalDir(local) => batch.record(std::fs::create_dir_all(local).map_err(|e| {
-                ClientError::local(format!("creating folder `{}`", local.display()), e)
+            Step::LocalDir(local) => batch.record(local.create_dir_all().map_err(|e| {
+                ClientError::local(format!("creating folder `{}`", local.path().display()), e)
             })),
             Step::File(job) => {
                 let base = overall.position();

@@ -7,7 +7,8 @@
 //! - [`audit`]: the JSON-lines audit trail of every operation.
 //! - [`sessions`]: session tokens, persisted so they survive a restart, revocable and expiring.
 //! - [`tls`]: certificate generation (rcgen), loading, the TLS 1.3 server config and the fingerprint.
-//! - [`beneath`]: filesystem calls confined beneath a directory, never following a symlink.
+//! - [`beneath`]: filesystem calls confined beneath a directory (from `xfer-proto`, which the
+//!   client's downloads share).
 //! - [`storage`]: the one path resolver and every filesystem operation on a user's tree.
 //! - [`partial`]: interrupted uploads kept invisible for resume, locked, bounded and expiring.
 //! - [`server`]: the accept loop, connection cap and the one shutdown mechanism.
@@ -20,7 +21,7 @@
 
 pub mod accounts;
 pub mod audit;
-pub mod beneath;
+pub use xfer_proto::beneath;
 pub mod cli;
 pub mod cmd;
 pub mod config;

@@ -7,6 +7,8 @@
 //! - [`connection`]: a stream that reads and writes frames and file bodies with deadlines.
 //! - [`body`]: streaming a file body of known size through a bounded buffer pipeline with a BLAKE3 digest.
 //! - [`path`]: the one syntax check for remote paths that both sides apply.
+//! - [`beneath`]: filesystem calls confined beneath a directory, never following a symlink (the
+//!   daemon's user trees, the client's download folder).
 //! - [`staging`]: locked staging files that resumable bodies are written into.
 //! - [`tls`]: the TLS 1.3 crypto provider both sides use.
 //! - [`fingerprint`]: the server identity that clients pin (SHA-256 of the certificate's public key).
@@ -14,6 +16,7 @@
 //! The full specification, precise enough to write another client from, is `proto/README.md`.
 #![forbid(unsafe_code)]
 
+pub mod beneath;
 pub mod body;
 pub mod connection;
 pub mod fingerprint;

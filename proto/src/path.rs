@@ -75,6 +75,10 @@ pub fn named_components(path: &str) -> Result<Vec<&str>, PathError> {
 
 /// Checks a single file name (for example the base name of an upload).
 pub fn check_name(name: &str) -> Result<(), PathError> {
+    // `a/` would pass as the one component `a`: a name is that component exactly.
+    if name.contains('/') {
+        return Err(PathError::ForbiddenChar('/'));
+    }
     let parts = named_components(name)?;
     if parts.len() != 1 {
         return Err(PathError::ForbiddenChar('/'));
@@ -146,6 +150,14 @@ mod tests {
             components(&"a".repeat(MAX_PATH_LEN + 1)).unwrap_err(),
             PathError::TooLong
         );
+    }
+
+    #[test]
+    fn a_name_is_one_component_exactly() {
+        assert!(check_name("trail").is_ok());
+        for bad in ["trail/", "/trail", "a/b", "", "..", "."] {
+            assert!(check_name(bad).is_err(), "{bad:?} should be refused");
+        }
     }
 
     #[test]

@@ -6,12 +6,13 @@
 //! and our lock, the previous holder may have committed the file (renamed it into place) or
 //! discarded it (unlinked it), and locking that orphan would let us write into a finished file.
 
-use std::fs::{File, OpenOptions};
-use std::io::ErrorKind;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use rustix::fs::FlockOperation;
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
 
 /// Takes `file`'s exclusive lock without waiting; `Ok(false)` when someone else holds it.
 pub fn try_lock(file: &File) -> std::io::Result<bool> {
@@ -24,39 +25,51 @@ pub fn try_lock(file: &File) -> std::io::Result<bool> {
 
 /// True when `path` still names the inode `file` has open.
 pub fn still_named(file: &File, path: &Path) -> std::io::Result<bool> {
+    still_named_at(file, rustix::fs::CWD, path)
+}
+
+/// True when `name` in directory `dir` still names the inode `file` has open.
+pub fn still_named_at(file: &File, dir: impl AsFd, name: &Path) -> std::io::Result<bool> {
     let held = file.metadata()?;
-    Ok(match std::fs::symlink_metadata(path) {
-        Ok(m) => m.ino() == held.ino() && m.dev() == held.dev(),
-        Err(e) if e.kind() == ErrorKind::NotFound => false,
-        Err(e) => return Err(e),
-    })
+    Ok(
+        match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st.st_ino == held.ino() && st.st_dev == held.dev(),
+            Err(Errno::NOENT) => false,
+            Err(e) => return Err(e.into()),
+        },
+    )
 }
 
 /// Opens (creating, mode 0600, never through a symlink) and locks the staging file at `path`;
 /// `None` when another transfer holds it. The file is left as it is: the caller decides
 /// whether its content can be resumed from.
 pub fn open_locked(path: &Path) -> std::io::Result<Option<File>> {
+    open_locked_at(rustix::fs::CWD, path)
+}
+
+/// [`open_locked`] for `name` inside the open directory `dir`, so a folder swapped for a
+/// symlink after `dir` was opened cannot redirect the file.
+pub fn open_locked_at(dir: impl AsFd, name: &Path) -> std::io::Result<Option<File>> {
+    let dir = dir.as_fd();
     // Each retry means the holder committed or discarded it between our open and our lock;
     // the next open finds or creates the right file.
     for _ in 0..4 {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(path)?;
+        let file = File::from(rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?);
         if !try_lock(&file)? {
             return Ok(None);
         }
-        if !still_named(&file, path)? {
+        if !still_named_at(&file, dir, name)? {
             continue;
         }
         if !file.metadata()?.is_file() {
             return Err(std::io::Error::other(format!(
                 "`{}` is not a regular file",
-                path.display()
+                name.display()
             )));
         }
         return Ok(Some(file));

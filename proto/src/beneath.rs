@@ -90,6 +90,18 @@ impl Beneath {
         Ok(Beneath { root })
     }
 
+    /// Opens `dir` as the confinement root, following symlinks in the path to it: for a folder
+    /// the local user named (`xfer download --to ~/dl`, where `~/dl` may be a link), beneath
+    /// which nothing is followed.
+    pub fn open_following(dir: &Path) -> std::io::Result<Beneath> {
+        let root = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Beneath { root })
+    }
+
     /// Opens `parts` (already checked to be normal names) beneath the root with `flags`.
     fn open_at(&self, parts: &[&str], flags: OFlags, mode: Mode) -> std::io::Result<OwnedFd> {
         let flags = flags | OFlags::CLOEXEC | OFlags::NOFOLLOW;
@@ -186,10 +198,15 @@ impl Beneath {
         Ok(())
     }
 
-    /// Creates directory `name` inside directory `parent`.
+    /// Creates directory `name` inside directory `parent`, mode 0700.
     pub fn mkdir(&self, parent: &[&str], name: &str) -> std::io::Result<()> {
+        self.mkdir_mode(parent, name, 0o700)
+    }
+
+    /// Creates directory `name` inside directory `parent` with `mode` (less the umask).
+    pub fn mkdir_mode(&self, parent: &[&str], name: &str, mode: u32) -> std::io::Result<()> {
         let dir = self.open_dir(parent)?;
-        rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700))?;
+        rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(mode))?;
         Ok(())
     }
 

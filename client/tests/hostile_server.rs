@@ -1,0 +1,169 @@
+//! The client against a server that lies: listings the real daemon never sends (names with a
+//! slash, a folder tree with no bottom). A pinned server can still be compromised, and the
+//! client must neither crash nor write outside the folder the user named.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use xfer_proto::message::SessionInfo;
+use xfer_proto::{Connection, Entry, EntryKind, ErrorCode, Request, Response, Role};
+use xfer_tests::ClientHome;
+
+/// What the fake server lists for `path`.
+type Lister = fn(&str) -> Vec<Entry>;
+
+fn entry(name: &str, kind: EntryKind) -> Entry {
+    Entry {
+        name: name.into(),
+        kind,
+        size: 3,
+        modified: 0,
+    }
+}
+
+/// Starts a TLS server on 127.0.0.1 that logs anyone in and answers listings with `lister`;
+/// returns its address and fingerprint.
+async fn fake_server(lister: Lister) -> (String, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let id = xferd::tls::generate(&[]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, &id.cert_pem).unwrap();
+    std::fs::write(&key, &id.key_pem).unwrap();
+    let (config, fingerprint) = xferd::tls::server_config(&cert, &key).unwrap();
+    let acceptor = TlsAcceptor::from(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                serve(Connection::new(tls, Duration::from_secs(10)), lister).await;
+            });
+        }
+    });
+    (addr, fingerprint.to_string(), dir)
+}
+
+async fn serve<S>(mut conn: Connection<S>, lister: Lister)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let session = SessionInfo {
+        user: "eve".into(),
+        role: Role::User,
+        expires: i64::MAX / 2,
+    };
+    while let Ok(req) = conn.read_frame::<Request>().await {
+        let reply = match req {
+            Request::Hello { .. } => Response::Hello {
+                version: xfer_proto::PROTOCOL_VERSION,
+                agent: "liar/1".into(),
+            },
+            Request::Login { .. } => Response::LoggedIn {
+                token: "xfer1_fake".into(),
+                session: session.clone(),
+            },
+            Request::Authenticate { .. } => Response::Session(session.clone()),
+            Request::List { path } => Response::Entries {
+                entries: lister(&path),
+                done: true,
+            },
+            _ => Response::error(ErrorCode::Internal, "not in this play"),
+        };
+        if conn.write_frame(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Logs a fresh client home in to the fake server.
+fn logged_in(addr: &str, fingerprint: &str) -> ClientHome {
+    let h = ClientHome::new(env!("CARGO_BIN_EXE_xfer"));
+    h.run_with_stdin(
+        &[
+            "login",
+            &format!("eve@{addr}"),
+            "--password-stdin",
+            "--fingerprint",
+            fingerprint,
+        ],
+        "pw\n",
+    )
+    .expect_code(0);
+    h
+}
+
+/// Every path under `dir`, relative to it.
+fn tree(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Logs in to the fake server and runs `download -r top --to to` in a fresh home.
+async fn download_top(addr: String, fp: String) -> (ClientHome, xfer_tests::Run) {
+    tokio::task::spawn_blocking(move || {
+        let h = logged_in(&addr, &fp);
+        std::fs::create_dir(h.path("to")).unwrap();
+        let run = h.run(&["download", "-r", "top", "--to", "to"]);
+        (h, run)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bottomless_tree_is_cut_at_the_path_depth_limit() {
+    // Every folder holds a folder named `a`, forever.
+    let (addr, fp, _keep) = fake_server(|path| {
+        if path.is_empty() {
+            vec![entry("top", EntryKind::Dir)]
+        } else {
+            vec![entry("a", EntryKind::Dir)]
+        }
+    })
+    .await;
+    let (h, run) = download_top(addr, fp).await;
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(run.stderr.contains("deeper than a path may go"), "{run:#?}");
+    // `top` plus 63 levels of `a`: as deep as a remote path may be, and no deeper.
+    let deepest = tree(&h.path("to"))
+        .iter()
+        .map(|p| p.split('/').count())
+        .max();
+    assert_eq!(deepest, Some(xfer_proto::limits::MAX_PATH_DEPTH));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_with_a_slash_leave_nothing_behind() {
+    let (addr, fp, _keep) = fake_server(|path| match path {
+        "" => vec![entry("top", EntryKind::Dir)],
+        _ => vec![
+            entry("trail/", EntryKind::File),
+            entry("../escape", EntryKind::File),
+            entry("sub/", EntryKind::Dir),
+        ],
+    })
+    .await;
+    let (h, run) = download_top(addr, fp).await;
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert_eq!(run.stderr.matches("unsafe name").count(), 3, "{run:#?}");
+    assert_eq!(tree(&h.path("to")), vec!["top".to_string()]);
+    assert!(!h.path("escape").exists());
+}
