@@ -11,13 +11,9 @@ fn home() -> ClientHome {
     ClientHome::new(env!("CARGO_BIN_EXE_xfer"))
 }
 
-/// Whether `script` (util-linux) can run a command on a pseudo-terminal; says so when not.
-fn have_script() -> bool {
-    let ok = Command::new("script").arg("--version").output().is_ok();
-    if !ok {
-        eprintln!("SKIPPED: `script` (util-linux) is not installed; no pseudo-terminal test");
-    }
-    ok
+/// Makes sure `script` (util-linux) can run a command on a pseudo-terminal.
+fn need_script() {
+    xfer_tests::require_tool("script", "bsdutils");
 }
 
 fn logged_in(server: &TestServer, user: &str) -> ClientHome {
@@ -753,9 +749,7 @@ fn a_transfer_summary_is_printed_and_available_as_json() {
 
 #[test]
 fn progress_is_drawn_on_a_terminal_and_never_on_a_pipe() {
-    if !have_script() {
-        return;
-    }
+    need_script();
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
     write_file(&h.path("big"), &noise(96 << 20, 3));
@@ -794,9 +788,7 @@ fn the_shell_edits_lines_and_keeps_a_private_history_on_a_terminal() {
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
-    if !have_script() {
-        return;
-    }
+    need_script();
     let server = TestServer::start();
     let h = logged_in(&server, "alice");
     let mut child = on_a_pty(&h, "shell")
@@ -878,9 +870,7 @@ fn the_shell_edits_lines_and_keeps_a_private_history_on_a_terminal() {
 
 #[test]
 fn first_contact_on_a_terminal_shows_the_key_and_asks() {
-    if !have_script() {
-        return;
-    }
+    need_script();
     let server = TestServer::start();
     let h = home();
     let login = format!("login alice@{}", server.server());

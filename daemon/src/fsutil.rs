@@ -97,15 +97,13 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs root to give a folder away; .ci/run runs it as root"]
     fn new_folders_take_their_parents_owner() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let parent = dir.path().join("var-lib-xferd");
         std::fs::create_dir(&parent).unwrap();
-        if std::os::unix::fs::chown(&parent, Some(65534), Some(65534)).is_err() {
-            eprintln!("SKIPPED: not root; cannot give a folder away");
-            return;
-        }
+        std::os::unix::fs::chown(&parent, Some(65534), Some(65534)).expect("chown (needs root)");
         let child = parent.join("storage");
         create_dir_with_mode(&child, 0o700).unwrap();
         let meta = std::fs::metadata(&child).unwrap();

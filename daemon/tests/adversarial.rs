@@ -239,13 +239,11 @@ impl Drop for Tmpfs {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root to mount a tmpfs; .ci/run runs it as root"]
 async fn a_full_disk_gives_a_clear_error_removes_the_temp_file_and_keeps_serving() {
     let (dir, config) = setup(10);
     let storage = dir.path().join("storage");
-    let Some(_mount) = Tmpfs::mount(&storage, "8m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); disk-full case not run");
-        return;
-    };
+    let _mount = Tmpfs::mount(&storage, "8m").expect("mounting an 8 MiB tmpfs (needs root)");
     let serving = Serving::start(&config);
     let work = tempfile::tempdir().unwrap();
     let big = work.path().join("big");
@@ -303,16 +301,7 @@ async fn a_full_disk_gives_a_clear_error_removes_the_temp_file_and_keeps_serving
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_is_fsynced_then_renamed_then_its_folder_fsynced() {
-    if std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!(
-            "SKIPPED: strace is not installed (.ci/run installs it); fsync order not checked"
-        );
-        return;
-    }
+    xfer_tests::require_tool("strace", "strace");
     let (dir, config) = setup(10);
     let trace = dir.path().join("trace.log");
     // Run the daemon under strace, following threads, printing the paths behind descriptors.

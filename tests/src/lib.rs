@@ -602,3 +602,39 @@ fn relay(
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
 }
+
+/// Makes sure the command-line tool `cmd` (from the Debian package `package`) can run: when it
+/// is missing and we are root with apt-get, installs it (once per machine, serialised across
+/// test processes by a lock file); otherwise panics saying what to install. A test that needs
+/// a tool runs it or fails; it never passes without checking anything.
+pub fn require_tool(cmd: &str, package: &str) {
+    let present = || {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {cmd}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if present() {
+        return;
+    }
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_thread = APT.lock().unwrap_or_else(|e| e.into_inner());
+    // Other test binaries may be installing at the same moment; flock serialises them.
+    let script = format!(
+        "command -v {cmd} >/dev/null || {{ [ \"$(id -u)\" = 0 ] && command -v apt-get >/dev/null && \
+         (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package} >/dev/null 2>&1 || \
+          (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package})); }}"
+    );
+    let _ = Command::new("flock")
+        .arg("/tmp/xfer-tests-apt.lock")
+        .arg("sh")
+        .arg("-c")
+        .arg(&script)
+        .status();
+    assert!(
+        present(),
+        "this test needs `{cmd}`: install the Debian package `{package}` (apt-get install {package})"
+    );
+}
