@@ -447,3 +447,79 @@ async fn a_big_folder_streams_in_full_frames_and_ends_once() {
     // The connection is in step afterwards.
     expect_pong(&mut conn).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// What proto/README.md promises for each request, pinned: the answers, the error codes, and
+// which errors close the connection (its table "Errors by request").
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `request`, checks it is refused with `code`, and returns the message.
+async fn refused_with(conn: &mut RawConn, request: Request, code: ErrorCode) -> String {
+    match call(conn, &request).await {
+        Response::Error { code: got, message } => {
+            assert_eq!(got, code, "answer to {request:?}: {message}");
+            message
+        }
+        other => panic!("expected {code:?} for {request:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_about_a_frame_sized_path_still_fits_in_a_frame() {
+    let server = TestServer::start();
+    let mut conn = raw_login(&server, "alice").await;
+    // The largest legal frame: tag (1 byte) + length (3-byte varint) + 65,532 bytes of path.
+    let list = Request::List {
+        path: "x".repeat(xfer_proto::limits::MAX_FRAME_LEN - 4),
+    };
+    let mut frame = Vec::new();
+    xfer_proto::frame::encode_frame(&list, &mut frame).unwrap();
+    assert_eq!(frame.len(), 4 + xfer_proto::limits::MAX_FRAME_LEN);
+    let message = refused_with(&mut conn, list, ErrorCode::InvalidPath).await;
+    assert!(
+        message.len() <= xfer_proto::limits::MAX_MESSAGE_LEN,
+        "{}",
+        message.len()
+    );
+    assert!(
+        message.contains("longer than"),
+        "the reason survives the cut: {message}"
+    );
+    expect_pong(&mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_deadline_is_named_for_what_passed() {
+    let server = TestServer::start_with(|c| {
+        c.limits.frame_timeout_secs = 1;
+        c.limits.idle_timeout_secs = 2;
+    });
+    let closing_message = |r: Response| match r {
+        Response::Error {
+            code: ErrorCode::BadRequest,
+            message,
+        } => message,
+        other => panic!("expected a closing BadRequest, got {other:?}"),
+    };
+    // Half a frame after login: the frame deadline, not the login one.
+    let mut conn = raw_login(&server, "alice").await;
+    conn.get_mut().write_all(&[0, 0]).await.unwrap();
+    conn.get_mut().flush().await.unwrap();
+    let message = closing_message(conn.read_frame().await.unwrap());
+    assert!(message.contains("frame deadline"), "{message}");
+    assert!(!message.contains("login"), "{message}");
+    assert_closed(&mut conn).await;
+    // The same before login (the login deadline is 30 s away).
+    let mut conn = raw_connect(&server).await;
+    raw_hello(&mut conn).await;
+    conn.get_mut().write_all(&[0, 0, 0]).await.unwrap();
+    conn.get_mut().flush().await.unwrap();
+    let message = closing_message(conn.read_frame().await.unwrap());
+    assert!(message.contains("frame deadline"), "{message}");
+    assert_closed(&mut conn).await;
+    // Nothing at all after login: idle.
+    let mut conn = raw_login(&server, "alice").await;
+    let message = closing_message(conn.read_frame().await.unwrap());
+    assert!(message.contains("idle timeout"), "{message}");
+    assert_closed(&mut conn).await;
+}
