@@ -19,14 +19,16 @@ pub enum Request {
         /// Program name and version, for the server's logs.
         agent: String,
     },
-    /// Trade a password for a new session token.
+    /// Trade a password for a new session token. One session per connection: on one that is
+    /// already authenticated this is a `BadRequest` (the connection stays open).
     Login {
         /// Account name.
         user: String,
         /// Password, at most [`crate::limits::MAX_PASSWORD_LEN`] bytes.
         password: String,
     },
-    /// Authenticate this connection with a token from an earlier `Login`.
+    /// Authenticate this connection with a token from an earlier `Login` (a `BadRequest` on
+    /// a connection that is already authenticated, as for `Login`).
     Authenticate {
         /// The session token.
         token: String,
@@ -89,14 +91,16 @@ pub enum Request {
     },
     /// No-op round trip, answered by `Ok`.
     Ping,
-    /// Answer to `UploadResume` (protocol 2): where the body that follows starts. Either the
+    /// Answer to `UploadResume` (protocol 2 only: a version 1 connection that sends it gets
+    /// `BadRequest` and is closed): where the body that follows starts. Either the
     /// offered offset (the client's own prefix has the same digest) or 0 (start over; the
     /// server discards what it held).
     UploadFrom {
         /// `0` or the offset the server offered.
         offset: u64,
     },
-    /// Start a download that resumes a partial copy (protocol 2). The server sends from
+    /// Start a download that resumes a partial copy (protocol 2 only: a version 1 connection
+    /// that sends it gets `BadRequest` and is closed). The server sends from
     /// `offset` if its first `offset` bytes have digest `prefix`, else from 0; `DownloadReady`
     /// says which.
     DownloadFrom {
