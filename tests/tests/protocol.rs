@@ -814,3 +814,37 @@ async fn list_of_a_file_is_its_one_entry_and_the_empty_path_is_the_root_only_for
     .await;
     expect_pong(&mut conn).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_of_long_names_that_are_not_utf8_still_lists_in_frames_that_fit() {
+    use std::os::unix::ffi::OsStrExt;
+    let server = TestServer::start();
+    let dir = server.user_dir("alice").join("odd");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Planted by a local process: 255 bytes that are not UTF-8 come out as 255 U+FFFD, 765
+    // bytes each; 128 of them (a full frame's count) would need about 100 KB.
+    for i in 0..200u8 {
+        let mut name = vec![0xff; 255];
+        name[0] = b'a' + i % 26;
+        name[1] = b'a' + i / 26;
+        std::fs::write(dir.join(std::ffi::OsStr::from_bytes(&name)), b"").unwrap();
+    }
+    let mut conn = raw_login(&server, "alice").await;
+    conn.write_frame(&Request::List { path: "odd".into() })
+        .await
+        .unwrap();
+    let mut count = 0;
+    loop {
+        match conn.read_frame::<Response>().await.unwrap() {
+            Response::Entries { entries, done } => {
+                count += entries.len();
+                if done {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(count, 200);
+    expect_pong(&mut conn).await;
+}
