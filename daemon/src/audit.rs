@@ -40,6 +40,34 @@ pub struct Event<'a> {
     pub result: String,
 }
 
+/// Most bytes one audited string may take in the log once JSON-escaped. Twice the longest
+/// valid path, because a valid path can hold `"`s (two bytes escaped) but no control character
+/// or `\\`: every path that could name a file is kept whole, and only a refused one (a 64 KiB
+/// run of control characters once cost 390 KB of audit log per request) is cut.
+pub const MAX_AUDITED_STRING: usize = 2 * xfer_proto::limits::MAX_PATH_LEN;
+
+/// Bytes `c` takes in serde_json's output.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// `s`, or its start cut at [`MAX_AUDITED_STRING`] escaped bytes followed by
+/// `…(N bytes)`, N being its whole length.
+pub fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    let mut used = 0;
+    for (i, c) in s.char_indices() {
+        used += json_len(c);
+        if used > MAX_AUDITED_STRING {
+            return format!("{}…({} bytes)", &s[..i], s.len()).into();
+        }
+    }
+    s.into()
+}
+
 /// The audit log file.
 pub struct AuditLog {
     /// Where it is.
@@ -77,9 +105,17 @@ impl AuditLog {
         &self.path
     }
 
-    /// Appends one event as one line (a single write, so lines never interleave).
-    pub fn record(&self, mut event: Event<'_>) {
-        event.time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    /// Appends one event as one line (a single write, so lines never interleave). Client
+    /// strings are bounded first (see [`clip`]).
+    pub fn record(&self, event: Event<'_>) {
+        let (user, path, to) = (clip(event.user), event.path.map(clip), event.to.map(clip));
+        let event = Event {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            user: &user,
+            path: path.as_deref(),
+            to: to.as_deref(),
+            ..event
+        };
         let Ok(mut line) = serde_json::to_vec(&event) else {
             return;
         };
@@ -133,5 +169,37 @@ mod tests {
             std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn refused_huge_strings_are_cut_and_valid_paths_kept_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let log = AuditLog::open(&p).unwrap();
+        // The costliest valid path: 4096 bytes that each escape to two.
+        let longest_valid = "\"".repeat(xfer_proto::limits::MAX_PATH_LEN);
+        let refused = "\u{1}".repeat(65_000);
+        log.record(Event {
+            user: &refused,
+            op: "rename",
+            path: Some(&refused),
+            to: Some(&longest_valid),
+            result: "InvalidPath".into(),
+            ..Default::default()
+        });
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        // Was 3 x 390 KB: every string costs at most the cap, plus the marker.
+        assert!(
+            text.len() < 3 * MAX_AUDITED_STRING + 400,
+            "{} bytes",
+            text.len()
+        );
+        let line: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(line["to"], longest_valid.as_str());
+        let path = line["path"].as_str().unwrap();
+        assert!(path.ends_with("…(65000 bytes)"), "{path}");
+        assert!(path.starts_with("\u{1}\u{1}"));
+        assert_eq!(line["user"], line["path"]);
     }
 }

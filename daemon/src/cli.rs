@@ -27,14 +27,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// How `serve` writes its log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines (no colours or timestamps under the journal, which adds its own).
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+pub use crate::logging::LogFormat;
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
@@ -191,28 +184,9 @@ fn config_path(cli: &Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
 }
 
-/// Sets up tracing to stderr; plain (no colour or time) under the journal, which adds its own.
+/// Sets up tracing to stderr (see [`crate::logging`]: client-supplied text is made safe there).
 pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("XFERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    if format == LogFormat::Json {
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
-        return;
-    }
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(!journal && std::io::stderr().is_terminal());
-    let _ = if journal {
-        builder.without_time().try_init()
-    } else {
-        builder.try_init()
-    };
+    crate::logging::init(format);
 }
 
 /// Reads a password: the first line of stdin with `--password-stdin`, else a no-echo prompt on

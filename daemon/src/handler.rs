@@ -215,10 +215,14 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
             Err(ConnError::Timeout(phase)) => {
                 tracing::info!(%peer, phase, "deadline passed; closing");
-                let msg = if phase == "idle" {
-                    "idle timeout; closing the connection"
-                } else {
-                    "login deadline passed; closing the connection"
+                // Name the deadline that passed: a request that started but never finished is
+                // not a login problem, even before the login.
+                let msg = match phase {
+                    "idle" => "idle timeout: no request came in time; closing the connection",
+                    "waiting for login" => "login deadline passed; closing the connection",
+                    _ => {
+                        "a request frame was not completed in time (frame deadline); closing the connection"
+                    }
                 };
                 let _ = conn
                     .write_frame(&Response::error(ErrorCode::BadRequest, msg))

@@ -16,6 +16,7 @@
 //! - [`cmd`]: one module per request kind.
 //! - [`init`]: `xferd init` and the first-run quickstart.
 //! - [`cli`]: the command line.
+//! - [`logging`]: the stderr log, and the one place that escapes and cuts client-supplied text in it.
 //! - [`fsutil`]: atomic file writes.
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ pub mod config;
 pub mod fsutil;
 pub mod handler;
 pub mod init;
+pub mod logging;
 pub mod partial;
 pub mod penalty;
 pub mod server;

@@ -588,6 +588,13 @@ impl UserTree {
         if dst.meta.is_some_and(|m| m.kind == Kind::Dir) {
             return Err(StorageError::AlreadyExists(to_remote));
         }
+        // Said here, or rename(2)'s ENOTDIR would blame the folder being moved.
+        if src.meta.is_some_and(|m| m.kind == Kind::Dir) && dst.meta.is_some() {
+            return Err(StorageError::WrongKind(
+                to_remote,
+                "a file; a folder cannot replace it",
+            ));
+        }
         if dst.parts.starts_with(&src.parts) {
             return Err(StorageError::WrongKind(
                 to_remote,

@@ -111,7 +111,8 @@ fn fingerprint_of_loaded(
     })
 }
 
-/// Builds the server's TLS config from PEM files: TLS 1.3 only, ALPN `xfer/1`.
+/// Builds the server's TLS config from PEM files: TLS 1.3 only, ALPN `xfer/1`, and the
+/// cipher suite chosen by the server's preference (`xfer_proto::tls::provider`'s order).
 pub fn server_config(
     cert_path: &Path,
     key_path: &Path,
@@ -141,6 +142,9 @@ pub fn server_config(
         .with_single_cert(certs, key)
         .map_err(|e| config_err(e.to_string()))?;
     config.alpn_protocols = vec![xfer_proto::ALPN.to_vec()];
+    // The provider lists the suites in the server's order of preference (AES-128-GCM first);
+    // without this, the client's order wins and OpenSSL clients get AES-256-GCM.
+    config.ignore_client_order = true;
     Ok((Arc::new(config), fingerprint))
 }
 
@@ -171,6 +175,67 @@ mod tests {
         std::fs::write(&cert, &a.cert_pem).unwrap();
         std::fs::write(&key, &b.key_pem).unwrap();
         assert!(server_config(&cert, &key).is_err());
+    }
+
+    /// Runs a TLS handshake in memory between the daemon's config and a client offering
+    /// `suites` in that order; returns the suite both sides settled on.
+    fn negotiate(suites: Vec<rustls::SupportedCipherSuite>) -> rustls::SupportedCipherSuite {
+        let dir = tempfile::tempdir().unwrap();
+        let id = generate(&[]).unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, &id.cert_pem).unwrap();
+        std::fs::write(&key, &id.key_pem).unwrap();
+        let (server_config, _) = server_config(&cert, &key).unwrap();
+        let provider = Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: suites,
+            ..xfer_proto::tls::provider()
+        });
+        let verifier = xfer::verifier::PinVerifier::new(Some(id.fingerprint), &provider);
+        let mut client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(xfer_proto::tls::VERSIONS)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        client_config.alpn_protocols = vec![xfer_proto::ALPN.to_vec()];
+        let mut client =
+            rustls::ClientConnection::new(Arc::new(client_config), "localhost".try_into().unwrap())
+                .unwrap();
+        let mut server = rustls::ServerConnection::new(server_config).unwrap();
+        while client.is_handshaking() || server.is_handshaking() {
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut &wire[..]).unwrap();
+            server.process_new_packets().unwrap();
+            wire.clear();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut &wire[..]).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        let chosen = server.negotiated_cipher_suite().unwrap();
+        assert_eq!(
+            client.negotiated_cipher_suite().unwrap().suite(),
+            chosen.suite()
+        );
+        chosen
+    }
+
+    #[test]
+    fn the_servers_cipher_preference_holds_whatever_the_clients_order() {
+        use rustls::crypto::ring::cipher_suite::*;
+        // OpenSSL's order: AES-256-GCM first.
+        let chosen = negotiate(vec![
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_128_GCM_SHA256,
+        ]);
+        assert_eq!(chosen.suite(), TLS13_AES_128_GCM_SHA256.suite());
+        // A client without AES-128-GCM gets the server's next choice.
+        let chosen = negotiate(vec![
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+        ]);
+        assert_eq!(chosen.suite(), TLS13_AES_256_GCM_SHA384.suite());
     }
 
     #[test]

@@ -318,8 +318,10 @@ fn random_hex(tag: &str) -> String {
 impl Fixture {
     fn new() -> Fixture {
         // Every log line is formatted (and thrown away): the daemon logs client-supplied
-        // names and errors, and that formatting is code the fuzzer should run too.
+        // names and errors, and that formatting is code the fuzzer should run too (with the
+        // daemon's own field formatter, which escapes and cuts what clients send).
         tracing_subscriber::fmt()
+            .fmt_fields(xferd::logging::SafeFields)
             .with_writer(std::io::sink)
             .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE)
             .init();

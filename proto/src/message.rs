@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::MAX_MESSAGE_LEN;
+
 /// A BLAKE3 digest of a whole file.
 pub type Digest = [u8; 32];
 
@@ -17,14 +19,16 @@ pub enum Request {
         /// Program name and version, for the server's logs.
         agent: String,
     },
-    /// Trade a password for a new session token.
+    /// Trade a password for a new session token. One session per connection: on one that is
+    /// already authenticated this is a `BadRequest` (the connection stays open).
     Login {
         /// Account name.
         user: String,
         /// Password, at most [`crate::limits::MAX_PASSWORD_LEN`] bytes.
         password: String,
     },
-    /// Authenticate this connection with a token from an earlier `Login`.
+    /// Authenticate this connection with a token from an earlier `Login` (a `BadRequest` on
+    /// a connection that is already authenticated, as for `Login`).
     Authenticate {
         /// The session token.
         token: String,
@@ -87,14 +91,16 @@ pub enum Request {
     },
     /// No-op round trip, answered by `Ok`.
     Ping,
-    /// Answer to `UploadResume` (protocol 2): where the body that follows starts. Either the
+    /// Answer to `UploadResume` (protocol 2 only: a version 1 connection that sends it gets
+    /// `BadRequest` and is closed): where the body that follows starts. Either the
     /// offered offset (the client's own prefix has the same digest) or 0 (start over; the
     /// server discards what it held).
     UploadFrom {
         /// `0` or the offset the server offered.
         offset: u64,
     },
-    /// Start a download that resumes a partial copy (protocol 2). The server sends from
+    /// Start a download that resumes a partial copy (protocol 2 only: a version 1 connection
+    /// that sends it gets `BadRequest` and is closed). The server sends from
     /// `offset` if its first `offset` bytes have digest `prefix`, else from 0; `DownloadReady`
     /// says which.
     DownloadFrom {
@@ -161,11 +167,11 @@ pub enum Response {
         /// BLAKE3 of the whole file (bytes `0..size`).
         digest: Digest,
     },
-    /// The request failed.
+    /// The request failed. Build it with [`Response::error`], which bounds the message.
     Error {
         /// Machine-readable class of the failure.
         code: ErrorCode,
-        /// Human-readable detail, safe to show to the user.
+        /// Human-readable detail, at most [`MAX_MESSAGE_LEN`] bytes.
         message: String,
     },
     /// Unsolicited: the server is shutting down and will close this connection.
@@ -337,11 +343,78 @@ impl ErrorCode {
 }
 
 impl Response {
-    /// Shorthand for an error response.
+    /// An error response; the one way to build one, because it bounds the message.
+    ///
+    /// Messages often echo what the client sent (a path, a name), and a path can be almost as
+    /// long as a frame: echoed whole, the answer would no longer fit in one, and the client
+    /// would get a closed connection instead of its error. So a message over
+    /// [`MAX_MESSAGE_LEN`] bytes keeps its start and its end (where the reason usually is)
+    /// and loses the middle, which any encoded `Error` fits in a frame with room to spare.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         Response::Error {
             code,
-            message: message.into(),
+            message: bounded_message(message.into()),
         }
+    }
+}
+
+/// `message` cut to at most [`MAX_MESSAGE_LEN`] bytes on character boundaries: its first
+/// three quarters and its last quarter, joined by `…`.
+fn bounded_message(message: String) -> String {
+    if message.len() <= MAX_MESSAGE_LEN {
+        return message;
+    }
+    const MARK: &str = "…";
+    let keep = MAX_MESSAGE_LEN - MARK.len();
+    let mut head = keep * 3 / 4;
+    while !message.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = message.len() - (keep - head);
+    while !message.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}{MARK}{}", &message[..head], &message[tail..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::MAX_FRAME_LEN;
+
+    #[test]
+    fn an_error_echoing_a_frame_sized_path_still_fits_in_a_frame() {
+        for filler in ["x", "é", "😀", "\u{1b}"] {
+            let path = filler.repeat(MAX_FRAME_LEN / filler.len());
+            let r = Response::error(
+                ErrorCode::InvalidPath,
+                format!("refused path `{path}`: path is longer than 4096 bytes"),
+            );
+            let Response::Error { message, .. } = &r else {
+                unreachable!()
+            };
+            assert!(message.len() <= MAX_MESSAGE_LEN, "{}", message.len());
+            assert!(message.starts_with("refused path `"), "{message}");
+            assert!(
+                message.ends_with("`: path is longer than 4096 bytes"),
+                "{message}"
+            );
+            assert!(message.contains('…'));
+            let mut frame = Vec::new();
+            crate::frame::encode_frame(&r, &mut frame).unwrap();
+            assert!(frame.len() <= MAX_MESSAGE_LEN + 16, "{}", frame.len());
+        }
+    }
+
+    #[test]
+    fn a_short_error_message_is_kept_as_it_is() {
+        let exact = "m".repeat(MAX_MESSAGE_LEN);
+        assert_eq!(
+            Response::error(ErrorCode::NotFound, exact.clone()),
+            Response::Error {
+                code: ErrorCode::NotFound,
+                message: exact
+            }
+        );
     }
 }

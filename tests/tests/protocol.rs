@@ -447,3 +447,404 @@ async fn a_big_folder_streams_in_full_frames_and_ends_once() {
     // The connection is in step afterwards.
     expect_pong(&mut conn).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// What proto/README.md promises for each request, pinned: the answers, the error codes, and
+// which errors close the connection (its table "Errors by request").
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `request`, checks it is refused with `code`, and returns the message.
+async fn refused_with(conn: &mut RawConn, request: Request, code: ErrorCode) -> String {
+    match call(conn, &request).await {
+        Response::Error { code: got, message } => {
+            assert_eq!(got, code, "answer to {request:?}: {message}");
+            message
+        }
+        other => panic!("expected {code:?} for {request:?}, got {other:?}"),
+    }
+}
+
+/// Hello with protocol `version`, then alice's login.
+async fn login_speaking(server: &TestServer, version: u16) -> RawConn {
+    let mut conn = raw_connect(server).await;
+    let hello = Request::Hello {
+        version,
+        agent: "old".into(),
+    };
+    assert!(matches!(
+        call(&mut conn, &hello).await,
+        Response::Hello { version: v, .. } if v == version
+    ));
+    let login = Request::Login {
+        user: "alice".into(),
+        password: xfer_tests::password_of("alice").into(),
+    };
+    assert!(matches!(
+        call(&mut conn, &login).await,
+        Response::LoggedIn { .. }
+    ));
+    conn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_about_a_frame_sized_path_still_fits_in_a_frame() {
+    let server = TestServer::start();
+    let mut conn = raw_login(&server, "alice").await;
+    // The largest legal frame: tag (1 byte) + length (3-byte varint) + 65,532 bytes of path.
+    let list = Request::List {
+        path: "x".repeat(xfer_proto::limits::MAX_FRAME_LEN - 4),
+    };
+    let mut frame = Vec::new();
+    xfer_proto::frame::encode_frame(&list, &mut frame).unwrap();
+    assert_eq!(frame.len(), 4 + xfer_proto::limits::MAX_FRAME_LEN);
+    let message = refused_with(&mut conn, list, ErrorCode::InvalidPath).await;
+    assert!(
+        message.len() <= xfer_proto::limits::MAX_MESSAGE_LEN,
+        "{}",
+        message.len()
+    );
+    assert!(
+        message.contains("longer than"),
+        "the reason survives the cut: {message}"
+    );
+    expect_pong(&mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_deadline_is_named_for_what_passed() {
+    let server = TestServer::start_with(|c| {
+        c.limits.frame_timeout_secs = 1;
+        c.limits.idle_timeout_secs = 2;
+    });
+    let closing_message = |r: Response| match r {
+        Response::Error {
+            code: ErrorCode::BadRequest,
+            message,
+        } => message,
+        other => panic!("expected a closing BadRequest, got {other:?}"),
+    };
+    // Half a frame after login: the frame deadline, not the login one.
+    let mut conn = raw_login(&server, "alice").await;
+    conn.get_mut().write_all(&[0, 0]).await.unwrap();
+    conn.get_mut().flush().await.unwrap();
+    let message = closing_message(conn.read_frame().await.unwrap());
+    assert!(message.contains("frame deadline"), "{message}");
+    assert!(!message.contains("login"), "{message}");
+    assert_closed(&mut conn).await;
+    // The same before login (the login deadline is 30 s away).
+    let mut conn = raw_connect(&server).await;
+    raw_hello(&mut conn).await;
+    conn.get_mut().write_all(&[0, 0, 0]).await.unwrap();
+    conn.get_mut().flush().await.unwrap();
+    let message = closing_message(conn.read_frame().await.unwrap());
+    assert!(message.contains("frame deadline"), "{message}");
+    assert_closed(&mut conn).await;
+    // Nothing at all after login: idle.
+    let mut conn = raw_login(&server, "alice").await;
+    let message = closing_message(conn.read_frame().await.unwrap());
+    assert!(message.contains("idle timeout"), "{message}");
+    assert_closed(&mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_that_keep_the_connection_open() {
+    let server = server_with_old_doc();
+    let mut conn = raw_login(&server, "alice").await;
+    let hello = Request::Hello {
+        version: PROTOCOL_VERSION,
+        agent: "again".into(),
+    };
+    refused_with(&mut conn, hello, ErrorCode::BadRequest).await;
+    expect_pong(&mut conn).await;
+    let past_the_end = Request::Download {
+        path: "doc".into(),
+        offset: 4,
+    };
+    refused_with(&mut conn, past_the_end, ErrorCode::BadRequest).await;
+    expect_pong(&mut conn).await;
+    // A second login on a logged-in connection is refused; the session stays as it was.
+    let login = Request::Login {
+        user: "bob".into(),
+        password: xfer_tests::password_of("bob").into(),
+    };
+    let message = refused_with(&mut conn, login.clone(), ErrorCode::BadRequest).await;
+    assert!(message.contains("already logged in as alice"), "{message}");
+    let token = Request::Authenticate {
+        token: "xfer1_whatever".into(),
+    };
+    refused_with(&mut conn, token, ErrorCode::BadRequest).await;
+    match call(&mut conn, &Request::WhoAmI).await {
+        Response::Session(info) => assert_eq!(info.user, "alice"),
+        other => panic!("{other:?}"),
+    }
+    // After Logout the connection may log in again (within its login deadline).
+    assert_eq!(call(&mut conn, &Request::Logout).await, Response::Ok);
+    refused_with(&mut conn, Request::WhoAmI, ErrorCode::NotAuthenticated).await;
+    assert!(matches!(
+        call(&mut conn, &login).await,
+        Response::LoggedIn { session, .. } if session.user == "bob"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_on_a_revoked_session_is_allowed() {
+    let server = TestServer::start();
+    let mut conn = raw_login(&server, "alice").await;
+    // Revoked elsewhere (`xferd session revoke --user alice`).
+    assert_eq!(
+        server.state.sessions.revoke_matching(None, Some("alice")),
+        1
+    );
+    let login = Request::Login {
+        user: "alice".into(),
+        password: xfer_tests::password_of("alice").into(),
+    };
+    assert!(matches!(
+        call(&mut conn, &login).await,
+        Response::LoggedIn { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_connection_cannot_send_version_2_requests() {
+    let server = server_with_old_doc();
+    let mut conn = login_speaking(&server, 1).await;
+    let resume = Request::DownloadFrom {
+        path: "doc".into(),
+        offset: 1,
+        prefix: *blake3::hash(b"o").as_bytes(),
+    };
+    let message = refused_with(&mut conn, resume.clone(), ErrorCode::BadRequest).await;
+    assert!(message.contains("version 2"), "{message}");
+    assert_closed(&mut conn).await;
+    let mut conn = login_speaking(&server, 1).await;
+    refused_with(
+        &mut conn,
+        Request::UploadFrom { offset: 0 },
+        ErrorCode::BadRequest,
+    )
+    .await;
+    assert_closed(&mut conn).await;
+    // Version 2 may.
+    let mut conn = login_speaking(&server, 2).await;
+    assert!(matches!(
+        call(&mut conn, &resume).await,
+        Response::DownloadReady {
+            size: 3,
+            offset: 1,
+            ..
+        }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_works_once_greeted_and_rate_limited_closes() {
+    let server = TestServer::start_with(|c| c.penalties.threshold_secs = 0);
+    let mut conn = raw_connect(&server).await;
+    refused_with(&mut conn, Request::Ping, ErrorCode::BadRequest).await;
+    assert_closed(&mut conn).await;
+    let mut conn = raw_connect(&server).await;
+    raw_hello(&mut conn).await;
+    expect_pong(&mut conn).await;
+    // One failed login puts this source over a zero threshold; the next login is refused
+    // without a password check, and the connection closed.
+    let login = |password: &str| Request::Login {
+        user: "alice".into(),
+        password: password.into(),
+    };
+    refused_with(&mut conn, login("guess"), ErrorCode::AuthFailed).await;
+    expect_pong(&mut conn).await;
+    let pw = xfer_tests::password_of("alice");
+    let message = refused_with(&mut conn, login(pw), ErrorCode::RateLimited).await;
+    assert!(message.contains("try again in"), "{message}");
+    assert_closed(&mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_errors_by_role_and_password() {
+    let server = TestServer::start();
+    let shutdown = |password: &str| Request::Shutdown {
+        password: password.into(),
+    };
+    let mut conn = raw_login(&server, "alice").await;
+    let pw = xfer_tests::password_of("alice");
+    refused_with(&mut conn, shutdown(pw), ErrorCode::PermissionDenied).await;
+    expect_pong(&mut conn).await;
+    let mut conn = raw_login(&server, "root").await;
+    refused_with(&mut conn, shutdown("guess"), ErrorCode::AuthFailed).await;
+    expect_pong(&mut conn).await;
+    assert!(server.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mkdir_makes_missing_parents_accepts_a_folder_and_refuses_a_file() {
+    let server = server_with_old_doc();
+    let home = server.user_dir("alice");
+    let mut conn = raw_login(&server, "alice").await;
+    let mkdir = |path: &str| Request::Mkdir { path: path.into() };
+    assert_eq!(call(&mut conn, &mkdir("a/b/c")).await, Response::Ok);
+    assert!(home.join("a/b/c").is_dir());
+    assert_eq!(call(&mut conn, &mkdir("a/b")).await, Response::Ok);
+    refused_with(&mut conn, mkdir("doc"), ErrorCode::WrongKind).await;
+    refused_with(&mut conn, mkdir("doc/sub"), ErrorCode::WrongKind).await;
+    refused_with(&mut conn, mkdir(""), ErrorCode::InvalidPath).await;
+    expect_pong(&mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_replaces_a_file_moves_into_a_folder_and_never_into_itself() {
+    let server = TestServer::start();
+    let home = server.user_dir("alice");
+    for (name, content) in [("f", "f"), ("g", "g"), ("d/x", "x"), ("e/keep", "k")] {
+        write_file(&home.join(name), content.as_bytes());
+    }
+    std::fs::create_dir_all(home.join("d2/e")).unwrap();
+    let mut conn = raw_login(&server, "alice").await;
+    let rename = |from: &str, to: &str| Request::Rename {
+        from: from.into(),
+        to: to.into(),
+    };
+    // Onto a file: replaced, as `mv` does.
+    assert_eq!(call(&mut conn, &rename("f", "g")).await, Response::Ok);
+    assert_eq!(std::fs::read(home.join("g")).unwrap(), b"f");
+    assert!(!home.join("f").exists());
+    // Onto a folder: moved into it.
+    assert_eq!(call(&mut conn, &rename("g", "d")).await, Response::Ok);
+    assert_eq!(std::fs::read(home.join("d/g")).unwrap(), b"f");
+    // Onto itself: a file is left as it is; a folder cannot go into itself.
+    assert_eq!(call(&mut conn, &rename("d/g", "d/g")).await, Response::Ok);
+    refused_with(&mut conn, rename("d", "d"), ErrorCode::WrongKind).await;
+    refused_with(&mut conn, rename("d", "d/x2"), ErrorCode::WrongKind).await;
+    // A folder never replaces a file, and never replaces a folder.
+    let message = refused_with(&mut conn, rename("e", "d/x"), ErrorCode::WrongKind).await;
+    assert!(
+        message.contains("`d/x`"),
+        "names the file in the way: {message}"
+    );
+    refused_with(&mut conn, rename("e", "d2"), ErrorCode::AlreadyExists).await;
+    assert_eq!(std::fs::read(home.join("e/keep")).unwrap(), b"k");
+    // Missing source, missing target folder, and the root.
+    refused_with(&mut conn, rename("nope", "n2"), ErrorCode::NotFound).await;
+    refused_with(&mut conn, rename("e", "nope/e"), ErrorCode::NotFound).await;
+    refused_with(&mut conn, rename("", "r"), ErrorCode::InvalidPath).await;
+    refused_with(&mut conn, rename("e", ""), ErrorCode::InvalidPath).await;
+    expect_pong(&mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_of_a_file_is_its_one_entry_and_the_empty_path_is_the_root_only_for_list() {
+    let server = server_with_old_doc();
+    let mut conn = raw_login(&server, "alice").await;
+    match call(&mut conn, &Request::List { path: "doc".into() }).await {
+        Response::Entries { entries, done } => {
+            assert!(done);
+            assert_eq!(entries.len(), 1);
+            assert_eq!(
+                (entries[0].name.as_str(), entries[0].kind, entries[0].size),
+                ("doc", xfer_proto::EntryKind::File, 3)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match call(&mut conn, &Request::List { path: "".into() }).await {
+        Response::Entries { entries, done } => {
+            assert!(done);
+            assert_eq!(entries.len(), 1, "{entries:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    refused_with(
+        &mut conn,
+        Request::List {
+            path: "nope".into(),
+        },
+        ErrorCode::NotFound,
+    )
+    .await;
+    // Every other request needs a name.
+    let root = || String::new();
+    for request in [
+        Request::Delete { path: root() },
+        Request::Upload {
+            path: root(),
+            size: 0,
+            offset: 0,
+        },
+        Request::Download {
+            path: root(),
+            offset: 0,
+        },
+        Request::Mkdir { path: root() },
+    ] {
+        refused_with(&mut conn, request, ErrorCode::InvalidPath).await;
+    }
+    // Files and folders in the wrong place.
+    std::fs::create_dir(server.user_dir("alice").join("dir")).unwrap();
+    let download_dir = Request::Download {
+        path: "dir".into(),
+        offset: 0,
+    };
+    refused_with(&mut conn, download_dir, ErrorCode::WrongKind).await;
+    let upload_onto_dir = Request::Upload {
+        path: "dir".into(),
+        size: 1,
+        offset: 0,
+    };
+    refused_with(&mut conn, upload_onto_dir, ErrorCode::WrongKind).await;
+    let upload_no_parent = Request::Upload {
+        path: "nope/f".into(),
+        size: 1,
+        offset: 0,
+    };
+    refused_with(&mut conn, upload_no_parent, ErrorCode::NotFound).await;
+    write_file(&server.user_dir("alice").join("dir/f"), b"");
+    refused_with(
+        &mut conn,
+        Request::Delete { path: "dir".into() },
+        ErrorCode::NotEmpty,
+    )
+    .await;
+    refused_with(
+        &mut conn,
+        Request::Delete {
+            path: "nope".into(),
+        },
+        ErrorCode::NotFound,
+    )
+    .await;
+    expect_pong(&mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_of_long_names_that_are_not_utf8_still_lists_in_frames_that_fit() {
+    use std::os::unix::ffi::OsStrExt;
+    let server = TestServer::start();
+    let dir = server.user_dir("alice").join("odd");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Planted by a local process: 255 bytes that are not UTF-8 come out as 255 U+FFFD, 765
+    // bytes each; 128 of them (a full frame's count) would need about 100 KB.
+    for i in 0..200u8 {
+        let mut name = vec![0xff; 255];
+        name[0] = b'a' + i % 26;
+        name[1] = b'a' + i / 26;
+        std::fs::write(dir.join(std::ffi::OsStr::from_bytes(&name)), b"").unwrap();
+    }
+    let mut conn = raw_login(&server, "alice").await;
+    conn.write_frame(&Request::List { path: "odd".into() })
+        .await
+        .unwrap();
+    let mut count = 0;
+    loop {
+        match conn.read_frame::<Response>().await.unwrap() {
+            Response::Entries { entries, done } => {
+                count += entries.len();
+                if done {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(count, 200);
+    expect_pong(&mut conn).await;
+}

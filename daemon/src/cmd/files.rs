@@ -2,12 +2,16 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::connection::ConnError;
-use xfer_proto::limits::MAX_ENTRIES_PER_FRAME;
+use xfer_proto::limits::{MAX_ENTRIES_PER_FRAME, MAX_FRAME_LEN};
 use xfer_proto::{Connection, Entry, Response};
 
 use super::{blocking, reply_error};
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::storage::StorageError;
+
+/// Most bytes an `Entry` takes in a frame besides its name (the name's length varint, kind,
+/// size and time varints), rounded up.
+const ENTRY_OVERHEAD: usize = 32;
 
 async fn report<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
@@ -34,10 +38,18 @@ pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
     let p = path.clone();
     let walker = tokio::task::spawn_blocking(move || {
         let mut batch = Vec::with_capacity(MAX_ENTRIES_PER_FRAME);
+        // A frame is also sent early when its names grow long: a name that is not UTF-8 on
+        // disk comes out up to three times its 255 bytes, and 128 of those would not fit in
+        // one frame (the connection would close instead of listing).
+        let mut bytes = 0;
         let walked = t.list_each(&p, |e| {
+            bytes += e.name.len() + ENTRY_OVERHEAD;
             batch.push(e);
-            batch.len() < MAX_ENTRIES_PER_FRAME
-                || tx.blocking_send(Ok(std::mem::take(&mut batch))).is_ok()
+            if batch.len() < MAX_ENTRIES_PER_FRAME && bytes <= MAX_FRAME_LEN / 2 {
+                return true;
+            }
+            bytes = 0;
+            tx.blocking_send(Ok(std::mem::take(&mut batch))).is_ok()
         });
         let _ = match walked {
             Ok(()) if batch.is_empty() => Ok(()),

@@ -67,19 +67,44 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .await?;
         return Ok(Flow::Close);
     }
+    // A version 1 peer has no such messages: to a version 1 server they would not even decode.
+    if ctx.version < 2
+        && matches!(
+            req,
+            Request::DownloadFrom { .. } | Request::UploadFrom { .. }
+        )
+    {
+        conn.write_frame(&Response::error(
+            ErrorCode::BadRequest,
+            "DownloadFrom and UploadFrom need protocol version 2; this connection speaks version 1",
+        ))
+        .await?;
+        return Ok(Flow::Close);
+    }
+    // One session per connection, as in SSH: a second login would leave the first session's
+    // token live but unreachable, and whose connection this is ambiguous. After Logout (or
+    // once the session is revoked) the connection may log in again.
+    if matches!(req, Request::Login { .. } | Request::Authenticate { .. })
+        && session_alive(ctx)
+        && let Some(auth) = &ctx.auth
+    {
+        return reply_error(
+            conn,
+            ErrorCode::BadRequest,
+            format!(
+                "already logged in as {}; send Logout first, or use another connection",
+                auth.user
+            ),
+        )
+        .await;
+    }
     if let Access::Role(role) = need {
-        let Some(auth) = &ctx.auth else {
+        if ctx.auth.is_none() {
             return reply_error(conn, ErrorCode::NotAuthenticated, "not logged in").await;
-        };
+        }
         // Re-check on every request: logout elsewhere, a password change or an account
         // deletion ends the session even on a connection that is already open.
-        let state = &ctx.state;
-        if state
-            .sessions
-            .validate(&auth.token, |u| state.accounts.lookup(u).map(|(_, g)| g))
-            .is_none()
-        {
-            ctx.auth = None;
+        if !session_alive(ctx) {
             return reply_error(
                 conn,
                 ErrorCode::SessionExpired,
@@ -87,6 +112,7 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             )
             .await;
         }
+        let auth = ctx.session();
         if auth.role < role {
             tracing::warn!(user = %auth.user, peer = %ctx.peer, needed = %role, "permission denied");
             let op = if role == Role::Superuser {
@@ -142,6 +168,23 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         }
         Request::Shutdown { password } => shutdown::shutdown(ctx, conn, &password).await,
     }
+}
+
+/// Whether the connection's session is still valid (not logged out elsewhere, expired, or
+/// revoked by a password or role change or an account deletion); forgets it if not.
+fn session_alive(ctx: &mut Ctx) -> bool {
+    let Some(auth) = &ctx.auth else {
+        return false;
+    };
+    let state = &ctx.state;
+    let alive = state
+        .sessions
+        .validate(&auth.token, |u| state.accounts.lookup(u).map(|(_, g)| g))
+        .is_some();
+    if !alive {
+        ctx.auth = None;
+    }
+    alive
 }
 
 /// Runs a filesystem closure on the blocking pool.
