@@ -23,8 +23,14 @@ fn xfer_bin() -> &'static Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // Same profile as the xferd under test, so that the binary lands beside it.
+        let dir = Path::new(common::XFERD).parent().expect("bin folder");
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
         let out = Command::new(cargo)
-            .args(["build", "-p", "xfer", "--bin", "xfer"])
+            .args(["build", "-p", "xfer", "--bin", "xfer", "--profile", profile])
             .stdout(Stdio::null())
             .output()
             .expect("run cargo build -p xfer");
