@@ -4,12 +4,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use tokio::io::BufStream;
+use tokio::io::{AsyncRead, AsyncWrite, BufStream, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
@@ -30,8 +32,117 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for each read or write; a login may wait for a busy server's password check.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Connection attempts when the server refuses at a limit (its refusal line, or a close
+/// before the handshake), with growing random pauses between them: a burst of parallel jobs
+/// from one host then gets through, and a server that keeps refusing is reported in seconds.
+pub const REFUSAL_ATTEMPTS: u32 = 6;
+/// First pause after a refusal; it doubles up to [`REFUSAL_MAX_PAUSE`], each taken from
+/// half to one and a half times that.
+pub const REFUSAL_PAUSE: Duration = Duration::from_millis(250);
+/// Longest pause between refused attempts.
+pub const REFUSAL_MAX_PAUSE: Duration = Duration::from_secs(2);
+/// Bytes of the server's first reply kept to explain a failed handshake.
+const FIRST_BYTES: usize = xfer_proto::MAX_REFUSAL_LINE;
+
 /// The TLS stream the client speaks frames over.
-pub type TlsStream = tokio_rustls::client::TlsStream<BufStream<TcpStream>>;
+pub type TlsStream = tokio_rustls::client::TlsStream<BufStream<Recorder<TcpStream>>>;
+
+/// A stream that keeps a copy of the first bytes read from it, so that a failed TLS
+/// handshake can be explained by what the server sent (a refusal line). After those bytes it
+/// only passes data through.
+pub struct Recorder<S> {
+    /// The stream.
+    inner: S,
+    /// Where the first bytes go; `None` once enough were kept.
+    first: Option<Arc<Mutex<Vec<u8>>>>,
+}
+
+impl<S> Recorder<S> {
+    fn new(inner: S) -> (Self, Arc<Mutex<Vec<u8>>>) {
+        let first = Arc::new(Mutex::new(Vec::new()));
+        (
+            Recorder {
+                inner,
+                first: Some(first.clone()),
+            },
+            first,
+        )
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recorder<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(first)) = (&polled, &self.first) {
+            let mut kept = first.lock().unwrap_or_else(|e| e.into_inner());
+            let room = FIRST_BYTES - kept.len();
+            let new = &buf.filled()[before..];
+            kept.extend_from_slice(&new[..new.len().min(room)]);
+            if kept.len() >= FIRST_BYTES {
+                drop(kept);
+                self.first = None;
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recorder<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The reason in a server's refusal line (spec §1), escaped and capped; `None` if `first`
+/// is not one.
+pub fn refusal_reason(first: &[u8]) -> Option<String> {
+    let rest = first.strip_prefix(xfer_proto::REFUSAL_PREFIX.trim_end().as_bytes())?;
+    let line = &rest[..rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len())];
+    let line = &line[..line.len().min(xfer_proto::MAX_REFUSAL_LINE)];
+    let text = crate::error::printable(String::from_utf8_lossy(line).trim());
+    Some(if text.is_empty() {
+        "no reason given".into()
+    } else {
+        text
+    })
+}
+
+/// What the user is told when the server closed right after connect without a word.
+pub const CLOSED_BEFORE_HANDSHAKE: &str = "the server closed the connection before the TLS handshake: it may be at its connection limit for your address; try again in a few seconds";
 
 /// An open, greeted connection.
 pub struct Client {
@@ -135,13 +246,65 @@ async fn tcp_connect(server: &ServerAddr, bind: Option<IpAddr>) -> Result<TcpStr
 
 /// Connects and completes the TLS handshake. With `pin`, the server must hold that key
 /// ([`ClientError::KeyChanged`] otherwise, before anything is sent); without, any key is
-/// accepted and returned so the caller can decide before sending anything.
+/// accepted and returned so the caller can decide before sending anything. A refusal at a
+/// limit is retried ([`REFUSAL_ATTEMPTS`]); the last one is reported as
+/// [`ClientError::Refused`].
 pub async fn connect_tls(
     server: &ServerAddr,
     pin: Option<Fingerprint>,
     bind: Option<IpAddr>,
 ) -> Result<(TlsStream, Fingerprint)> {
+    let started = std::time::Instant::now();
+    let mut pause = REFUSAL_PAUSE;
+    for attempt in 1.. {
+        match connect_tls_once(server, pin, bind).await {
+            Err(ClientError::Refused { reason, .. }) if attempt < REFUSAL_ATTEMPTS => {
+                let wait = jitter(pause);
+                tracing::info!(
+                    attempt,
+                    wait_ms = wait.as_millis() as u64,
+                    "{reason}; retrying"
+                );
+                tokio::time::sleep(wait).await;
+                pause = (pause * 2).min(REFUSAL_MAX_PAUSE);
+            }
+            Err(ClientError::Refused { server, reason }) => {
+                return Err(ClientError::Refused {
+                    server,
+                    reason: format!(
+                        "{reason} (refused {attempt} times in {} s)",
+                        started.elapsed().as_secs().max(1)
+                    ),
+                });
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the attempts loop returns")
+}
+
+/// `d` times a random factor from 0.5 to 1.5, so that parallel clients refused together do
+/// not come back together.
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_nanos()),
+    );
+    d.mul_f64(0.5 + (h.finish() % 1000) as f64 / 1000.0)
+}
+
+/// One attempt of [`connect_tls`], without retrying a refusal.
+pub async fn connect_tls_once(
+    server: &ServerAddr,
+    pin: Option<Fingerprint>,
+    bind: Option<IpAddr>,
+) -> Result<(TlsStream, Fingerprint)> {
     let tcp = tcp_connect(server, bind).await?;
+    let (tcp, first) = Recorder::new(tcp);
     let provider = Arc::new(xfer_proto::tls::provider());
     let verifier = PinVerifier::new(pin, &provider);
     let fail = |reason: String| ClientError::Connect {
@@ -161,14 +324,32 @@ pub async fn connect_tls(
     let handshake = TlsConnector::from(Arc::new(config)).connect(name, io);
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => Err(fail("TLS handshake timed out".into())),
-        Ok(Err(e)) => match (pin, verifier.seen()) {
-            (Some(pinned), Some(seen)) if pinned != seen => Err(ClientError::KeyChanged {
-                server: server.to_string(),
-                pinned,
-                seen,
-            }),
-            _ => Err(fail(format!("TLS handshake failed: {e}"))),
-        },
+        Ok(Err(e)) => {
+            let first = first.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(reason) = refusal_reason(&first) {
+                return Err(ClientError::Refused {
+                    server: server.to_string(),
+                    reason: format!("the server refused the connection: {reason}"),
+                });
+            }
+            use std::io::ErrorKind as K;
+            let closed = matches!(
+                e.kind(),
+                K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+            );
+            match (pin, verifier.seen()) {
+                (Some(pinned), Some(seen)) if pinned != seen => Err(ClientError::KeyChanged {
+                    server: server.to_string(),
+                    pinned,
+                    seen,
+                }),
+                _ if closed && first.is_empty() => Err(ClientError::Refused {
+                    server: server.to_string(),
+                    reason: CLOSED_BEFORE_HANDSHAKE.into(),
+                }),
+                _ => Err(fail(format!("TLS handshake failed: {e}"))),
+            }
+        }
         Ok(Ok(tls)) => {
             if tls.get_ref().1.alpn_protocol() != Some(xfer_proto::ALPN) {
                 return Err(fail(
@@ -239,10 +420,7 @@ impl Client {
                 ..
             }
             | Response::ShuttingDown { .. } => Err(ClientError::ServerShuttingDown),
-            Response::Error { code, message } => Err(ClientError::Server {
-                code,
-                message: crate::error::printable(&message),
-            }),
+            Response::Error { code, message } => Err(ClientError::server(code, &message)),
             other => Ok(other),
         }
     }
@@ -605,4 +783,76 @@ fn unexpected(r: &Response) -> ClientError {
         .unwrap_or("?")
         .to_string();
     ClientError::Protocol(format!("unexpected reply `{name}` from the server"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_refusal_line_is_read_escaped_and_capped() {
+        assert_eq!(
+            refusal_reason(
+                b"xfer-refused: too many connections from 203.0.113.9 (10); try again\nrest"
+            )
+            .as_deref(),
+            Some("too many connections from 203.0.113.9 (10); try again")
+        );
+        assert_eq!(
+            refusal_reason(b"xfer-refused: \x1b[2Jgotcha").as_deref(),
+            Some("\\u{1b}[2Jgotcha")
+        );
+        let long = [b"xfer-refused: ".as_slice(), &[b'x'; 1000]].concat();
+        assert!(refusal_reason(&long).unwrap().len() <= xfer_proto::MAX_REFUSAL_LINE);
+        // A TLS record (a ServerHello or an alert) is not a refusal.
+        assert_eq!(refusal_reason(&[0x16, 0x03, 0x03, 0x00, 0x7a]), None);
+        assert_eq!(refusal_reason(b""), None);
+    }
+
+    /// A server on 127.0.0.1 that answers every connection with `serve`.
+    async fn fake_server<F, Fut>(serve: F) -> ServerAddr
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serve(tcp));
+            }
+        });
+        ServerAddr::parse(&addr.to_string()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_servers_refusal_line_is_what_the_user_reads() {
+        let server = fake_server(|mut tcp| async move {
+            let _ = tcp
+                .write_all(b"xfer-refused: too many connections from 127.0.0.1 (10); try again in a few seconds\n")
+                .await;
+            let _ = tcp.shutdown().await;
+            let mut sink = [0u8; 4096];
+            while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        let err = connect_tls_once(&server, None, None).await.err().unwrap();
+        assert_eq!(err.exit_code(), 7);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot reach {server}: the server refused the connection: too many connections from 127.0.0.1 (10); try again in a few seconds"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_close_right_after_connect_is_explained_as_a_possible_limit() {
+        let server = fake_server(|tcp| async move { drop(tcp) }).await;
+        let err = connect_tls_once(&server, None, None).await.err().unwrap();
+        assert_eq!(err.exit_code(), 7);
+        assert!(err.to_string().contains(CLOSED_BEFORE_HANDSHAKE), "{err}");
+        assert!(!err.to_string().contains("reset"), "{err}");
+    }
 }

@@ -69,6 +69,15 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The server refused the connection at a limit, or closed it before the handshake as a
+    /// server at its limit does (exit 7); `reason` says which limit when the server said.
+    #[error("cannot reach {server}: {reason}")]
+    Refused {
+        /// The server.
+        server: String,
+        /// Why, from the server's refusal line when it sent one.
+        reason: String,
+    },
     /// The connection broke or timed out (exit 7).
     #[error("connection to the server failed: {0} - check that the server is up and try again")]
     Broken(#[from] ConnError),
@@ -151,11 +160,22 @@ impl ClientError {
             | ClientError::UnknownServer { .. }
             | ClientError::NotConfirmed => 6,
             ClientError::Connect { .. }
+            | ClientError::Refused { .. }
             | ClientError::Broken(_)
             | ClientError::ServerShuttingDown => 7,
             ClientError::Verification(_) => 8,
             ClientError::Local { .. } | ClientError::Protocol(_) | ClientError::Other(_) => 1,
         }
+    }
+
+    /// An error answer from the server, its text made safe for the terminal; a `Busy`
+    /// answer always says it was a limit.
+    pub fn server(code: ErrorCode, message: &str) -> Self {
+        let mut message = printable(message);
+        if code == ErrorCode::Busy && !message.contains("busy") {
+            message = format!("server busy: {message}");
+        }
+        ClientError::Server { code, message }
     }
 
     /// Shorthand for a local I/O failure.
@@ -170,7 +190,10 @@ impl ClientError {
     pub fn is_connection_lost(&self) -> bool {
         matches!(
             self,
-            ClientError::Broken(_) | ClientError::ServerShuttingDown | ClientError::Connect { .. }
+            ClientError::Broken(_)
+                | ClientError::ServerShuttingDown
+                | ClientError::Connect { .. }
+                | ClientError::Refused { .. }
         )
     }
 }
@@ -224,6 +247,14 @@ mod tests {
                 6,
             ),
             (ClientError::Broken(ConnError::Closed), 7),
+            (
+                ClientError::Refused {
+                    server: "s".into(),
+                    reason: "r".into(),
+                },
+                7,
+            ),
+            (ClientError::server(ErrorCode::Busy, "too many sessions"), 7),
             (ClientError::Verification("x".into()), 8),
             (ClientError::Other("x".into()), 1),
         ];
@@ -241,6 +272,14 @@ mod tests {
             printable(&long).chars().count(),
             xfer_proto::limits::MAX_MESSAGE_LEN + 1
         );
+    }
+
+    #[test]
+    fn busy_answers_say_it_was_a_limit() {
+        let e = ClientError::server(ErrorCode::Busy, "too many logins in progress");
+        assert_eq!(e.to_string(), "server busy: too many logins in progress");
+        let e = ClientError::server(ErrorCode::Busy, "server busy: too many sessions for a (1)");
+        assert_eq!(e.to_string(), "server busy: too many sessions for a (1)");
     }
 
     #[test]

@@ -287,6 +287,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check => {
             let path = config_path(&cli.config);
             let config = Config::load(&path)?;
+            for warning in &config.warnings {
+                eprintln!("xferd: warning: {warning}");
+            }
             let users = UsersFile::load(&config.users_file)?;
             let (_, fp) = crate::tls::server_config(&config.cert, &config.key)?;
             if config.root.exists() && !config.root.is_dir() {

@@ -103,10 +103,9 @@ fn default_state() -> PathBuf {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Most simultaneous connections; further ones are closed at once.
+    /// Most simultaneous connections of any kind: the file-descriptor safety net above the
+    /// admission caps (lowered at start if the open-file limit cannot hold it).
     pub max_connections: usize,
-    /// Most simultaneous connections from one address; further ones are closed at once.
-    pub max_connections_per_source: usize,
     /// Seconds allowed for the TLS handshake.
     pub handshake_timeout_secs: u64,
     /// Seconds from accept until the connection must be authenticated.
@@ -130,13 +129,28 @@ pub struct Limits {
     /// Seconds an interrupted upload's data is kept for resume after its last write (0: not
     /// kept; every upload starts over).
     pub partial_upload_ttl_secs: u64,
+    /// Unauthenticated connections: `start:rate:full` random early drop (OpenSSH MaxStartups).
+    pub max_startups: crate::admission::Startups,
+    /// Unauthenticated connections from one source (address or IPv6 prefix).
+    pub max_startups_per_source: usize,
+    /// Prefix lengths `V4:V6` that make one source, for admission and penalties.
+    pub per_source_net_block_size: crate::admission::NetBlockSize,
+    /// Authenticated connections in total.
+    pub max_sessions: usize,
+    /// Authenticated connections of one user (from any number of addresses).
+    pub max_sessions_per_user: usize,
+    /// Handshake and login deadlines when the unauthenticated pool is full, in percent of
+    /// the configured ones (scaled linearly from the start level).
+    pub pressure_deadline_percent: u32,
+    /// Before version 0.2: connections per address; now read as `max_startups_per_source`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_source: Option<usize>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: 256,
-            max_connections_per_source: 20,
+            max_connections: 4096,
             handshake_timeout_secs: 10,
             login_timeout_secs: 30,
             idle_timeout_secs: 900,
@@ -150,6 +164,13 @@ impl Default for Limits {
             max_queued_logins: 32,
             max_upload_bytes: 0,
             partial_upload_ttl_secs: 86400,
+            max_startups: Default::default(),
+            max_startups_per_source: 10,
+            per_source_net_block_size: Default::default(),
+            max_sessions: 1024,
+            max_sessions_per_user: 128,
+            pressure_deadline_percent: 25,
+            max_connections_per_source: None,
         }
     }
 }
@@ -227,6 +248,8 @@ pub struct Config {
     pub sessions: SessionSettings,
     /// Brute-force penalties.
     pub penalties: crate::penalty::PenaltySettings,
+    /// Deprecated keys found and what became of them, for the daemon to log.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -264,12 +287,37 @@ impl Config {
                 ),
             )
         })?;
+        let mut file = file;
+        let mut warnings = Vec::new();
+        if let Some(old) = file.limits.max_connections_per_source.take() {
+            // Every config `xferd init` wrote before two-stage admission names this key, so
+            // it stays readable: what it limited for strangers is now max_startups_per_source.
+            let explicit = toml::from_str::<toml::Table>(text)
+                .ok()
+                .and_then(|t| t.get("limits")?.get("max_startups_per_source").cloned())
+                .is_some();
+            if explicit {
+                return Err(invalid(
+                    "limits.max_connections_per_source",
+                    "is replaced by `limits.max_startups_per_source`; remove it".into(),
+                ));
+            }
+            file.limits.max_startups_per_source = old;
+            warnings.push(format!(
+                "`limits.max_connections_per_source` is deprecated: read as `limits.max_startups_per_source = {old}` (it now counts only connections not yet logged in; logged-in ones count against `limits.max_sessions_per_user`); rename it"
+            ));
+        }
         let l = &file.limits;
         for (key, value) in [
             ("limits.max_connections", l.max_connections as u64),
             (
-                "limits.max_connections_per_source",
-                l.max_connections_per_source as u64,
+                "limits.max_startups_per_source",
+                l.max_startups_per_source as u64,
+            ),
+            ("limits.max_sessions", l.max_sessions as u64),
+            (
+                "limits.max_sessions_per_user",
+                l.max_sessions_per_user as u64,
             ),
             ("limits.frame_timeout_secs", l.frame_timeout_secs),
             ("penalties.max_sources", file.penalties.max_sources as u64),
@@ -288,6 +336,12 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0".into()));
             }
         }
+        if l.pressure_deadline_percent == 0 || l.pressure_deadline_percent > 100 {
+            return Err(invalid(
+                "limits.pressure_deadline_percent",
+                "must be between 1 and 100".into(),
+            ));
+        }
         let abs = |p: &Path| base.join(p);
         Ok(Config {
             path: path.to_path_buf(),
@@ -305,6 +359,7 @@ impl Config {
             limits: file.limits,
             sessions: file.sessions,
             penalties: file.penalties,
+            warnings,
         })
     }
 }
@@ -336,6 +391,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn the_old_per_source_key_still_loads_as_max_startups_per_source() {
+        let c = Config::from_str(
+            Path::new("x.toml"),
+            "[limits]\nmax_connections = 256\nmax_connections_per_source = 20\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_startups_per_source, 20);
+        assert_eq!(c.limits.max_connections, 256);
+        assert!(c.warnings[0].contains("max_connections_per_source"));
+        let err = Config::from_str(
+            Path::new("x.toml"),
+            "[limits]\nmax_connections_per_source = 20\nmax_startups_per_source = 5\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("limits.max_connections_per_source"), "{err}");
+        let fresh = Config::from_str(Path::new("x.toml"), "").unwrap();
+        assert!(fresh.warnings.is_empty());
+    }
+
+    #[test]
+    fn admission_values_are_checked_and_named() {
+        for (text, key) in [
+            ("max_startups = \"10:30\"", "limits.max_startups"),
+            ("max_startups = \"20:30:10\"", "limits.max_startups"),
+            (
+                "per_source_net_block_size = \"32:200\"",
+                "limits.per_source_net_block_size",
+            ),
+            ("max_sessions_per_user = 0", "limits.max_sessions_per_user"),
+            (
+                "pressure_deadline_percent = 0",
+                "limits.pressure_deadline_percent",
+            ),
+        ] {
+            let err = Config::from_str(Path::new("x.toml"), &format!("[limits]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let c = Config::from_str(
+            Path::new("x.toml"),
+            "[limits]\nmax_startups = \"5:50:20\"\nper_source_net_block_size = \"24:48\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_startups.full, 20);
+        assert_eq!(c.limits.per_source_net_block_size.v6, 48);
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Ctx {
     pub auth: Option<Auth>,
     /// Failed logins or token checks on this connection.
     pub failures: u32,
+    /// This connection's place in admission: unauthenticated, then a session of its user.
+    pub ticket: crate::admission::Ticket,
 }
 
 impl Ctx {
@@ -51,6 +53,15 @@ impl Ctx {
         self.auth
             .as_ref()
             .expect("the dispatcher checked the session")
+    }
+
+    /// Makes this connection one of `user`'s sessions for admission (it leaves the
+    /// unauthenticated pool), or says which session cap is full.
+    pub fn enter_session(&mut self, user: &str) -> Result<(), crate::admission::Refusal> {
+        self.ticket.enter_session(user).inspect_err(|why| {
+            let source = self.state.admission.source_of(self.peer.ip());
+            self.state.admission.log_refusal(source, why);
+        })
     }
 
     /// Records an operation in the audit trail as the authenticated user.
@@ -119,17 +130,34 @@ pub enum Flow {
     Close,
 }
 
-/// Runs one accepted TCP connection to completion.
-pub async fn handle_tcp(state: Arc<State>, tcp: TcpStream, peer: SocketAddr) {
+/// Answers a refusal at a session cap with `Busy` (the message says which cap) and closes.
+pub async fn refuse_session<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    why: &crate::admission::Refusal,
+) -> Result<Flow, ConnError> {
+    conn.write_frame(&Response::error(ErrorCode::Busy, why.to_string()))
+        .await?;
+    Ok(Flow::Close)
+}
+
+/// Runs one accepted TCP connection, admitted with `ticket`, to completion.
+pub async fn handle_tcp(
+    state: Arc<State>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ticket: crate::admission::Ticket,
+) {
     let _ = tcp.set_nodelay(true);
     let accepted = Instant::now();
     let mut stop = state.shutdown_rx();
     let limits = state.limits();
     // A large buffer under TLS lets rustls read and write many records per syscall.
     let io = BufStream::with_capacity(CHUNK_LEN, CHUNK_LEN, tcp);
-    let handshake = tokio::time::timeout(limits.handshake_timeout(), state.acceptor().accept(io));
+    let handshake = tokio::time::timeout(ticket.handshake_timeout(), state.acceptor().accept(io));
     let tls = tokio::select! {
         _ = stop.wait_for(|v| *v) => return,
+        // Made room for another source; the client learns it from the closed connection.
+        _ = ticket.evicted() => return,
         r = handshake => match r {
             Err(_) => {
                 tracing::debug!(%peer, "TLS handshake timed out");
@@ -149,19 +177,32 @@ pub async fn handle_tcp(state: Arc<State>, tcp: TcpStream, peer: SocketAddr) {
     tracing::info!(%peer, "connection open");
     let mut conn = Connection::new(tls, limits.io_timeout());
     conn.set_frame_timeout(limits.frame_timeout());
-    serve_session(state, conn, peer, accepted).await;
+    serve_admitted(state, conn, peer, accepted, ticket).await;
 }
 
-/// The session state machine over any stream (TLS in production, in-memory pipes in tests).
+/// The session state machine over any stream (TLS in production, in-memory pipes in tests),
+/// counted in admission without its caps.
 pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    state: Arc<State>,
+    conn: Connection<S>,
+    peer: SocketAddr,
+    accepted: Instant,
+) {
+    let ticket = state.admission.admit_unchecked(peer.ip());
+    serve_admitted(state, conn, peer, accepted, ticket).await;
+}
+
+/// The session state machine for a connection admitted with `ticket`.
+pub async fn serve_admitted<S: AsyncRead + AsyncWrite + Unpin + Send>(
     state: Arc<State>,
     mut conn: Connection<S>,
     peer: SocketAddr,
     accepted: Instant,
+    ticket: crate::admission::Ticket,
 ) {
     let mut stop = state.shutdown_rx();
     let limits = state.limits();
-    let login_deadline = accepted + limits.login_timeout();
+    let login_deadline = accepted + ticket.login_timeout();
     let mut ctx = Ctx {
         state,
         peer,
@@ -169,6 +210,7 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
         version: 0,
         auth: None,
         failures: 0,
+        ticket,
     };
     loop {
         let authenticated = ctx.auth.is_some();
@@ -194,11 +236,22 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
         };
         // `wait_for` is ready at once when shutdown has already started, so a client that sends
         // another request after the flip is told too.
+        let mut evicted = false;
         let read = tokio::select! {
             biased;
             _ = stop.wait_for(|v| *v) => None,
+            // Only a connection still waiting to log in is ever evicted.
+            _ = ctx.ticket.evicted(), if !authenticated => {
+                evicted = true;
+                None
+            }
             r = next => Some(r),
         };
+        if evicted {
+            tracing::debug!(%peer, "closed to make room for another source");
+            let _ = refuse_session(&mut conn, &crate::admission::Refusal::Evicted).await;
+            break;
+        }
         let Some(read) = read else {
             notify_shutdown(&mut conn).await;
             break;

@@ -39,9 +39,10 @@ state_dir = "{state_dir}"
 audit_log = ""
 
 [limits]
-# Most connections at once, and from one address; more are closed as soon as they arrive.
-max_connections = 256
-max_connections_per_source = 20
+# Most connections at once of any kind, logged in or not: a safety net for file descriptors
+# above the admission caps below (each connection may hold 4). Lowered at start, with a
+# warning, if the open-file limit (raised to its hard limit at start) cannot hold it.
+max_connections = 4096
 # Seconds allowed for the TLS handshake.
 handshake_timeout_secs = 10
 # Seconds from connect until the client must be logged in.
@@ -67,6 +68,30 @@ max_upload_bytes = 0
 # Seconds the data of an interrupted upload is kept (invisible, under ROOT/.xfer-partial) so
 # that the next upload of the same file resumes; 0 turns resume off (default: 24 hours).
 partial_upload_ttl_secs = 86400
+# Admission happens in two stages, like OpenSSH. Until a connection has logged in it is
+# "unauthenticated", and these connections are capped in total with random early drop,
+# START:RATE:FULL as OpenSSH's MaxStartups: below START all are accepted; from START on each
+# new one is refused with a probability rising from RATE % to 100 % at FULL. A source's first
+# waiting connection is exempt below FULL, and at FULL a newcomer from a source with at least
+# two fewer waiting connections than the busiest source takes that source's oldest place, so
+# a flood from a few addresses cannot keep users from elsewhere out.
+max_startups = "10:30:100"
+# Unauthenticated connections from one source. 10 is far more than one host needs at once
+# (a handshake and a login take milliseconds, and the client retries a refusal a few times),
+# and it takes 10 addresses to fill the pool of 100.
+max_startups_per_source = 10
+# What one source is: IPv4 and IPv6 prefix lengths (OpenSSH's PerSourceNetBlockSize). One
+# host usually owns a whole IPv6 /64. Penalties ([penalties]) use the same sources.
+per_source_net_block_size = "32:64"
+# Once logged in, a connection leaves the unauthenticated pool and counts as a session:
+# in total, and per user from any number of addresses (a backup job running 64 transfers in
+# parallel fits). Strangers cannot push logged-in users out.
+max_sessions = 1024
+max_sessions_per_user = 128
+# While unauthenticated connections exceed START, new ones get shorter handshake and login
+# deadlines, down to this percentage of the ones above at FULL (never below 2 s for the
+# handshake and 5 s for the login), so idling costs a flood more than the daemon.
+pressure_deadline_percent = 25
 
 [sessions]
 # Seconds a session token stays valid after `xfer login` (default: 7 days).

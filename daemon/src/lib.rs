@@ -3,6 +3,7 @@
 //! Map of the crate:
 //! - [`config`]: the TOML config file, its defaults and validation.
 //! - [`accounts`]: the users file (argon2id hashes, roles) and password verification on the blocking pool.
+//! - [`admission`]: two-stage admission (unauthenticated pool, then sessions) and refusals that say why.
 //! - [`penalty`]: per-source penalties for failed logins (brute-force defence).
 //! - [`audit`]: the JSON-lines audit trail of every operation.
 //! - [`sessions`]: session tokens, persisted so they survive a restart, revocable and expiring.
@@ -11,7 +12,7 @@
 //!   client's downloads share).
 //! - [`storage`]: the one path resolver and every filesystem operation on a user's tree.
 //! - [`partial`]: interrupted uploads kept invisible for resume, locked, bounded and expiring.
-//! - [`server`]: the accept loop, connection cap and the one shutdown mechanism.
+//! - [`server`]: the accept loop and the one shutdown mechanism.
 //! - [`handler`]: one connection's state machine: hello, authentication, the role check, dispatch.
 //! - [`cmd`]: one module per request kind.
 //! - [`init`]: `xferd init` and the first-run quickstart.
@@ -21,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod admission;
 pub mod audit;
 pub use xfer_proto::beneath;
 pub mod cli;

@@ -2,11 +2,12 @@
 //! token check (login, authentication, the shutdown request's password) adds penalty time to
 //! its source; a source whose penalty exceeds a threshold has its passwords refused (without
 //! spending a password check on them) until the penalty falls back below it.
-//! Other sources are unaffected. IPv6 sources are grouped by /64, since one host usually owns a
-//! whole /64. The table is bounded: when full, the entry closest to expiry is dropped.
+//! Other sources are unaffected. Sources are keyed by [`crate::admission::source_key`] under
+//! `limits.per_source_net_block_size` (default: IPv4 address, IPv6 /64, since one host usually
+//! owns a whole /64). The table is bounded: when full, the entry closest to expiry is dropped.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,24 +38,12 @@ impl Default for PenaltySettings {
     }
 }
 
-/// The key a source is tracked under: the IPv4 address, or the IPv6 /64.
-pub fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
-}
-
 /// Per-source penalties.
 pub struct Penalties {
     /// The settings in force.
     settings: PenaltySettings,
+    /// What makes one source (shared with admission).
+    blocks: crate::admission::NetBlockSize,
     /// When each penalised source's penalty runs out.
     until: Mutex<HashMap<IpAddr, Instant>>,
 }
@@ -64,8 +53,19 @@ impl Penalties {
     pub fn new(settings: PenaltySettings) -> Self {
         Penalties {
             settings,
+            blocks: Default::default(),
             until: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keys sources by `blocks` prefix lengths instead of the default `32:64`.
+    pub fn keyed_by(mut self, blocks: crate::admission::NetBlockSize) -> Self {
+        self.blocks = blocks;
+        self
+    }
+
+    fn source_key(&self, ip: IpAddr) -> IpAddr {
+        crate::admission::source_key(ip, self.blocks)
     }
 
     /// If `ip` is refused now, how long until it is allowed again.
@@ -75,7 +75,9 @@ impl Penalties {
 
     fn refused_for_at(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
         let map = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        let left = map.get(&source_key(ip))?.saturating_duration_since(now);
+        let left = map
+            .get(&self.source_key(ip))?
+            .saturating_duration_since(now);
         let threshold = Duration::from_secs(self.settings.threshold_secs);
         (left > threshold).then(|| left - threshold)
     }
@@ -86,7 +88,7 @@ impl Penalties {
     }
 
     fn record_failure_at(&self, ip: IpAddr, now: Instant) {
-        let key = source_key(ip);
+        let key = self.source_key(ip);
         let mut map = self.until.lock().unwrap_or_else(|e| e.into_inner());
         if !map.contains_key(&key) && map.len() >= self.settings.max_sources {
             map.retain(|_, until| *until > now);
@@ -164,8 +166,13 @@ mod tests {
 
     #[test]
     fn ipv6_sources_are_grouped_by_64_and_mapped_v4_is_v4() {
-        assert_eq!(source_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
-        assert_eq!(source_key(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        let p = Penalties::new(PenaltySettings::default());
+        for _ in 0..10 {
+            p.record_failure_at(ip("2001:db8::1"), Instant::now());
+            p.record_failure_at(ip("::ffff:10.1.2.3"), Instant::now());
+        }
+        assert!(p.refused_for(ip("2001:db8::2")).is_some());
+        assert!(p.refused_for(ip("10.1.2.3")).is_some());
         let p = Penalties::new(PenaltySettings::default());
         let t0 = Instant::now();
         for _ in 0..10 {
@@ -173,6 +180,21 @@ mod tests {
         }
         assert!(p.refused_for_at(ip("2001:db8:1:2::9"), t0).is_some());
         assert!(p.refused_for_at(ip("2001:db8:1:3::9"), t0).is_none());
+    }
+
+    #[test]
+    fn the_block_size_of_admission_keys_penalties_too() {
+        let blocks = crate::admission::NetBlockSize::try_from("24:48".to_string()).unwrap();
+        let p = Penalties::new(PenaltySettings::default()).keyed_by(blocks);
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            p.record_failure_at(ip("2001:db8:1:2::5"), t0);
+            p.record_failure_at(ip("192.0.2.5"), t0);
+        }
+        assert!(p.refused_for_at(ip("2001:db8:1:ff::9"), t0).is_some());
+        assert!(p.refused_for_at(ip("2001:db8:2::9"), t0).is_none());
+        assert!(p.refused_for_at(ip("192.0.2.200"), t0).is_some());
+        assert!(p.refused_for_at(ip("192.0.3.5"), t0).is_none());
     }
 
     #[test]

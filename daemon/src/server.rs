@@ -1,4 +1,4 @@
-//! The accept loop, the connection cap and the one shutdown mechanism.
+//! The accept loop (admission itself is [`crate::admission`]) and the one shutdown mechanism.
 //!
 //! Shutdown, whoever starts it (the `Shutdown` request, SIGTERM, SIGINT or a test's future),
 //! goes through [`ShutdownHandle::trigger`]: a watch channel flips to true, the accept loop stops
@@ -6,10 +6,9 @@
 //! client and close immediately, busy ones finish their transfer. After the grace period the
 //! remaining tasks are aborted, which drops their pending uploads and so deletes the temp files.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -42,8 +41,10 @@ pub struct State {
     pub audit: crate::audit::AuditLog,
     /// Limits in force; swapped whole by a reload.
     limits: RwLock<Arc<crate::config::Limits>>,
-    /// Connection counts and caps (caps follow reloads).
-    conn_limits: Arc<ConnLimits>,
+    /// Two-stage admission: counts and caps (caps follow reloads).
+    pub admission: Arc<crate::admission::Admission>,
+    /// The open-file limit in force, which the connection cap must fit.
+    nofile: u64,
     /// Current TLS acceptor and fingerprint, swapped together on reload.
     tls: RwLock<(TlsAcceptor, Fingerprint)>,
     /// Flips to true once when shutdown starts.
@@ -120,11 +121,16 @@ impl Daemon {
             .with_context(|| format!("opening storage root `{}`", config.root.display()))?;
         let (shutdown, _) = watch::channel(false);
         let limits = RwLock::new(Arc::new(config.limits.clone()));
-        let conn_limits = Arc::new(ConnLimits::new(
-            config.limits.max_connections,
-            config.limits.max_connections_per_source,
-        ));
-        let penalties = crate::penalty::Penalties::new(config.penalties.clone());
+        for warning in &config.warnings {
+            tracing::warn!(config = %config.path.display(), "{warning}");
+        }
+        let nofile = crate::admission::raise_nofile_limit();
+        let admission = crate::admission::Admission::new(
+            &config.limits,
+            crate::admission::connection_cap(&config.limits, nofile),
+        );
+        let penalties = crate::penalty::Penalties::new(config.penalties.clone())
+            .keyed_by(config.limits.per_source_net_block_size);
         let audit = crate::audit::AuditLog::open(&config.audit_log)
             .with_context(|| format!("opening audit log `{}`", config.audit_log.display()))?;
         Ok(Daemon {
@@ -137,7 +143,8 @@ impl Daemon {
                 penalties,
                 audit,
                 limits,
-                conn_limits,
+                admission,
+                nofile,
                 tls: RwLock::new((TlsAcceptor::from(tls), fingerprint)),
                 shutdown,
             }),
@@ -186,7 +193,7 @@ impl Daemon {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let state = self.state;
-        let slots = state.conn_limits.clone();
+        let admission = state.admission.clone();
         let mut tasks = JoinSet::new();
         let mut stop = state.shutdown_rx();
         let handle = state.shutdown_handle();
@@ -204,21 +211,17 @@ impl Daemon {
             };
             match accepted {
                 Ok((tcp, peer)) => {
-                    // Over a cap, close at once: waiting would let idle connections hold the
-                    // accept queue and starve everyone else.
-                    let slot = match slots.try_acquire(peer.ip()) {
-                        Ok(slot) => slot,
+                    // Over a cap, refuse at once (with a line saying why): waiting would let
+                    // idle connections hold the accept queue and starve everyone else.
+                    let ticket = match admission.admit(peer.ip()) {
+                        Ok(ticket) => ticket,
                         Err(why) => {
-                            tracing::debug!(%peer, why, "connection refused");
-                            drop(tcp);
+                            admission.refuse(tcp, peer.ip(), &why);
                             continue;
                         }
                     };
                     let state = state.clone();
-                    tasks.spawn(async move {
-                        crate::handler::handle_tcp(state, tcp, peer).await;
-                        drop(slot);
-                    });
+                    tasks.spawn(crate::handler::handle_tcp(state, tcp, peer, ticket));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -252,80 +255,6 @@ impl Daemon {
     }
 }
 
-/// Connection counts, in total and per source address, with the caps they must stay under.
-pub struct ConnLimits {
-    /// Most connections in total.
-    total: std::sync::atomic::AtomicUsize,
-    /// Most connections from one address.
-    per_source: std::sync::atomic::AtomicUsize,
-    /// Open connections: the total and the count per address (only addresses with some).
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
-}
-
-/// One counted connection; dropping it frees the slot.
-pub struct ConnSlot {
-    /// The counts to give the slot back to.
-    limits: Arc<ConnLimits>,
-    /// The address it was counted under.
-    ip: IpAddr,
-}
-
-impl ConnLimits {
-    /// Counts with the given caps.
-    pub fn new(total: usize, per_source: usize) -> Self {
-        ConnLimits {
-            total: total.into(),
-            per_source: per_source.into(),
-            open: Mutex::new((0, HashMap::new())),
-        }
-    }
-
-    /// Changes the caps (a reload); connections already open stay.
-    pub fn set_caps(&self, total: usize, per_source: usize) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.total.store(total, Relaxed);
-        self.per_source.store(per_source, Relaxed);
-    }
-
-    /// Takes a slot for a connection from `ip`, or says which cap is full.
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, &'static str> {
-        let ip = ip.to_canonical();
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        use std::sync::atomic::Ordering::Relaxed;
-        if open.0 >= self.total.load(Relaxed) {
-            return Err("connection limit reached");
-        }
-        let count = open.1.entry(ip).or_insert(0);
-        if *count >= self.per_source.load(Relaxed) {
-            return Err("per-source connection limit reached");
-        }
-        *count += 1;
-        open.0 += 1;
-        Ok(ConnSlot {
-            limits: self.clone(),
-            ip,
-        })
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).0
-    }
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        let mut open = self.limits.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.0 -= 1;
-        if let Some(count) = open.1.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.1.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Reloads the config's limits, the users file and the certificate (SIGHUP). Everything is
 /// loaded and checked before anything is swapped in, so a broken file leaves the running state
 /// exactly as it was. Keys naming files, folders or the address need a restart; a change to
@@ -346,6 +275,10 @@ pub fn reload(state: &State) -> anyhow::Result<()> {
             fresh.limits.max_concurrent_logins == old.limits.max_concurrent_logins,
         ),
         ("penalties", fresh.penalties == old.penalties),
+        (
+            "limits.per_source_net_block_size",
+            fresh.limits.per_source_net_block_size == old.limits.per_source_net_block_size,
+        ),
         ("sessions", fresh.sessions == old.sessions),
     ] {
         if !same {
@@ -358,9 +291,12 @@ pub fn reload(state: &State) -> anyhow::Result<()> {
     let (tls, fingerprint) = crate::tls::server_config(&state.config.cert, &state.config.key)?;
     let users = state.accounts.reload()?;
     *state.tls.write().unwrap_or_else(|e| e.into_inner()) = (TlsAcceptor::from(tls), fingerprint);
-    state.conn_limits.set_caps(
-        fresh.limits.max_connections,
-        fresh.limits.max_connections_per_source,
+    for warning in &fresh.warnings {
+        tracing::warn!(config = %fresh.path.display(), "{warning}");
+    }
+    state.admission.set_limits(
+        &fresh.limits,
+        crate::admission::connection_cap(&fresh.limits, state.nofile),
     );
     *state.limits.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh.limits);
     if let Err(e) = state.audit.reopen() {
@@ -385,33 +321,4 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn caps_hold_in_total_and_per_source_and_slots_come_back() {
-        let limits = Arc::new(ConnLimits::new(5, 2));
-        let a: IpAddr = "127.0.0.2".parse().unwrap();
-        let b: IpAddr = "127.0.0.3".parse().unwrap();
-        let a1 = limits.try_acquire(a).unwrap();
-        let _a2 = limits.try_acquire(a).unwrap();
-        assert!(limits.try_acquire(a).is_err());
-        // The same address as an IPv4-mapped IPv6 address counts as the same source.
-        assert!(
-            limits
-                .try_acquire("::ffff:127.0.0.2".parse().unwrap())
-                .is_err()
-        );
-        let _b1 = limits.try_acquire(b).unwrap();
-        let _b2 = limits.try_acquire(b).unwrap();
-        let _c = limits.try_acquire("127.0.0.4".parse().unwrap()).unwrap();
-        assert_eq!(limits.open(), 5);
-        assert!(limits.try_acquire("127.0.0.5".parse().unwrap()).is_err());
-        drop(a1);
-        assert_eq!(limits.open(), 4);
-        limits.try_acquire(a).unwrap();
-    }
 }

@@ -40,9 +40,16 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_idle_connections_neither_lock_out_a_real_client_nor_linger() {
     let (_dir, config) = setup(10);
+    // Room for all 220 in the unauthenticated pool and 20 per address, so that the idlers are
+    // dropped by their deadlines, not by admission (daemon/tests/admission.rs covers that).
     set_config(
         &config,
-        &[("handshake_timeout_secs", "2"), ("login_timeout_secs", "3")],
+        &[
+            ("handshake_timeout_secs", "2"),
+            ("login_timeout_secs", "3"),
+            ("max_startups", "\"300\""),
+            ("max_startups_per_source", "20"),
+        ],
     );
     let mut serving = Serving::start(&config);
     let pid = serving.child.id();

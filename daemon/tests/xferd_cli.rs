@@ -409,8 +409,9 @@ async fn notifies_systemd_and_reloads_on_sighup_without_dropping_sessions() {
         .expect("the session opened before the reload still works");
     open.list("").await.unwrap();
 
-    // Limits reload too: with 2 connections per source, the third from 127.0.0.1 is refused.
-    set_config(&config, &[("max_connections_per_source", "2")]);
+    // Limits reload too: with 1 connection per source waiting to log in, a second one from
+    // 127.0.0.1 is refused, and says so; the logged-in `open` does not count.
+    set_config(&config, &[("max_startups_per_source", "1")]);
     serving.signal(rustix::process::Signal::HUP);
     wait_for("the reload logged", Duration::from_secs(10), || {
         serving.logged("reloaded config limits")
@@ -418,7 +419,17 @@ async fn notifies_systemd_and_reloads_on_sighup_without_dropping_sessions() {
     .await;
     let mut second = Client::connect(&serving.addr, new_fp, None).await.unwrap();
     second.ping().await.unwrap();
-    assert!(Client::connect(&serving.addr, new_fp, None).await.is_err());
+    let refused = Client::connect(&serving.addr, new_fp, None)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("too many connections from 127.0.0.1 (1)"),
+        "{refused}"
+    );
+    assert_eq!(refused.exit_code(), 7);
     // A broken config is refused on reload and the running limits stay.
     set_config(&config, &[("max_connections", "0")]);
     serving.signal(rustix::process::Signal::HUP);

@@ -42,3 +42,10 @@ pub const ALPN: &[u8] = b"xfer/1";
 
 /// The TCP port used when a server address names none.
 pub const DEFAULT_PORT: u16 = 7443;
+
+/// Start of the one plain-text line a server sends instead of a TLS ServerHello when it
+/// refuses a connection at a limit (spec §1): the reason follows, then `\n`.
+pub const REFUSAL_PREFIX: &str = "xfer-refused: ";
+
+/// Longest refusal line, newline included; a client reads no further.
+pub const MAX_REFUSAL_LINE: usize = 200;

@@ -308,7 +308,8 @@ pub enum ErrorCode {
     VerificationFailed,
     /// The server's disk is full (exit 1).
     NoSpace,
-    /// The server is too busy right now; try again (exit 1).
+    /// The server is at a limit (sessions, logins in progress); the message says which; try
+    /// again (exit 7, as a refused connection).
     Busy,
     /// The server is shutting down (exit 7).
     ShuttingDown,
@@ -328,7 +329,7 @@ impl ErrorCode {
             | ErrorCode::RateLimited => 3,
             ErrorCode::PermissionDenied | ErrorCode::InvalidPath => 4,
             ErrorCode::NotFound => 5,
-            ErrorCode::ShuttingDown => 7,
+            ErrorCode::ShuttingDown | ErrorCode::Busy => 7,
             ErrorCode::VerificationFailed => 8,
             ErrorCode::BadRequest
             | ErrorCode::VersionMismatch
@@ -336,7 +337,6 @@ impl ErrorCode {
             | ErrorCode::WrongKind
             | ErrorCode::NotEmpty
             | ErrorCode::NoSpace
-            | ErrorCode::Busy
             | ErrorCode::Internal => 1,
         }
     }

@@ -147,6 +147,9 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let state = ctx.state.clone();
     match state.accounts.verify(user, password).await {
         VerifyOutcome::Ok { role, generation } => {
+            if let Err(why) = ctx.enter_session(user) {
+                return crate::handler::refuse_session(conn, &why).await;
+            }
             let (token, rec) = state
                 .sessions
                 .create(user, generation, &ctx.peer.to_string());
@@ -219,6 +222,9 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     };
+    if let Err(why) = ctx.enter_session(&record.user) {
+        return crate::handler::refuse_session(conn, &why).await;
+    }
     match start_session(ctx, &record.user, role, token.into(), record.expires) {
         Ok(session) => {
             tracing::debug!(user = %record.user, peer = %ctx.peer, "token accepted");
