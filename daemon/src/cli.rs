@@ -408,7 +408,7 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
 
 fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
     let config = Config::load(config)?;
-    let store = crate::sessions::SessionStore::open(&config.state_dir, config.sessions.ttl_secs)
+    let store = crate::sessions::SessionStore::open(&config.state_dir, &config.sessions)
         .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))?;
     let time = |secs: i64| {
         humantime::format_rfc3339_seconds(
@@ -449,8 +449,13 @@ fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
                 bail!("name sessions to revoke: IDs, --user NAME or --all");
             }
             let mut n = 0;
+            let revoke = |id: Option<&str>, user: Option<&str>| {
+                store.revoke_matching(id, user).with_context(|| {
+                    format!("recording revocations in `{}`", config.state_dir.display())
+                })
+            };
             if all {
-                n += store.revoke_matching(Some(""), None);
+                n += revoke(Some(""), None)?;
             }
             for id in &ids {
                 if id.len() < 6 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -458,14 +463,14 @@ fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
                         "`{id}` is not a session id (6 or more hex digits from `xferd session list`)"
                     );
                 }
-                let k = store.revoke_matching(Some(&id.to_ascii_lowercase()), None);
+                let k = revoke(Some(&id.to_ascii_lowercase()), None)?;
                 if k == 0 {
                     bail!("no session with id `{id}`");
                 }
                 n += k;
             }
             if let Some(u) = &user {
-                n += store.revoke_matching(None, Some(u));
+                n += revoke(None, Some(u))?;
             }
             println!("revoked {n} session(s)");
         }
