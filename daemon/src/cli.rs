@@ -245,10 +245,6 @@ pub fn read_password(from_stdin: bool, prompt: &str, confirm: bool) -> anyhow::R
     Ok(pw)
 }
 
-fn users_path(config: &Path) -> anyhow::Result<PathBuf> {
-    Ok(Config::load(config)?.users_file)
-}
-
 fn load_users_or_empty(path: &Path) -> anyhow::Result<UsersFile> {
     if path.exists() {
         Ok(UsersFile::load(path)?)
@@ -343,8 +339,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
-    let path = users_path(config)?;
+/// Revokes every stored session of `name` after a change to the account, so that they are gone
+/// from `xferd session list` and from every daemon sharing the state folder at once, not only
+/// refused. The account change itself already stands, so a failure here is reported with
+/// what to do rather than undoing it.
+fn revoke_sessions_of(config: &Config, name: &str, why: &str) -> anyhow::Result<usize> {
+    crate::sessions::SessionStore::open(&config.state_dir, &config.sessions)
+        .and_then(|store| store.revoke_matching(None, Some(name)))
+        .with_context(|| {
+            format!(
+                "{why}, but revoking the sessions of `{name}` in `{}` failed (they are refused \
+                 anyway); run `xferd session revoke --user {name}` as the daemon's user",
+                config.state_dir.display()
+            )
+        })
+}
+
+fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let path = config.users_file.clone();
     let mut users = load_users_or_empty(&path)?;
     match cmd {
         UserCommand::Add {
@@ -363,6 +376,9 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             let pw = read_password(password_stdin, &format!("Password for {name}: "), true)?;
             users.add(&name, role, &pw)?;
             users.save(&path)?;
+            // Sessions left from an earlier account of this name (one removed by editing the
+            // users file) would be refused anyway, since generations never repeat; they go.
+            revoke_sessions_of(&config, &name, &format!("added {role} `{name}`"))?;
             println!("added {role} `{name}`");
         }
         UserCommand::Passwd {
@@ -376,17 +392,20 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             let pw = read_password(password_stdin, &format!("New password for {name}: "), true)?;
             users.set_password(&name, &pw)?;
             users.save(&path)?;
+            revoke_sessions_of(&config, &name, &format!("changed the password of `{name}`"))?;
             println!("password changed for `{name}`; their sessions are revoked");
         }
         UserCommand::Role { name, role } => {
             users.set_role(&name, role)?;
             users.save(&path)?;
+            revoke_sessions_of(&config, &name, &format!("made `{name}` {role}"))?;
             println!("`{name}` is now {role}; their sessions are revoked");
         }
         UserCommand::Del { name } => {
             users.remove(&name)?;
             users.save(&path)?;
-            println!("deleted `{name}` (their files stay on disk)");
+            let n = revoke_sessions_of(&config, &name, &format!("deleted `{name}`"))?;
+            println!("deleted `{name}` and revoked {n} session(s) (their files stay on disk)");
         }
         UserCommand::List { json } => {
             if json {
