@@ -355,6 +355,14 @@ fn revoke_sessions_of(config: &Config, name: &str, why: &str) -> anyhow::Result<
         })
 }
 
+/// [`revoke_sessions_of`] where the sessions are refused anyway because the account's
+/// generation moved on (or is new): a failure is a warning, not a failed command.
+fn revoke_sessions_or_warn(config: &Config, name: &str, why: &str) {
+    if let Err(e) = revoke_sessions_of(config, name, why) {
+        eprintln!("xferd: warning: {e:#}");
+    }
+}
+
 fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let path = config.users_file.clone();
@@ -378,7 +386,7 @@ fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             users.save(&path)?;
             // Sessions left from an earlier account of this name (one removed by editing the
             // users file) would be refused anyway, since generations never repeat; they go.
-            revoke_sessions_of(&config, &name, &format!("added {role} `{name}`"))?;
+            revoke_sessions_or_warn(&config, &name, &format!("added {role} `{name}`"));
             println!("added {role} `{name}`");
         }
         UserCommand::Passwd {
@@ -392,18 +400,19 @@ fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             let pw = read_password(password_stdin, &format!("New password for {name}: "), true)?;
             users.set_password(&name, &pw)?;
             users.save(&path)?;
-            revoke_sessions_of(&config, &name, &format!("changed the password of `{name}`"))?;
+            revoke_sessions_or_warn(&config, &name, &format!("changed the password of `{name}`"));
             println!("password changed for `{name}`; their sessions are revoked");
         }
         UserCommand::Role { name, role } => {
             users.set_role(&name, role)?;
             users.save(&path)?;
-            revoke_sessions_of(&config, &name, &format!("made `{name}` {role}"))?;
+            revoke_sessions_or_warn(&config, &name, &format!("made `{name}` {role}"));
             println!("`{name}` is now {role}; their sessions are revoked");
         }
         UserCommand::Del { name } => {
             users.remove(&name)?;
             users.save(&path)?;
+            // Here the command fails if they cannot be revoked: sessions die with the account.
             let n = revoke_sessions_of(&config, &name, &format!("deleted `{name}`"))?;
             println!("deleted `{name}` and revoked {n} session(s) (their files stay on disk)");
         }

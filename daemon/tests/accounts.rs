@@ -177,3 +177,29 @@ async fn a_users_file_rewritten_in_place_never_ends_a_session() {
     alice.list("").await.unwrap();
     assert_eq!(server.state.sessions.list().len(), 1);
 }
+
+#[test]
+fn user_commands_say_so_when_the_sessions_cannot_be_revoked() {
+    let (dir, config) = setup(10);
+    // A state folder that cannot be opened.
+    let state = dir.path().join("state");
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::write(&state, b"not a folder").unwrap();
+    // A password change revokes by generation anyway: a warning.
+    let out = xferd(
+        &config,
+        &["user", "passwd", "alice", "--password-stdin"],
+        "new-pw\n",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("warning"), "{}", out.stderr);
+    // Deleting must take the sessions with it: a failure, saying what to run.
+    let out = xferd(&config, &["user", "del", "alice"], "");
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("deleted `alice`")
+            && out.stderr.contains("xferd session revoke --user alice"),
+        "{}",
+        out.stderr
+    );
+}
