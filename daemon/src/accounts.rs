@@ -346,16 +346,35 @@ struct Seen {
     unusable: Option<FileStamp>,
 }
 
-/// Reads and validates the users file. With `running`, an empty file is refused like an
-/// invalid one: the daemon already has accounts, and an empty read is an editor's truncation
-/// far more often than an administrator's intent (`xferd user del` keeps the header).
-fn read_users(path: &Path, running: bool) -> Result<(UsersFile, Seen), AccountError> {
+/// Reads and validates the users file, unless its bytes are `unchanged` (the digest of the
+/// accounts in force): then `Ok((None, seen))`. With `running`, an empty file is refused like
+/// an invalid one: the daemon already has accounts, and an empty read is an editor's
+/// truncation far more often than an administrator's intent (`xferd user del` keeps the
+/// header).
+fn read_users(
+    path: &Path,
+    running: bool,
+    unchanged: Option<blake3::Hash>,
+) -> Result<(Option<UsersFile>, Seen), AccountError> {
     let before = file_stamp(path);
     let bytes = std::fs::read(path).map_err(|source| AccountError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let after = file_stamp(path);
+    // A write during the read, or one too recent to be sure of: look again soon.
+    let settled = before == after
+        && after.is_some_and(|s| !s.is_racy(std::time::SystemTime::now(), RACY_WINDOW));
+    let seen = Seen {
+        stamp: after,
+        digest: blake3::hash(&bytes),
+        recheck_at: (!settled).then(|| Instant::now() + RECHECK_RACY),
+        unusable: None,
+    };
+    // Re-reads of a settling (or future-dated) file are frequent: skip the parse.
+    if unchanged == Some(seen.digest) {
+        return Ok((None, seen));
+    }
     let text = String::from_utf8(bytes).map_err(|_| AccountError::Parse {
         path: path.to_path_buf(),
         message: "the file is not UTF-8".into(),
@@ -366,19 +385,7 @@ fn read_users(path: &Path, running: bool) -> Result<(UsersFile, Seen), AccountEr
             message: "the file is empty (being rewritten?)".into(),
         });
     }
-    let file = UsersFile::parse(path, &text)?;
-    // A write during the read, or one too recent to be sure of: look again soon.
-    let settled = before == after
-        && after.is_some_and(|s| !s.is_racy(std::time::SystemTime::now(), RACY_WINDOW));
-    Ok((
-        file,
-        Seen {
-            stamp: after,
-            digest: blake3::hash(text.as_bytes()),
-            recheck_at: (!settled).then(|| Instant::now() + RECHECK_RACY),
-            unusable: None,
-        },
-    ))
+    Ok((Some(UsersFile::parse(path, &text)?), seen))
 }
 
 /// The accounts the running daemon serves, reloaded when the users file changes.
@@ -406,7 +413,8 @@ impl Accounts {
         max_concurrent: usize,
         max_queued: usize,
     ) -> Result<Self, AccountError> {
-        let (file, seen) = read_users(path, false)?;
+        let (file, seen) = read_users(path, false, None)?;
+        let file = file.unwrap_or_default();
         let dummy_hash = hash_password("dummy password for unknown users")?;
         Ok(Accounts {
             path: path.to_path_buf(),
@@ -436,12 +444,12 @@ impl Accounts {
     /// Reads the file and swaps its accounts in if it is usable and differs from those in
     /// force; `Ok(true)` when it swapped. On error nothing changes but the retry time.
     fn read_again(&self, seen: &mut Seen) -> Result<bool, AccountError> {
-        match read_users(&self.path, true) {
-            Ok((_, fresh)) if fresh.digest == seen.digest => {
+        match read_users(&self.path, true, Some(seen.digest)) {
+            Ok((None, fresh)) => {
                 *seen = fresh;
                 Ok(false)
             }
-            Ok((file, fresh)) => {
+            Ok((Some(file), fresh)) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(file);
                 *seen = fresh;
                 Ok(true)
