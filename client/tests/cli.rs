@@ -429,10 +429,10 @@ fn a_changed_server_key_is_refused_before_any_password_is_sent() {
     let target = format!("alice@{}", server.server());
     login_piped(&h, &target, &["--accept-new"], "alice-pw").expect_code(6);
     let log_users_before =
-        std::fs::read_to_string(server.config().state_dir.join("sessions.json")).unwrap();
+        std::fs::read_to_string(server.config().state_dir.join("sessions.jsonl")).unwrap();
     login_piped(&h, &target, &["--fingerprint", &new], "alice-pw").expect_code(6);
     let log_users_after =
-        std::fs::read_to_string(server.config().state_dir.join("sessions.json")).unwrap();
+        std::fs::read_to_string(server.config().state_dir.join("sessions.jsonl")).unwrap();
     assert_eq!(
         log_users_before, log_users_after,
         "no login reached the server"
@@ -520,7 +520,7 @@ fn bind_selects_the_source_address() {
     let r = h.login_with(&server, "alice", "alice-pw", &["--bind", "127.0.0.2"]);
     r.expect_code(0);
     let sessions =
-        std::fs::read_to_string(server.config().state_dir.join("sessions.json")).unwrap();
+        std::fs::read_to_string(server.config().state_dir.join("sessions.jsonl")).unwrap();
     assert!(sessions.contains("127.0.0.2"), "{sessions}");
 }
 

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -83,6 +84,8 @@ pub struct UserRecord {
     /// argon2id PHC string.
     pub hash: String,
     /// Bumped on every password or role change; sessions from older generations are revoked.
+    /// A new account starts at [`first_generation`], so it never repeats one of an earlier
+    /// account of the same name.
     #[serde(default)]
     pub generation: u64,
 }
@@ -102,6 +105,26 @@ const USERS_HEADER: &str = "\
 # hash: argon2id PHC string (m=19456,t=2,p=1 or stronger); role: \"user\" or \"superuser\".
 
 ";
+
+/// The generation a new account starts at: the wall clock in microseconds since the epoch.
+///
+/// A session carries its account's generation, so a generation must never come back for a
+/// name: a token of a deleted `dave` (stolen, or already revoked by `user passwd`) must not fit
+/// a new `dave`. Counting from 1 did exactly that. The clock serves because an account's
+/// generation moves by one per `xferd user passwd|role` run, each a separate process that
+/// rewrites and fsyncs the users file and so takes far longer than a microsecond: no account
+/// can count past the clock, and a later account of the same name starts above everything the
+/// earlier one reached. (A record of retired generations would also work, but would have to
+/// live in the users file forever and would be lost by a hand edit; the clock needs nothing
+/// stored.) It fails only if the clock is set back by more than the time between the delete and
+/// the new account, which is why `xferd user del` also revokes the account's sessions outright.
+pub fn first_generation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+        .unwrap_or(1)
+        .max(1)
+}
 
 /// Checks a user name: 1 to 64 bytes, no `/`, `\\`, `..`, control characters, whitespace, `@`,
 /// and not starting with `.` or `-` (it names a folder and appears in `USER@HOST`).
@@ -199,7 +222,12 @@ impl UsersFile {
             path: path.to_path_buf(),
             source,
         })?;
-        let file: UsersFile = toml::from_str(&text).map_err(|e| AccountError::Parse {
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates the text of a users file read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<UsersFile, AccountError> {
+        let file: UsersFile = toml::from_str(text).map_err(|e| AccountError::Parse {
             path: path.to_path_buf(),
             message: e.message().to_string(),
         })?;
@@ -238,7 +266,7 @@ impl UsersFile {
             UserRecord {
                 role,
                 hash,
-                generation: 1,
+                generation: first_generation(),
             },
         );
         Ok(())
@@ -293,14 +321,81 @@ pub enum VerifyOutcome {
     Busy,
 }
 
+/// How long after a write a file's stamp is not trusted to show a further write: the kernel's
+/// file clock ticks every few milliseconds, and some filesystems keep seconds (FAT: two).
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// How often a freshly written users file is read again while its stamp is not yet trusted.
+pub const RECHECK_RACY: Duration = Duration::from_millis(100);
+
+/// How long an empty or invalid users file is left before it is read again (sooner if it
+/// changes).
+pub const RETRY_UNUSABLE: Duration = Duration::from_secs(1);
+
+/// What a read of the users file saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// The file's stamp when read.
+    stamp: Option<FileStamp>,
+    /// BLAKE3 of the bytes behind the accounts in force: the same bytes again change nothing.
+    digest: blake3::Hash,
+    /// Read again from then on, even if the stamp stays: the read was unusable, or so close
+    /// to a write that another could hide behind the same stamp.
+    recheck_at: Option<Instant>,
+    /// Stamp of the last unusable version, so that each is logged once.
+    unusable: Option<FileStamp>,
+}
+
+/// Reads and validates the users file, unless its bytes are `unchanged` (the digest of the
+/// accounts in force): then `Ok((None, seen))`. With `running`, an empty file is refused like
+/// an invalid one: the daemon already has accounts, and an empty read is an editor's
+/// truncation far more often than an administrator's intent (`xferd user del` keeps the
+/// header).
+fn read_users(
+    path: &Path,
+    running: bool,
+    unchanged: Option<blake3::Hash>,
+) -> Result<(Option<UsersFile>, Seen), AccountError> {
+    let before = file_stamp(path);
+    let bytes = std::fs::read(path).map_err(|source| AccountError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let after = file_stamp(path);
+    // A write during the read, or one too recent to be sure of: look again soon.
+    let settled = before == after
+        && after.is_some_and(|s| !s.is_racy(std::time::SystemTime::now(), RACY_WINDOW));
+    let seen = Seen {
+        stamp: after,
+        digest: blake3::hash(&bytes),
+        recheck_at: (!settled).then(|| Instant::now() + RECHECK_RACY),
+        unusable: None,
+    };
+    // Re-reads of a settling (or future-dated) file are frequent: skip the parse.
+    if unchanged == Some(seen.digest) {
+        return Ok((None, seen));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| AccountError::Parse {
+        path: path.to_path_buf(),
+        message: "the file is not UTF-8".into(),
+    })?;
+    if running && text.trim().is_empty() {
+        return Err(AccountError::Parse {
+            path: path.to_path_buf(),
+            message: "the file is empty (being rewritten?)".into(),
+        });
+    }
+    Ok((Some(UsersFile::parse(path, &text)?), seen))
+}
+
 /// The accounts the running daemon serves, reloaded when the users file changes.
 pub struct Accounts {
     /// Where the users file lives.
     path: PathBuf,
     /// Current contents; swapped whole on reload so readers never see a half-applied file.
     current: RwLock<Arc<UsersFile>>,
-    /// Stamp of the loaded file, to notice `xferd user ...` edits.
-    loaded_stamp: Mutex<Option<FileStamp>>,
+    /// What the last look at the file saw, to notice `xferd user ...` edits.
+    seen: Mutex<Seen>,
     /// Caps concurrent argon2 runs (CPU and 19 MiB each).
     slots: Arc<tokio::sync::Semaphore>,
     /// Logins currently waiting for or holding a slot.
@@ -318,12 +413,13 @@ impl Accounts {
         max_concurrent: usize,
         max_queued: usize,
     ) -> Result<Self, AccountError> {
-        let file = UsersFile::load(path)?;
+        let (file, seen) = read_users(path, false, None)?;
+        let file = file.unwrap_or_default();
         let dummy_hash = hash_password("dummy password for unknown users")?;
         Ok(Accounts {
             path: path.to_path_buf(),
             current: RwLock::new(Arc::new(file)),
-            loaded_stamp: Mutex::new(file_stamp(path)),
+            seen: Mutex::new(seen),
             slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1))),
             queued: AtomicUsize::new(0),
             max_queued: max_queued + max_concurrent.max(1),
@@ -331,34 +427,70 @@ impl Accounts {
         })
     }
 
-    /// Re-reads the users file; on error the old accounts stay in force.
+    /// Re-reads the users file (SIGHUP); on error the old accounts stay in force.
     pub fn reload(&self) -> Result<usize, AccountError> {
-        let stamp = file_stamp(&self.path);
-        let file = UsersFile::load(&self.path)?;
-        let n = file.users.len();
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(file);
-        *self.loaded_stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
-        Ok(n)
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        self.read_again(&mut seen)
+            .map(|_| self.current_file().users.len())
     }
 
-    /// The current accounts, reloading first if the file changed on disk.
-    pub fn snapshot(&self) -> Arc<UsersFile> {
-        let stamp = file_stamp(&self.path);
-        let changed = *self.loaded_stamp.lock().unwrap_or_else(|e| e.into_inner()) != stamp;
-        if changed {
-            match self.reload() {
-                Ok(n) => tracing::info!(users = n, "users file changed on disk; reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "users file changed but is invalid; keeping the previous accounts");
-                    // Remember the stamp so the error is logged once per change, not per request.
-                    *self.loaded_stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
-                }
-            }
-        }
+    fn current_file(&self) -> Arc<UsersFile> {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Reads the file and swaps its accounts in if it is usable and differs from those in
+    /// force; `Ok(true)` when it swapped. On error nothing changes but the retry time.
+    fn read_again(&self, seen: &mut Seen) -> Result<bool, AccountError> {
+        match read_users(&self.path, true, Some(seen.digest)) {
+            Ok((None, fresh)) => {
+                *seen = fresh;
+                Ok(false)
+            }
+            Ok((Some(file), fresh)) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(file);
+                *seen = fresh;
+                Ok(true)
+            }
+            Err(e) => {
+                seen.stamp = file_stamp(&self.path);
+                seen.recheck_at = Some(Instant::now() + RETRY_UNUSABLE);
+                Err(e)
+            }
+        }
+    }
+
+    /// The current accounts, reading the file again first if it changed on disk.
+    ///
+    /// An editor that rewrites the file in place empties it, then writes it: a read in between
+    /// sees nothing, or half an account. Such a read is never taken for the truth: an empty or
+    /// invalid file leaves the accounts in force and is read again when it changes or after
+    /// [`RETRY_UNUSABLE`]; and a file written so recently that a further write could leave its
+    /// stamp unchanged is read again after [`RECHECK_RACY`] until it has settled.
+    pub fn snapshot(&self) -> Arc<UsersFile> {
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let due = file_stamp(&self.path) != seen.stamp
+                || seen.recheck_at.is_some_and(|t| Instant::now() >= t);
+            if due {
+                match self.read_again(&mut seen) {
+                    Ok(true) => tracing::info!(
+                        users = self.current_file().users.len(),
+                        "users file changed on disk; reloaded"
+                    ),
+                    Ok(false) => {}
+                    // Logged once per version of the file, not per request.
+                    Err(e) if seen.unusable != seen.stamp => {
+                        tracing::error!(error = %e, "users file changed but is unusable; keeping the previous accounts until it is fixed");
+                        seen.unusable = seen.stamp;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        self.current_file()
     }
 
     /// Looks up an account's role and generation.
@@ -481,11 +613,30 @@ mod tests {
         f.save(&p).unwrap();
         let mut g = UsersFile::load(&p).unwrap();
         assert_eq!(g, f);
+        let first = g.users["alice"].generation;
         g.set_password("alice", "pw2").unwrap();
-        assert_eq!(g.users["alice"].generation, 2);
+        assert_eq!(g.users["alice"].generation, first + 1);
         assert!(verify_blocking(&g.users["alice"].hash, "pw2"));
         g.remove("alice").unwrap();
         assert!(g.users.is_empty());
+    }
+
+    #[test]
+    fn a_new_account_never_reuses_a_generation_of_an_earlier_one_of_its_name() {
+        let mut f = UsersFile::default();
+        f.add("dave", Role::User, "pw1").unwrap();
+        let first = f.users["dave"].generation;
+        f.set_password("dave", "pw2").unwrap();
+        f.set_role("dave", Role::Superuser).unwrap();
+        let last = f.users["dave"].generation;
+        assert_eq!(last, first + 2);
+        f.remove("dave").unwrap();
+        f.add("dave", Role::User, "pw3").unwrap();
+        assert!(
+            f.users["dave"].generation > last,
+            "{} after {first}..={last}",
+            f.users["dave"].generation
+        );
     }
 
     #[test]
@@ -506,6 +657,43 @@ mod tests {
             .set_modified(first)
             .unwrap();
         assert!(acc.lookup("bob").is_some());
+    }
+
+    #[test]
+    fn an_empty_or_torn_users_file_keeps_the_accounts_in_force() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        let mut f = UsersFile::default();
+        f.add("alice", Role::User, "pw").unwrap();
+        f.save(&p).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let acc = Accounts::load(&p, 1, 1).unwrap();
+        let alice = acc.lookup("alice");
+        assert!(alice.is_some());
+        // An editor's rewrite in place: truncated, half written, then whole again.
+        let rewrite = |bytes: &[u8]| {
+            let mut file = std::fs::File::options()
+                .write(true)
+                .truncate(true)
+                .open(&p)
+                .unwrap();
+            file.write_all(bytes).unwrap();
+        };
+        rewrite(b"");
+        assert_eq!(acc.lookup("alice"), alice, "empty is not the truth");
+        assert!(acc.reload().is_err(), "nor on SIGHUP");
+        rewrite(&good[..good.len() - 20]);
+        assert_eq!(acc.lookup("alice"), alice, "torn is not the truth");
+        rewrite(&good);
+        assert_eq!(acc.lookup("alice"), alice);
+        assert_eq!(acc.reload().unwrap(), 1);
+        // A real change in place is taken.
+        f.remove("alice").unwrap();
+        f.add("bob", Role::User, "pw").unwrap();
+        rewrite(format!("{USERS_HEADER}{}", toml::to_string(&f).unwrap()).as_bytes());
+        assert!(acc.lookup("bob").is_some());
+        assert_eq!(acc.lookup("alice"), None);
     }
 
     #[tokio::test]

@@ -219,10 +219,6 @@ pub fn read_password(from_stdin: bool, prompt: &str, confirm: bool) -> anyhow::R
     Ok(pw)
 }
 
-fn users_path(config: &Path) -> anyhow::Result<PathBuf> {
-    Ok(Config::load(config)?.users_file)
-}
-
 fn load_users_or_empty(path: &Path) -> anyhow::Result<UsersFile> {
     if path.exists() {
         Ok(UsersFile::load(path)?)
@@ -320,8 +316,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
-    let path = users_path(config)?;
+/// Revokes every stored session of `name` after a change to the account, so that they are gone
+/// from `xferd session list` and from every daemon sharing the state folder at once, not only
+/// refused. The account change itself already stands, so a failure here is reported with
+/// what to do rather than undoing it.
+fn revoke_sessions_of(config: &Config, name: &str, why: &str) -> anyhow::Result<usize> {
+    crate::sessions::SessionStore::open(&config.state_dir, &config.sessions)
+        .and_then(|store| store.revoke_matching(None, Some(name)))
+        .with_context(|| {
+            format!(
+                "{why}, but revoking the sessions of `{name}` in `{}` failed (they are refused \
+                 anyway); run `xferd session revoke --user {name}` as the daemon's user",
+                config.state_dir.display()
+            )
+        })
+}
+
+/// [`revoke_sessions_of`] where the sessions are refused anyway because the account's
+/// generation moved on (or is new): a failure is a warning, not a failed command.
+fn revoke_sessions_or_warn(config: &Config, name: &str, why: &str) {
+    if let Err(e) = revoke_sessions_of(config, name, why) {
+        eprintln!("xferd: warning: {e:#}");
+    }
+}
+
+fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let path = config.users_file.clone();
     let mut users = load_users_or_empty(&path)?;
     match cmd {
         UserCommand::Add {
@@ -340,6 +361,9 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             let pw = read_password(password_stdin, &format!("Password for {name}: "), true)?;
             users.add(&name, role, &pw)?;
             users.save(&path)?;
+            // Sessions left from an earlier account of this name (one removed by editing the
+            // users file) would be refused anyway, since generations never repeat; they go.
+            revoke_sessions_or_warn(&config, &name, &format!("added {role} `{name}`"));
             println!("added {role} `{name}`");
         }
         UserCommand::Passwd {
@@ -353,17 +377,21 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             let pw = read_password(password_stdin, &format!("New password for {name}: "), true)?;
             users.set_password(&name, &pw)?;
             users.save(&path)?;
+            revoke_sessions_or_warn(&config, &name, &format!("changed the password of `{name}`"));
             println!("password changed for `{name}`; their sessions are revoked");
         }
         UserCommand::Role { name, role } => {
             users.set_role(&name, role)?;
             users.save(&path)?;
+            revoke_sessions_or_warn(&config, &name, &format!("made `{name}` {role}"));
             println!("`{name}` is now {role}; their sessions are revoked");
         }
         UserCommand::Del { name } => {
             users.remove(&name)?;
             users.save(&path)?;
-            println!("deleted `{name}` (their files stay on disk)");
+            // Here the command fails if they cannot be revoked: sessions die with the account.
+            let n = revoke_sessions_of(&config, &name, &format!("deleted `{name}`"))?;
+            println!("deleted `{name}` and revoked {n} session(s) (their files stay on disk)");
         }
         UserCommand::List { json } => {
             if json {
@@ -385,7 +413,7 @@ fn user_command(config: &Path, cmd: UserCommand) -> anyhow::Result<()> {
 
 fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
     let config = Config::load(config)?;
-    let store = crate::sessions::SessionStore::open(&config.state_dir, config.sessions.ttl_secs)
+    let store = crate::sessions::SessionStore::open(&config.state_dir, &config.sessions)
         .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))?;
     let time = |secs: i64| {
         humantime::format_rfc3339_seconds(
@@ -426,8 +454,13 @@ fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
                 bail!("name sessions to revoke: IDs, --user NAME or --all");
             }
             let mut n = 0;
+            let revoke = |id: Option<&str>, user: Option<&str>| {
+                store.revoke_matching(id, user).with_context(|| {
+                    format!("recording revocations in `{}`", config.state_dir.display())
+                })
+            };
             if all {
-                n += store.revoke_matching(Some(""), None);
+                n += revoke(Some(""), None)?;
             }
             for id in &ids {
                 if id.len() < 6 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -435,14 +468,14 @@ fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
                         "`{id}` is not a session id (6 or more hex digits from `xferd session list`)"
                     );
                 }
-                let k = store.revoke_matching(Some(&id.to_ascii_lowercase()), None);
+                let k = revoke(Some(&id.to_ascii_lowercase()), None)?;
                 if k == 0 {
                     bail!("no session with id `{id}`");
                 }
                 n += k;
             }
             if let Some(u) = &user {
-                n += store.revoke_matching(None, Some(u));
+                n += revoke(None, Some(u))?;
             }
             println!("revoked {n} session(s)");
         }

@@ -213,12 +213,15 @@ impl Limits {
 pub struct SessionSettings {
     /// Seconds a session token stays valid after login.
     pub ttl_secs: u64,
+    /// Most live sessions per account; a login beyond it revokes that account's oldest.
+    pub max_per_user: usize,
 }
 
 impl Default for SessionSettings {
     fn default() -> Self {
         SessionSettings {
             ttl_secs: 7 * 24 * 3600,
+            max_per_user: 100,
         }
     }
 }
@@ -331,6 +334,7 @@ impl Config {
                 l.max_concurrent_logins as u64,
             ),
             ("sessions.ttl_secs", file.sessions.ttl_secs),
+            ("sessions.max_per_user", file.sessions.max_per_user as u64),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));

@@ -32,22 +32,43 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
     sync_dir(dir)
 }
 
-/// One version of a file that is only ever replaced whole (by [`write_atomic`]), to notice
-/// that another process replaced it. The inode is part of it because two versions written
-/// within one tick of the kernel's coarse file clock have the same modification time.
+/// One version of a file, to notice that another process replaced or rewrote it. The inode is
+/// part of it because two versions written within one tick of the kernel's coarse file clock
+/// have the same modification time; the size and the change time are, because an editor that
+/// rewrites a file in place (truncate, then write) keeps the inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {
     ino: u64,
+    len: u64,
     modified: SystemTime,
+    changed: (i64, i64),
+}
+
+impl FileStamp {
+    /// True when the file changed so recently (within `window` of `now`) that a further change
+    /// in the same tick of the file clock could leave this stamp as it is: a reader that saw
+    /// such a stamp should look again later rather than trust it (as Git does with "racy" files).
+    pub fn is_racy(&self, now: SystemTime, window: std::time::Duration) -> bool {
+        now.duration_since(self.modified)
+            .map(|age| age < window)
+            // A modification time in the future: the clock moved, trust nothing.
+            .unwrap_or(true)
+    }
 }
 
 /// The stamp of the file at `path`; `None` when it cannot be read (for example, missing).
 pub fn file_stamp(path: &Path) -> Option<FileStamp> {
+    std::fs::metadata(path).ok().and_then(|m| stamp_of(&m))
+}
+
+/// The stamp of an already opened file's metadata.
+pub fn stamp_of(m: &std::fs::Metadata) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
     Some(FileStamp {
         ino: m.ino(),
+        len: m.len(),
         modified: m.modified().ok()?,
+        changed: (m.ctime(), m.ctime_nsec()),
     })
 }
 

@@ -96,6 +96,9 @@ pressure_deadline_percent = 25
 [sessions]
 # Seconds a session token stays valid after `xfer login` (default: 7 days).
 ttl_secs = 604800
+# Most live sessions (logins) per account; a login beyond it revokes that account's oldest
+# session. Parallel commands with one login share one session.
+max_per_user = 100
 
 [penalties]
 # Brute-force defence, per source address (IPv6: per /64). Each failed login, invalid token or

@@ -115,7 +115,7 @@ impl Daemon {
             config.limits.max_queued_logins,
         )?;
         let (tls, fingerprint) = crate::tls::server_config(&config.cert, &config.key)?;
-        let sessions = SessionStore::open(&config.state_dir, config.sessions.ttl_secs)
+        let sessions = SessionStore::open(&config.state_dir, &config.sessions)
             .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))?;
         let storage = Storage::open(&config.root)
             .with_context(|| format!("opening storage root `{}`", config.root.display()))?;

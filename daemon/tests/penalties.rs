@@ -1,5 +1,6 @@
 //! Password guesses are limited per source wherever a password is checked: at login and when
-//! a superuser's shutdown request re-checks it. In-process daemon, real TLS on loopback.
+//! a superuser's shutdown request re-checks it; token guesses are limited too, without
+//! locking out valid tokens from the same source. In-process daemon, real TLS on loopback.
 
 use xfer_proto::{ErrorCode, Request, Response};
 use xfer_tests::{TestServer, raw_login};
@@ -45,4 +46,105 @@ async fn wrong_shutdown_passwords_penalise_the_source_like_failed_logins() {
         Some(ErrorCode::RateLimited)
     );
     assert!(server.is_running());
+}
+
+/// Sends `Authenticate { token }` and returns the answer's error code (`None`: accepted).
+async fn token_answer(conn: &mut xfer_tests::RawConn, token: &str) -> Option<ErrorCode> {
+    match xfer_tests::raw_call(
+        conn,
+        &Request::Authenticate {
+            token: token.into(),
+        },
+    )
+    .await
+    {
+        Response::Session(_) => None,
+        Response::Error { code, .. } => Some(code),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_rate_limited_without_renewing_the_penalty_and_good_ones_still_work() {
+    // Long steps, so that nothing here depends on how fast the machine is: two failures make
+    // 200 s of penalty, 50 s over the threshold.
+    let server = TestServer::start_with(|c| {
+        c.penalties.per_failure_secs = 100;
+        c.penalties.threshold_secs = 150;
+        c.penalties.max_secs = 1000;
+    });
+    let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let mut conn = xfer_tests::raw_connect(&server).await;
+    xfer_tests::raw_hello(&mut conn).await;
+    let Response::LoggedIn { token: good, .. } = xfer_tests::raw_call(
+        &mut conn,
+        &Request::Login {
+            user: "alice".into(),
+            password: xfer_tests::password_of("alice").into(),
+        },
+    )
+    .await
+    else {
+        panic!("login");
+    };
+
+    let bad = "xfer1_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let mut conn = xfer_tests::raw_connect(&server).await;
+    xfer_tests::raw_hello(&mut conn).await;
+    for _ in 0..2 {
+        assert_eq!(
+            token_answer(&mut conn, bad).await,
+            Some(ErrorCode::SessionExpired)
+        );
+    }
+    let limit = server.state.penalties.refused_for(ip).expect("penalised");
+    assert!(limit <= std::time::Duration::from_secs(50), "{limit:?}");
+    // Over the threshold, a bad token is refused as rate-limited, and the connection closed...
+    assert_eq!(
+        token_answer(&mut conn, bad).await,
+        Some(ErrorCode::RateLimited)
+    );
+    assert!(conn.read_frame::<Response>().await.is_err(), "closed");
+    // ...as often as the guesser likes, without the penalty growing.
+    for _ in 0..10 {
+        let mut conn = xfer_tests::raw_connect(&server).await;
+        xfer_tests::raw_hello(&mut conn).await;
+        assert_eq!(
+            token_answer(&mut conn, bad).await,
+            Some(ErrorCode::RateLimited)
+        );
+    }
+    let left = server
+        .state
+        .penalties
+        .refused_for(ip)
+        .expect("still penalised");
+    assert!(left <= limit, "the penalty grew from {limit:?} to {left:?}");
+    // A user behind the same address keeps their session...
+    let mut conn = xfer_tests::raw_connect(&server).await;
+    xfer_tests::raw_hello(&mut conn).await;
+    assert_eq!(token_answer(&mut conn, &good).await, None);
+    let listed = xfer_tests::raw_call(&mut conn, &Request::List { path: "".into() }).await;
+    assert!(matches!(listed, Response::Entries { .. }), "{listed:?}");
+    // ...while passwords from it are still refused unchecked.
+    let mut conn = xfer_tests::raw_connect(&server).await;
+    xfer_tests::raw_hello(&mut conn).await;
+    let answer = xfer_tests::raw_call(
+        &mut conn,
+        &Request::Login {
+            user: "alice".into(),
+            password: xfer_tests::password_of("alice").into(),
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            answer,
+            Response::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
 }

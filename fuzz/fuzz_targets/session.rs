@@ -305,6 +305,13 @@ fn temp_parent() -> PathBuf {
     std::env::temp_dir()
 }
 
+/// A session token for `user` at the account's current generation (a new account's
+/// generation is time-derived, so it is looked up rather than assumed).
+fn login(state: &State, user: &str) -> String {
+    let (_, generation) = state.accounts.lookup(user).expect("the fixture's account");
+    state.sessions.create(user, generation, "fuzz").0
+}
+
 /// Something unguessable, so the strings the server must not leak are not in any input.
 fn random_hex(tag: &str) -> String {
     let now = std::time::SystemTime::now()
@@ -378,8 +385,8 @@ impl Fixture {
             .state()
             .clone();
         stopped.shutdown_handle().trigger("fuzz fixture");
-        let user_token = state.sessions.create(USER, 1, "fuzz").0;
-        let admin_token = state.sessions.create(ADMIN, 1, "fuzz").0;
+        let user_token = login(&state, USER);
+        let admin_token = login(&state, ADMIN);
         let markers = vec![
             base.as_os_str().as_encoded_bytes().to_vec(),
             secret_name.into_bytes(),
@@ -422,10 +429,10 @@ impl Fixture {
                 .is_some()
         };
         if !valid(&self.user_token) {
-            self.user_token = state.sessions.create(USER, 1, "fuzz").0;
+            self.user_token = login(&state, USER);
         }
         if !valid(&self.admin_token) {
-            self.admin_token = state.sessions.create(ADMIN, 1, "fuzz").0;
+            self.admin_token = login(&state, ADMIN);
         }
         let root = &self.config.root;
         for user in [USER, ADMIN] {
@@ -780,7 +787,7 @@ fn check_disk(fx: &Fixture, seen: &Observed) {
     );
     expect_names(
         &fx.config.state_dir,
-        &["sessions.json", "sessions.lock", "audit.log"],
+        &["sessions.jsonl", "sessions.lock", "audit.log"],
     );
     let outside = snapshot(&fx.base.join("outside"));
     assert_eq!(outside.len(), 1, "outside folder changed: {outside:?}");

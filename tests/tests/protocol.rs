@@ -592,7 +592,11 @@ async fn a_login_on_a_revoked_session_is_allowed() {
     let mut conn = raw_login(&server, "alice").await;
     // Revoked elsewhere (`xferd session revoke --user alice`).
     assert_eq!(
-        server.state.sessions.revoke_matching(None, Some("alice")),
+        server
+            .state
+            .sessions
+            .revoke_matching(None, Some("alice"))
+            .unwrap(),
         1
     );
     let login = Request::Login {

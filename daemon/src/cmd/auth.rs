@@ -49,8 +49,9 @@ pub(super) async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Flow::Continue)
 }
 
-/// Refuses a password check from a source penalised for failed ones, without spending an
-/// argon2 run on it: answers, audits `op` as rate-limited and closes. `None`: go ahead.
+/// Refuses a password check (or a token that did not check out) from a source penalised for
+/// failed ones, without spending an argon2 run on it and without adding to the penalty:
+/// answers, audits `op` as rate-limited and closes. `None`: go ahead.
 pub(super) async fn refuse_if_penalised<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     conn: &mut Connection<S>,
@@ -60,7 +61,7 @@ pub(super) async fn refuse_if_penalised<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(wait) = ctx.state.penalties.refused_for(ctx.peer.ip()) else {
         return Ok(None);
     };
-    tracing::warn!(user = %loggable(user), peer = %ctx.peer, op, wait_secs = wait.as_secs(), "password check refused: source is penalised for failed logins");
+    tracing::warn!(user = %loggable(user), peer = %ctx.peer, op, wait_secs = wait.as_secs(), "refused unchecked: source is penalised for failed logins");
     ctx.audit_as(
         &loggable(user),
         op,
@@ -213,6 +214,13 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         None
     };
     let (Some(record), Some(role)) = (record, role) else {
+        // A valid token works from a penalised source (users behind a guesser's NAT keep
+        // their sessions), but a bad one gets `RateLimited` and a close, and does not extend
+        // the penalty: bad tokens cost no hashing, so counting each would let a guesser renew
+        // everyone's lockout at the maximum with a burst of them.
+        if let Some(flow) = refuse_if_penalised(ctx, conn, "authenticate", "").await? {
+            return Ok(flow);
+        }
         tracing::info!(peer = %ctx.peer, "token refused: unknown, expired or revoked");
         return failed(
             ctx,
