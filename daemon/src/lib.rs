@@ -2,7 +2,8 @@
 //!
 //! Map of the crate:
 //! - [`config`]: the TOML config file, its defaults and validation.
-//! - [`accounts`]: the users file (argon2id hashes, roles) and password verification on the blocking pool.
+//! - [`accounts`]: the users file (argon2id hashes, roles) and password verification.
+//! - [`password`]: password checks on a fixed pool of threads, each with its argon2 memory allocated once.
 //! - [`penalty`]: per-source penalties for failed logins (brute-force defence).
 //! - [`audit`]: the JSON-lines audit trail of every operation.
 //! - [`sessions`]: session tokens, persisted so they survive a restart, revocable and expiring.
@@ -28,6 +29,7 @@ pub mod fsutil;
 pub mod handler;
 pub mod init;
 pub mod partial;
+pub mod password;
 pub mod penalty;
 pub mod server;
 pub mod sessions;
