@@ -7,6 +7,7 @@
 //! so it is ignored in the normal run. `bench/login_rss.sh` builds in release and runs it;
 //! `XFERD_BIN=/path/to/xferd` measures another build (the old code) with the same script, which
 //! is why the daemon is set up with that binary's own `init` and `user add`.
+//! `LOGIN_RSS_ONLY=c` runs only the scenarios named (letters of a, b, c).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
@@ -226,9 +227,11 @@ async fn login_rss_figures() {
     let bin = binary();
     println!("FIGURES binary={}", bin.display());
 
+    let only = std::env::var("LOGIN_RSS_ONLY").unwrap_or_else(|_| "abc".into());
+
     // (a) 120 concurrent password logins, each then holding an upload open, from 30 addresses
     // (4 each, well under any per-source cap).
-    {
+    if only.contains('a') {
         let d = Daemon::start(&bin);
         let before = d.mib("VmRSS");
         let sampler = d.sampler();
@@ -286,7 +289,7 @@ async fn login_rss_figures() {
     // (b) 300 failed logins for a user that does not exist: 100 addresses x 3 guesses (one
     // connection each, max_auth_attempts), so that no source's penalty reaches the threshold,
     // 16 connections at a time.
-    {
+    if only.contains('b') {
         let d = Daemon::start(&bin);
         let before = d.mib("VmRSS");
         let sampler = d.sampler();
@@ -305,7 +308,7 @@ async fn login_rss_figures() {
 
     // (c) 1,000 sequential logins, each on a new connection, logged out again so that the
     // session file stays small and the latency is the login's own.
-    {
+    if only.contains('c') {
         let d = Daemon::start(&bin);
         let before = d.mib("VmRSS");
         let sampler = d.sampler();
