@@ -3,23 +3,23 @@
 //! Hashes are PHC strings at OWASP's argon2id parameters. A weak or malformed hash stops the
 //! load with a message naming the user, because a daemon that silently accepts a weak hash is
 //! worse than one that refuses to start. Verification is CPU- and memory-heavy (19 MiB each), so
-//! it runs on the blocking pool behind a small semaphore with a bounded queue, and unknown users
+//! it runs on [`crate::password`]'s fixed pool of threads with a bounded queue, and unknown users
 //! are verified against a dummy hash so that timing does not reveal which names exist.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use serde::{Deserialize, Serialize};
 use xfer_proto::Role;
 use xfer_proto::limits::{MAX_PASSWORD_LEN, MAX_USER_LEN};
 
 use crate::fsutil::{FileStamp, file_stamp};
+use crate::password::{Checked, DUMMY_HASH, PasswordPool, Verifier};
 
 /// OWASP's recommended argon2id memory cost, in KiB.
 pub const ARGON2_M_KIB: u32 = 19_456;
@@ -72,6 +72,9 @@ pub enum AccountError {
     /// Hashing failed.
     #[error("hashing the password failed: {0}")]
     Hash(String),
+    /// The threads that check passwords could not be started.
+    #[error("starting the password-check threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// One account as stored in the users file.
@@ -205,14 +208,10 @@ pub fn check_password(password: &str) -> Result<(), AccountError> {
     Ok(())
 }
 
-/// Verifies a password against a PHC hash (blocking: call from the blocking pool).
+/// Verifies a password against a PHC hash once, in memory of its own (blocking: tools and
+/// tests; the daemon checks on [`Accounts::verify`]'s pool, which reuses its memory).
 pub fn verify_blocking(hash: &str, password: &str) -> bool {
-    match PasswordHash::new(hash) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
-        Err(_) => false,
-    }
+    Verifier::default().verify(hash, password)
 }
 
 impl UsersFile {
@@ -396,18 +395,14 @@ pub struct Accounts {
     current: RwLock<Arc<UsersFile>>,
     /// What the last look at the file saw, to notice `xferd user ...` edits.
     seen: Mutex<Seen>,
-    /// Caps concurrent argon2 runs (CPU and 19 MiB each).
-    slots: Arc<tokio::sync::Semaphore>,
-    /// Logins currently waiting for or holding a slot.
-    queued: AtomicUsize,
-    /// Most logins allowed to wait.
-    max_queued: usize,
-    /// Hash verified for unknown users so they cost the same time as known ones.
-    dummy_hash: String,
+    /// Runs password checks: one thread and one argon2 buffer per permitted concurrent
+    /// check, and a bounded queue, so logins cannot grow memory or CPU use beyond them.
+    checks: PasswordPool,
 }
 
 impl Accounts {
-    /// Loads the users file; fails on any invalid entry.
+    /// Loads the users file, failing on any invalid entry, and starts `max_concurrent`
+    /// password-check threads that admit `max_queued` waiting logins.
     pub fn load(
         path: &Path,
         max_concurrent: usize,
@@ -415,15 +410,13 @@ impl Accounts {
     ) -> Result<Self, AccountError> {
         let (file, seen) = read_users(path, false, None)?;
         let file = file.unwrap_or_default();
-        let dummy_hash = hash_password("dummy password for unknown users")?;
+        let checks =
+            PasswordPool::start(max_concurrent, max_queued).map_err(AccountError::Threads)?;
         Ok(Accounts {
             path: path.to_path_buf(),
             current: RwLock::new(Arc::new(file)),
             seen: Mutex::new(seen),
-            slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent.max(1))),
-            queued: AtomicUsize::new(0),
-            max_queued: max_queued + max_concurrent.max(1),
-            dummy_hash,
+            checks,
         })
     }
 
@@ -501,37 +494,20 @@ impl Accounts {
             .map(|r| (r.role, r.generation))
     }
 
-    /// Verifies a password on the blocking pool, behind the concurrency cap.
+    /// Verifies a password on the password-check pool; `Busy` at once if its queue is full.
     pub async fn verify(&self, name: &str, password: &str) -> VerifyOutcome {
         if password.len() > MAX_PASSWORD_LEN || name.len() > MAX_USER_LEN {
             return VerifyOutcome::Denied;
         }
+        // An unknown name is checked too, against a hash of the default cost, so that the
+        // answer takes as long as for a known name with a wrong password.
         let (found, hash) = match self.snapshot().users.get(name) {
             Some(r) => (Some((r.role, r.generation)), r.hash.clone()),
-            None => (None, self.dummy_hash.clone()),
+            None => (None, DUMMY_HASH.to_string()),
         };
-        // Counted by a guard so a cancelled login (aborted at shutdown) still leaves the queue.
-        struct Queued<'a>(&'a AtomicUsize);
-        impl Drop for Queued<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        let queued = Queued(&self.queued);
-        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queued {
-            return VerifyOutcome::Busy;
-        }
-        let permit = self.slots.clone().acquire_owned().await;
-        let password = password.to_string();
-        let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            verify_blocking(&hash, &password)
-        })
-        .await
-        .unwrap_or(false);
-        drop(queued);
-        match (ok, found) {
-            (true, Some((role, generation))) => VerifyOutcome::Ok { role, generation },
+        match (self.checks.check(hash, password.to_string()).await, found) {
+            (Checked::Match, Some((role, generation))) => VerifyOutcome::Ok { role, generation },
+            (Checked::Busy, _) => VerifyOutcome::Busy,
             _ => VerifyOutcome::Denied,
         }
     }

@@ -120,7 +120,8 @@ pub struct Limits {
     pub shutdown_grace_secs: u64,
     /// Failed logins allowed on one connection before it is closed.
     pub max_auth_attempts: u32,
-    /// Password verifications run at once (each argon2id run takes 19 MiB and a core).
+    /// Password verifications run at once (each argon2id run takes 19 MiB and a core); also
+    /// the number of password-check threads, each keeping its 19 MiB for reuse.
     pub max_concurrent_logins: usize,
     /// Logins allowed to wait for a verification slot; beyond this they get "busy".
     pub max_queued_logins: usize,

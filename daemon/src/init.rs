@@ -60,6 +60,9 @@ shutdown_grace_secs = 10
 # Failed logins allowed on one connection before it is closed.
 max_auth_attempts = 3
 # Password checks run at once (argon2id: 19 MiB and one core each). Default: number of cores.
+# Each runs on its own thread, which allocates its argon2 memory on its first check and reuses
+# it, so password checks hold at most this x 19 MiB however many logins arrive (x the largest
+# m of the users' hashes, if an account was given stronger parameters). Needs a restart.
 # max_concurrent_logins = 2
 # Logins that may wait for a check; beyond this they are told the server is busy.
 max_queued_logins = 32

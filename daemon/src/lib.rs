@@ -2,8 +2,9 @@
 //!
 //! Map of the crate:
 //! - [`config`]: the TOML config file, its defaults and validation.
-//! - [`accounts`]: the users file (argon2id hashes, roles) and password verification on the blocking pool.
+//! - [`accounts`]: the users file (argon2id hashes, roles) and password verification.
 //! - [`admission`]: two-stage admission (unauthenticated pool, then sessions) and refusals that say why.
+//! - [`password`]: password checks on a fixed pool of threads, each with its argon2 memory allocated once.
 //! - [`penalty`]: per-source penalties for failed logins (brute-force defence).
 //! - [`audit`]: the JSON-lines audit trail of every operation.
 //! - [`sessions`]: session tokens, persisted so they survive a restart, revocable and expiring.
@@ -33,6 +34,7 @@ pub mod handler;
 pub mod init;
 pub mod logging;
 pub mod partial;
+pub mod password;
 pub mod penalty;
 pub mod server;
 pub mod sessions;
