@@ -13,6 +13,7 @@ use tokio::io::BufStream;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
+use xfer_proto::connection::ConnError;
 use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::message::SessionInfo;
@@ -29,6 +30,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for each read or write; a login may wait for a busy server's password check.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a client looks for the server's reason after it cut an upload off: the frame
+/// is already there if it was sent, so this only bounds waiting on a dead link.
+const REASON_WAIT: Duration = Duration::from_secs(2);
 
 /// The TLS stream the client speaks frames over.
 pub type TlsStream = tokio_rustls::client::TlsStream<BufStream<TcpStream>>;
@@ -446,7 +451,7 @@ impl Client {
                         "`{}` shrank while it was being uploaded; nothing was saved on the server",
                         local.display()
                     )),
-                    BodyError::Net(e) => ClientError::Broken(e),
+                    BodyError::Net(e) => self.reason_for_cut(e).await,
                 });
             }
         };
@@ -588,6 +593,15 @@ impl Client {
             digest,
             resumed_from: offset,
         })
+    }
+
+    /// After an upload body was cut off: the error the server sent before closing, if it
+    /// did (its session ended, say), so the user learns why instead of "connection reset".
+    async fn reason_for_cut(&mut self, broke: ConnError) -> ClientError {
+        match self.read_within(REASON_WAIT).await {
+            Err(e @ (ClientError::Server { .. } | ClientError::ServerShuttingDown)) => e,
+            _ => ClientError::Broken(broke),
+        }
     }
 
     /// Closes the connection politely.

@@ -302,7 +302,8 @@ pub enum ErrorCode {
     VerificationFailed,
     /// The server's disk is full (exit 1).
     NoSpace,
-    /// The server is too busy right now; try again (exit 1).
+    /// The server is at a limit right now (logins waiting, a user's transfers); try again
+    /// (exit 7, like any refusal at a connection or session limit).
     Busy,
     /// The server is shutting down (exit 7).
     ShuttingDown,
@@ -322,7 +323,7 @@ impl ErrorCode {
             | ErrorCode::RateLimited => 3,
             ErrorCode::PermissionDenied | ErrorCode::InvalidPath => 4,
             ErrorCode::NotFound => 5,
-            ErrorCode::ShuttingDown => 7,
+            ErrorCode::ShuttingDown | ErrorCode::Busy => 7,
             ErrorCode::VerificationFailed => 8,
             ErrorCode::BadRequest
             | ErrorCode::VersionMismatch
@@ -330,7 +331,6 @@ impl ErrorCode {
             | ErrorCode::WrongKind
             | ErrorCode::NotEmpty
             | ErrorCode::NoSpace
-            | ErrorCode::Busy
             | ErrorCode::Internal => 1,
         }
     }
