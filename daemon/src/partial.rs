@@ -171,6 +171,11 @@ impl PartialDir {
         let mut reserved = self.budget.lock();
         let mut others = self.counted(&reserved, &path)?;
         let mut used: u64 = others.iter().map(|c| c.bytes).sum();
+        let evictable: u64 = others.iter().filter(|c| c.resting).map(|c| c.bytes).sum();
+        if (used - evictable).saturating_add(size) > max_bytes {
+            // Running uploads alone leave no room: deleting kept data would not help.
+            return Ok(Opened::OverBudget);
+        }
         others.sort_by_key(|c| c.modified);
         for old in others.iter().filter(|c| c.resting) {
             if used.saturating_add(size) <= max_bytes {
@@ -564,11 +569,16 @@ mod tests {
         let running = pd.open("a", DAY, 600, max).unwrap().partial().unwrap();
         running.file.set_len(10).unwrap();
         assert_eq!(pd.usage().unwrap(), 600);
-        // 500 more would pass the budget, and the running one cannot make room.
+        // A kept one, resting.
+        interrupted(&pd, "kept", 300, 300, max);
+        // 500 more would pass the budget even without the kept one, and the running one
+        // cannot make room: nothing is deleted for nothing.
         assert!(matches!(
             pd.open("b", DAY, 500, max).unwrap(),
             Opened::OverBudget
         ));
+        assert_eq!(pd.usage().unwrap(), 900);
+        std::fs::remove_file(pd.dir.join(PartialDir::name_for("kept"))).unwrap();
         assert!(pd.open("b", DAY, 400, max).unwrap().partial().is_some());
         // Once it ends, only what it wrote counts.
         drop(running);

@@ -416,3 +416,197 @@ async fn the_client_says_why_its_upload_was_cut_off() {
     assert!(err.to_string().contains("log in again"), "{err}");
     assert!(!server.user_dir("alice").join("f").exists());
 }
+
+/// The binary the figures are measured on: `XFERD_BIN` (say, a release build of an older
+/// commit, for a before/after), else this build's.
+fn figures_binary() -> std::path::PathBuf {
+    std::env::var_os("XFERD_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| common::XFERD.into())
+}
+
+/// A config folder made by `binary` itself (an older one refuses keys it does not know),
+/// with `edits` applied and alice added.
+fn figures_setup(
+    binary: &std::path::Path,
+    edits: &[(&str, &str)],
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("xferd.toml");
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = std::process::Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "{args:?}");
+    };
+    use std::io::Write;
+    run(&["init", "--listen", "127.0.0.1:0"], "");
+    run(&["user", "add", "alice", "--password-stdin"], "alice-pw\n");
+    common::set_config(&config, edits);
+    (dir, config)
+}
+
+/// User plus system CPU seconds the process `pid` has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = &stat[stat.rfind(") ").unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// Waits until the process has used no CPU for a second (or 300 s have passed); returns the
+/// CPU seconds used from `before` and the wall time.
+async fn cpu_until_quiet(pid: u32, before: f64, started: Instant) -> (f64, Duration) {
+    let mut last = cpu_secs(pid);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cpu_secs(pid);
+        if now - last < 0.02 || started.elapsed() > Duration::from_secs(300) {
+            return (now - before, started.elapsed());
+        }
+        last = now;
+    }
+}
+
+/// FIGURES: 10 `DownloadFrom` requests at the end of a 2 GiB file with a wrong prefix, each
+/// from a client that leaves right after sending it, and what they cost the daemon.
+/// `cargo test --release -p xferd --test transfer_limits -- --ignored --nocapture figures_`
+/// (`XFERD_BIN=/path/to/old/xferd` for the before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run by hand"]
+async fn figures_resume_checks_for_clients_that_left() {
+    let binary = figures_binary();
+    let (dir, config) = figures_setup(&binary, &[]);
+    let serving = common::Serving::start_with_binary(&config, &binary);
+    let pid = serving.child.id();
+    const SIZE: u64 = 2 << 30;
+    let alice = dir.path().join("storage/alice");
+    std::fs::create_dir_all(&alice).unwrap();
+    std::fs::File::create(alice.join("big"))
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let mut conn = xfer_tests::raw_connect_to(&serving.addr, serving.fingerprint).await;
+        xfer_tests::raw_login_as(&mut conn, "alice", "alice-pw").await;
+        conns.push(conn);
+    }
+    let (before, started) = (cpu_secs(pid), Instant::now());
+    for mut conn in conns {
+        conn.write_frame(&Request::DownloadFrom {
+            path: "big".into(),
+            offset: SIZE,
+            prefix: [0; 32],
+        })
+        .await
+        .unwrap();
+        conn.shutdown().await;
+    }
+    let (cpu, wall) = cpu_until_quiet(pid, before, started).await;
+    println!(
+        "FIGURES resume checks: binary={} requests=10 file=2GiB cpu_secs={cpu:.2} wall_secs={:.1}",
+        binary.display(),
+        wall.as_secs_f64()
+    );
+}
+
+/// FIGURES: 200 uploads of 1 GB each, trickling one byte every 2 s, against io_timeout 3 s:
+/// how many start, how many are alive 10 s later, and the daemon's threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run by hand"]
+async fn figures_trickling_uploads() {
+    let binary = figures_binary();
+    let (_dir, config) = figures_setup(
+        &binary,
+        &[
+            ("io_timeout_secs", "3"),
+            ("max_connections", "1000"),
+            ("max_connections_per_source", "1000"),
+        ],
+    );
+    let serving = common::Serving::start_with_binary(&config, &binary);
+    let pid = serving.child.id();
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+    };
+    let alive = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (mut started, mut busy, mut peak) = (0, 0, 0);
+    // One password login, then the token: 200 uploads start within a second or two.
+    let mut first = xfer_tests::raw_connect_to(&serving.addr, serving.fingerprint).await;
+    xfer_tests::raw_hello(&mut first).await;
+    let login = Request::Login {
+        user: "alice".into(),
+        password: "alice-pw".into(),
+    };
+    let Response::LoggedIn { token, .. } = call(&mut first, &login).await else {
+        panic!("login failed");
+    };
+    for i in 0..200 {
+        let mut conn = xfer_tests::raw_connect_to(&serving.addr, serving.fingerprint).await;
+        xfer_tests::raw_hello(&mut conn).await;
+        let auth = Request::Authenticate {
+            token: token.clone(),
+        };
+        assert!(matches!(call(&mut conn, &auth).await, Response::Session(_)));
+        let upload = Request::Upload {
+            path: format!("f{i}"),
+            size: 1_000_000_000,
+            offset: 0,
+        };
+        match call(&mut conn, &upload).await {
+            Response::UploadReady { .. } => started += 1,
+            Response::Error {
+                code: ErrorCode::Busy,
+                ..
+            } => {
+                busy += 1;
+                continue;
+            }
+            other => panic!("{other:?}"),
+        }
+        let alive = alive.clone();
+        alive.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::spawn(async move {
+            let mut probe = [0u8; 64];
+            loop {
+                if conn.get_mut().write_all(&[1]).await.is_err()
+                    || conn.get_mut().flush().await.is_err()
+                {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_secs(2), conn.get_mut().read(&mut probe))
+                    .await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    _ => {}
+                }
+            }
+            alive.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        peak = peak.max(threads());
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    println!(
+        "FIGURES trickling uploads: binary={} asked=200 started={started} busy={busy} alive_10s_later={} peak_threads={peak} threads_now={}",
+        binary.display(),
+        alive.load(std::sync::atomic::Ordering::SeqCst),
+        threads()
+    );
+}

@@ -69,14 +69,6 @@ pub struct Pacing {
 }
 
 impl Pacing {
-    /// Only the no-progress deadline, as before rate floors existed.
-    pub fn per_read(io_timeout: Duration) -> Pacing {
-        Pacing {
-            io_timeout,
-            min_rate: 0,
-        }
-    }
-
     /// The deadline for a wait on the local side (the blocking file thread), if bounded.
     fn local_deadline(&self, extra: Duration) -> Option<Duration> {
         (self.min_rate > 0).then(|| self.io_timeout + extra)
