@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufStream, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
+use xfer_proto::connection::ConnError;
 use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::message::SessionInfo;
@@ -43,6 +44,9 @@ pub const REFUSAL_PAUSE: Duration = Duration::from_millis(250);
 pub const REFUSAL_MAX_PAUSE: Duration = Duration::from_secs(2);
 /// Bytes of the server's first reply kept to explain a failed handshake.
 const FIRST_BYTES: usize = xfer_proto::MAX_REFUSAL_LINE;
+/// How long a client looks for the server's reason after it cut an upload off: the frame
+/// is already there if it was sent, so this only bounds waiting on a dead link.
+const REASON_WAIT: Duration = Duration::from_secs(2);
 
 /// The TLS stream the client speaks frames over.
 pub type TlsStream = tokio_rustls::client::TlsStream<BufStream<Recorder<TcpStream>>>;
@@ -624,7 +628,7 @@ impl Client {
                         "`{}` shrank while it was being uploaded; nothing was saved on the server",
                         local.display()
                     )),
-                    BodyError::Net(e) => ClientError::Broken(e),
+                    BodyError::Net(e) => self.reason_for_cut(e).await,
                 });
             }
         };
@@ -767,6 +771,15 @@ impl Client {
             digest,
             resumed_from: offset,
         })
+    }
+
+    /// After an upload body was cut off: the error the server sent before closing, if it
+    /// did (its session ended, say), so the user learns why instead of "connection reset".
+    async fn reason_for_cut(&mut self, broke: ConnError) -> ClientError {
+        match self.read_within(REASON_WAIT).await {
+            Err(e @ (ClientError::Server { .. } | ClientError::ServerShuttingDown)) => e,
+            _ => ClientError::Broken(broke),
+        }
     }
 
     /// Closes the connection politely.

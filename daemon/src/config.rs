@@ -146,6 +146,19 @@ pub struct Limits {
     /// Before version 0.2: connections per address; now read as `max_startups_per_source`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections_per_source: Option<usize>,
+    /// Uploads and downloads one user may run at once; more are answered `Busy`.
+    pub max_transfers_per_user: usize,
+    /// Least bytes per second a transfer body must move, measured over each
+    /// `io_timeout_secs` of waiting for the client (0: only the no-progress deadline).
+    pub min_transfer_rate: u64,
+    /// Resume checks (hashing a held prefix of a file) one user may run at once; more wait.
+    pub max_prefix_hashes_per_user: usize,
+    /// Bytes of interrupted uploads kept for resume per user, counting each running
+    /// resumable upload at its full size; an upload that does not fit is not resumable.
+    pub max_partial_bytes_per_user: u64,
+    /// Most entries a folder rename looks at to check that no path inside it would pass
+    /// the depth or length limit; a bigger folder moved deeper is refused.
+    pub max_rename_check_entries: u64,
 }
 
 impl Default for Limits {
@@ -172,6 +185,11 @@ impl Default for Limits {
             max_sessions_per_user: 128,
             pressure_deadline_percent: 25,
             max_connections_per_source: None,
+            max_transfers_per_user: 64,
+            min_transfer_rate: 1024,
+            max_prefix_hashes_per_user: 2,
+            max_partial_bytes_per_user: 16 << 30,
+            max_rename_check_entries: 1_000_000,
         }
     }
 }
@@ -336,6 +354,18 @@ impl Config {
             ),
             ("sessions.ttl_secs", file.sessions.ttl_secs),
             ("sessions.max_per_user", file.sessions.max_per_user as u64),
+            (
+                "limits.max_transfers_per_user",
+                l.max_transfers_per_user as u64,
+            ),
+            (
+                "limits.max_prefix_hashes_per_user",
+                l.max_prefix_hashes_per_user as u64,
+            ),
+            (
+                "limits.max_partial_bytes_per_user",
+                l.max_partial_bytes_per_user,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));

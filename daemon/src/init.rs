@@ -95,6 +95,23 @@ max_sessions_per_user = 128
 # deadlines, down to this percentage of the ones above at FULL (never below 2 s for the
 # handshake and 5 s for the login), so idling costs a flood more than the daemon.
 pressure_deadline_percent = 25
+# Uploads and downloads one user may run at once, over all their connections; more are
+# answered "too many transfers in progress" (busy; `xfer` exits 7).
+max_transfers_per_user = 64
+# Least bytes per second a transfer must move, measured over each io_timeout_secs spent
+# waiting for the client: a client trickling a few bytes is dropped after io_timeout_secs.
+# 0 keeps only the no-progress deadline (io_timeout_secs).
+min_transfer_rate = 1024
+# Resume checks one user may run at once (each hashes the part of a file the client already
+# has, up to the whole file); more wait their turn. A check stops when its client leaves.
+max_prefix_hashes_per_user = 2
+# Bytes of interrupted uploads kept for resume per user (default: 16 GiB), counting each
+# running resumable upload at its full size. To make room, the user's oldest kept data is
+# deleted; an upload that still does not fit (or is bigger) runs, but is not resumable.
+max_partial_bytes_per_user = 17179869184
+# Most entries a folder rename looks at to check that no path inside would pass 64 levels
+# or 4096 bytes; moving a bigger folder deeper (or to a longer name) is refused.
+max_rename_check_entries = 1000000
 
 [sessions]
 # Seconds a session token stays valid after `xfer login` (default: 7 days).

@@ -13,6 +13,7 @@
 //!   client's downloads share).
 //! - [`storage`]: the one path resolver and every filesystem operation on a user's tree.
 //! - [`partial`]: interrupted uploads kept invisible for resume, locked, bounded and expiring.
+//! - [`usage`]: each user's transfers and resume checks in progress, against per-user caps.
 //! - [`server`]: the accept loop and the one shutdown mechanism.
 //! - [`handler`]: one connection's state machine: hello, authentication, the role check, dispatch.
 //! - [`cmd`]: one module per request kind.
@@ -40,6 +41,7 @@ pub mod server;
 pub mod sessions;
 pub mod storage;
 pub mod tls;
+pub mod usage;
 
 pub use config::Config;
 pub use server::{Daemon, run};

@@ -35,6 +35,8 @@ pub struct State {
     pub storage: Storage,
     /// Resumable uploads in progress, so a retry can take over from a stalled one.
     pub uploads: Arc<crate::partial::ActiveUploads>,
+    /// Each user's transfers and resume checks in progress, against the per-user caps.
+    pub usage: Arc<crate::usage::Usage>,
     /// Failed-login penalties per source.
     pub penalties: crate::penalty::Penalties,
     /// The audit trail.
@@ -140,6 +142,7 @@ impl Daemon {
                 sessions,
                 storage,
                 uploads: Default::default(),
+                usage: Default::default(),
                 penalties,
                 audit,
                 limits,

@@ -9,16 +9,18 @@
 //! [`crate::partial`]) or a temp file under `ROOT/.xfer-tmp` (same filesystem), and become
 //! visible only by rename after verification and fsync.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::partial::PartialDir;
+use crate::partial::{Opened, PartialBudget, PartialDir, Reservation};
 
-use crate::beneath::{Beneath, Kind, Meta};
+use crate::beneath::{Beneath, Kind, Meta, Reach};
 
+use xfer_proto::limits::{MAX_PATH_DEPTH, MAX_PATH_LEN};
 use xfer_proto::path::{PathError, components, named_components};
 use xfer_proto::{Entry, EntryKind, ErrorCode};
 
@@ -58,6 +60,30 @@ pub enum StorageError {
     /// The upload is bigger than the configured limit.
     #[error("file is larger than the server's {0}-byte upload limit")]
     TooLarge(u64),
+    /// Moving a folder would put something inside it past the path limits.
+    #[error(
+        "moving `{from}` to `{to}` would put an entry inside it {depth} levels deep, in a path of {len} bytes; paths are limited to {MAX_PATH_DEPTH} levels and {MAX_PATH_LEN} bytes: move it less deep, or move what is inside it separately"
+    )]
+    TooDeep {
+        /// The folder being moved.
+        from: String,
+        /// Where it would go.
+        to: String,
+        /// Depth the deepest (or first too long) entry would have.
+        depth: usize,
+        /// Length its path would have.
+        len: usize,
+    },
+    /// A folder too big to check that moving it keeps every path within the limits.
+    #[error(
+        "`{from}` holds more than {max} entries, too many to check that moving it keeps every path within {MAX_PATH_DEPTH} levels and {MAX_PATH_LEN} bytes; move its subfolders separately"
+    )]
+    TooBigToCheck {
+        /// The folder being moved.
+        from: String,
+        /// Most entries a rename looks at.
+        max: u64,
+    },
     /// Anything else; the message is for the server log only.
     #[error("{op} `{path}`: {source}")]
     Io {
@@ -82,6 +108,9 @@ impl StorageError {
             StorageError::NotEmpty(_) => ErrorCode::NotEmpty,
             StorageError::NoSpace => ErrorCode::NoSpace,
             StorageError::TooLarge(_) => ErrorCode::PermissionDenied,
+            StorageError::TooDeep { .. } | StorageError::TooBigToCheck { .. } => {
+                ErrorCode::InvalidPath
+            }
             StorageError::Io { source, .. } if source.kind() == ErrorKind::PermissionDenied => {
                 ErrorCode::PermissionDenied
             }
@@ -122,6 +151,11 @@ pub struct Storage {
     root: PathBuf,
     /// `root/.xfer-tmp`, where uploads that cannot resume are written before their commit.
     tmp: PathBuf,
+    /// Bytes reserved by running resumable uploads, for every user's partial budget.
+    partials: Arc<PartialBudget>,
+    /// One lock per user that renames take, so two moves cannot each pass the depth check
+    /// and together build a tree past it.
+    renames: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
 }
 
 impl Storage {
@@ -148,6 +182,8 @@ impl Storage {
         Ok(Storage {
             root: root.to_path_buf(),
             tmp,
+            partials: Default::default(),
+            renames: Default::default(),
         })
     }
 
@@ -166,12 +202,26 @@ impl Storage {
             return Err(std::io::Error::other("user folder is a symlink"));
         }
         let root = Beneath::open(&dir)?;
+        let rename_lock = self
+            .renames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(user.to_string())
+            .or_default()
+            .clone();
         Ok(UserTree {
             dir,
             root: Arc::new(root),
             tmp: self.tmp.clone(),
-            partials: PartialDir::new(&self.root, user),
+            partials: PartialDir::new(&self.root, user, self.partials.clone()),
+            rename_lock,
         })
+    }
+
+    /// Bytes `user`'s partial uploads count against their budget now (see
+    /// [`PartialDir::usage`]): what a quota adds to the user's visible files.
+    pub fn partial_usage(&self, user: &str) -> std::io::Result<u64> {
+        PartialDir::new(&self.root, user, self.partials.clone()).usage()
     }
 }
 
@@ -186,6 +236,8 @@ pub struct UserTree {
     tmp: PathBuf,
     /// Where uploads that can resume are staged.
     partials: PartialDir,
+    /// Held by a rename from its check to its end (shared by all of the user's trees).
+    rename_lock: Arc<Mutex<()>>,
 }
 
 /// A remote path resolved beneath the user's folder.
@@ -234,6 +286,10 @@ pub struct PendingUpload {
     keep: bool,
     /// Renamed into place: nothing left to clean up.
     committed: bool,
+    /// Staged in a temp file because another upload of the same path holds its partial.
+    held_elsewhere: bool,
+    /// A resumable upload's share of the user's partial budget, given back when it ends.
+    _reservation: Option<Reservation>,
 }
 
 impl PendingUpload {
@@ -255,6 +311,12 @@ impl PendingUpload {
     /// Whether an interruption now would leave data to resume from.
     pub fn resumable(&self) -> bool {
         self.keep
+    }
+
+    /// Whether it is staged apart because another upload of the same path holds the partial
+    /// (not because resume is off or the partial budget is full).
+    pub fn held_elsewhere(&self) -> bool {
+        self.held_elsewhere
     }
 
     /// Drops what an earlier attempt left, to start from byte 0.
@@ -285,12 +347,15 @@ pub enum Staging {
     /// client cannot resume).
     Temp,
     /// A partial kept on interruption; `up_to` is the most the client will skip (0: start
-    /// over), `ttl` how long an untouched partial stays usable.
+    /// over), `ttl` how long an untouched partial stays usable, `max_bytes` the most all of
+    /// the user's partials may hold.
     Resumable {
         /// Largest offset the client accepts.
         up_to: u64,
         /// Expiry of untouched partials.
         ttl: Duration,
+        /// The user's partial budget in bytes.
+        max_bytes: u64,
     },
 }
 
@@ -460,13 +525,24 @@ impl UserTree {
         }
         // Keyed by the canonical path, so `a//b` and `a/b` share one partial.
         let key = r.parts.join("/");
-        let partial = match staging {
-            Staging::Resumable { up_to, ttl } => self
+        let (partial, held_elsewhere) = match staging {
+            Staging::Resumable {
+                up_to,
+                ttl,
+                max_bytes,
+            } => match self
                 .partials
-                .open(&key, ttl)
+                .open(&key, ttl, size, max_bytes)
                 .map_err(|e| StorageError::io("staging", remote, e))?
-                .map(|p| (p, up_to)),
-            Staging::Temp => None,
+            {
+                Opened::Partial(p) => (Some((p, up_to)), false),
+                Opened::Held => (None, true),
+                Opened::OverBudget => {
+                    tracing::info!(path = %remote, size, max_bytes, "partial-upload budget full; this upload is not resumable");
+                    (None, false)
+                }
+            },
+            Staging::Temp => (None, false),
         };
         let pending = match partial {
             Some((p, up_to)) => {
@@ -479,6 +555,8 @@ impl UserTree {
                     held: p.held,
                     keep: true,
                     committed: false,
+                    held_elsewhere: false,
+                    _reservation: Some(p.reservation),
                 };
                 if up.held > up_to.min(size) {
                     up.restart()
@@ -486,7 +564,8 @@ impl UserTree {
                 }
                 up
             }
-            // Resume is off, or another upload of this path holds its partial.
+            // Resume is off, the budget is full, or another upload of this path holds its
+            // partial.
             None => {
                 let (file, path) = tempfile::Builder::new()
                     .prefix("upload-")
@@ -509,6 +588,8 @@ impl UserTree {
                     held: 0,
                     keep: false,
                     committed: false,
+                    held_elsewhere,
+                    _reservation: None,
                 }
             }
         };
@@ -564,17 +645,20 @@ impl UserTree {
     }
 
     /// Renames `from` to `to`; if `to` is an existing folder, moves `from` into it. An
-    /// existing file at the target is replaced (as `mv` does); a folder never is.
-    pub fn rename(&self, from: &str, to: &str) -> Result<String, StorageError> {
+    /// existing file at the target is replaced (as `mv` does); a folder never is. A folder is
+    /// only moved if every path inside it stays within the path limits afterwards (checked by
+    /// looking at up to `max_check` entries; a bigger folder moved deeper is refused).
+    pub fn rename(&self, from: &str, to: &str, max_check: u64) -> Result<String, StorageError> {
         // Refuse a bad target before saying anything about the source.
         named_components(to).map_err(|source| StorageError::BadPath {
             path: to.into(),
             source,
         })?;
+        let _one_at_a_time = self.rename_lock.lock().unwrap_or_else(|e| e.into_inner());
         let src = self.resolve(from, true)?;
-        if src.meta.is_none() {
+        let Some(src_meta) = src.meta else {
             return Err(StorageError::NotFound(from.into()));
-        }
+        };
         let mut to_remote = to.trim_end_matches('/').to_string();
         let mut dst = self.resolve(&to_remote, true)?;
         if dst.meta.is_some_and(|m| m.kind == Kind::Dir) {
@@ -601,12 +685,57 @@ impl UserTree {
                 "inside the folder being moved",
             ));
         }
+        if src_meta.kind == Kind::Dir {
+            self.check_reach(from, &src, &to_remote, &dst, max_check)?;
+        }
         let (sp, sn) = src.split();
         let (dp, dn) = dst.split();
         self.root
             .rename(&sp, sn, &dp, dn)
             .map_err(|e| self.fail("renaming", from, e))?;
         Ok(to_remote)
+    }
+
+    /// Refuses to move the folder `src` to `dst` if a path inside it would then pass
+    /// [`MAX_PATH_DEPTH`] or [`MAX_PATH_LEN`]: such entries could no longer be named, and
+    /// repeated moves would build trees of any depth.
+    fn check_reach(
+        &self,
+        from: &str,
+        src: &Resolved,
+        to: &str,
+        dst: &Resolved,
+        max_check: u64,
+    ) -> Result<(), StorageError> {
+        let depth = |r: &Resolved| r.parts.len();
+        let len = |r: &Resolved| {
+            r.parts.iter().map(String::len).sum::<usize>() + depth(r).saturating_sub(1)
+        };
+        // Everything inside moves by the same amount: a move that makes the folder's own
+        // path neither deeper nor longer cannot push anything inside it past a limit it was
+        // within before, so the common renames need no walk.
+        if depth(dst) <= depth(src) && len(dst) <= len(src) {
+            return Ok(());
+        }
+        let reach = self.root.reach(
+            &src.all(),
+            MAX_PATH_DEPTH.saturating_sub(depth(dst)),
+            MAX_PATH_LEN.saturating_sub(len(dst)),
+            max_check,
+        );
+        match reach.map_err(|e| self.fail("checking", from, e))? {
+            Reach::Within => Ok(()),
+            Reach::Beyond { depth: d, len: l } => Err(StorageError::TooDeep {
+                from: from.into(),
+                to: to.into(),
+                depth: depth(dst) + d,
+                len: len(dst) + l,
+            }),
+            Reach::TooMany => Err(StorageError::TooBigToCheck {
+                from: from.into(),
+                max: max_check,
+            }),
+        }
     }
 
     /// Creates a folder and any missing parents (like `mkdir -p`); an existing folder is fine.
@@ -692,6 +821,7 @@ mod tests {
         let resume = |up_to| Staging::Resumable {
             up_to,
             ttl: Duration::from_secs(60),
+            max_bytes: 1 << 20,
         };
         t.mkdir("d").unwrap();
         put(&t, "d/f", b"old");
@@ -768,7 +898,7 @@ mod tests {
         assert!(t.begin_upload("link/new", 1, 0, Staging::Temp).is_err());
         assert!(t.begin_upload("flink", 1, 0, Staging::Temp).is_err());
         assert!(t.delete("link/secret").is_err());
-        assert!(t.rename("flink", "x").is_err());
+        assert!(t.rename("flink", "x", 100).is_err());
         assert!(t.mkdir("link/sub").is_err());
         assert!(outside.join("secret").exists());
         assert!(!outside.join("sub").exists());
@@ -779,14 +909,91 @@ mod tests {
         let (_d, _s, t) = tree();
         put(&t, "f", b"1");
         t.mkdir("d").unwrap();
-        assert_eq!(t.rename("f", "d").unwrap(), "d/f");
+        assert_eq!(t.rename("f", "d", 100).unwrap(), "d/f");
         assert!(t.dir().join("d/f").exists());
-        assert!(t.rename("d", "d/inner").is_err());
-        assert_eq!(t.rename("d/f", "g").unwrap(), "g");
+        assert!(t.rename("d", "d/inner", 100).is_err());
+        assert_eq!(t.rename("d/f", "g", 100).unwrap(), "g");
         assert!(matches!(
-            t.rename("missing", "x"),
+            t.rename("missing", "x", 100),
             Err(StorageError::NotFound(_))
         ));
+    }
+
+    /// `name/1/2/.../n`: a folder whose deepest entry is `n` levels below it.
+    fn chain(t: &UserTree, name: &str, n: usize) -> String {
+        let mut path = name.to_string();
+        for i in 1..=n {
+            path.push_str(&format!("/{i}"));
+        }
+        t.mkdir(&path).unwrap();
+        path
+    }
+
+    #[test]
+    fn renames_never_build_paths_past_the_depth_limit() {
+        let (_d, _s, t) = tree();
+        // `deep` reaches 60 levels below the root (depth 1 + 59 below it).
+        chain(&t, "deep", MAX_PATH_DEPTH - 5);
+        let five = chain(&t, "b", 4);
+        // Into a folder 5 levels down: its deepest entry would be 65 levels deep.
+        let err = t.rename("deep", &five, 1000).unwrap_err();
+        assert!(
+            matches!(err, StorageError::TooDeep { depth: 65, .. }),
+            "{err}"
+        );
+        assert_eq!(err.code(), ErrorCode::InvalidPath);
+        assert!(err.to_string().contains("64 levels"), "{err}");
+        assert!(t.dir().join("deep").is_dir(), "nothing moved");
+        // One level less is fine, and so is moving it back up (with no walk).
+        assert_eq!(t.rename("deep", "b/1/2/3", 1000).unwrap(), "b/1/2/3/deep");
+        assert_eq!(t.rename("b/1/2/3/deep", "deep", 1000).unwrap(), "deep");
+    }
+
+    #[test]
+    fn renames_never_build_paths_past_the_length_limit() {
+        let (_d, _s, t) = tree();
+        // 16 levels of 250-byte names: a path of 4,015 bytes, within the 4,096 limit.
+        let names: Vec<String> = (0..16)
+            .map(|i| char::from(b'a' + i).to_string().repeat(250))
+            .collect();
+        t.mkdir(&names.join("/")).unwrap();
+        let q = "q".repeat(250);
+        t.mkdir(&q).unwrap();
+        // Inside `q`, the deepest path would be 251 bytes longer: 4,266.
+        let err = t.rename(&names[0], &q, 1000).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::TooDeep {
+                    depth: 17,
+                    len: 4266,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("4096 bytes"), "{err}");
+        // A shorter name at the same level is fine.
+        assert_eq!(t.rename(&names[0], "s", 1000).unwrap(), "s");
+    }
+
+    #[test]
+    fn a_folder_too_big_to_check_is_not_moved_deeper() {
+        let (_d, _s, t) = tree();
+        t.mkdir("big/sub").unwrap();
+        for i in 0..10 {
+            put(&t, &format!("big/sub/f{i}"), b"");
+        }
+        t.mkdir("into").unwrap();
+        let err = t.rename("big", "into", 5).unwrap_err();
+        assert!(
+            matches!(err, StorageError::TooBigToCheck { max: 5, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("subfolders separately"), "{err}");
+        // A move that makes nothing deeper or longer needs no walk at all.
+        assert_eq!(t.rename("big", "bag", 5).unwrap(), "bag");
+        assert_eq!(t.rename("bag", "into", 20).unwrap(), "into/bag");
     }
 
     #[test]

@@ -259,6 +259,97 @@ impl Beneath {
     }
 }
 
+/// How far the contents of a folder reach below it (see [`Beneath::reach`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Every entry is within the depth and length asked about.
+    Within,
+    /// An entry lies `depth` levels below the folder, its path below it (with a leading `/`)
+    /// `len` bytes long, past what was asked about.
+    Beyond {
+        /// Levels below the folder (1 for its own entries).
+        depth: usize,
+        /// Bytes of `/name/name...` below the folder.
+        len: usize,
+    },
+    /// The folder holds more entries than the walk was allowed to look at.
+    TooMany,
+}
+
+impl Beneath {
+    /// Checks that every entry inside the folder `parts` lies at most `max_depth` levels
+    /// below it, with a path below it of at most `max_len` bytes, looking at no more than
+    /// `budget` entries. Descends without following links, and never deeper than
+    /// `max_depth + 1` levels, so a tree made absurdly deep costs no more than a shallow one.
+    pub fn reach(
+        &self,
+        parts: &[&str],
+        max_depth: usize,
+        max_len: usize,
+        budget: u64,
+    ) -> std::io::Result<Reach> {
+        let dir = rustix::fs::Dir::new(self.open_dir(parts)?)?;
+        let mut left = budget;
+        reach_below(dir, 1, 0, max_depth, max_len, &mut left)
+    }
+}
+
+/// [`Beneath::reach`] for the folder `dir`, whose entries lie `depth` levels below the
+/// starting folder, at the end of a path of `base_len` bytes below it.
+fn reach_below(
+    mut dir: rustix::fs::Dir,
+    depth: usize,
+    base_len: usize,
+    max_depth: usize,
+    max_len: usize,
+    left: &mut u64,
+) -> std::io::Result<Reach> {
+    while let Some(entry) = dir.read() {
+        let entry = entry?;
+        let name = entry.file_name();
+        let bytes = name.to_bytes();
+        if bytes == b"." || bytes == b".." {
+            continue;
+        }
+        if *left == 0 {
+            return Ok(Reach::TooMany);
+        }
+        *left -= 1;
+        let len = base_len + 1 + bytes.len();
+        if depth > max_depth || len > max_len {
+            return Ok(Reach::Beyond { depth, len });
+        }
+        let is_dir = match entry.file_type() {
+            FileType::Directory => true,
+            FileType::Unknown => rustix::fs::statat(dir.fd()?, name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory),
+            _ => false,
+        };
+        if !is_dir {
+            continue;
+        }
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let sub = match rustix::fs::openat(dir.fd()?, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // Gone or replaced (by a link, say) since it was listed: nothing of it to count.
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        match reach_below(
+            rustix::fs::Dir::new(sub)?,
+            depth + 1,
+            len,
+            max_depth,
+            max_len,
+            left,
+        )? {
+            Reach::Within => {}
+            other => return Ok(other),
+        }
+    }
+    Ok(Reach::Within)
+}
+
 /// True when an error means "a symlink was in the way".
 pub fn is_symlink_refusal(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(Errno::LOOP.raw_os_error())
@@ -311,6 +402,32 @@ mod tests {
         let (t, b) = setup();
         check_all(&b);
         assert!(t.path().join("outside/secret").exists());
+    }
+
+    #[test]
+    fn reach_finds_the_deepest_and_longest_entries_within_a_budget() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("top/a/b/c")).unwrap();
+        std::fs::write(root.join("top/a/b/c/file"), b"").unwrap();
+        std::fs::write(root.join("top/x"), b"").unwrap();
+        // A link to a deep tree outside is an entry, never followed.
+        std::fs::create_dir_all(t.path().join("deep/1/2/3/4/5/6")).unwrap();
+        std::os::unix::fs::symlink(t.path().join("deep"), root.join("top/link")).unwrap();
+        let b = Beneath::open(&root).unwrap();
+        // Entries below top: x, link, a (1), a/b (2), a/b/c (3), a/b/c/file (4 levels,
+        // "/a/b/c/file" = 11 bytes).
+        assert_eq!(b.reach(&["top"], 4, 11, 100).unwrap(), Reach::Within);
+        assert_eq!(
+            b.reach(&["top"], 3, 100, 100).unwrap(),
+            Reach::Beyond { depth: 4, len: 11 }
+        );
+        assert!(matches!(
+            b.reach(&["top"], 10, 10, 100).unwrap(),
+            Reach::Beyond { len: 11, .. }
+        ));
+        assert_eq!(b.reach(&["top"], 10, 100, 3).unwrap(), Reach::TooMany);
+        assert_eq!(b.reach(&["top"], 10, 100, 6).unwrap(), Reach::Within);
     }
 
     #[test]

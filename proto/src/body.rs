@@ -7,12 +7,16 @@
 //! thread overlaps it with TLS work on the async side. Memory per transfer is bounded by
 //! `CHUNK_LEN * PIPELINE_DEPTH`.
 
+use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::connection::ConnError;
 use crate::limits::{CHUNK_LEN, PIPELINE_DEPTH};
@@ -42,13 +46,152 @@ fn cancelled() -> std::io::Error {
     std::io::Error::other("transfer cancelled")
 }
 
+/// Phase named when a body moves slower than the minimum rate (see [`Pacing`]).
+pub const TOO_SLOW: &str = "moving file data: slower than the minimum transfer rate";
+
+/// How slow a body may go before it is dropped.
+///
+/// A deadline per read alone (the only rule before) lets a peer keep a transfer, its blocking
+/// thread and its buffers forever by sending one byte just inside each deadline. So, when
+/// `min_rate` is set, time spent waiting for the peer is cut into windows of `io_timeout`, and
+/// in each window the peer must move `min_rate` bytes per second (or the rest of the body):
+/// a trickling peer is dropped at the end of its first window. Time spent on our own side
+/// (disk writes, hashing) does not count against the peer; instead each wait for the local
+/// side is bounded by `io_timeout` too, so a hung disk or a starved blocking pool cannot keep
+/// a transfer alive either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pacing {
+    /// Longest wait for any progress, on the network or (with a rate floor) on the local side.
+    pub io_timeout: Duration,
+    /// Least bytes per second, measured over each `io_timeout` of waiting for the peer;
+    /// 0 keeps only the per-wait deadline (and leaves local waits unbounded).
+    pub min_rate: u64,
+}
+
+impl Pacing {
+    /// The deadline for a wait on the local side (the blocking file thread), if bounded.
+    fn local_deadline(&self, extra: Duration) -> Option<Duration> {
+        (self.min_rate > 0).then(|| self.io_timeout + extra)
+    }
+}
+
+/// The rate floor's bookkeeping for one body: progress and window deadlines that only run
+/// while waiting for the peer.
+struct Floor {
+    /// The limits.
+    pacing: Pacing,
+    /// When the current window ends (pushed back by time spent off the network).
+    window_end: Instant,
+    /// Bytes the peer still owes in the current window.
+    owed: u64,
+    /// Bytes of the body not yet moved.
+    left: u64,
+    /// When the peer last moved a byte (pushed back likewise).
+    last_progress: Instant,
+    /// When the last network wait ended: the time since then was spent on our side.
+    idle_since: Instant,
+}
+
+impl Floor {
+    fn new(pacing: Pacing, total: u64) -> Floor {
+        let now = Instant::now();
+        let mut floor = Floor {
+            pacing,
+            window_end: now,
+            owed: 0,
+            left: total,
+            last_progress: now,
+            idle_since: now,
+        };
+        floor.next_window(now);
+        floor
+    }
+
+    fn next_window(&mut self, now: Instant) {
+        self.window_end = now + self.pacing.io_timeout;
+        let per_window = (self.pacing.min_rate as u128 * self.pacing.io_timeout.as_millis() / 1000)
+            .min(u64::MAX as u128) as u64;
+        self.owed = per_window.min(self.left);
+    }
+
+    /// Waits for one network operation that moves bytes, under both deadlines; `stalled`
+    /// names the phase when nothing moved for the io timeout.
+    async fn wait<F>(&mut self, fut: F, stalled: &'static str) -> Result<usize, ConnError>
+    where
+        F: Future<Output = std::io::Result<usize>>,
+    {
+        let resumed = Instant::now();
+        let off_network = resumed.saturating_duration_since(self.idle_since);
+        self.window_end += off_network;
+        self.last_progress += off_network;
+        let mut fut = std::pin::pin!(fut);
+        let result = loop {
+            let stall_at = self.last_progress + self.pacing.io_timeout;
+            let until = if self.pacing.min_rate > 0 {
+                stall_at.min(self.window_end)
+            } else {
+                stall_at
+            };
+            match tokio::time::timeout_at(until, &mut fut).await {
+                Ok(Ok(n)) => {
+                    let now = Instant::now();
+                    if n > 0 {
+                        self.last_progress = now;
+                        self.left = self.left.saturating_sub(n as u64);
+                        self.owed = self.owed.saturating_sub(n as u64);
+                    }
+                    if self.pacing.min_rate > 0 && now >= self.window_end {
+                        self.close_window(now)?;
+                    }
+                    break Ok(n);
+                }
+                Ok(Err(e)) => break Err(ConnError::Io(e)),
+                Err(_) => {
+                    let now = Instant::now();
+                    if now >= stall_at {
+                        break Err(ConnError::Timeout(stalled));
+                    }
+                    self.close_window(now)?;
+                }
+            }
+        };
+        self.idle_since = Instant::now();
+        result
+    }
+
+    fn close_window(&mut self, now: Instant) -> Result<(), ConnError> {
+        if self.owed > 0 {
+            return Err(ConnError::Timeout(TOO_SLOW));
+        }
+        self.next_window(now);
+        Ok(())
+    }
+}
+
+/// Sets a flag when dropped: a blocking thread checking it stops when the future that owns
+/// this guard goes away (a client left, a transfer was cut off).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn cancel_flag() -> (Arc<AtomicBool>, CancelOnDrop) {
+    let flag = Arc::new(AtomicBool::new(false));
+    (flag.clone(), CancelOnDrop(flag))
+}
+
 /// BLAKE3 of the first `len` bytes of `file`, as a hasher that can go on with the rest: a
 /// resumed transfer compares `finalize()` of it with the other side's prefix digest, then
 /// passes it to the body so the prefix is read once. Runs on the blocking pool; fails with
-/// `UnexpectedEof` if the file is shorter than `len`.
+/// `UnexpectedEof` if the file is shorter than `len`. Dropping the future stops the hashing
+/// within one chunk, so a caller that races it against the peer leaving wastes no more work.
 pub async fn hash_prefix(file: &std::fs::File, len: u64) -> std::io::Result<blake3::Hasher> {
     let mut file = file.try_clone()?;
-    tokio::task::spawn_blocking(move || hash_prefix_blocking(&mut file, len))
+    let (cancel, _guard) = cancel_flag();
+    tokio::task::spawn_blocking(move || hash_prefix_blocking(&mut file, len, &cancel))
         .await
         .map_err(std::io::Error::other)?
 }
@@ -63,9 +206,13 @@ pub fn hashing_allowance(len: u64) -> Duration {
     Duration::from_secs(len / HASH_RATE_FLOOR)
 }
 
-fn hash_prefix_blocking(file: &mut std::fs::File, len: u64) -> std::io::Result<blake3::Hasher> {
+fn hash_prefix_blocking(
+    file: &mut std::fs::File,
+    len: u64,
+    cancel: &AtomicBool,
+) -> std::io::Result<blake3::Hasher> {
     let mut hasher = blake3::Hasher::new();
-    hash_prefix_into(file, len, &mut hasher)?;
+    hash_prefix_into(file, len, &mut hasher, cancel)?;
     Ok(hasher)
 }
 
@@ -73,11 +220,15 @@ fn hash_prefix_into(
     file: &mut std::fs::File,
     len: u64,
     hasher: &mut blake3::Hasher,
+    cancel: &AtomicBool,
 ) -> std::io::Result<()> {
     file.seek(SeekFrom::Start(0))?;
     let mut buf = vec![0u8; CHUNK_LEN.min(len as usize).max(1)];
     let mut left = len;
     while left > 0 {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(cancelled());
+        }
         let n = (buf.len() as u64).min(left) as usize;
         file.read_exact(&mut buf[..n])?;
         hasher.update(&buf[..n]);
@@ -86,42 +237,61 @@ fn hash_prefix_into(
     Ok(())
 }
 
-/// Fills `buf`, failing only if a single read makes no progress within `timeout`: a slow but
-/// steady link is fine, a stalled one is not. On failure, also says how much of `buf` was
+/// Waits for the blocking file thread, within `limit` when there is one.
+async fn local<T>(
+    limit: Option<Duration>,
+    fut: impl Future<Output = T>,
+    what: &'static str,
+) -> Result<T, BodyError> {
+    match limit {
+        None => Ok(fut.await),
+        Some(limit) => tokio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| BodyError::Local {
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, what),
+                in_sync: false,
+            }),
+    }
+}
+
+/// Fills `buf`, under the deadlines of `floor`. On failure, also says how much of `buf` was
 /// filled, so a receiver can keep what arrived (it is authenticated by TLS).
 async fn read_exact_progress<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut [u8],
-    timeout: Duration,
+    floor: &mut Floor,
 ) -> Result<(), (usize, ConnError)> {
     let mut filled = 0;
     while filled < buf.len() {
-        match tokio::time::timeout(timeout, r.read(&mut buf[filled..])).await {
-            Err(_) => return Err((filled, ConnError::Timeout("receiving file data"))),
-            Ok(Ok(0)) => return Err((filled, ConnError::Truncated)),
-            Ok(Ok(n)) => filled += n,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+        match floor
+            .wait(r.read(&mut buf[filled..]), "receiving file data")
+            .await
+        {
+            Ok(0) => return Err((filled, ConnError::Truncated)),
+            Ok(n) => filled += n,
+            Err(ConnError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Err((filled, ConnError::Truncated));
             }
-            Ok(Err(e)) => return Err((filled, ConnError::Io(e))),
+            Err(e) => return Err((filled, e)),
         }
     }
     Ok(())
 }
 
-/// Writes all of `buf`, failing only if a single write makes no progress within `timeout`.
+/// Writes all of `buf`, under the deadlines of `floor`.
 async fn write_all_progress<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &[u8],
-    timeout: Duration,
+    floor: &mut Floor,
 ) -> Result<(), ConnError> {
     let mut written = 0;
     while written < buf.len() {
-        match tokio::time::timeout(timeout, w.write(&buf[written..])).await {
-            Err(_) => return Err(ConnError::Timeout("sending file data")),
-            Ok(Ok(0)) => return Err(ConnError::Truncated),
-            Ok(Ok(n)) => written += n,
-            Ok(Err(e)) => return Err(ConnError::Io(e)),
+        match floor
+            .wait(w.write(&buf[written..]), "sending file data")
+            .await?
+        {
+            0 => return Err(ConnError::Truncated),
+            n => written += n,
         }
     }
     Ok(())
@@ -133,7 +303,7 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
     offset: u64,
     size: u64,
     prefix: Option<blake3::Hasher>,
-    io_timeout: Duration,
+    pacing: Pacing,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Digest, BodyError> {
     let total = size.saturating_sub(offset);
@@ -142,6 +312,13 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
     for _ in 0..PIPELINE_DEPTH {
         let _ = free_tx.try_send(Vec::new());
     }
+    // Hashing a prefix here (no hasher given) takes a while before the first chunk.
+    let first_wait = if prefix.is_none() {
+        hashing_allowance(offset)
+    } else {
+        Duration::ZERO
+    };
+    let (cancel, _stop_reader) = cancel_flag();
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<blake3::Hasher> {
         let mut hasher = blake3::Hasher::new();
         let result: std::io::Result<()> = (|| {
@@ -150,7 +327,7 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
                     hasher = h;
                     file.seek(SeekFrom::Start(offset))?;
                 }
-                None => hash_prefix_into(&mut file, offset, &mut hasher)?,
+                None => hash_prefix_into(&mut file, offset, &mut hasher, &cancel)?,
             }
             let mut left = total;
             while left > 0 {
@@ -173,9 +350,16 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
         }
     });
 
+    let mut floor = Floor::new(pacing, total);
     let mut sent = 0u64;
     while sent < total {
-        let buf = match full_rx.recv().await {
+        let limit = pacing.local_deadline(if sent == 0 {
+            first_wait
+        } else {
+            Duration::ZERO
+        });
+        let next = local(limit, full_rx.recv(), "reading the file made no progress").await?;
+        let buf = match next {
             Some(Ok(buf)) => buf,
             Some(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Err(BodyError::SourceChanged);
@@ -193,18 +377,21 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
                 });
             }
         };
-        write_all_progress(w, &buf, io_timeout).await?;
+        write_all_progress(w, &buf, &mut floor).await?;
         sent += buf.len() as u64;
         progress(sent);
         let _ = free_tx.try_send(buf);
     }
-    match tokio::time::timeout(io_timeout, w.flush()).await {
-        Err(_) => return Err(ConnError::Timeout("sending file data").into()),
-        Ok(Err(e)) => return Err(ConnError::Io(e).into()),
-        Ok(Ok(())) => {}
-    }
-    let hasher = reader
-        .await
+    floor
+        .wait(async { w.flush().await.map(|()| 0) }, "sending file data")
+        .await?;
+    let limit = pacing.local_deadline(if total == 0 {
+        first_wait
+    } else {
+        Duration::ZERO
+    });
+    let hasher = local(limit, reader, "hashing the file made no progress")
+        .await?
         .map_err(|e| BodyError::Local {
             source: std::io::Error::other(e.to_string()),
             in_sync: false,
@@ -222,17 +409,23 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
     offset: u64,
     size: u64,
     prefix: Option<blake3::Hasher>,
-    io_timeout: Duration,
+    pacing: Pacing,
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<(Digest, std::fs::File), BodyError> {
     let total = size.saturating_sub(offset);
     let (full_tx, full_rx) = std_mpsc::sync_channel::<Vec<u8>>(PIPELINE_DEPTH);
     let (free_tx, mut free_rx) = mpsc::channel::<Vec<u8>>(PIPELINE_DEPTH);
+    let first_wait = if prefix.is_none() {
+        hashing_allowance(offset)
+    } else {
+        Duration::ZERO
+    };
+    let (cancel, _stop_writer) = cancel_flag();
     let writer = tokio::task::spawn_blocking(
         move || -> std::io::Result<(blake3::Hasher, std::fs::File)> {
             let mut hasher = match prefix {
                 Some(h) => h,
-                None => hash_prefix_blocking(&mut file, offset)?,
+                None => hash_prefix_blocking(&mut file, offset, &cancel)?,
             };
             file.seek(SeekFrom::Start(offset))?;
             while let Ok(buf) = full_rx.recv() {
@@ -246,25 +439,37 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
         },
     );
 
+    let mut floor = Floor::new(pacing, total);
     let mut pool: Vec<Vec<u8>> = (0..PIPELINE_DEPTH).map(|_| Vec::new()).collect();
     let mut received = 0u64;
     let mut writer_alive = true;
+    let mut waits = 0u64;
     while received < total {
         let n = (CHUNK_LEN as u64).min(total - received) as usize;
         let mut buf = match pool.pop() {
             Some(buf) => buf,
-            None if writer_alive => match free_rx.recv().await {
-                Some(buf) => buf,
-                None => {
-                    // The writer failed: keep reading so the stream stays in sync.
-                    writer_alive = false;
-                    Vec::new()
+            None if writer_alive => {
+                // The first buffer back may wait for the writer to hash a prefix.
+                let extra = if waits == 0 {
+                    first_wait
+                } else {
+                    Duration::ZERO
+                };
+                waits += 1;
+                let limit = pacing.local_deadline(extra);
+                match local(limit, free_rx.recv(), "writing the file made no progress").await? {
+                    Some(buf) => buf,
+                    None => {
+                        // The writer failed: keep reading so the stream stays in sync.
+                        writer_alive = false;
+                        Vec::new()
+                    }
                 }
-            },
+            }
             None => Vec::new(),
         };
         buf.resize(n, 0);
-        if let Err((filled, e)) = read_exact_progress(r, &mut buf, io_timeout).await {
+        if let Err((filled, e)) = read_exact_progress(r, &mut buf, &mut floor).await {
             // Keep every byte that arrived, so a resumed transfer need not send it again,
             // and let the writer finish before returning, so the file is complete when the
             // caller releases it.
@@ -273,7 +478,12 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
                 let _ = full_tx.try_send(buf);
             }
             drop(full_tx);
-            let _ = writer.await;
+            let _ = local(
+                pacing.local_deadline(first_wait),
+                writer,
+                "writing the file made no progress",
+            )
+            .await;
             return Err(e.into());
         }
         received += n as u64;
@@ -291,10 +501,24 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
         }
     }
     drop(full_tx);
-    let joined = writer.await.map_err(|e| BodyError::Local {
-        source: std::io::Error::other(e.to_string()),
-        in_sync: true,
-    })?;
+    let limit = pacing.local_deadline(if waits == 0 {
+        first_wait
+    } else {
+        Duration::ZERO
+    });
+    let joined = local(limit, writer, "writing the file made no progress")
+        .await
+        .map_err(|e| match e {
+            BodyError::Local { source, .. } => BodyError::Local {
+                source,
+                in_sync: true,
+            },
+            other => other,
+        })?
+        .map_err(|e| BodyError::Local {
+            source: std::io::Error::other(e.to_string()),
+            in_sync: true,
+        })?;
     let (hasher, file) = joined.map_err(|e| BodyError::Local {
         source: e,
         in_sync: true,
@@ -404,6 +628,96 @@ mod tests {
             matches!(err, BodyError::Net(ConnError::Timeout(_))),
             "{err:?}"
         );
+    }
+
+    /// Writes one byte every 50 ms for as long as the other side reads them.
+    fn trickle(mut a: tokio::io::DuplexStream) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while a.write_all(&[7]).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    }
+
+    // Real time (see above). A byte every 50 ms never leaves a read waiting for the 1 s
+    // deadline, which is all the old per-read rule checked: this body of 100,000 bytes would
+    // take 83 minutes. With a floor of 1,000 B/s it must fail at its first 1 s window.
+    #[tokio::test]
+    async fn a_trickling_sender_is_dropped_by_the_rate_floor() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut b = Connection::new(b, Duration::from_secs(1));
+        b.set_min_body_rate(1000);
+        let sender = trickle(a);
+        let mut progress = |_| {};
+        let recv = b.recv_body(
+            tempfile::tempfile().unwrap(),
+            0,
+            100_000,
+            None,
+            &mut progress,
+        );
+        let err = tokio::time::timeout(Duration::from_secs(60), recv)
+            .await
+            .expect("the rate floor ends a trickling body")
+            .unwrap_err();
+        assert!(
+            matches!(err, BodyError::Net(ConnError::Timeout(TOO_SLOW))),
+            "{err:?}"
+        );
+        sender.abort();
+    }
+
+    #[tokio::test]
+    async fn a_trickling_reader_is_dropped_by_the_rate_floor() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut b = Connection::new(b, Duration::from_secs(1));
+        b.set_min_body_rate(1000);
+        let reader = tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            while matches!(a.read(&mut byte).await, Ok(1)) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let data = vec![1u8; 100_000];
+        let mut progress = |_| {};
+        let send = b.send_body(file_with(&data), 0, 100_000, None, &mut progress);
+        let err = tokio::time::timeout(Duration::from_secs(60), send)
+            .await
+            .expect("the rate floor ends a trickling download")
+            .unwrap_err();
+        assert!(
+            matches!(err, BodyError::Net(ConnError::Timeout(TOO_SLOW))),
+            "{err:?}"
+        );
+        reader.abort();
+    }
+
+    #[tokio::test]
+    async fn a_steady_body_above_the_floor_completes() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(3 * CHUNK_LEN + 1).collect();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut a = Connection::new(a, Duration::from_secs(10));
+        let mut b = Connection::new(b, Duration::from_secs(10));
+        a.set_min_body_rate(1000);
+        b.set_min_body_rate(1000);
+        let size = data.len() as u64;
+        let src = file_with(&data);
+        let send = async move { a.send_body(src, 0, size, None, &mut |_| {}).await };
+        let mut progress = |_| {};
+        let recv = b.recv_body(tempfile::tempfile().unwrap(), 0, size, None, &mut progress);
+        let (sent, received) = tokio::join!(send, recv);
+        assert_eq!(sent.unwrap(), received.unwrap().0);
+    }
+
+    #[test]
+    fn a_cancelled_prefix_hash_stops() {
+        let mut f = file_with(&vec![0u8; 3 * CHUNK_LEN]);
+        let (flag, guard) = cancel_flag();
+        assert!(hash_prefix_blocking(&mut f, 3 * CHUNK_LEN as u64, &flag).is_ok());
+        // Dropping the guard (the future that owned it) is what tells the thread to stop.
+        drop(guard);
+        let err = hash_prefix_blocking(&mut f, 3 * CHUNK_LEN as u64, &flag).unwrap_err();
+        assert_eq!(err.to_string(), cancelled().to_string());
     }
 
     #[tokio::test]

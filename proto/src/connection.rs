@@ -40,6 +40,8 @@ pub struct Connection<S> {
     /// Deadline for the rest of a frame once its first byte has arrived: a peer trickling a
     /// frame a byte at a time is dropped when it passes.
     frame_timeout: Duration,
+    /// Least bytes per second a body must move (0: no floor); see [`crate::body::Pacing`].
+    min_body_rate: u64,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -50,6 +52,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             wbuf: Vec::with_capacity(1024),
             io_timeout,
             frame_timeout: io_timeout,
+            min_body_rate: 0,
+        }
+    }
+
+    /// Sets the least rate, in bytes per second over each I/O timeout, at which a body must
+    /// move; a slower one fails with a timeout (see [`crate::body::Pacing`]). 0 (the default)
+    /// keeps only the per-read deadline.
+    pub fn set_min_body_rate(&mut self, bytes_per_sec: u64) {
+        self.min_body_rate = bytes_per_sec;
+    }
+
+    fn pacing(&self) -> crate::body::Pacing {
+        crate::body::Pacing {
+            io_timeout: self.io_timeout,
+            min_rate: self.min_body_rate,
         }
     }
 
@@ -130,13 +147,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         prefix: Option<blake3::Hasher>,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<Digest, crate::body::BodyError> {
+        let pacing = self.pacing();
         crate::body::send(
             &mut self.stream,
             file,
             offset,
             size,
             prefix,
-            self.io_timeout,
+            pacing,
             progress,
         )
         .await
@@ -154,13 +172,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         prefix: Option<blake3::Hasher>,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(Digest, std::fs::File), crate::body::BodyError> {
+        let pacing = self.pacing();
         crate::body::recv(
             &mut self.stream,
             file,
             offset,
             size,
             prefix,
-            self.io_timeout,
+            pacing,
             progress,
         )
         .await

@@ -308,8 +308,8 @@ pub enum ErrorCode {
     VerificationFailed,
     /// The server's disk is full (exit 1).
     NoSpace,
-    /// The server is at a limit (sessions, logins in progress); the message says which; try
-    /// again (exit 7, as a refused connection).
+    /// The server is at a limit (sessions, logins waiting, a user's transfers); the message
+    /// says which; try again (exit 7, like any refusal at a connection or session limit).
     Busy,
     /// The server is shutting down (exit 7).
     ShuttingDown,

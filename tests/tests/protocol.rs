@@ -852,3 +852,35 @@ async fn a_folder_of_long_names_that_are_not_utf8_still_lists_in_frames_that_fit
     assert_eq!(count, 200);
     expect_pong(&mut conn).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_that_would_build_a_tree_past_64_levels_is_refused() {
+    let server = TestServer::start();
+    let mut conn = raw_login(&server, "alice").await;
+    // `deep` reaches 60 levels below the root; `b/1/2/3/4` is 5 levels down.
+    let chain: Vec<String> = (1..60).map(|i| i.to_string()).collect();
+    let deep = server.user_dir("alice").join("deep").join(chain.join("/"));
+    std::fs::create_dir_all(deep).unwrap();
+    std::fs::create_dir_all(server.user_dir("alice").join("b/1/2/3/4")).unwrap();
+    let rename = Request::Rename {
+        from: "deep".into(),
+        to: "b/1/2/3/4".into(),
+    };
+    match call(&mut conn, &rename).await {
+        Response::Error {
+            code: ErrorCode::InvalidPath,
+            message,
+        } => assert!(
+            message.contains("65 levels deep") && message.contains("limited to 64 levels"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(server.user_dir("alice").join("deep").is_dir());
+    // One level higher fits exactly.
+    let rename = Request::Rename {
+        from: "deep".into(),
+        to: "b/1/2/3".into(),
+    };
+    assert_eq!(call(&mut conn, &rename).await, Response::Ok);
+}

@@ -133,8 +133,9 @@ pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
     from: String,
     to: String,
 ) -> Result<Flow, ConnError> {
+    let max_check = ctx.state.limits().max_rename_check_entries;
     change(ctx, conn, "rename", from, move |t, f| {
-        t.rename(f, &to).map(Some)
+        t.rename(f, &to, max_check).map(Some)
     })
     .await
 }

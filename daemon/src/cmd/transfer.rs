@@ -1,9 +1,18 @@
 //! Upload and download: size-prefixed raw bodies, verified by BLAKE3 before anything is
 //! committed, with the upload staged in a temp file that only a verified rename makes visible.
+//!
+//! What one user's transfers may cost is bounded here: at most
+//! `limits.max_transfers_per_user` at once (more are answered `Busy`), bodies that move at
+//! least `limits.min_transfer_rate` (see [`xfer_proto::body::Pacing`]), resume checks
+//! (hashing a prefix) at most `limits.max_prefix_hashes_per_user` at once and stopped as soon
+//! as their client leaves, and a session re-checked every [`SESSION_RECHECK`] during a body
+//! and once more before a commit, so a logout elsewhere, a password change or a deleted
+//! account stops a transfer in flight.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
@@ -11,7 +20,98 @@ use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 use super::{blocking, reply_error};
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::partial::Holding;
+use crate::server::State;
 use crate::storage::{PendingUpload, Staging};
+use crate::usage::Slot;
+
+/// How often a running transfer re-checks its session.
+pub const SESSION_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether the session of `token` is still valid (the dispatcher's check).
+fn session_valid(state: &State, token: &str) -> bool {
+    state
+        .sessions
+        .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))
+        .is_some()
+}
+
+/// Completes once the session of `token` has ended (checked every [`SESSION_RECHECK`]).
+async fn session_ended(state: &State, token: &str) {
+    let mut tick = tokio::time::interval(SESSION_RECHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if !session_valid(state, token) {
+            return;
+        }
+    }
+}
+
+/// What the client is told when its session ends mid-transfer.
+fn session_ended_message(op: &str, path: &str) -> String {
+    format!(
+        "session expired or revoked during the {op} of `{path}`; nothing was saved; log in again"
+    )
+}
+
+/// Takes one of the user's transfer slots, or answers `Busy` (`Err`, with the flow to return).
+async fn transfer_slot<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    conn: &mut Connection<S>,
+    op: &'static str,
+    path: &str,
+) -> Result<Result<Slot, Flow>, ConnError> {
+    let user = &ctx.session().user;
+    let max = ctx.state.limits().max_transfers_per_user;
+    if let Some(slot) = ctx.state.usage.try_transfer(user, max) {
+        return Ok(Ok(slot));
+    }
+    tracing::info!(user = %user, path = %path, max, "{op} refused: too many transfers in progress");
+    ctx.audit(op, Some(path), Outcome::failed(ErrorCode::Busy));
+    let flow = reply_error(
+        conn,
+        ErrorCode::Busy,
+        format!("too many transfers in progress for {user} ({max}); wait for some to finish, then try again"),
+    )
+    .await?;
+    Ok(Err(flow))
+}
+
+/// Runs `work` unless the client leaves first. Until it is answered the client must send
+/// nothing, so end of stream, an error or any byte on the read side all mean it is gone (or
+/// broke the protocol): `None`, and `work` is dropped, which stops a prefix hash within one
+/// chunk (see [`hash_prefix`]).
+async fn unless_client_leaves<S: AsyncRead + AsyncWrite + Unpin, T>(
+    conn: &mut Connection<S>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    let mut probe = [0u8; 1];
+    tokio::select! {
+        biased;
+        done = work => Some(done),
+        _ = conn.get_mut().read(&mut probe) => None,
+    }
+}
+
+/// Hashes the first `len` bytes of `file` for a resume check, in one of the user's hashing
+/// slots (waiting for one), stopping if the client leaves: `None` then, and the connection
+/// should close.
+async fn hash_for_resume<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    conn: &mut Connection<S>,
+    file: &std::fs::File,
+    len: u64,
+) -> Option<std::io::Result<blake3::Hasher>> {
+    let usage = ctx.state.usage.clone();
+    let user = ctx.session().user.clone();
+    let max = ctx.state.limits().max_prefix_hashes_per_user;
+    let work = async move {
+        let _slot = usage.hash_slot(&user, max).await;
+        hash_prefix(file, len).await
+    };
+    unless_client_leaves(conn, work).await
+}
 
 /// Empties the staged file for a fresh start. A failure must not go on: bytes past the new
 /// body's end would stay in the file. Returns false after answering with an error (close).
@@ -46,7 +146,11 @@ async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Option<(u64, Option<blake3::Hasher>)>, ConnError> {
     let held = pending.held();
     let hasher = if held > 0 {
-        match hash_prefix(pending.file(), held).await {
+        let Some(hashed) = hash_for_resume(ctx, conn, pending.file(), held).await else {
+            tracing::info!(path = %path, held, "client left before the resume check finished; hashing stopped");
+            return Ok(None);
+        };
+        match hashed {
             Ok(h) => Some(h),
             Err(e) => {
                 // Unreadable or shorter than it was: not worth resuming from.
@@ -125,14 +229,24 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     size: u64,
     up_to: u64,
 ) -> Result<Flow, ConnError> {
+    let _slot = match transfer_slot(ctx, conn, "upload", &path).await? {
+        Ok(slot) => slot,
+        Err(flow) => return Ok(flow),
+    };
     let auth = ctx.session();
     let user = auth.user.clone();
     let tree = auth.tree.clone();
+    let token = auth.token.clone();
     let limits = ctx.state.limits();
+    conn.set_min_body_rate(limits.min_transfer_rate);
     let max = limits.max_upload_bytes;
     // Clients older than protocol 2 cannot answer a resume offer: give them a plain temp file.
     let staging = match limits.partial_upload_ttl() {
-        Some(ttl) if ctx.version >= 2 => Staging::Resumable { up_to, ttl },
+        Some(ttl) if ctx.version >= 2 => Staging::Resumable {
+            up_to,
+            ttl,
+            max_bytes: limits.max_partial_bytes_per_user,
+        },
         _ => Staging::Temp,
     };
     let deadline = Instant::now() + TAKEOVER_WAIT;
@@ -151,8 +265,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         // stopped and its data taken over. A moving one may be a killed client's last
         // buffered bytes being written (it lets go within moments) or a real concurrent
         // upload: wait for it until the deadline, then go alongside in a temp file.
-        let held_elsewhere = matches!(staging, Staging::Resumable { .. }) && !pending.resumable();
-        if !held_elsewhere || Instant::now() >= deadline {
+        if !pending.held_elsewhere() || Instant::now() >= deadline {
             break pending;
         }
         if ctx
@@ -183,20 +296,40 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(Flow::Close);
         }
     };
-    let received = match &claim {
-        Some(claim) => {
-            let mut progressed = |_| claim.progressed();
-            tokio::select! {
-                r = conn.recv_body(file, start, size, prefix, &mut progressed) => r,
-                _ = claim.stopped() => {
-                    // A retry of this upload has taken over; this connection is presumed dead.
-                    tracing::info!(user = %user, path = %path, "upload taken over by a newer attempt");
-                    audit_interrupted(ctx, &path, start);
-                    return Ok(Flow::Close);
-                }
-            }
+    let taken_over = async {
+        match &claim {
+            Some(claim) => claim.stopped().await,
+            None => std::future::pending().await,
         }
-        None => conn.recv_body(file, start, size, prefix, &mut |_| {}).await,
+    };
+    let mut progressed = |_| {
+        if let Some(claim) = &claim {
+            claim.progressed();
+        }
+    };
+    let state = ctx.state.clone();
+    let received = tokio::select! {
+        r = conn.recv_body(file, start, size, prefix, &mut progressed) => r,
+        _ = taken_over => {
+            // A retry of this upload has taken over; this connection is presumed dead.
+            tracing::info!(user = %user, path = %path, "upload taken over by a newer attempt");
+            audit_interrupted(ctx, &path, start);
+            return Ok(Flow::Close);
+        }
+        _ = session_ended(&state, &token) => {
+            // Stop at once; what arrived is deleted, not kept for whoever logs in next.
+            pending.discard();
+            tracing::info!(user = %user, path = %path, "session ended during the upload; stopped, nothing saved");
+            ctx.audit("upload", Some(&path), Outcome::failed(ErrorCode::SessionExpired));
+            ctx.auth = None;
+            // The client is still sending: the connection closes after this answer.
+            conn.write_frame(&Response::error(
+                ErrorCode::SessionExpired,
+                session_ended_message("upload", &path),
+            ))
+            .await?;
+            return Ok(Flow::Close);
+        }
     };
     let digest = match received {
         Ok((digest, _)) => digest,
@@ -252,6 +385,23 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
+    // The body may have taken long: the session must still hold when the file appears.
+    if !session_valid(&ctx.state, &token) {
+        pending.discard();
+        tracing::info!(user = %user, path = %path, "session ended during the upload; nothing saved");
+        ctx.audit(
+            "upload",
+            Some(&path),
+            Outcome::failed(ErrorCode::SessionExpired),
+        );
+        ctx.auth = None;
+        return reply_error(
+            conn,
+            ErrorCode::SessionExpired,
+            session_ended_message("upload", &path),
+        )
+        .await;
+    }
     if let Err(e) = blocking(move || tree.commit(pending)).await {
         tracing::warn!(user = %user, path = %path, error = %e, "upload commit failed");
         ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
@@ -292,9 +442,15 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     offset: u64,
     prefix: Option<Digest>,
 ) -> Result<Flow, ConnError> {
+    let _slot = match transfer_slot(ctx, conn, "download", &path).await? {
+        Ok(slot) => slot,
+        Err(flow) => return Ok(flow),
+    };
     let auth = ctx.session();
     let user = auth.user.clone();
     let tree = auth.tree.clone();
+    let token = auth.token.clone();
+    conn.set_min_body_rate(ctx.state.limits().min_transfer_rate);
     let p = path.clone();
     let (file, size, modified) = match blocking(move || tree.open_for_download(&p)).await {
         Ok(x) => x,
@@ -304,29 +460,57 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
             return reply_error(conn, e.code(), e.client_message()).await;
         }
     };
-    let (offset, hasher) = match prefix {
+    if prefix.is_none() && offset > size {
+        return reply_error(
+            conn,
+            ErrorCode::BadRequest,
+            format!("offset {offset} is beyond the end of `{path}` ({size} bytes)"),
+        )
+        .await;
+    }
+    // Starting past byte 0 needs the digest of the bytes before it: the client's check for
+    // `DownloadFrom`, the whole file's digest for both. It is computed before answering, in
+    // a hashing slot, and stops if the client leaves meanwhile (`offset = size` with a wrong
+    // prefix would otherwise hash a whole file for nobody).
+    let hashed = if offset > 0 && offset <= size {
+        match hash_for_resume(ctx, conn, &file, offset).await {
+            Some(h) => Some(h),
+            None => {
+                tracing::info!(user = %user, path = %path, offset, "client left before the resume check finished; hashing stopped");
+                return Ok(Flow::Close);
+            }
+        }
+    } else {
+        None
+    };
+    let (offset, hasher) = match (prefix, hashed) {
         // A resume: send from `offset` only if the client's bytes are this file's bytes.
-        Some(theirs) if offset > 0 && offset <= size => match hash_prefix(&file, offset).await {
-            Ok(h) if *h.finalize().as_bytes() == theirs => (offset, Some(h)),
-            Ok(_) => {
-                tracing::info!(user = %user, path = %path, offset, "client's partial copy differs; sending the whole file");
-                (0, None)
-            }
-            Err(e) => {
-                tracing::warn!(user = %user, path = %path, error = %e, "cannot hash for resume; sending the whole file");
-                (0, None)
-            }
-        },
-        Some(_) => (0, None),
-        None if offset > size => {
+        (Some(theirs), Some(Ok(h))) if *h.finalize().as_bytes() == theirs => (offset, Some(h)),
+        (Some(_), Some(Ok(_))) => {
+            tracing::info!(user = %user, path = %path, offset, "client's partial copy differs; sending the whole file");
+            (0, None)
+        }
+        (Some(_), Some(Err(e))) => {
+            tracing::warn!(user = %user, path = %path, error = %e, "cannot hash for resume; sending the whole file");
+            (0, None)
+        }
+        (Some(_), None) => (0, None),
+        (None, Some(Ok(h))) => (offset, Some(h)),
+        (None, Some(Err(e))) => {
+            tracing::warn!(user = %user, path = %path, error = %e, "cannot read the file before the offset");
+            ctx.audit(
+                "download",
+                Some(&path),
+                Outcome::failed(ErrorCode::Internal),
+            );
             return reply_error(
                 conn,
-                ErrorCode::BadRequest,
-                format!("offset {offset} is beyond the end of `{path}` ({size} bytes)"),
+                ErrorCode::Internal,
+                format!("reading `{path}` failed on the server"),
             )
             .await;
         }
-        None => (offset, None),
+        (None, None) => (offset, None),
     };
     conn.write_frame(&Response::DownloadReady {
         size,
@@ -335,10 +519,20 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     })
     .await?;
     let started = Instant::now();
-    let digest = match conn
-        .send_body(file, offset, size, hasher, &mut |_| {})
-        .await
-    {
+    let state = ctx.state.clone();
+    let mut no_progress = |_| {};
+    let sent = tokio::select! {
+        r = conn.send_body(file, offset, size, hasher, &mut no_progress) => r,
+        _ = session_ended(&state, &token) => {
+            // The body length was promised and no frame can interrupt it: closing is the
+            // only signal; the next request on any connection learns the session ended.
+            tracing::info!(user = %user, path = %path, "session ended during the download; stopped");
+            ctx.audit("download", Some(&path), Outcome::failed(ErrorCode::SessionExpired));
+            ctx.auth = None;
+            return Ok(Flow::Close);
+        }
+    };
+    let digest = match sent {
         Ok(d) => d,
         Err(e) => {
             // The body length was promised; the only honest signal left is closing.
