@@ -158,8 +158,12 @@ fn parse_role(s: &str) -> Result<Role, String> {
 /// Parses arguments and runs; the binary's whole `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every transfer holds one blocking thread for its file I/O, and admission lets up to
+    // `max_sessions` (1024 by default) sessions transfer at once: tokio's default of 512 would
+    // make the excess wait for a thread until their I/O deadline. Idle threads exit after 10 s.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(4096)
         .build()
     {
         Ok(rt) => rt,

@@ -121,9 +121,11 @@ ttl_secs = 604800
 max_per_user = 100
 
 [penalties]
-# Brute-force defence, per source address (IPv6: per /64). Each failed login, invalid token or
+# Brute-force defence, per source (limits.per_source_net_block_size). Each failed login, bad token or
 # wrong shutdown password adds per_failure_secs to the source's penalty, up to max_secs; while
-# the penalty exceeds threshold_secs, passwords from that source are refused unchecked.
+# the penalty exceeds threshold_secs, passwords from that source are refused unchecked, and an
+# invalid token is refused (RateLimited) without adding more, so a guesser cannot push a shared
+# NAT address towards max_secs; valid tokens from that source still work.
 per_failure_secs = 5
 threshold_secs = 15
 max_secs = 600
