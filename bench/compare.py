@@ -608,6 +608,50 @@ class Runner:
                  shell=True),
         ])
 
+    def count_syncs(self) -> None:
+        """One untimed run of each small-files command under strace: how many fsync-class calls
+        each side makes. The durability each tool gives is part of what its time buys."""
+        b = self.b
+        if not shutil.which("strace"):
+            log("no strace: not counting fsync calls")
+            return
+        calls = "fsync,fdatasync,syncfs,sync,sync_file_range,msync"
+        ssh = " ".join(b.ssh_tool("ssh"))
+        jobs = [
+            ("up", "xfer", b.store / "sup" / "small", b.xfer_cmd("upload", "-r", self.small, "--to", "sup")),
+            ("up", "sftp", b.sshroot / "sup_sftp" / "small", b.ssh_tool("sftp", "-b", self.batch_put, "bench")),
+            ("up", "tar", b.sshroot / "sup_tar" / "small",
+             ["sh", "-c", f"tar cf - -C {b.local} small | {ssh} bench tar xf - -C {b.sshroot / 'sup_tar'}"]),
+            ("down", "xfer", b.down / "xfer_small" / "small",
+             b.xfer_cmd("download", "-r", "sdl/small", "--to", b.down / "xfer_small")),
+            ("down", "sftp", b.down / "sftp_small" / "small", b.ssh_tool("sftp", "-b", self.batch_get, "bench")),
+            ("down", "tar", b.down / "tar_small" / "small",
+             ["sh", "-c", f"{ssh} bench tar cf - -C {b.sshroot / 'sdl'} small | tar xf - -C {b.down / 'tar_small'}"]),
+        ]
+        self.syncs = {}
+        for d, tool, dst, cmd in jobs:
+            rm(dst)
+            os.sync()
+            srv_out, cli_out = b.work / "strace-server.txt", b.work / "strace-client.txt"
+            pid = b.xferd_pid if tool == "xfer" else b.sshd_pid
+            tracer = subprocess.Popen(["strace", "-f", "-c", "-e", f"trace={calls}", "-o", str(srv_out),
+                                       "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # strace prints "attached" once it holds every thread; until then calls would be missed.
+            seen = b""
+            while b"attached" not in seen and tracer.poll() is None:
+                seen += tracer.stderr.readline()
+            run(["strace", "-f", "-c", "-e", f"trace={calls}", "-o", str(cli_out), *map(str, cmd)],
+                env=b.xfer_env if tool == "xfer" else None)
+            if tool != "xfer":
+                for _ in range(200):
+                    if b.cg_sshd.pids() <= {b.sshd_pid}:
+                        break
+                    time.sleep(0.01)
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait()
+            self.check(tree_equal(self.small, dst), f"{tool} small files under strace")
+            self.syncs[f"{d}/{tool}"] = {"client": _strace_calls(cli_out), "server": _strace_calls(srv_out)}
+
     # -- 3. many clients at once ---------------------------------------------------------------------
 
     def setup_conc(self) -> None:
@@ -761,6 +805,16 @@ class Runner:
         log(f"profile summary in {out / 'profile.txt'}")
 
 
+def _strace_calls(path: Path) -> dict:
+    """{syscall: calls} from an `strace -c` summary."""
+    out = {}
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            out[parts[-1]] = int(parts[3])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # the table and the chart
 
@@ -772,7 +826,7 @@ def paired(results, a: str, b: str, key: str, invert: bool = False) -> float:
     return median(ratios)
 
 
-def build_rows(res: dict, args) -> list[dict]:
+def build_rows(res: dict, args, syncs: dict) -> list[dict]:
     rows = []
 
     def med(case, key):
@@ -804,6 +858,13 @@ def build_rows(res: dict, args) -> list[dict]:
             add(f"{files}, {word} vs {name}", f"{med(x, 'wall'):.2f} s ({med(x, 'cpu_ns_per_byte'):.0f} ns/B)",
                 f"{med(p, 'wall'):.2f} s ({med(p, 'cpu_ns_per_byte'):.0f} ns/B)", r, f"time <= {goal}x",
                 r <= goal, "ratio", f"files {d} vs {peer}")
+    for d, word in (("up", "upload -r"), ("down", "download -r")):
+        if f"{d}/xfer" in syncs:
+            def fmt(tool):
+                c = syncs[f"{d}/{tool}"]
+                return "client {} + server {}".format(*(sum(c[side].values()) for side in ("client", "server")))
+            add(f"(durability) fsync-class calls in one {word}", fmt("xfer"),
+                f"sftp: {fmt('sftp')}; tar: {fmt('tar')}", float("nan"), "-", None, "syncs")
     if "conc_many/xfer" in res:
         n = args.conc_streams
         r = paired(res, "conc_many/xfer", "conc_one/xfer", "mib_s")
@@ -840,12 +901,28 @@ def table_md(rows) -> str:
     out = ["| target | xfer | peer | ratio | goal | met |", "|---|---|---|---|---|---|"]
     for r in rows:
         met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        ratio = "-" if r["group"] in ("rss", "list") else f"{r['ratio']:.2f}x"
+        ratio = "-" if r["group"] in ("rss", "list", "syncs") else f"{r['ratio']:.2f}x"
         out.append(f"| {r['target']} | {r['xfer']} | {r['peer']} | {ratio} | {r['goal']} | {met} |")
     return "\n".join(out) + "\n"
 
 
-def chart(res: dict, rows: list, args, path: Path) -> None:
+def details_md(res: dict) -> str:
+    """Every case's spread, for whoever wants more than the medians."""
+    out = ["| case | rounds | wall median (min-max) | MiB/s median | CPU client ns/B | CPU server ns/B |",
+           "|---|---|---|---|---|---|"]
+    for case, rs in res.items():
+        walls = [r["wall"] for r in rs]
+        cli = median([r["client_cpu"] * 1e9 / r["bytes"] for r in rs])
+        srv = median([r["server_cpu"] * 1e9 / r["bytes"] for r in rs])
+        rate = f"{median([r['mib_s'] for r in rs]):.0f}" if rs[0]["bytes"] > 1 else "-"
+        cpu = (f"{cli:.2f}", f"{srv:.2f}") if rs[0]["bytes"] > 1 else \
+            (f"{cli / 1e6:.1f} ms", f"{srv / 1e6:.1f} ms")
+        out.append(f"| {case} | {len(rs)} | {median(walls):.3f} s ({min(walls):.3f}-{max(walls):.3f}) | {rate} "
+                   f"| {cpu[0]} | {cpu[1]} |")
+    return "\n".join(out) + "\n"
+
+
+def chart(res: dict, rows: list, args, path: Path, peer: str) -> None:
     if not shutil.which("gnuplot"):
         log("no gnuplot: no chart")
         return
@@ -882,7 +959,7 @@ def chart(res: dict, rows: list, args, path: Path) -> None:
     script = ["set terminal pngcairo size 1400,1000 font 'DejaVu Sans,10'", f"set output '{path}'"]
     for name, lines in blocks:
         script += [f"{name} << EOD", *(lines or ['"none" 0 0']), "EOD"]
-    title = (f"xfer vs OpenSSH 9.2 (aes128-gcm), loopback, {os.cpu_count()} cores, "
+    title = (f"xfer vs {peer} (aes128-gcm), loopback, {os.cpu_count()} cores, "
              f"medians of {args.rounds} rounds{' (QUICK sizes)' if args.quick else ''}")
     script += [
         f"set multiplot layout 2,2 title \"{title}\"",
@@ -934,6 +1011,7 @@ def main() -> None:
     ap.add_argument("--small-kib", type=int, default=4, help="size of each small file (4 KiB)")
     ap.add_argument("--conc-streams", type=int, default=16, help="concurrent uploads (16)")
     ap.add_argument("--conc-mib", type=int, help="size of each concurrent upload (default 64; quick 4)")
+    ap.add_argument("--no-syncs", action="store_true", help="skip counting fsync calls under strace")
     ap.add_argument("--no-scp-conc", action="store_true", help="skip the scp reference for concurrency")
     ap.add_argument("--rss-mib", type=int, help="upload size for the peak-RSS cases (default 1024; quick 64)")
     ap.add_argument("--rss-streams", type=int, default=16, help="concurrent uploads for peak RSS (16)")
@@ -988,8 +1066,12 @@ def main() -> None:
             setups[t]()
         for rnd in range(args.rounds):
             log(f"round {rnd + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f})")
+            info.setdefault("loadavg_per_round", []).append(os.getloadavg()[0])
             for t in active:
                 rounds[t](rnd)
+        if "small" in active and not args.no_syncs:
+            log("counting fsync calls of the small-files commands (strace, untimed)")
+            r.count_syncs()
         if "conc" in active:
             r.cleanup_conc()
         if "rss" in only:
@@ -1002,13 +1084,15 @@ def main() -> None:
             r.profile(out)
         info["loadavg_end"] = os.getloadavg()
         info["seconds"] = round(time.time() - started)
-        rows = build_rows(r.results, args)
+        rows = build_rows(r.results, args, getattr(r, "syncs", {}))
         md = table_md(rows)
         (out / "results.json").write_text(json.dumps(
             {"when": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
-             "machine": info, "args": vars(args), "rows": rows, "rounds": r.results}, indent=1, default=str))
+             "machine": info, "args": vars(args), "rows": rows, "syncs": getattr(r, "syncs", {}),
+             "rounds": r.results}, indent=1, default=str))
         (out / "table.md").write_text(md)
-        chart(r.results, rows, args, chart_path)
+        (out / "details.md").write_text(details_md(r.results))
+        chart(r.results, rows, args, chart_path, info["ssh"].split(",")[0])
         print()
         print(f"xfer {info['git']} vs {info['ssh']}; {info['nproc']} x {info['cpu']}, kernel {info['kernel']}")
         print(f"storage: {b.fs} ({b.work}); CPU: {b.cg_xferd.kind}; caches: {b.drop_method}")
