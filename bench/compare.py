@@ -33,6 +33,7 @@ import datetime
 import filecmp
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -169,6 +170,40 @@ class Cgroup:
                 return
             except OSError:
                 time.sleep(0.05)
+
+
+class MachineMeter:
+    """How busy the machine was with work other than this run: busy CPU from /proc/stat minus
+    what this run used (itself, every child it reaped, both servers' cgroups). Kernel threads
+    that write back our files count as "other", so this overstates the others a little."""
+
+    def __init__(self, servers: list[Cgroup]):
+        self.servers = servers
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.start = self.last = self.sample()
+
+    def sample(self) -> dict:
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        user, nice, system, idle, iowait, irq, softirq, steal = f
+        own = sum(getattr(resource.getrusage(w), k) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for k in ("ru_utime", "ru_stime"))
+        own += sum(cg.usage_ns() for cg in self.servers) / 1e9
+        return {"t": time.monotonic(), "busy": (user + nice + system + irq + softirq) / self.tick,
+                "steal": steal / self.tick, "own": own}
+
+    def since(self, a: dict) -> dict:
+        b = self.sample()
+        cores = os.cpu_count() or 1
+        span = (b["t"] - a["t"]) * cores
+        return {"others_pct": 100 * max(0.0, (b["busy"] - a["busy"]) - (b["own"] - a["own"])) / span,
+                "own_pct": 100 * (b["own"] - a["own"]) / span,
+                "steal_pct": 100 * (b["steal"] - a["steal"]) / span,
+                "loadavg": os.getloadavg()[0]}
+
+    def round(self) -> dict:
+        r = self.since(self.last)
+        self.last = self.sample()
+        return r
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1064,11 +1099,15 @@ def main() -> None:
         active = [t for t in ("big", "small", "conc") if t in only]
         for t in active:
             setups[t]()
+        meter = MachineMeter([b.cg_xferd, b.cg_sshd])
         for rnd in range(args.rounds):
             log(f"round {rnd + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f})")
-            info.setdefault("loadavg_per_round", []).append(os.getloadavg()[0])
             for t in active:
                 rounds[t](rnd)
+            m = meter.round()
+            info.setdefault("per_round", []).append(m)
+            log(f"round {rnd + 1}: other work {m['others_pct']:.0f}% of the machine, this run "
+                f"{m['own_pct']:.0f}%, steal {m['steal_pct']:.0f}%")
         if "small" in active and not args.no_syncs:
             log("counting fsync calls of the small-files commands (strace, untimed)")
             r.count_syncs()
@@ -1083,6 +1122,7 @@ def main() -> None:
         if args.profile and "big" in active:
             r.profile(out)
         info["loadavg_end"] = os.getloadavg()
+        info["whole_run"] = meter.since(meter.start)
         info["seconds"] = round(time.time() - started)
         rows = build_rows(r.results, args, getattr(r, "syncs", {}))
         md = table_md(rows)
@@ -1099,6 +1139,10 @@ def main() -> None:
         print(f"rounds: {args.rounds}{' (QUICK sizes: goals are for the full sizes)' if q else ''}; "
               f"load average {info['loadavg_start'][0]:.2f} at start, {info['loadavg_end'][0]:.2f} at end; "
               f"{info['seconds']} s")
+        w = info["whole_run"]
+        print(f"CPU of the whole machine over the run: other work {w['others_pct']:.0f}% (includes kernel "
+              f"writeback), this run {w['own_pct']:.0f}%, steal {w['steal_pct']:.0f}%; per round, other work: "
+              + " ".join(f"{m['others_pct']:.0f}%" for m in info.get("per_round", [])))
         print()
         print(md)
     except KeyboardInterrupt:
