@@ -537,12 +537,18 @@ class Runner:
         run(b.xfer_cmd("mkdir", "up"), env=b.xfer_env)
         run(b.xfer_cmd("mkdir", "dl"), env=b.xfer_env)
         run(b.xfer_cmd("upload", self.big, "--to", "dl"), env=b.xfer_env)
-        (b.sshroot / "up").mkdir()
-        (b.sshroot / "dl").mkdir()
+        for d in ("up", "up_f", "dl"):
+            (b.sshroot / d).mkdir()
         shutil.copy(self.big, b.sshroot / "dl" / "big.bin")
         b.own_sshroot()
-        for d in ("xfer", "scp"):
+        for d in ("xfer", "scp", "sftpf"):
             (b.down / d).mkdir()
+        # sftp's -f asks for fsync of each file (fsync@openssh.com on upload, a local fsync on
+        # download): OpenSSH with the durability xfer gives, as a reference beside plain scp.
+        self.big_put_f = b.work / "big-put-f.batch"
+        self.big_put_f.write_text(f"put -f {self.big} {b.sshroot / 'up_f' / 'big.bin'}\n")
+        self.big_get_f = b.work / "big-get-f.batch"
+        self.big_get_f.write_text(f"get -f {b.sshroot / 'dl' / 'big.bin'} {b.down / 'sftpf' / 'big.bin'}\n")
 
     def round_big(self, rnd: int) -> None:
         b, n = self.b, self.args.big_mib * MIB
@@ -577,8 +583,19 @@ class Runner:
             self.record("big_down/scp", b.measure("scp", [b.ssh_tool("scp", f"bench:{src}", dst)]), n)
             self.check(same_file(self.big, dst), "scp download")
 
-        self.interleave(rnd, [up_xfer, up_scp])
-        self.interleave(rnd, [down_xfer, down_scp])
+        def sftp_f(case, dst, batch):
+            def job():
+                rm(dst)
+                b.settle()
+                self.record(case, b.measure("ssh", [b.ssh_tool("sftp", "-b", batch, "bench")]), n)
+                self.check(same_file(self.big, dst), f"{case}")
+            return job
+
+        up_f = sftp_f("big_up/sftpf", b.sshroot / "up_f" / "big.bin", self.big_put_f)
+        down_f = sftp_f("big_down/sftpf", b.down / "sftpf" / "big.bin", self.big_get_f)
+        durable = not self.args.no_durable_peer
+        self.interleave(rnd, [up_xfer, up_scp] + ([up_f] if durable else []))
+        self.interleave(rnd, [down_xfer, down_scp] + ([down_f] if durable else []))
 
     # -- 2. many small files -------------------------------------------------------------------------
 
@@ -597,16 +614,20 @@ class Runner:
         run(b.xfer_cmd("mkdir", "sdl"), env=b.xfer_env)
         run(b.xfer_cmd("upload", "-r", self.small, "--to", "sdl"), env=b.xfer_env)
         self.check(tree_equal(self.small, b.store / "sdl" / "small"), "xfer upload -r (setup)")
-        for d in ("sup_sftp", "sup_tar", "sdl"):
+        for d in ("sup_sftp", "sup_sftpf", "sup_tar", "sdl"):
             (b.sshroot / d).mkdir()
         shutil.copytree(self.small, b.sshroot / "sdl" / "small")
         b.own_sshroot()
-        for d in ("xfer_small", "sftp_small", "tar_small"):
+        for d in ("xfer_small", "sftp_small", "sftpf_small", "tar_small"):
             (b.down / d).mkdir()
         self.batch_put = b.work / "put.batch"
         self.batch_put.write_text(f"put -r {self.small} {b.sshroot / 'sup_sftp' / 'small'}\n")
         self.batch_get = b.work / "get.batch"
         self.batch_get.write_text(f"get -r {b.sshroot / 'sdl' / 'small'} {b.down / 'sftp_small' / 'small'}\n")
+        self.batch_put_f = b.work / "put-f.batch"
+        self.batch_put_f.write_text(f"put -r -f {self.small} {b.sshroot / 'sup_sftpf' / 'small'}\n")
+        self.batch_get_f = b.work / "get-f.batch"
+        self.batch_get_f.write_text(f"get -r -f {b.sshroot / 'sdl' / 'small'} {b.down / 'sftpf_small' / 'small'}\n")
 
     def round_small(self, rnd: int) -> None:
         b, n = self.b, self.small_bytes
@@ -628,12 +649,14 @@ class Runner:
                 self.check(tree_equal(self.small, dst), f"{tool} download of the small files")
             return job
 
+        durable = not self.args.no_durable_peer
         self.interleave(rnd, [
             up("xfer", b.store / "sup" / "small", [b.xfer_cmd("upload", "-r", self.small, "--to", "sup")]),
             up("sftp", b.sshroot / "sup_sftp" / "small", [b.ssh_tool("sftp", "-b", self.batch_put, "bench")]),
             up("tar", b.sshroot / "sup_tar" / "small",
                [f"tar cf - -C {b.local} small | {ssh} bench tar xf - -C {b.sshroot / 'sup_tar'}"], shell=True),
-        ])
+        ] + ([up("sftpf", b.sshroot / "sup_sftpf" / "small",
+                 [b.ssh_tool("sftp", "-b", self.batch_put_f, "bench")])] if durable else []))
         self.interleave(rnd, [
             down("xfer", b.down / "xfer_small" / "small",
                  [b.xfer_cmd("download", "-r", "sdl/small", "--to", b.down / "xfer_small")]),
@@ -641,7 +664,8 @@ class Runner:
             down("tar", b.down / "tar_small" / "small",
                  [f"{ssh} bench tar cf - -C {b.sshroot / 'sdl'} small | tar xf - -C {b.down / 'tar_small'}"],
                  shell=True),
-        ])
+        ] + ([down("sftpf", b.down / "sftpf_small" / "small",
+                   [b.ssh_tool("sftp", "-b", self.batch_get_f, "bench")])] if durable else []))
 
     def count_syncs(self) -> None:
         """One untimed run of each small-files command under strace: how many fsync-class calls
@@ -655,11 +679,15 @@ class Runner:
         jobs = [
             ("up", "xfer", b.store / "sup" / "small", b.xfer_cmd("upload", "-r", self.small, "--to", "sup")),
             ("up", "sftp", b.sshroot / "sup_sftp" / "small", b.ssh_tool("sftp", "-b", self.batch_put, "bench")),
+            ("up", "sftpf", b.sshroot / "sup_sftpf" / "small",
+             b.ssh_tool("sftp", "-b", self.batch_put_f, "bench")),
             ("up", "tar", b.sshroot / "sup_tar" / "small",
              ["sh", "-c", f"tar cf - -C {b.local} small | {ssh} bench tar xf - -C {b.sshroot / 'sup_tar'}"]),
             ("down", "xfer", b.down / "xfer_small" / "small",
              b.xfer_cmd("download", "-r", "sdl/small", "--to", b.down / "xfer_small")),
             ("down", "sftp", b.down / "sftp_small" / "small", b.ssh_tool("sftp", "-b", self.batch_get, "bench")),
+            ("down", "sftpf", b.down / "sftpf_small" / "small",
+             b.ssh_tool("sftp", "-b", self.batch_get_f, "bench")),
             ("down", "tar", b.down / "tar_small" / "small",
              ["sh", "-c", f"{ssh} bench tar cf - -C {b.sshroot / 'sdl'} small | tar xf - -C {b.down / 'tar_small'}"]),
         ]
@@ -871,6 +899,18 @@ def build_rows(res: dict, args, syncs: dict) -> list[dict]:
         rows.append({"target": target, "xfer": xv, "peer": pv, "ratio": ratio, "goal": goal,
                      "met": met, "group": group, "short": short})
 
+    def ref(x, p, label, unit):
+        if p not in res:
+            return
+        rt, rc = paired(res, x, p, "wall"), paired(res, x, p, "cpu_ns_per_byte")
+
+        def fig(case):
+            speed = f"{med(case, 'mib_s'):.0f} MiB/s" if unit == "MiB/s" else f"{med(case, 'wall'):.2f} s"
+            cpu = med(case, "cpu_ns_per_byte")
+            return f"{speed} ({cpu:.2f} ns/B)" if cpu < 20 else f"{speed} ({cpu:.0f} ns/B)"
+        add(label, fig(x), f"sftp -f {fig(p)}", rt, "-", None, "ref")
+        rows[-1]["ratio_text"] = f"{rt:.2f}x time, {rc:.2f}x CPU"
+
     big = f"{args.big_mib} MiB"
     for d, word in (("up", "upload"), ("down", "download")):
         x, p = f"big_{d}/xfer", f"big_{d}/scp"
@@ -882,6 +922,7 @@ def build_rows(res: dict, args, syncs: dict) -> list[dict]:
             xc = f"{med(x, 'cpu_ns_per_byte'):.2f} ns/B ({_split(res, x)})"
             pc = f"scp+sshd {med(p, 'cpu_ns_per_byte'):.2f} ns/B ({_split(res, p)})"
             add(f"{big} {word}, CPU client+server", xc, pc, r, "CPU <= 0.5x", r <= 0.5, "ratio", f"big {d} CPU")
+            ref(x, f"big_{d}/sftpf", f"(reference) {big} {word} vs sftp -f (fsync, durable like xfer)", "MiB/s")
     files = f"{args.small_files} x {args.small_kib} KiB in {args.small_dirs} folders"
     for d, word, sftp_word in (("up", "upload -r", "put -r"), ("down", "download -r", "get -r")):
         x = f"small_{d}/xfer"
@@ -893,13 +934,15 @@ def build_rows(res: dict, args, syncs: dict) -> list[dict]:
             add(f"{files}, {word} vs {name}", f"{med(x, 'wall'):.2f} s ({med(x, 'cpu_ns_per_byte'):.0f} ns/B)",
                 f"{med(p, 'wall'):.2f} s ({med(p, 'cpu_ns_per_byte'):.0f} ns/B)", r, f"time <= {goal}x",
                 r <= goal, "ratio", f"files {d} vs {peer}")
+        ref(x, f"small_{d}/sftpf", f"(reference) {files}, {word} vs sftp -f {sftp_word} (fsync per file)", "s")
     for d, word in (("up", "upload -r"), ("down", "download -r")):
         if f"{d}/xfer" in syncs:
             def fmt(tool):
                 c = syncs[f"{d}/{tool}"]
                 return "client {} + server {}".format(*(sum(c[side].values()) for side in ("client", "server")))
             add(f"(durability) fsync-class calls in one {word}", fmt("xfer"),
-                f"sftp: {fmt('sftp')}; tar: {fmt('tar')}", float("nan"), "-", None, "syncs")
+                f"sftp: {fmt('sftp')}; sftp -f: {fmt('sftpf')}; tar: {fmt('tar')}", float("nan"), "-", None,
+                "syncs")
     if "conc_many/xfer" in res:
         n = args.conc_streams
         r = paired(res, "conc_many/xfer", "conc_one/xfer", "mib_s")
@@ -936,7 +979,7 @@ def table_md(rows) -> str:
     out = ["| target | xfer | peer | ratio | goal | met |", "|---|---|---|---|---|---|"]
     for r in rows:
         met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        ratio = "-" if r["group"] in ("rss", "list", "syncs") else f"{r['ratio']:.2f}x"
+        ratio = "-" if r["group"] in ("rss", "list", "syncs") else r.get("ratio_text", f"{r['ratio']:.2f}x")
         out.append(f"| {r['target']} | {r['xfer']} | {r['peer']} | {ratio} | {r['goal']} | {met} |")
     return "\n".join(out) + "\n"
 
@@ -1046,6 +1089,8 @@ def main() -> None:
     ap.add_argument("--small-kib", type=int, default=4, help="size of each small file (4 KiB)")
     ap.add_argument("--conc-streams", type=int, default=16, help="concurrent uploads (16)")
     ap.add_argument("--conc-mib", type=int, help="size of each concurrent upload (default 64; quick 4)")
+    ap.add_argument("--no-durable-peer", action="store_true",
+                    help="skip the reference runs of sftp -f (fsync per file, as xfer does)")
     ap.add_argument("--no-syncs", action="store_true", help="skip counting fsync calls under strace")
     ap.add_argument("--no-scp-conc", action="store_true", help="skip the scp reference for concurrency")
     ap.add_argument("--rss-mib", type=int, help="upload size for the peak-RSS cases (default 1024; quick 64)")
