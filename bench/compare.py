@@ -826,28 +826,31 @@ class Runner:
     # -- profile -------------------------------------------------------------------------------------
 
     def profile(self, out: Path) -> None:
-        """perf record of the daemon through one big upload, twice: after a page-cache drop, and
-        right after scp wrote a file of the same size (sync, no drop), as in the issue."""
+        """perf record of the daemon through one big upload, three times: after a page-cache drop
+        (as the timed runs), right after scp wrote a file of the same size and `sync` (its pages
+        clean, still cached), and right after that scp with no sync (its pages still dirty)."""
         b = self.b
         if not shutil.which("perf"):
             log("no perf: skipping the profile")
             return
         summary = []
-        for label, prep in (("caches dropped", "drop"), ("after scp wrote the same size", "scp")):
+        for label, prep in (("caches dropped", "drop"), ("after scp wrote the same size, then sync", "scp"),
+                            ("right after scp wrote the same size, no sync", "scp-nosync")):
             dst = b.store / "up" / "big.bin"
             rm(dst)
-            if prep == "scp":
+            if prep.startswith("scp"):
                 rm(b.sshroot / "up" / "big.bin")
                 b.settle()
                 run(b.ssh_tool("scp", self.big, f"bench:{b.sshroot / 'up' / 'big.bin'}"))
-                os.sync()
+                if prep == "scp":
+                    os.sync()
             else:
                 b.settle()
             data = out / f"perf-{prep}.data"
             perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-g", "-p", str(b.xferd_pid),
                                      "-o", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)
-            b.measure("xfer", [b.xfer_cmd("upload", self.big, "--to", "up")])
+            m = b.measure("xfer", [b.xfer_cmd("upload", self.big, "--to", "up")])
             perf.send_signal(signal.SIGINT)
             _, err = perf.communicate()
             if perf.returncode not in (0, -signal.SIGINT) or not data.exists():
@@ -862,6 +865,8 @@ class Runner:
                                   "--sort", "dso", "-g", "none"], capture_output=True, text=True).stdout
             dsos = [ln.rstrip() for ln in dso.splitlines() if "%" in ln and not ln.startswith("#")][:6]
             summary.append(f"## daemon during a {self.args.big_mib} MiB upload, {label} ({samples})\n\n"
+                           f"upload {m['wall']:.2f} s, daemon CPU {m['server_cpu']:.2f} s, client CPU "
+                           f"{m['client_cpu']:.2f} s (under perf)\n\n"
                            "by binary:\n" + "\n".join(dsos) + "\n\ntop symbols (self):\n" +
                            "\n".join(top[:25]) + "\n")
         (out / "profile.txt").write_text("\n".join(summary))
