@@ -306,28 +306,15 @@ class Bench:
 
     def start_xferd(self) -> None:
         etc = self.work / "xferd"
-        conf = etc / "xferd.toml"
-        run([self.xferd, "--config", conf, "init", "--listen", "127.0.0.1:0"])
-        run([self.xferd, "--config", conf, "user", "add", "bench", "--password-stdin"], input=XFER_PW + "\n")
+        self.xferd_conf = etc / "xferd.toml"
+        # A fixed port, so that a restarted daemon (fresh RSS) is the same server to the client.
+        addr = f"127.0.0.1:{free_port()}"
+        run([self.xferd, "--config", self.xferd_conf, "init", "--listen", addr])
+        run([self.xferd, "--config", self.xferd_conf, "user", "add", "bench", "--password-stdin"],
+            input=XFER_PW + "\n")
         self.xferd_log = etc / "daemon.log"
-        env = dict(os.environ, XFERD_LOG="warn,xferd::server=info")
-        with open(self.xferd_log, "w") as err:
-            p = subprocess.Popen([self.xferd, "--config", conf, "serve"], stdout=subprocess.DEVNULL,
-                                 stderr=err, env=env, preexec_fn=self.cg_xferd.enter)
-        self.procs.append(p)
-        self.xferd_pid = p.pid
-        addr = None
-        for _ in range(200):
-            text = self.xferd_log.read_text()
-            if "listen=" in text:
-                addr = text.split("listen=", 1)[1].split()[0]
-                break
-            if p.poll() is not None:
-                sys.exit(f"compare.py: xferd exited:\n{text}")
-            time.sleep(0.05)
-        if not addr:
-            sys.exit("compare.py: xferd did not report its address")
-        fp = run([self.xferd, "--config", conf, "fingerprint"]).stdout.strip()
+        self._spawn_xferd()
+        fp = run([self.xferd, "--config", self.xferd_conf, "fingerprint"]).stdout.strip()
         self.xfer_env = dict(os.environ, XFER_CONFIG_DIR=str(self.work / "xfer-client"))
         run([self.xfer, "-q", "login", f"bench@{addr}", "--fingerprint", fp, "--password-stdin"],
             input=XFER_PW + "\n", env=self.xfer_env)
@@ -335,6 +322,33 @@ class Bench:
         if not self.store.is_dir():
             sys.exit(f"compare.py: expected the user's storage at {self.store}")
         log(f"xferd pid {self.xferd_pid} on {addr}, storage {self.store} ({self.fs})")
+
+    def _spawn_xferd(self) -> None:
+        env = dict(os.environ, XFERD_LOG="warn,xferd::server=info")
+        with open(self.xferd_log, "a") as err:
+            start = err.tell()
+            p = subprocess.Popen([self.xferd, "--config", self.xferd_conf, "serve"], stdout=subprocess.DEVNULL,
+                                 stderr=err, env=env, preexec_fn=self.cg_xferd.enter)
+        self.procs.append(p)
+        self.xferd_proc, self.xferd_pid = p, p.pid
+        for _ in range(200):
+            with open(self.xferd_log) as f:
+                f.seek(start)
+                text = f.read()
+            if "listen=" in text:
+                return
+            if p.poll() is not None:
+                sys.exit(f"compare.py: xferd exited:\n{text}")
+            time.sleep(0.05)
+        sys.exit("compare.py: xferd did not report its address")
+
+    def restart_xferd(self) -> None:
+        """A fresh daemon (SIGTERM, the documented clean stop; sessions survive restarts), so a
+        peak RSS is this case's own and not what the allocator kept from earlier cases."""
+        self.xferd_proc.terminate()
+        if self.xferd_proc.wait(timeout=30) != 0:
+            sys.exit(f"compare.py: xferd exited {self.xferd_proc.returncode} on SIGTERM")
+        self._spawn_xferd()
 
     def start_sshd(self) -> None:
         if not Path("/usr/sbin/sshd").exists() or not shutil.which("gnuplot"):
@@ -764,15 +778,12 @@ class Runner:
 
     # -- 4. memory and latency -----------------------------------------------------------------------
 
-    def hwm_kib(self) -> int:
+    def status_kib(self, key: str) -> int:
+        """A KiB figure of the daemon from /proc/PID/status (VmHWM: peak RSS, VmRSS: now)."""
         for line in Path(f"/proc/{self.b.xferd_pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
-        raise RuntimeError("no VmHWM")
-
-    def reset_hwm(self) -> None:
-        # "5" resets the peak RSS (Linux >= 4.0), so each case reads its own peak.
-        Path(f"/proc/{self.b.xferd_pid}/clear_refs").write_text("5")
+        raise RuntimeError(f"no {key} in /proc/{self.b.xferd_pid}/status")
 
     def run_rss(self) -> None:
         b, a = self.b, self.args
@@ -782,6 +793,10 @@ class Runner:
         if free < need:
             log(f"skipping RSS: {free // MIB} MiB free, {need // MIB} MiB needed (--rss-mib smaller)")
             return
+        # The daemon that served every round so far: what a busy daemon holds afterwards.
+        self.results["rss_after_rounds/xfer"] = [{
+            "wall": 0.0, "client_cpu": 0.0, "server_cpu": 0.0, "bytes": 1, "cpu_ns_per_byte": 0.0, "mib_s": 0.0,
+            "hwm_kib": self.status_kib("VmHWM"), "rss_kib": self.status_kib("VmRSS")}]
         src = b.local / "rss.bin"
         write_random(src, size)
         names = []
@@ -795,12 +810,15 @@ class Runner:
                 files = names if many else names[:1]
                 for f in files:
                     rm(b.store / "rss" / f.name)
+                b.restart_xferd()
                 b.settle()
-                self.reset_hwm()
-                base = self.hwm_kib()
+                startup = self.status_kib("VmHWM")
+                # "5" resets the peak to the present RSS (Linux >= 4.0): what start-up touched
+                # (and has freed since) does not hide the upload's own peak.
+                Path(f"/proc/{b.xferd_pid}/clear_refs").write_text("5")
+                before = self.status_kib("VmRSS")
                 r = b.measure("xfer", [b.xfer_cmd("upload", f, "--to", "rss") for f in files])
-                r["hwm_kib"] = self.hwm_kib()
-                r["hwm_after_reset_kib"] = base
+                r.update(hwm_kib=self.status_kib("VmHWM"), startup_hwm_kib=startup, rss_before_kib=before)
                 self.record(f"rss_{'many' if many else 'one'}/xfer", r, size * len(files))
                 for f in files:
                     self.check((b.store / "rss" / f.name).stat().st_size == size, f"rss upload {f.name}")
@@ -834,43 +852,86 @@ class Runner:
             log("no perf: skipping the profile")
             return
         summary = []
+        reps = self.args.profile_reps
         for label, prep in (("caches dropped", "drop"), ("after scp wrote the same size, then sync", "scp"),
                             ("right after scp wrote the same size, no sync", "scp-nosync")):
-            dst = b.store / "up" / "big.bin"
-            rm(dst)
-            if prep.startswith("scp"):
-                rm(b.sshroot / "up" / "big.bin")
-                b.settle()
-                run(b.ssh_tool("scp", self.big, f"bench:{b.sshroot / 'up' / 'big.bin'}"))
-                if prep == "scp":
-                    os.sync()
-            else:
-                b.settle()
             data = out / f"perf-{prep}.data"
-            perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-g", "-p", str(b.xferd_pid),
-                                     "-o", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            # DWARF unwinding: neither the Rust release build nor libc keeps frame pointers, and
+            # "who calls memmove" is the question a profile of a copy-bound daemon must answer.
+            perf = subprocess.Popen(["perf", "record", "-q", "-F", "999", "--call-graph", "dwarf,16384",
+                                     "-p", str(b.xferd_pid), "-o", str(data)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(0.5)
-            m = b.measure("xfer", [b.xfer_cmd("upload", self.big, "--to", "up")])
+            m = {"wall": 0.0, "server_cpu": 0.0, "client_cpu": 0.0}
+            for _ in range(reps):
+                rm(b.store / "up" / "big.bin")
+                if prep.startswith("scp"):
+                    rm(b.sshroot / "up" / "big.bin")
+                    b.settle()
+                    run(b.ssh_tool("scp", self.big, f"bench:{b.sshroot / 'up' / 'big.bin'}"))
+                    if prep == "scp":
+                        os.sync()
+                else:
+                    b.settle()
+                one = b.measure("xfer", [b.xfer_cmd("upload", self.big, "--to", "up")])
+                for k in m:
+                    m[k] += one[k]
             perf.send_signal(signal.SIGINT)
             _, err = perf.communicate()
             if perf.returncode not in (0, -signal.SIGINT) or not data.exists():
                 log(f"perf record failed: {err.decode(errors='replace')}")
                 return
-            rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
-                                  "--sort", "sym", "--percent-limit", "0.7", "-g", "none"],
-                                 capture_output=True, text=True).stdout
+
+            def report(*extra):
+                return subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", *extra],
+                                      capture_output=True, text=True).stdout
+
+            rep = report("--sort", "sym", "--percent-limit", "0.7", "-g", "none")
             top = [ln.rstrip() for ln in rep.splitlines() if "%" in ln and not ln.startswith("#")]
             samples = next((ln.lstrip("# ").strip() for ln in rep.splitlines() if ln.startswith("# Samples")), "")
-            dso = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
-                                  "--sort", "dso", "-g", "none"], capture_output=True, text=True).stdout
-            dsos = [ln.rstrip() for ln in dso.splitlines() if "%" in ln and not ln.startswith("#")][:6]
-            summary.append(f"## daemon during a {self.args.big_mib} MiB upload, {label} ({samples})\n\n"
-                           f"upload {m['wall']:.2f} s, daemon CPU {m['server_cpu']:.2f} s, client CPU "
+            dsos = [ln.rstrip() for ln in report("--sort", "dso", "-g", "none").splitlines()
+                    if "%" in ln and not ln.startswith("#")][:6]
+            callers = []
+            for sym in ("__memmove_avx512_unaligned_erms", "copy_folio_from_iter_atomic", "_copy_to_iter"):
+                tree = report("--sort", "sym", "--symbols", sym, "-g", "caller,0.5,callee,function,percent",
+                              "--percent-limit", "0.5")
+                callers.append(f"callers of {sym}:\n" + _compact_callers(tree))
+            summary.append(f"## daemon during {reps} x {self.args.big_mib} MiB upload, {label} ({samples})\n\n"
+                           f"{reps} uploads: {m['wall']:.2f} s, daemon CPU {m['server_cpu']:.2f} s, client CPU "
                            f"{m['client_cpu']:.2f} s (under perf)\n\n"
                            "by binary:\n" + "\n".join(dsos) + "\n\ntop symbols (self):\n" +
-                           "\n".join(top[:25]) + "\n")
+                           "\n".join(top[:25]) + "\n\n" + "\n\n".join(callers) + "\n")
         (out / "profile.txt").write_text("\n".join(summary))
         log(f"profile summary in {out / 'profile.txt'}")
+
+
+def _compact_callers(tree: str, frames: int = 6, width: int = 118) -> str:
+    """A `perf report -g caller` tree, one block per branch: its share, then the nearest
+    frames that are not inlined, long Rust names cut."""
+    branches: list[tuple[str, list[str]]] = []
+    total = ""
+    for line in tree.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        body = line.strip().lstrip("|").strip()
+        if not body or body == "|":
+            continue
+        if "%" in body and "[" in body and not branches:
+            total = body.split()[0]
+            continue
+        if "--" in body and "%--" in body:
+            pct, name = body.split("%--", 1)
+            branches.append((pct.strip("-| ") + "%", [name.strip()]))
+        elif body.startswith("---"):
+            branches.append((total, [body.lstrip("-").strip()]))
+        elif branches:
+            branches[-1][1].append(body)
+    out = []
+    for pct, chain in branches:
+        kept = [f for f in chain if "(inlined)" not in f and not f.startswith("0xffff")][:frames]
+        cut = [f if len(f) <= width else f[: width - 3] + "..." for f in kept]
+        out.append(f"  {pct:>7}  " + "\n           <- ".join(cut))
+    return "\n".join(out) if out else "  (no call chains)"
 
 
 def _strace_calls(path: Path) -> dict:
@@ -922,11 +983,11 @@ def build_rows(res: dict, args, syncs: dict) -> list[dict]:
         if x in res:
             r = paired(res, x, p, "wall")
             add(f"{big} {word}, wall", f"{med(x, 'mib_s'):.0f} MiB/s", f"scp {med(p, 'mib_s'):.0f} MiB/s",
-                r, "time <= 0.4x", r <= 0.4, "ratio", f"big {d} time")
+                r, "time <= 0.4x", r <= 0.4, "ratio", f"big {d}\\ntime")
             r = paired(res, x, p, "cpu_ns_per_byte")
             xc = f"{med(x, 'cpu_ns_per_byte'):.2f} ns/B ({_split(res, x)})"
             pc = f"scp+sshd {med(p, 'cpu_ns_per_byte'):.2f} ns/B ({_split(res, p)})"
-            add(f"{big} {word}, CPU client+server", xc, pc, r, "CPU <= 0.5x", r <= 0.5, "ratio", f"big {d} CPU")
+            add(f"{big} {word}, CPU client+server", xc, pc, r, "CPU <= 0.5x", r <= 0.5, "ratio", f"big {d}\\nCPU")
             ref(x, f"big_{d}/sftpf", f"(reference) {big} {word} vs sftp -f (fsync, durable like xfer)", "MiB/s")
     files = f"{args.small_files} x {args.small_kib} KiB in {args.small_dirs} folders"
     for d, word, sftp_word in (("up", "upload -r", "put -r"), ("down", "download -r", "get -r")):
@@ -938,7 +999,7 @@ def build_rows(res: dict, args, syncs: dict) -> list[dict]:
             r = paired(res, x, p, "wall")
             add(f"{files}, {word} vs {name}", f"{med(x, 'wall'):.2f} s ({med(x, 'cpu_ns_per_byte'):.0f} ns/B)",
                 f"{med(p, 'wall'):.2f} s ({med(p, 'cpu_ns_per_byte'):.0f} ns/B)", r, f"time <= {goal}x",
-                r <= goal, "ratio", f"files {d} vs {peer}")
+                r <= goal, "ratio", f"files {d}\\nvs {peer}")
         ref(x, f"small_{d}/sftpf", f"(reference) {files}, {word} vs sftp -f {sftp_word} (fsync per file)", "s")
     for d, word in (("up", "upload -r"), ("down", "download -r")):
         if f"{d}/xfer" in syncs:
@@ -964,7 +1025,15 @@ def build_rows(res: dict, args, syncs: dict) -> list[dict]:
                                 f"daemon peak RSS, {args.rss_streams} x {args.rss_mib} MiB uploads at once", 128)):
         if case in res:
             hwm = max(r["hwm_kib"] for r in res[case]) / 1024
-            add(label, f"{hwm:.1f} MiB (VmHWM)", "-", hwm / limit, f"<= {limit} MiB", hwm <= limit, "rss")
+            before = max(r["rss_before_kib"] for r in res[case]) / 1024
+            startup = max(r["startup_hwm_kib"] for r in res[case]) / 1024
+            add(label, f"{hwm:.1f} MiB (VmHWM; fresh daemon: RSS {before:.1f} MiB before, start-up peak "
+                f"{startup:.1f} MiB)", "-", hwm / limit, f"<= {limit} MiB", hwm <= limit, "rss")
+    if "rss_after_rounds/xfer" in res:
+        r0 = res["rss_after_rounds/xfer"][0]
+        add("(reference) the daemon that served all the rounds above, before the RSS cases",
+            f"RSS {r0['rss_kib'] / 1024:.1f} MiB, peak {r0['hwm_kib'] / 1024:.1f} MiB", "-", float("nan"), "-",
+            None, "rss")
     if "list/xfer" in res:
         lx = med("list/xfer", "wall") * 1000
         ls = med("list/ssh_true", "wall") * 1000
@@ -994,6 +1063,8 @@ def details_md(res: dict) -> str:
     out = ["| case | rounds | wall median (min-max) | MiB/s median | CPU client ns/B | CPU server ns/B |",
            "|---|---|---|---|---|---|"]
     for case, rs in res.items():
+        if case == "rss_after_rounds/xfer":
+            continue
         walls = [r["wall"] for r in rs]
         cli = median([r["client_cpu"] * 1e9 / r["bytes"] for r in rs])
         srv = median([r["server_cpu"] * 1e9 / r["bytes"] for r in rs])
@@ -1039,25 +1110,33 @@ def chart(res: dict, rows: list, args, path: Path, peer: str) -> None:
         d4.append(f'"xfer list\\n{lx:.1f} ms" {lx:.2f} 10')
         d4.append(f'"ssh true\\n{ls:.0f} ms" {ls:.2f} NaN')
     blocks.append(("$lat", d4))
-    script = ["set terminal pngcairo size 1400,1000 font 'DejaVu Sans,10'", f"set output '{path}'"]
+    script = ["set terminal pngcairo noenhanced size 1400,1000 font 'DejaVu Sans,10'", f"set output '{path}'"]
     for name, lines in blocks:
         script += [f"{name} << EOD", *(lines or ['"none" 0 0']), "EOD"]
     title = (f"xfer vs {peer} (aes128-gcm), loopback, {os.cpu_count()} cores, "
              f"medians of {args.rounds} rounds{' (QUICK sizes)' if args.quick else ''}")
     script += [
-        f"set multiplot layout 2,2 title \"{title}\"",
+        f"set multiplot title \"{title}\"",
         "set style data histograms", "set style histogram clustered gap 1", "set style fill solid 0.8 border -1",
         "set boxwidth 0.9", "set grid ytics", "set bmargin 4", "set yrange [0:*]", "set xtics scale 0 font ',9'",
         "set key top left",
-        "set title 'xfer / OpenSSH peer, paired per round (lower is better)'",
+        # the ratios across the top, the absolute targets in three panels below
+        "set origin 0,0.48", "set size 1,0.48",
+        "set title 'xfer / OpenSSH peer, paired per round (lower is better; dashed: as fast as the peer)'",
+        "set arrow 1 from graph 0, first 1 to graph 1, first 1 nohead dt 2 lc rgb '#808080'",
         "plot $ratios using 2:xtic(1) title 'measured' lc rgb '#3060c0', '' using 3 title 'goal' lc rgb '#40a040'",
-        f"set title 'Concurrent {args.conc_mib} MiB uploads: aggregate MiB/s (goal: xfer {args.conc_streams} >= 0.9 x xfer 1)'",
+        "unset arrow 1",
+        "set size 0.333,0.48", "set origin 0,0",
+        f'set title "{args.conc_streams} concurrent {args.conc_mib} MiB uploads, aggregate MiB/s\\n'
+        f'(goal: xfer {args.conc_streams} >= 0.9 x xfer 1)"',
+        "set tmargin 3",
         "set key off",
         "plot $conc using 2:xtic(1) lc rgb '#3060c0'",
-        "set key top left",
+        "set key top left", "set origin 0.333,0",
         "set title 'xferd peak RSS (VmHWM), MiB'",
         "plot $rss using 2:xtic(1) title 'measured' lc rgb '#3060c0', '' using 3 title 'limit' lc rgb '#40a040'",
-        "set title 'One command, median ms (log scale; goal: xfer list < 10 ms)'",
+        "set origin 0.666,0",
+        "set title 'One command, median ms (log; goal: xfer list < 10 ms)'",
         "set logscale y", "set yrange [0.5:*]",
         "plot $lat using 2:xtic(1) title 'measured' lc rgb '#3060c0', '' using 3 title 'goal' lc rgb '#40a040'",
         "unset multiplot",
@@ -1111,6 +1190,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "out"), help="results.json, table.md, chart")
     ap.add_argument("--chart", help="PNG path (default OUT/compare.png)")
     ap.add_argument("--profile", action="store_true", help="perf record the daemon through a big upload")
+    ap.add_argument("--profile-reps", type=int, default=3, help="uploads per profiled case (3)")
     ap.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = ap.parse_args()
