@@ -20,8 +20,12 @@ Must run as root (cgroups, drop_caches, sshd with its own config). It:
     fallback): one cgroup for xferd, one for sshd and every per-connection process it forks
     (sshd, sftp-server, the user's /bin/sh, tar);
   * checks every transferred copy byte for byte (outside the timed part);
+  * peak RSS of a freshly started daemon per case (VmHWM, reset after start-up);
   * prints one table (medians; ratios are medians of per-round paired ratios), writes
-    results.json, table.md and a PNG chart (gnuplot) to --out.
+    results.json, table.md, details.md and a PNG chart (gnuplot) to --out;
+  * with --profile, perf-records the daemon (DWARF call chains) through big uploads.
+
+The method, the machine and the figures are in docs/PERFORMANCE.md.
 
 Nothing here runs in `cargo test` or CI: figures on a shared machine are not pass/fail tests.
 """
@@ -948,10 +952,11 @@ def _strace_calls(path: Path) -> dict:
 # the table and the chart
 
 
-def paired(results, a: str, b: str, key: str, invert: bool = False) -> float:
-    """Median over rounds of a's figure divided by b's from the same round."""
+def paired(results, a: str, b: str, key: str) -> float:
+    """Median over rounds of a's figure divided by b's from the same round: pairing cancels most
+    of what a neighbour on the machine does to one round."""
     xs, ys = results.get(a, []), results.get(b, [])
-    ratios = [(y[key] / x[key]) if invert else (x[key] / y[key]) for x, y in zip(xs, ys)]
+    ratios = [x[key] / y[key] for x, y in zip(xs, ys)]
     return median(ratios)
 
 
@@ -1018,7 +1023,7 @@ def build_rows(res: dict, args, syncs: dict) -> list[dict]:
             r, ">= 0.9x", r >= 0.9, "conc")
         if "conc_many/scp" in res:
             r2 = paired(res, "conc_many/scp", "conc_one/scp", "mib_s")
-            add(f"(for reference) scp, the same", f"-", f"{n} scp {med('conc_many/scp', 'mib_s'):.0f} MiB/s vs "
+            add("(for reference) scp, the same", "-", f"{n} scp {med('conc_many/scp', 'mib_s'):.0f} MiB/s vs "
                 f"1 {med('conc_one/scp', 'mib_s'):.0f} MiB/s", r2, "-", None, "conc")
     for case, label, limit in (("rss_one/xfer", f"daemon peak RSS, one {args.rss_mib} MiB upload", 64),
                                ("rss_many/xfer",
