@@ -9,9 +9,9 @@
 //! is why the daemon is set up with that binary's own `init` and `user add`.
 //! `LOGIN_RSS_ONLY=c` runs only the scenarios named (letters of a, b, c).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,37 +25,14 @@ use xfer_proto::{Connection, ErrorCode, PROTOCOL_VERSION, Request, Response};
 
 const PASSWORD: &str = "bench-password";
 
-/// The daemon under test: `XFERD_BIN`, else this build's.
-fn binary() -> PathBuf {
-    std::env::var_os("XFERD_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_xferd")))
-}
+mod common;
+use common::binary;
 
+/// Runs `bin` with `--config config ARGS` and returns its output, which must be a success.
 fn run(bin: &Path, config: &Path, args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("XFERD_CONFIG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn xferd");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "xferd {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let out = common::xferd_of(bin, config, args, stdin);
+    assert_eq!(out.code, 0, "xferd {args:?}: {}", out.stderr);
+    out.stdout
 }
 
 /// A running daemon with user `bench`, two password-check slots whatever the machine.

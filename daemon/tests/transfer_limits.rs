@@ -143,50 +143,37 @@ async fn a_trickling_upload_is_dropped_at_the_io_timeout() {
     assert!(server.released_partial_bytes("alice", Duration::from_secs(20)) > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_partial_store_keeps_a_bounded_number_of_bytes_per_user() {
-    let server = TestServer::start_with(|c| c.limits.max_partial_bytes_per_user = 1000);
-    let resumable = |path: &str, size: u64| Request::Upload {
+/// A resumable upload to `path` declaring `size`, of which `sent` arrives before the client
+/// drops; returns the bytes the server then holds for alice's partials.
+async fn interrupted(server: &TestServer, path: &str, size: u64, sent: &[u8]) -> u64 {
+    let mut conn = raw_login(server, "alice").await;
+    assert_eq!(
+        call(&mut conn, &resumable(path, size)).await,
+        Response::UploadReady { offset: 0 }
+    );
+    send(&mut conn, sent).await;
+    drop(conn);
+    server.released_partial_bytes("alice", Duration::from_secs(20))
+}
+
+/// An upload of `size` bytes that offers to resume.
+fn resumable(path: &str, size: u64) -> Request {
+    Request::Upload {
         path: path.into(),
         size,
         offset: size,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partial_store_keeps_a_bounded_number_of_bytes_per_user() {
+    let server = TestServer::start_with(|c| c.limits.max_partial_bytes_per_user = 1000);
     // "a": 600 bytes declared, 500 arrive, then the connection drops.
-    let mut conn = raw_login(&server, "alice").await;
-    assert_eq!(
-        call(&mut conn, &resumable("a", 600)).await,
-        Response::UploadReady { offset: 0 }
-    );
-    send(&mut conn, &[1; 500]).await;
-    drop(conn);
-    assert_eq!(
-        server.released_partial_bytes("alice", Duration::from_secs(20)),
-        500
-    );
+    assert_eq!(interrupted(&server, "a", 600, &[1; 500]).await, 500);
     // "b": 600 more would make 1100: the older "a" is deleted to make room.
-    let mut conn = raw_login(&server, "alice").await;
-    assert_eq!(
-        call(&mut conn, &resumable("b", 600)).await,
-        Response::UploadReady { offset: 0 }
-    );
-    send(&mut conn, &[2; 300]).await;
-    drop(conn);
-    assert_eq!(
-        server.released_partial_bytes("alice", Duration::from_secs(20)),
-        300
-    );
+    assert_eq!(interrupted(&server, "b", 600, &[2; 300]).await, 300);
     // Bigger than the whole budget: it runs, but nothing of it is kept.
-    let mut conn = raw_login(&server, "alice").await;
-    assert_eq!(
-        call(&mut conn, &resumable("huge", 5000)).await,
-        Response::UploadReady { offset: 0 }
-    );
-    send(&mut conn, &[3; 2000]).await;
-    drop(conn);
-    assert_eq!(
-        server.released_partial_bytes("alice", Duration::from_secs(20)),
-        300
-    );
+    assert_eq!(interrupted(&server, "huge", 5000, &[3; 2000]).await, 300);
     // "a" is not offered back; "b" is.
     let mut conn = raw_login(&server, "alice").await;
     assert_eq!(
@@ -217,6 +204,20 @@ fn no_hash_running(server: &TestServer) -> bool {
     server.state.usage.hashes("alice") == 0
 }
 
+/// Waits for `conn`'s request to start a prefix hash, drops the connection, and waits for
+/// the hash to stop.
+async fn leave_while_hashing(server: &TestServer, conn: RawConn) {
+    common::wait_for("the hash to start", Duration::from_secs(20), || {
+        !no_hash_running(server)
+    })
+    .await;
+    drop(conn);
+    common::wait_for("the hash to stop", Duration::from_secs(30), || {
+        no_hash_running(server)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_check_stops_hashing_when_its_client_leaves() {
     // 1 TiB of zeros takes many minutes to hash: only stopping ends it within the test.
@@ -231,15 +232,7 @@ async fn a_resume_check_stops_hashing_when_its_client_leaves() {
     })
     .await
     .unwrap();
-    common::wait_for("the hash to start", Duration::from_secs(20), || {
-        !no_hash_running(&server)
-    })
-    .await;
-    drop(conn);
-    common::wait_for("the hash to stop", Duration::from_secs(30), || {
-        no_hash_running(&server)
-    })
-    .await;
+    leave_while_hashing(&server, conn).await;
 
     // The same for an upload's resume offer over a huge held partial.
     let dir = server
@@ -259,15 +252,7 @@ async fn a_resume_check_stops_hashing_when_its_client_leaves() {
     })
     .await
     .unwrap();
-    common::wait_for("the hash to start", Duration::from_secs(20), || {
-        !no_hash_running(&server)
-    })
-    .await;
-    drop(conn);
-    common::wait_for("the hash to stop", Duration::from_secs(30), || {
-        no_hash_running(&server)
-    })
-    .await;
+    leave_while_hashing(&server, conn).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,14 +402,6 @@ async fn the_client_says_why_its_upload_was_cut_off() {
     assert!(!server.user_dir("alice").join("f").exists());
 }
 
-/// The binary the figures are measured on: `XFERD_BIN` (say, a release build of an older
-/// commit, for a before/after), else this build's.
-fn figures_binary() -> std::path::PathBuf {
-    std::env::var_os("XFERD_BIN")
-        .map(Into::into)
-        .unwrap_or_else(|| common::XFERD.into())
-}
-
 /// A config folder made by `binary` itself (an older one refuses keys it does not know),
 /// with `edits` applied and alice added.
 fn figures_setup(
@@ -434,24 +411,9 @@ fn figures_setup(
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("xferd.toml");
     let run = |args: &[&str], stdin: &str| {
-        let mut child = std::process::Command::new(binary)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "{args:?}");
+        let out = common::xferd_of(binary, &config, args, stdin);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
     };
-    use std::io::Write;
     run(&["init", "--listen", "127.0.0.1:0"], "");
     run(&["user", "add", "alice", "--password-stdin"], "alice-pw\n");
     common::set_config(&config, edits);
@@ -489,7 +451,7 @@ async fn cpu_until_quiet(pid: u32, before: f64, started: Instant) -> (f64, Durat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "prints figures; run by hand"]
 async fn figures_resume_checks_for_clients_that_left() {
-    let binary = figures_binary();
+    let binary = common::binary();
     let (dir, config) = figures_setup(&binary, &[]);
     let serving = common::Serving::start_with_binary(&config, &binary);
     let pid = serving.child.id();
@@ -530,7 +492,7 @@ async fn figures_resume_checks_for_clients_that_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "prints figures; run by hand"]
 async fn figures_trickling_uploads() {
-    let binary = figures_binary();
+    let binary = common::binary();
     let (_dir, config) = figures_setup(
         &binary,
         &[

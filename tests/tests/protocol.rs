@@ -356,23 +356,7 @@ async fn a_version_1_client_is_never_offered_a_resume() {
     conn.get_mut().flush().await.unwrap();
     drop(conn);
     assert_eq!(released(&server), 50);
-    let mut conn = raw_connect(&server).await;
-    let hello = Request::Hello {
-        version: 1,
-        agent: "old".into(),
-    };
-    match call(&mut conn, &hello).await {
-        Response::Hello { version, .. } => assert_eq!(version, 1),
-        other => panic!("{other:?}"),
-    }
-    let login = Request::Login {
-        user: "alice".into(),
-        password: xfer_tests::password_of("alice").into(),
-    };
-    assert!(matches!(
-        call(&mut conn, &login).await,
-        Response::LoggedIn { .. }
-    ));
+    let mut conn = login_speaking(&server, 1).await;
     let resumable = Request::Upload {
         path: "f".into(),
         size: 100,

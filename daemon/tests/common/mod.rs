@@ -20,7 +20,20 @@ pub struct Out {
 }
 
 pub fn xferd(config: &Path, args: &[&str], stdin: &str) -> Out {
-    let mut child = Command::new(XFERD)
+    xferd_of(Path::new(XFERD), config, args, stdin)
+}
+
+/// The daemon binary tests measure: `XFERD_BIN` (another build, such as the old code), else
+/// this build's.
+pub fn binary() -> PathBuf {
+    std::env::var_os("XFERD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(XFERD))
+}
+
+/// Runs the xferd binary `bin` with `--config config ARGS`, feeding `stdin`.
+pub fn xferd_of(bin: &Path, config: &Path, args: &[&str], stdin: &str) -> Out {
+    let mut child = Command::new(bin)
         .arg("--config")
         .arg(config)
         .args(args)
