@@ -651,21 +651,17 @@ class Runner:
         b, n = self.b, self.small_bytes
         ssh = " ".join(b.ssh_tool("ssh"))
 
-        def up(tool, dst, cmds, shell=False):
-            def job():
-                rm(dst)
-                b.settle()
-                self.record(f"small_up/{tool}", b.measure("xfer" if tool == "xfer" else "ssh", cmds, shell), n)
-                self.check(tree_equal(self.small, dst), f"{tool} upload of the small files")
-            return job
+        def direction(way, verb):
+            def make(tool, dst, cmds, shell=False):
+                def job():
+                    rm(dst)
+                    b.settle()
+                    self.record(f"small_{way}/{tool}", b.measure("xfer" if tool == "xfer" else "ssh", cmds, shell), n)
+                    self.check(tree_equal(self.small, dst), f"{tool} {verb} of the small files")
+                return job
+            return make
 
-        def down(tool, dst, cmds, shell=False):
-            def job():
-                rm(dst)
-                b.settle()
-                self.record(f"small_down/{tool}", b.measure("xfer" if tool == "xfer" else "ssh", cmds, shell), n)
-                self.check(tree_equal(self.small, dst), f"{tool} download of the small files")
-            return job
+        up, down = direction("up", "upload"), direction("down", "download")
 
         durable = not self.args.no_durable_peer
         self.interleave(rnd, [

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, BufStream, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
@@ -24,7 +23,7 @@ use xfer_proto::{Connection, Digest, Entry, ErrorCode, PROTOCOL_VERSION, Request
 use crate::addr::ServerAddr;
 use crate::error::{ClientError, Result};
 use crate::part::{Dest, Part, part_path};
-use crate::verifier::PinVerifier;
+use crate::verifier::pinned_config;
 
 /// Time allowed to open the TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -309,19 +308,12 @@ pub async fn connect_tls_once(
 ) -> Result<(TlsStream, Fingerprint)> {
     let tcp = tcp_connect(server, bind).await?;
     let (tcp, first) = Recorder::new(tcp);
-    let provider = Arc::new(xfer_proto::tls::provider());
-    let verifier = PinVerifier::new(pin, &provider);
     let fail = |reason: String| ClientError::Connect {
         server: server.to_string(),
         reason,
     };
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(xfer_proto::tls::VERSIONS)
-        .map_err(|e| fail(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
-    config.alpn_protocols = vec![xfer_proto::ALPN.to_vec()];
+    let (config, verifier) = pinned_config(pin, Arc::new(xfer_proto::tls::provider()))
+        .map_err(|e| fail(e.to_string()))?;
     let name = ServerName::try_from(server.host.clone())
         .map_err(|_| ClientError::Usage(format!("`{}` is not a valid host name", server.host)))?;
     let io = BufStream::with_capacity(CHUNK_LEN, CHUNK_LEN, tcp);

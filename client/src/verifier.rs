@@ -44,6 +44,22 @@ impl PinVerifier {
     }
 }
 
+/// The client's TLS config: `provider`'s suites, TLS 1.3 only, ALPN `xfer/1`, and the server's
+/// key checked by a [`PinVerifier`] for `expected` (returned too, for what it saw).
+pub fn pinned_config(
+    expected: Option<Fingerprint>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<(rustls::ClientConfig, Arc<PinVerifier>), Error> {
+    let verifier = PinVerifier::new(expected, &provider);
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(xfer_proto::tls::VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![xfer_proto::ALPN.to_vec()];
+    Ok((config, verifier))
+}
+
 impl ServerCertVerifier for PinVerifier {
     fn verify_server_cert(
         &self,

@@ -190,14 +190,8 @@ mod tests {
             cipher_suites: suites,
             ..xfer_proto::tls::provider()
         });
-        let verifier = xfer::verifier::PinVerifier::new(Some(id.fingerprint), &provider);
-        let mut client_config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(xfer_proto::tls::VERSIONS)
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
-        client_config.alpn_protocols = vec![xfer_proto::ALPN.to_vec()];
+        let (client_config, _) =
+            xfer::verifier::pinned_config(Some(id.fingerprint), provider).unwrap();
         let mut client =
             rustls::ClientConnection::new(Arc::new(client_config), "localhost".try_into().unwrap())
                 .unwrap();

@@ -117,14 +117,7 @@ async fn tls_over(
     serving: &Serving,
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, ()) {
     let provider = std::sync::Arc::new(xfer_proto::tls::provider());
-    let verifier = xfer::verifier::PinVerifier::new(Some(serving.fingerprint), &provider);
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(xfer_proto::tls::VERSIONS)
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![xfer_proto::ALPN.to_vec()];
+    let (config, _) = xfer::verifier::pinned_config(Some(serving.fingerprint), provider).unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
         .connect(name, tcp)
