@@ -615,13 +615,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_edit_within_one_tick_of_the_file_clock_is_still_noticed() {
+    /// A users file holding `name` with password `password`, saved in a fresh folder.
+    fn saved_with(name: &str, password: &str) -> (tempfile::TempDir, PathBuf, UsersFile) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("users.toml");
         let mut f = UsersFile::default();
-        f.add("alice", Role::User, "pw").unwrap();
+        f.add(name, Role::User, password).unwrap();
         f.save(&p).unwrap();
+        (dir, p, f)
+    }
+
+    #[test]
+    fn an_edit_within_one_tick_of_the_file_clock_is_still_noticed() {
+        let (_dir, p, mut f) = saved_with("alice", "pw");
         let acc = Accounts::load(&p, 1, 1).unwrap();
         let first = std::fs::metadata(&p).unwrap().modified().unwrap();
         f.add("bob", Role::User, "pw").unwrap();
@@ -638,11 +644,7 @@ mod tests {
     #[test]
     fn an_empty_or_torn_users_file_keeps_the_accounts_in_force() {
         use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("users.toml");
-        let mut f = UsersFile::default();
-        f.add("alice", Role::User, "pw").unwrap();
-        f.save(&p).unwrap();
+        let (_dir, p, mut f) = saved_with("alice", "pw");
         let good = std::fs::read(&p).unwrap();
         let acc = Accounts::load(&p, 1, 1).unwrap();
         let alice = acc.lookup("alice");
@@ -674,11 +676,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_users_and_wrong_passwords_are_denied_alike() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("users.toml");
-        let mut f = UsersFile::default();
-        f.add("alice", Role::User, "right").unwrap();
-        f.save(&p).unwrap();
+        let (_dir, p, _) = saved_with("alice", "right");
         let acc = Accounts::load(&p, 2, 4).unwrap();
         assert!(matches!(
             acc.verify("alice", "right").await,
