@@ -464,9 +464,11 @@ impl Accounts {
     /// stamp unchanged is read again after [`RECHECK_RACY`] until it has settled.
     pub fn snapshot(&self) -> Arc<UsersFile> {
         {
+            // The per-request `stat`, outside the lock so that requests do not queue behind
+            // each other's: a stamp that another thread has since moved past costs one read.
+            let stamp = file_stamp(&self.path);
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            let due = file_stamp(&self.path) != seen.stamp
-                || seen.recheck_at.is_some_and(|t| Instant::now() >= t);
+            let due = stamp != seen.stamp || seen.recheck_at.is_some_and(|t| Instant::now() >= t);
             if due {
                 match self.read_again(&mut seen) {
                     Ok(true) => tracing::info!(
