@@ -464,9 +464,11 @@ impl Accounts {
     /// stamp unchanged is read again after [`RECHECK_RACY`] until it has settled.
     pub fn snapshot(&self) -> Arc<UsersFile> {
         {
+            // The per-request `stat`, outside the lock so that requests do not queue behind
+            // each other's: a stamp that another thread has since moved past costs one read.
+            let stamp = file_stamp(&self.path);
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-            let due = file_stamp(&self.path) != seen.stamp
-                || seen.recheck_at.is_some_and(|t| Instant::now() >= t);
+            let due = stamp != seen.stamp || seen.recheck_at.is_some_and(|t| Instant::now() >= t);
             if due {
                 match self.read_again(&mut seen) {
                     Ok(true) => tracing::info!(
@@ -615,13 +617,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_edit_within_one_tick_of_the_file_clock_is_still_noticed() {
+    /// A users file holding `name` with password `password`, saved in a fresh folder.
+    fn saved_with(name: &str, password: &str) -> (tempfile::TempDir, PathBuf, UsersFile) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("users.toml");
         let mut f = UsersFile::default();
-        f.add("alice", Role::User, "pw").unwrap();
+        f.add(name, Role::User, password).unwrap();
         f.save(&p).unwrap();
+        (dir, p, f)
+    }
+
+    #[test]
+    fn an_edit_within_one_tick_of_the_file_clock_is_still_noticed() {
+        let (_dir, p, mut f) = saved_with("alice", "pw");
         let acc = Accounts::load(&p, 1, 1).unwrap();
         let first = std::fs::metadata(&p).unwrap().modified().unwrap();
         f.add("bob", Role::User, "pw").unwrap();
@@ -638,11 +646,7 @@ mod tests {
     #[test]
     fn an_empty_or_torn_users_file_keeps_the_accounts_in_force() {
         use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("users.toml");
-        let mut f = UsersFile::default();
-        f.add("alice", Role::User, "pw").unwrap();
-        f.save(&p).unwrap();
+        let (_dir, p, mut f) = saved_with("alice", "pw");
         let good = std::fs::read(&p).unwrap();
         let acc = Accounts::load(&p, 1, 1).unwrap();
         let alice = acc.lookup("alice");
@@ -674,11 +678,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_users_and_wrong_passwords_are_denied_alike() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("users.toml");
-        let mut f = UsersFile::default();
-        f.add("alice", Role::User, "right").unwrap();
-        f.save(&p).unwrap();
+        let (_dir, p, _) = saved_with("alice", "right");
         let acc = Accounts::load(&p, 2, 4).unwrap();
         assert!(matches!(
             acc.verify("alice", "right").await,

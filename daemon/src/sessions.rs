@@ -642,22 +642,6 @@ impl SessionStore {
         }
     }
 
-    /// True while `token` is a live session of `user` whose generation is still the
-    /// account's: the check a long transfer repeats to stop when its session is revoked
-    /// (logout elsewhere, `xferd session revoke`, `user passwd`, `user role`, `user del`).
-    /// Cheap: one `stat` of the journal (reading only lines appended since the last look),
-    /// a hash of the token and a map lookup, plus whatever `current_generation` costs
-    /// (`Accounts::lookup`: one `stat` of the users file).
-    pub fn still_valid(
-        &self,
-        token: &str,
-        user: &str,
-        current_generation: impl FnOnce(&str) -> Option<u64>,
-    ) -> bool {
-        self.validate(token, current_generation)
-            .is_some_and(|r| r.user == user)
-    }
-
     /// Ends the session for `token`; true if there was one.
     pub fn revoke(&self, token: &str) -> bool {
         let key = token_key(token);
@@ -776,10 +760,13 @@ mod tests {
         assert_eq!(store.validate(&t, |_| Some(4)), None);
         // Once the file reads whole again, the session is still there.
         assert!(store.validate(&t, |_| Some(5)).is_some());
-        assert!(store.still_valid(&t, "bob", |_| Some(5)));
-        assert!(!store.still_valid(&t, "alice", |_| Some(5)));
-        assert!(!store.still_valid(&t, "bob", |_| Some(6)));
-        assert!(!store.still_valid(&t, "bob", |_| Some(5)), "revoked by 6");
+        assert!(
+            store
+                .validate(&t, |_| Some(5))
+                .is_some_and(|r| r.user == "bob")
+        );
+        assert!(store.validate(&t, |_| Some(6)).is_none());
+        assert!(store.validate(&t, |_| Some(5)).is_none(), "revoked by 6");
     }
 
     #[test]

@@ -10,12 +10,14 @@ use super::reply_error;
 use crate::accounts::VerifyOutcome;
 use crate::handler::{Auth, Ctx, Flow, Outcome};
 
-/// A client-supplied name made safe for a log line (escaped, and no longer than a valid name).
-fn loggable(name: &str) -> String {
-    name.chars()
-        .take(MAX_USER_LEN)
-        .flat_map(char::escape_debug)
-        .collect()
+/// The part of a client-supplied user name that is logged and audited: no valid name is longer
+/// than [`MAX_USER_LEN`], so a longer one is cut there (a guesser's 64 KiB names would otherwise
+/// fill the audit log). Escaping is the loggers' job: the text log's formatter escapes every
+/// field ([`crate::logging`]); the JSON log and the audit trail are JSON.
+fn tried_name(name: &str) -> &str {
+    name.char_indices()
+        .nth(MAX_USER_LEN)
+        .map_or(name, |(cut, _)| &name[..cut])
 }
 
 pub(super) async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
@@ -28,7 +30,7 @@ pub(super) async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
         return reply_error(conn, ErrorCode::BadRequest, "Hello was already sent").await;
     }
     if version < MIN_PROTOCOL_VERSION {
-        tracing::info!(peer = %ctx.peer, version, agent = %loggable(agent), "protocol version mismatch");
+        tracing::info!(peer = %ctx.peer, version, agent = %agent, "protocol version mismatch");
         conn.write_frame(&Response::error(
             ErrorCode::VersionMismatch,
             format!(
@@ -61,9 +63,9 @@ pub(super) async fn refuse_if_penalised<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(wait) = ctx.state.penalties.refused_for(ctx.peer.ip()) else {
         return Ok(None);
     };
-    tracing::warn!(user = %loggable(user), peer = %ctx.peer, op, wait_secs = wait.as_secs(), "refused unchecked: source is penalised for failed logins");
+    tracing::warn!(user = %tried_name(user), peer = %ctx.peer, op, wait_secs = wait.as_secs(), "refused unchecked: source is penalised for failed logins");
     ctx.audit_as(
-        &loggable(user),
+        tried_name(user),
         op,
         None,
         Outcome::failed(ErrorCode::RateLimited),
@@ -169,9 +171,9 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         VerifyOutcome::Denied => {
-            tracing::warn!(user = %loggable(user), peer = %ctx.peer, "login failed: wrong user name or password");
+            tracing::warn!(user = %tried_name(user), peer = %ctx.peer, "login failed: wrong user name or password");
             ctx.audit_as(
-                &loggable(user),
+                tried_name(user),
                 "login",
                 None,
                 Outcome::failed(ErrorCode::AuthFailed),
@@ -268,4 +270,20 @@ pub(super) async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(
     }))
     .await?;
     Ok(Flow::Continue)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tried_names_are_cut_at_the_longest_valid_name_on_a_character() {
+        assert_eq!(
+            tried_name("alice\n"),
+            "alice\n",
+            "escaping is the loggers' job"
+        );
+        let long = "é".repeat(MAX_USER_LEN + 10);
+        assert_eq!(tried_name(&long), "é".repeat(MAX_USER_LEN));
+    }
 }

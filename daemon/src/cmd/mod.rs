@@ -173,18 +173,24 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
 /// Whether the connection's session is still valid (not logged out elsewhere, expired, or
 /// revoked by a password or role change or an account deletion); forgets it if not.
 fn session_alive(ctx: &mut Ctx) -> bool {
-    let Some(auth) = &ctx.auth else {
-        return false;
-    };
-    let state = &ctx.state;
-    let alive = state
-        .sessions
-        .validate(&auth.token, |u| state.accounts.lookup(u).map(|(_, g)| g))
-        .is_some();
+    let alive = ctx
+        .auth
+        .as_ref()
+        .is_some_and(|auth| session_valid(&ctx.state, &auth.token));
     if !alive {
         ctx.auth = None;
     }
     alive
+}
+
+/// Whether the session of `token` is still valid: one `stat` of the sessions journal (reading
+/// only what other processes appended), one of the users file, and a hash of the token. Also
+/// what a running transfer repeats to stop when its session ends.
+pub(super) fn session_valid(state: &crate::server::State, token: &str) -> bool {
+    state
+        .sessions
+        .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))
+        .is_some()
 }
 
 /// Runs a filesystem closure on the blocking pool.

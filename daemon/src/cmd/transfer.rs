@@ -17,7 +17,7 @@ use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
-use super::{blocking, reply_error};
+use super::{blocking, reply_error, session_valid};
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::partial::Holding;
 use crate::server::State;
@@ -26,14 +26,6 @@ use crate::usage::Slot;
 
 /// How often a running transfer re-checks its session.
 pub const SESSION_RECHECK: Duration = Duration::from_secs(1);
-
-/// Whether the session of `token` is still valid (the dispatcher's check).
-fn session_valid(state: &State, token: &str) -> bool {
-    state
-        .sessions
-        .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))
-        .is_some()
-}
 
 /// Completes once the session of `token` has ended (checked every [`SESSION_RECHECK`]).
 async fn session_ended(state: &State, token: &str) {
