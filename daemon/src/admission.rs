@@ -285,7 +285,7 @@ impl Refusal {
 }
 
 /// The caps in force, taken from [`Limits`] (and a reload).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Caps {
     /// Unauthenticated pool levels.
     startups: Startups,
@@ -380,6 +380,20 @@ impl Table {
         }
         removed
     }
+
+    /// Evicts the oldest pending connection of `source` (signalling it to close); false if
+    /// `source` has none.
+    fn evict_oldest(&mut self, source: IpAddr) -> bool {
+        let Some((&id, evict)) = self
+            .pending
+            .get(&source)
+            .and_then(|set| set.first_key_value())
+        else {
+            return false;
+        };
+        evict.notify_one();
+        self.unpend(source, id)
+    }
 }
 
 /// The admission state of the whole daemon: counts, caps and the refusal log.
@@ -451,18 +465,7 @@ impl Admission {
     }
 
     fn caps(&self) -> Caps {
-        self.caps.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// The source key of `ip` under the caps in force.
-    pub fn source_of(&self, ip: IpAddr) -> IpAddr {
-        source_key(ip, self.caps().blocks)
-    }
-
-    /// `ip`'s source as people read it.
-    pub fn label_of(&self, ip: IpAddr) -> String {
-        let blocks = self.caps().blocks;
-        source_label(source_key(ip, blocks), blocks)
+        *self.caps.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stage one: admits a new connection from `ip` into the unauthenticated pool, or says
@@ -497,6 +500,7 @@ impl Admission {
         // A source's first pending connection is exempt from the random drop below full, so
         // that a user's command is not refused by chance while others flood.
         let exempt = mine == 0 && pending < caps.startups.full;
+        let mut evicted = None;
         if !exempt && caps.startups.drops(pending, roll) {
             // Fair share: a lighter source takes the oldest place of the heaviest one.
             let heaviest = t
@@ -506,29 +510,25 @@ impl Admission {
                 .map(|(k, set)| (*k, set.len()));
             match heaviest {
                 Some((victim, n)) if n >= mine + 2 => {
-                    let set = t
-                        .pending
-                        .get_mut(&victim)
-                        .expect("heaviest source is present");
-                    if let Some((_, evict)) = set.pop_first() {
-                        evict.notify_one();
-                    }
-                    if set.is_empty() {
-                        t.pending.remove(&victim);
-                    }
-                    t.pending_total -= 1;
-                    self.log_refusal(victim, &Refusal::Evicted);
+                    t.evict_oldest(victim);
+                    evicted = Some(victim);
                 }
                 _ => return Err(Refusal::Startups { count: pending }),
             }
         }
         let pressure = caps.startups.pressure(t.pending_total + 1);
-        Ok(self.ticket_in(
+        let ticket = self.ticket_in(
             &mut t,
             source,
             caps.scaled(caps.handshake, HANDSHAKE_FLOOR, pressure),
             caps.scaled(caps.login, LOGIN_FLOOR, pressure),
-        ))
+        );
+        // Logged after the counts are unlocked: the next accept need not wait on the log.
+        drop(t);
+        if let Some(victim) = evicted {
+            self.log_refusal(victim, &Refusal::Evicted);
+        }
+        Ok(ticket)
     }
 
     /// Counts a connection that did not come through the listener (in-process streams, the
@@ -580,16 +580,19 @@ impl Admission {
             .sessions_total
     }
 
-    /// Logs a refusal of `source` at info, at most once per source and [`LOG_PERIOD`], with
-    /// how many were refused since the last line.
-    pub fn log_refusal(&self, source: IpAddr, why: &Refusal) {
-        let label = source_label(source, self.caps().blocks);
+    /// Logs a refusal of `ip`'s source at info, at most once per source and [`LOG_PERIOD`],
+    /// with how many were refused since the last line.
+    pub fn log_refusal(&self, ip: IpAddr, why: &Refusal) {
+        let blocks = self.caps().blocks;
+        let source = source_key(ip, blocks);
         let due = self
             .log
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record(source, Instant::now());
+        // The label is only written (and allocated) for the lines that are due.
         if let Some(count) = due {
+            let label = source_label(source, blocks);
             tracing::info!(source = %label, reason = why.kind(), refused = count, "connection refused: {why}");
         }
     }
@@ -598,7 +601,7 @@ impl Admission {
     /// up to [`LINGER`] (at most [`MAX_LINGERING`] at once), so that the close does not turn
     /// into a reset that would destroy the line before the client reads it.
     pub fn refuse(self: &Arc<Self>, tcp: tokio::net::TcpStream, ip: IpAddr, why: &Refusal) {
-        self.log_refusal(self.source_of(ip), why);
+        self.log_refusal(ip, why);
         // The socket is fresh, so its send buffer takes the short line at once.
         let _ = tcp.try_write(&why.line());
         if self.lingering.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
@@ -663,7 +666,7 @@ impl Ticket {
     /// Stage two: the connection authenticated as `user` leaves the unauthenticated pool and
     /// becomes one of `user`'s sessions, unless a session cap is reached.
     pub fn enter_session(&mut self, user: &str) -> Result<(), Refusal> {
-        if self.stage == Stage::Session(user.to_string()) {
+        if matches!(&self.stage, Stage::Session(now) if now == user) {
             return Ok(());
         }
         let caps = self.admission.caps();
