@@ -731,6 +731,10 @@ impl Drop for Ticket {
 pub struct RefusalLog {
     /// Per source: when its last line was written, refusals since.
     sources: HashMap<IpAddr, (Instant, u64)>,
+    /// No entry of `sources` was last logged before this (a lower bound), so that a full
+    /// table is swept for expired entries only once one may have expired, not on every
+    /// refusal of a new source during a flood.
+    oldest: Option<Instant>,
     /// The shared entry for sources beyond the bound.
     overflow: Option<(Instant, u64)>,
 }
@@ -738,9 +742,15 @@ pub struct RefusalLog {
 impl RefusalLog {
     /// Counts a refusal of `source` at `now`; returns the count to log if a line is due.
     pub fn record(&mut self, source: IpAddr, now: Instant) -> Option<u64> {
-        if !self.sources.contains_key(&source) && self.sources.len() >= MAX_LOGGED_SOURCES {
+        if !self.sources.contains_key(&source)
+            && self.sources.len() >= MAX_LOGGED_SOURCES
+            && self
+                .oldest
+                .is_none_or(|o| now.saturating_duration_since(o) >= LOG_PERIOD)
+        {
             self.sources
                 .retain(|_, (at, _)| now.saturating_duration_since(*at) < LOG_PERIOD);
+            self.oldest = self.sources.values().map(|&(at, _)| at).min();
         }
         let entry = if self.sources.contains_key(&source) || self.sources.len() < MAX_LOGGED_SOURCES
         {
@@ -762,6 +772,7 @@ impl RefusalLog {
             None => {
                 if self.sources.len() < MAX_LOGGED_SOURCES {
                     self.sources.insert(source, (now, 0));
+                    self.oldest = Some(self.oldest.map_or(now, |o| o.min(now)));
                 } else {
                     self.overflow = Some((now, 0));
                 }
