@@ -850,6 +850,24 @@ mod tests {
         Admission::new(&l, l.max_connections)
     }
 
+    /// Admission with `limits.max_startups = startups` and `per_source` pending per source.
+    fn pool(startups: &str, per_source: usize) -> Arc<Admission> {
+        pool_with(startups, per_source, |_| {})
+    }
+
+    /// [`pool`] with more `edit`s of the limits.
+    fn pool_with(
+        startups: &str,
+        per_source: usize,
+        edit: impl FnOnce(&mut Limits),
+    ) -> Arc<Admission> {
+        limits(|l| {
+            l.max_startups = Startups::try_from(startups.to_string()).unwrap();
+            l.max_startups_per_source = per_source;
+            edit(l);
+        })
+    }
+
     #[test]
     fn ipv6_sources_group_by_64_and_the_block_size_is_configurable() {
         let d = NetBlockSize::default();
@@ -917,10 +935,7 @@ mod tests {
 
     #[test]
     fn the_random_drop_refuses_between_start_and_full_with_an_injected_roll() {
-        let a = limits(|l| {
-            l.max_startups = Startups::try_from("2:50:4".to_string()).unwrap();
-            l.max_startups_per_source = 10;
-        });
+        let a = pool("2:50:4", 10);
         let src = ip("192.0.2.1");
         let _t1 = a.admit_with_roll(src, 0).unwrap();
         let _t2 = a.admit_with_roll(src, 0).unwrap();
@@ -956,10 +971,7 @@ mod tests {
 
     #[test]
     fn a_full_pool_makes_room_for_a_lighter_source_and_not_for_a_heavy_one() {
-        let a = limits(|l| {
-            l.max_startups = Startups::try_from("4:100:4".to_string()).unwrap();
-            l.max_startups_per_source = 10;
-        });
+        let a = pool("4:100:4", 10);
         let heavy = ip("192.0.2.1");
         let held: Vec<Ticket> = (0..4)
             .map(|_| a.admit_with_roll(heavy, 0).unwrap())
@@ -1027,9 +1039,7 @@ mod tests {
 
     #[test]
     fn deadlines_shrink_under_pressure_to_a_floor() {
-        let a = limits(|l| {
-            l.max_startups = Startups::try_from("2:30:6".to_string()).unwrap();
-            l.max_startups_per_source = 100;
+        let a = pool_with("2:30:6", 100, |l| {
             l.handshake_timeout_secs = 10;
             l.login_timeout_secs = 40;
         });
