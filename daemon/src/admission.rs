@@ -285,7 +285,7 @@ impl Refusal {
 }
 
 /// The caps in force, taken from [`Limits`] (and a reload).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Caps {
     /// Unauthenticated pool levels.
     startups: Startups,
@@ -380,6 +380,20 @@ impl Table {
         }
         removed
     }
+
+    /// Evicts the oldest pending connection of `source` (signalling it to close); false if
+    /// `source` has none.
+    fn evict_oldest(&mut self, source: IpAddr) -> bool {
+        let Some((&id, evict)) = self
+            .pending
+            .get(&source)
+            .and_then(|set| set.first_key_value())
+        else {
+            return false;
+        };
+        evict.notify_one();
+        self.unpend(source, id)
+    }
 }
 
 /// The admission state of the whole daemon: counts, caps and the refusal log.
@@ -451,18 +465,7 @@ impl Admission {
     }
 
     fn caps(&self) -> Caps {
-        self.caps.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// The source key of `ip` under the caps in force.
-    pub fn source_of(&self, ip: IpAddr) -> IpAddr {
-        source_key(ip, self.caps().blocks)
-    }
-
-    /// `ip`'s source as people read it.
-    pub fn label_of(&self, ip: IpAddr) -> String {
-        let blocks = self.caps().blocks;
-        source_label(source_key(ip, blocks), blocks)
+        *self.caps.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stage one: admits a new connection from `ip` into the unauthenticated pool, or says
@@ -497,6 +500,7 @@ impl Admission {
         // A source's first pending connection is exempt from the random drop below full, so
         // that a user's command is not refused by chance while others flood.
         let exempt = mine == 0 && pending < caps.startups.full;
+        let mut evicted = None;
         if !exempt && caps.startups.drops(pending, roll) {
             // Fair share: a lighter source takes the oldest place of the heaviest one.
             let heaviest = t
@@ -506,29 +510,25 @@ impl Admission {
                 .map(|(k, set)| (*k, set.len()));
             match heaviest {
                 Some((victim, n)) if n >= mine + 2 => {
-                    let set = t
-                        .pending
-                        .get_mut(&victim)
-                        .expect("heaviest source is present");
-                    if let Some((_, evict)) = set.pop_first() {
-                        evict.notify_one();
-                    }
-                    if set.is_empty() {
-                        t.pending.remove(&victim);
-                    }
-                    t.pending_total -= 1;
-                    self.log_refusal(victim, &Refusal::Evicted);
+                    t.evict_oldest(victim);
+                    evicted = Some(victim);
                 }
                 _ => return Err(Refusal::Startups { count: pending }),
             }
         }
         let pressure = caps.startups.pressure(t.pending_total + 1);
-        Ok(self.ticket_in(
+        let ticket = self.ticket_in(
             &mut t,
             source,
             caps.scaled(caps.handshake, HANDSHAKE_FLOOR, pressure),
             caps.scaled(caps.login, LOGIN_FLOOR, pressure),
-        ))
+        );
+        // Logged after the counts are unlocked: the next accept need not wait on the log.
+        drop(t);
+        if let Some(victim) = evicted {
+            self.log_refusal(victim, &Refusal::Evicted);
+        }
+        Ok(ticket)
     }
 
     /// Counts a connection that did not come through the listener (in-process streams, the
@@ -580,16 +580,19 @@ impl Admission {
             .sessions_total
     }
 
-    /// Logs a refusal of `source` at info, at most once per source and [`LOG_PERIOD`], with
-    /// how many were refused since the last line.
-    pub fn log_refusal(&self, source: IpAddr, why: &Refusal) {
-        let label = source_label(source, self.caps().blocks);
+    /// Logs a refusal of `ip`'s source at info, at most once per source and [`LOG_PERIOD`],
+    /// with how many were refused since the last line.
+    pub fn log_refusal(&self, ip: IpAddr, why: &Refusal) {
+        let blocks = self.caps().blocks;
+        let source = source_key(ip, blocks);
         let due = self
             .log
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record(source, Instant::now());
+        // The label is only written (and allocated) for the lines that are due.
         if let Some(count) = due {
+            let label = source_label(source, blocks);
             tracing::info!(source = %label, reason = why.kind(), refused = count, "connection refused: {why}");
         }
     }
@@ -598,7 +601,7 @@ impl Admission {
     /// up to [`LINGER`] (at most [`MAX_LINGERING`] at once), so that the close does not turn
     /// into a reset that would destroy the line before the client reads it.
     pub fn refuse(self: &Arc<Self>, tcp: tokio::net::TcpStream, ip: IpAddr, why: &Refusal) {
-        self.log_refusal(self.source_of(ip), why);
+        self.log_refusal(ip, why);
         // The socket is fresh, so its send buffer takes the short line at once.
         let _ = tcp.try_write(&why.line());
         if self.lingering.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
@@ -663,7 +666,7 @@ impl Ticket {
     /// Stage two: the connection authenticated as `user` leaves the unauthenticated pool and
     /// becomes one of `user`'s sessions, unless a session cap is reached.
     pub fn enter_session(&mut self, user: &str) -> Result<(), Refusal> {
-        if self.stage == Stage::Session(user.to_string()) {
+        if matches!(&self.stage, Stage::Session(now) if now == user) {
             return Ok(());
         }
         let caps = self.admission.caps();
@@ -728,6 +731,10 @@ impl Drop for Ticket {
 pub struct RefusalLog {
     /// Per source: when its last line was written, refusals since.
     sources: HashMap<IpAddr, (Instant, u64)>,
+    /// No entry of `sources` was last logged before this (a lower bound), so that a full
+    /// table is swept for expired entries only once one may have expired, not on every
+    /// refusal of a new source during a flood.
+    oldest: Option<Instant>,
     /// The shared entry for sources beyond the bound.
     overflow: Option<(Instant, u64)>,
 }
@@ -735,9 +742,15 @@ pub struct RefusalLog {
 impl RefusalLog {
     /// Counts a refusal of `source` at `now`; returns the count to log if a line is due.
     pub fn record(&mut self, source: IpAddr, now: Instant) -> Option<u64> {
-        if !self.sources.contains_key(&source) && self.sources.len() >= MAX_LOGGED_SOURCES {
+        if !self.sources.contains_key(&source)
+            && self.sources.len() >= MAX_LOGGED_SOURCES
+            && self
+                .oldest
+                .is_none_or(|o| now.saturating_duration_since(o) >= LOG_PERIOD)
+        {
             self.sources
                 .retain(|_, (at, _)| now.saturating_duration_since(*at) < LOG_PERIOD);
+            self.oldest = self.sources.values().map(|&(at, _)| at).min();
         }
         let entry = if self.sources.contains_key(&source) || self.sources.len() < MAX_LOGGED_SOURCES
         {
@@ -759,6 +772,7 @@ impl RefusalLog {
             None => {
                 if self.sources.len() < MAX_LOGGED_SOURCES {
                     self.sources.insert(source, (now, 0));
+                    self.oldest = Some(self.oldest.map_or(now, |o| o.min(now)));
                 } else {
                     self.overflow = Some((now, 0));
                 }
@@ -836,6 +850,24 @@ mod tests {
         Admission::new(&l, l.max_connections)
     }
 
+    /// Admission with `limits.max_startups = startups` and `per_source` pending per source.
+    fn pool(startups: &str, per_source: usize) -> Arc<Admission> {
+        pool_with(startups, per_source, |_| {})
+    }
+
+    /// [`pool`] with more `edit`s of the limits.
+    fn pool_with(
+        startups: &str,
+        per_source: usize,
+        edit: impl FnOnce(&mut Limits),
+    ) -> Arc<Admission> {
+        limits(|l| {
+            l.max_startups = Startups::try_from(startups.to_string()).unwrap();
+            l.max_startups_per_source = per_source;
+            edit(l);
+        })
+    }
+
     #[test]
     fn ipv6_sources_group_by_64_and_the_block_size_is_configurable() {
         let d = NetBlockSize::default();
@@ -903,10 +935,7 @@ mod tests {
 
     #[test]
     fn the_random_drop_refuses_between_start_and_full_with_an_injected_roll() {
-        let a = limits(|l| {
-            l.max_startups = Startups::try_from("2:50:4".to_string()).unwrap();
-            l.max_startups_per_source = 10;
-        });
+        let a = pool("2:50:4", 10);
         let src = ip("192.0.2.1");
         let _t1 = a.admit_with_roll(src, 0).unwrap();
         let _t2 = a.admit_with_roll(src, 0).unwrap();
@@ -942,10 +971,7 @@ mod tests {
 
     #[test]
     fn a_full_pool_makes_room_for_a_lighter_source_and_not_for_a_heavy_one() {
-        let a = limits(|l| {
-            l.max_startups = Startups::try_from("4:100:4".to_string()).unwrap();
-            l.max_startups_per_source = 10;
-        });
+        let a = pool("4:100:4", 10);
         let heavy = ip("192.0.2.1");
         let held: Vec<Ticket> = (0..4)
             .map(|_| a.admit_with_roll(heavy, 0).unwrap())
@@ -1013,9 +1039,7 @@ mod tests {
 
     #[test]
     fn deadlines_shrink_under_pressure_to_a_floor() {
-        let a = limits(|l| {
-            l.max_startups = Startups::try_from("2:30:6".to_string()).unwrap();
-            l.max_startups_per_source = 100;
+        let a = pool_with("2:30:6", 100, |l| {
             l.handshake_timeout_secs = 10;
             l.login_timeout_secs = 40;
         });

@@ -58,10 +58,9 @@ impl Ctx {
     /// Makes this connection one of `user`'s sessions for admission (it leaves the
     /// unauthenticated pool), or says which session cap is full.
     pub fn enter_session(&mut self, user: &str) -> Result<(), crate::admission::Refusal> {
-        self.ticket.enter_session(user).inspect_err(|why| {
-            let source = self.state.admission.source_of(self.peer.ip());
-            self.state.admission.log_refusal(source, why);
-        })
+        self.ticket
+            .enter_session(user)
+            .inspect_err(|why| self.state.admission.log_refusal(self.peer.ip(), why))
     }
 
     /// Records an operation in the audit trail as the authenticated user.

@@ -46,7 +46,7 @@ fn xfer_bin() -> &'static Path {
 }
 
 /// Runs `xfer --config-dir HOME/config ARGS` with `stdin`.
-fn xfer(home: &Path, args: &[&str], stdin: &str) -> Out {
+fn xfer<A: AsRef<std::ffi::OsStr>>(home: &Path, args: &[A], stdin: &str) -> Out {
     let mut child = Command::new(xfer_bin())
         .arg("--config-dir")
         .arg(home.join("config"))
@@ -71,15 +71,23 @@ fn xfer(home: &Path, args: &[&str], stdin: &str) -> Out {
 }
 
 /// [`xfer`] on the blocking pool, so that the flood's tasks keep running meanwhile.
-async fn xfer_async(home: &Path, args: &[&str], stdin: &str) -> Out {
+async fn xfer_async<A: AsRef<str>>(home: &Path, args: &[A], stdin: &str) -> Out {
     let (home, stdin) = (home.to_path_buf(), stdin.to_string());
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        xfer(&home, &args, &stdin)
-    })
-    .await
-    .unwrap()
+    let args: Vec<String> = args.iter().map(|s| s.as_ref().to_string()).collect();
+    tokio::task::spawn_blocking(move || xfer(&home, &args, &stdin))
+        .await
+        .unwrap()
+}
+
+/// `xfer login USER@SERVER` with the test password `USER-pw`, from `home`.
+async fn login(serving: &Serving, home: &Path, user: &str) -> Out {
+    xfer_async(home, &login_args(serving, user), &format!("{user}-pw\n")).await
+}
+
+/// `out` failed with the connection exit code (7) and told the user `why`.
+fn assert_refused(out: &Out, why: &str) {
+    assert_eq!(out.code, 7, "{}", out.stderr);
+    assert!(out.stderr.contains(why), "{}", out.stderr);
 }
 
 fn login_args(serving: &Serving, user: &str) -> Vec<String> {
@@ -178,9 +186,7 @@ async fn an_idle_flood_from_64_addresses_neither_fails_a_user_nor_keeps_a_new_lo
     let newcomer = home.path().join("root");
     std::fs::create_dir_all(&alice).unwrap();
     std::fs::create_dir_all(&newcomer).unwrap();
-    let args = login_args(&serving, "alice");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = xfer_async(&alice, &args, "alice-pw\n").await;
+    let out = login(&serving, &alice, "alice").await;
     assert_eq!(out.code, 0, "{}", out.stderr);
     let rss_before = proc_kib(pid, "VmRSS");
 
@@ -237,9 +243,8 @@ async fn an_idle_flood_from_64_addresses_neither_fails_a_user_nor_keeps_a_new_lo
 
     // (b) A new login gets through within 2 tries; -v shows each refused attempt the client
     // retried by itself, and those count as tries too.
-    let args = login_args(&serving, "root");
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    args.insert(0, "-v");
+    let mut args = login_args(&serving, "root");
+    args.insert(0, "-v".into());
     let mut tries = 0;
     let mut invocations = 0;
     let started = Instant::now();
@@ -284,9 +289,7 @@ async fn forty_eight_parallel_uploads_from_one_address_all_succeed() {
     let (dir, config) = setup(10);
     let serving = Serving::start(&config);
     let home = tempfile::tempdir().unwrap();
-    let args = login_args(&serving, "alice");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert_eq!(xfer(home.path(), &args, "alice-pw\n").code, 0);
+    assert_eq!(login(&serving, home.path(), "alice").await.code, 0);
     let files: Vec<(String, Vec<u8>)> = (0..48u64)
         .map(|i| (format!("f{i:02}.bin"), xfer_tests::noise(64 * 1024, i + 1)))
         .collect();
@@ -341,9 +344,7 @@ async fn a_refusal_at_the_per_source_cap_tells_the_user_which_limit() {
     );
     let serving = Serving::start(&config);
     let home = tempfile::tempdir().unwrap();
-    let args = login_args(&serving, "alice");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = xfer_async(home.path(), &args, "alice-pw\n").await;
+    let out = login(&serving, home.path(), "alice").await;
     assert_eq!(out.code, 0, "{}", out.stderr);
 
     // Two idle connections from 127.0.3.1 fill its share.
@@ -353,12 +354,9 @@ async fn a_refusal_at_the_per_source_cap_tells_the_user_which_limit() {
         tcp_from(src, dst(&serving)).await.unwrap(),
     ];
     let out = xfer_async(home.path(), &["--bind", "127.0.3.1", "list"], "").await;
-    assert_eq!(out.code, 7, "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains("the server refused the connection: too many connections from 127.0.3.1 (2)"),
-        "{}",
-        out.stderr
+    assert_refused(
+        &out,
+        "the server refused the connection: too many connections from 127.0.3.1 (2)",
     );
     assert!(!out.stderr.contains("reset"), "{}", out.stderr);
     // The same user from another address is not affected.
@@ -384,19 +382,11 @@ async fn a_user_at_the_session_cap_is_told_the_server_is_busy_and_others_are_not
     set_config(&config, &[("max_sessions_per_user", "2")]);
     let serving = Serving::start(&config);
     let home = tempfile::tempdir().unwrap();
-    let args = login_args(&serving, "alice");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert_eq!(xfer_async(home.path(), &args, "alice-pw\n").await.code, 0);
+    assert_eq!(login(&serving, home.path(), "alice").await.code, 0);
     let _one = serving.client("alice", "alice-pw").await;
     let _two = serving.client("alice", "alice-pw").await;
     let out = xfer_async(home.path(), &["list"], "").await;
-    assert_eq!(out.code, 7, "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains("server busy: too many sessions for alice (2)"),
-        "{}",
-        out.stderr
-    );
+    assert_refused(&out, "server busy: too many sessions for alice (2)");
     let mut root = serving.client("root", "root-pw").await;
     root.ping().await.unwrap();
     drop(_one);
