@@ -11,6 +11,7 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, ErrorCode, Request, Response, Role};
 
 use crate::handler::{Ctx, Flow};
+use crate::server::State;
 
 /// What a request needs before it may run.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -176,15 +177,20 @@ fn session_alive(ctx: &mut Ctx) -> bool {
     let Some(auth) = &ctx.auth else {
         return false;
     };
-    let state = &ctx.state;
-    let alive = state
-        .sessions
-        .validate(&auth.token, |u| state.accounts.lookup(u).map(|(_, g)| g))
-        .is_some();
+    let alive = session_valid(&ctx.state, &auth.token);
     if !alive {
         ctx.auth = None;
     }
     alive
+}
+
+/// Whether the session of `token` is still valid: the one check behind the dispatcher's and
+/// a running transfer's.
+pub(crate) fn session_valid(state: &State, token: &str) -> bool {
+    state
+        .sessions
+        .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))
+        .is_some()
 }
 
 /// Runs a filesystem closure on the blocking pool.

@@ -17,7 +17,7 @@ use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
-use super::{blocking, reply_error};
+use super::{blocking, reply_error, session_valid};
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::partial::Holding;
 use crate::server::State;
@@ -26,14 +26,6 @@ use crate::usage::Slot;
 
 /// How often a running transfer re-checks its session.
 pub const SESSION_RECHECK: Duration = Duration::from_secs(1);
-
-/// Whether the session of `token` is still valid (the dispatcher's check).
-fn session_valid(state: &State, token: &str) -> bool {
-    state
-        .sessions
-        .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))
-        .is_some()
-}
 
 /// Completes once the session of `token` has ended (checked every [`SESSION_RECHECK`]).
 async fn session_ended(state: &State, token: &str) {
@@ -48,10 +40,29 @@ async fn session_ended(state: &State, token: &str) {
     }
 }
 
-/// What the client is told when its session ends mid-transfer.
-fn session_ended_message(op: &str, path: &str) -> String {
-    format!(
-        "session expired or revoked during the {op} of `{path}`; nothing was saved; log in again"
+/// Ends an upload whose session has ended (`when`: at which stage, for the log). What arrived
+/// is deleted, not kept for whoever logs in next, and the connection forgets the session.
+/// Returns the answer for the client.
+fn upload_session_ended(
+    ctx: &mut Ctx,
+    pending: PendingUpload,
+    user: &str,
+    path: &str,
+    when: &str,
+) -> Response {
+    pending.discard();
+    tracing::info!(user = %user, path = %path, "session ended {when}; nothing saved");
+    ctx.audit(
+        "upload",
+        Some(path),
+        Outcome::failed(ErrorCode::SessionExpired),
+    );
+    ctx.auth = None;
+    Response::error(
+        ErrorCode::SessionExpired,
+        format!(
+            "session expired or revoked during the upload of `{path}`; nothing was saved; log in again"
+        ),
     )
 }
 
@@ -317,17 +328,10 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(Flow::Close);
         }
         _ = session_ended(&state, &token) => {
-            // Stop at once; what arrived is deleted, not kept for whoever logs in next.
-            pending.discard();
-            tracing::info!(user = %user, path = %path, "session ended during the upload; stopped, nothing saved");
-            ctx.audit("upload", Some(&path), Outcome::failed(ErrorCode::SessionExpired));
-            ctx.auth = None;
-            // The client is still sending: the connection closes after this answer.
-            conn.write_frame(&Response::error(
-                ErrorCode::SessionExpired,
-                session_ended_message("upload", &path),
-            ))
-            .await?;
+            // Stop at once. The client is still sending: the connection closes after this
+            // answer.
+            let answer = upload_session_ended(ctx, pending, &user, &path, "during the upload body; stopped");
+            conn.write_frame(&answer).await?;
             return Ok(Flow::Close);
         }
     };
@@ -387,20 +391,9 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // The body may have taken long: the session must still hold when the file appears.
     if !session_valid(&ctx.state, &token) {
-        pending.discard();
-        tracing::info!(user = %user, path = %path, "session ended during the upload; nothing saved");
-        ctx.audit(
-            "upload",
-            Some(&path),
-            Outcome::failed(ErrorCode::SessionExpired),
-        );
-        ctx.auth = None;
-        return reply_error(
-            conn,
-            ErrorCode::SessionExpired,
-            session_ended_message("upload", &path),
-        )
-        .await;
+        let answer = upload_session_ended(ctx, pending, &user, &path, "before the upload's commit");
+        conn.write_frame(&answer).await?;
+        return Ok(Flow::Continue);
     }
     if let Err(e) = blocking(move || tree.commit(pending)).await {
         tracing::warn!(user = %user, path = %path, error = %e, "upload commit failed");
