@@ -21,7 +21,7 @@ use super::{blocking, reply_error, session_valid};
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::partial::Holding;
 use crate::server::State;
-use crate::storage::{PendingUpload, Staging};
+use crate::storage::{PendingUpload, Staging, UserTree};
 use crate::usage::Slot;
 
 /// How often a running transfer re-checks its session.
@@ -66,17 +66,35 @@ fn upload_session_ended(
     )
 }
 
-/// Takes one of the user's transfer slots, or answers `Busy` (`Err`, with the flow to return).
-async fn transfer_slot<S: AsyncRead + AsyncWrite + Unpin>(
+/// A transfer under way: one of its user's transfer slots (given back on drop), and the
+/// session details it keeps using.
+struct Running {
+    _slot: Slot,
+    user: String,
+    tree: UserTree,
+    token: String,
+}
+
+/// Starts an upload or a download: takes one of the user's transfer slots and sets the body
+/// rate floor, or answers `Busy` (`Err`, with the flow to return).
+async fn begin<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     conn: &mut Connection<S>,
     op: &'static str,
     path: &str,
-) -> Result<Result<Slot, Flow>, ConnError> {
-    let user = &ctx.session().user;
-    let max = ctx.state.limits().max_transfers_per_user;
+) -> Result<Result<Running, Flow>, ConnError> {
+    let auth = ctx.session();
+    let user = &auth.user;
+    let limits = ctx.state.limits();
+    let max = limits.max_transfers_per_user;
     if let Some(slot) = ctx.state.usage.try_transfer(user, max) {
-        return Ok(Ok(slot));
+        conn.set_min_body_rate(limits.min_transfer_rate);
+        return Ok(Ok(Running {
+            _slot: slot,
+            user: user.clone(),
+            tree: auth.tree.clone(),
+            token: auth.token.clone(),
+        }));
     }
     tracing::info!(user = %user, path = %path, max, "{op} refused: too many transfers in progress");
     ctx.audit(op, Some(path), Outcome::failed(ErrorCode::Busy));
@@ -240,16 +258,16 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     size: u64,
     up_to: u64,
 ) -> Result<Flow, ConnError> {
-    let _slot = match transfer_slot(ctx, conn, "upload", &path).await? {
-        Ok(slot) => slot,
+    let Running {
+        _slot,
+        user,
+        tree,
+        token,
+    } = match begin(ctx, conn, "upload", &path).await? {
+        Ok(running) => running,
         Err(flow) => return Ok(flow),
     };
-    let auth = ctx.session();
-    let user = auth.user.clone();
-    let tree = auth.tree.clone();
-    let token = auth.token.clone();
     let limits = ctx.state.limits();
-    conn.set_min_body_rate(limits.min_transfer_rate);
     let max = limits.max_upload_bytes;
     // Clients older than protocol 2 cannot answer a resume offer: give them a plain temp file.
     let staging = match limits.partial_upload_ttl() {
@@ -435,15 +453,15 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     offset: u64,
     prefix: Option<Digest>,
 ) -> Result<Flow, ConnError> {
-    let _slot = match transfer_slot(ctx, conn, "download", &path).await? {
-        Ok(slot) => slot,
+    let Running {
+        _slot,
+        user,
+        tree,
+        token,
+    } = match begin(ctx, conn, "download", &path).await? {
+        Ok(running) => running,
         Err(flow) => return Ok(flow),
     };
-    let auth = ctx.session();
-    let user = auth.user.clone();
-    let tree = auth.tree.clone();
-    let token = auth.token.clone();
-    conn.set_min_body_rate(ctx.state.limits().min_transfer_rate);
     let p = path.clone();
     let (file, size, modified) = match blocking(move || tree.open_for_download(&p)).await {
         Ok(x) => x,
