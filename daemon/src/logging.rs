@@ -153,6 +153,33 @@ fn text_value(value: &dyn fmt::Debug) -> String {
     format!("\"{}\"", quoted.finish())
 }
 
+/// Whether `raw` can go into a text log line as it is, as a `key=value` value too: nothing
+/// to escape, cut or quote (what nearly every value is).
+fn plain_as_is(raw: &str, quotable: bool) -> bool {
+    raw.len() <= MAX_LOGGED_VALUE
+        && !raw.chars().any(is_unsafe)
+        && !(quotable && (raw.is_empty() || raw.contains([' ', '"'])))
+}
+
+/// A `fmt::Write` sink that keeps what is written while it fits in [`MAX_LOGGED_VALUE`]
+/// bytes, and past that only notes that it did not (the value then takes the escaper's way).
+struct UpToCap<'a> {
+    buf: &'a mut String,
+    over: bool,
+}
+
+impl fmt::Write for UpToCap<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.buf.len() + s.len() > MAX_LOGGED_VALUE {
+            self.over = true;
+        }
+        if !self.over {
+            self.buf.push_str(s);
+        }
+        Ok(())
+    }
+}
+
 /// The text log's field formatter: like tracing's default (`message key=value ...`), but every
 /// value and the message go through [`Escaper`], so no caller can forget to.
 #[derive(Debug, Clone, Copy, Default)]
@@ -164,6 +191,7 @@ impl<'w> FormatFields<'w> for SafeFields {
             writer,
             first: true,
             result: Ok(()),
+            scratch: String::new(),
         };
         fields.record(&mut v);
         v.result
@@ -177,10 +205,15 @@ struct SafeVisitor<'w> {
     first: bool,
     /// The first write error, if any.
     result: fmt::Result,
+    /// Where a value is formatted to see whether it can be written as it is; reused for every
+    /// field of the event.
+    scratch: String,
 }
 
 impl SafeVisitor<'_> {
-    fn write(&mut self, field: &Field, value: &dyn fmt::Debug) {
+    /// Writes `value`; `raw` is its text when that is already known and short, for the fast
+    /// path (written as it is when nothing in it needs escaping, cutting or quoting).
+    fn write(&mut self, field: &Field, raw: Option<&str>, value: &dyn fmt::Debug) {
         let name = field.name();
         // `log` crate records carry their metadata as fields; the formatter already shows it.
         if self.result.is_err() || name.starts_with("log.") {
@@ -191,7 +224,17 @@ impl SafeVisitor<'_> {
         } else {
             " "
         };
-        self.result = if name == "message" {
+        let message = name == "message";
+        if let Some(raw) = raw.filter(|r| plain_as_is(r, !message)) {
+            self.result = if message {
+                write!(self.writer, "{sep}{raw}")
+            } else {
+                let name = name.strip_prefix("r#").unwrap_or(name);
+                write!(self.writer, "{sep}{name}={raw}")
+            };
+            return;
+        }
+        self.result = if message {
             let mut e = Escaper::new(MAX_LOGGED_VALUE, false);
             let _ = write!(e, "{value:?}");
             write!(self.writer, "{sep}{}", e.finish())
@@ -205,11 +248,20 @@ impl SafeVisitor<'_> {
 impl Visit for SafeVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         // As a Display value: not wrapped in quotes and escaped twice.
-        self.write(field, &format_args!("{value}"));
+        self.write(field, Some(value), &format_args!("{value}"));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.write(field, value);
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        let mut capped = UpToCap {
+            buf: &mut buf,
+            over: false,
+        };
+        let _ = write!(capped, "{value:?}");
+        let raw = (!capped.over).then_some(buf.as_str());
+        self.write(field, raw, value);
+        self.scratch = buf;
     }
 }
 

@@ -113,7 +113,9 @@ struct Counted {
     path: PathBuf,
     /// Bytes it counts: the reservation of a running upload, else its size on disk.
     bytes: u64,
-    /// Whether nobody holds it, so it may be deleted to make room.
+    /// Whether nobody holds it, so it may be deleted to make room. [`PartialDir::counted`]
+    /// only rules out running uploads of ours; [`PartialDir::open`] checks the file locks
+    /// when it needs room.
     resting: bool,
 }
 
@@ -171,6 +173,13 @@ impl PartialDir {
         let mut reserved = self.budget.lock();
         let mut others = self.counted(&reserved, &path)?;
         let mut used: u64 = others.iter().map(|c| c.bytes).sum();
+        if used.saturating_add(size) > max_bytes {
+            // Only now is it worth knowing which kept ones nobody holds (an open and a lock
+            // try each).
+            for c in others.iter_mut().filter(|c| c.resting) {
+                c.resting = !is_locked(&c.path);
+            }
+        }
         let evictable: u64 = others.iter().filter(|c| c.resting).map(|c| c.bytes).sum();
         if (used - evictable).saturating_add(size) > max_bytes {
             // Running uploads alone leave no room: deleting kept data would not help.
@@ -224,8 +233,8 @@ impl PartialDir {
             let (bytes, resting) = match reserved.get(&path) {
                 Some(&r) => (r.max(meta.len()), false),
                 // Held by no upload of ours: resting, unless another process (or a dying
-                // upload's writer) still has it locked.
-                None => (meta.len(), !is_locked(&path)),
+                // upload's writer) still has it locked, which is checked only when needed.
+                None => (meta.len(), true),
             };
             out.push(Counted {
                 modified,

@@ -292,15 +292,7 @@ async fn resume_checks_run_a_bounded_number_at_once_per_user() {
 async fn an_upload_whose_account_is_deleted_stops_and_commits_nothing() {
     let server = TestServer::start();
     let mut conn = raw_login(&server, "alice").await;
-    let resumable = Request::Upload {
-        path: "f".into(),
-        size: 1000,
-        offset: 1000,
-    };
-    assert_eq!(
-        call(&mut conn, &resumable).await,
-        Response::UploadReady { offset: 0 }
-    );
+    xfer_tests::raw_start_upload_up_to(&mut conn, "f", 1000, 1000).await;
     send(&mut conn, &[1; 400]).await;
     // `xferd user del alice` while the body is in flight.
     server.edit_users(|u| u.remove("alice").unwrap());
@@ -512,14 +504,7 @@ async fn figures_trickling_uploads() {
     let (mut started, mut busy, mut peak) = (0, 0, 0);
     // One password login, then the token: 200 uploads start within a second or two.
     let mut first = xfer_tests::raw_connect_to(&serving.addr, serving.fingerprint).await;
-    xfer_tests::raw_hello(&mut first).await;
-    let login = Request::Login {
-        user: "alice".into(),
-        password: "alice-pw".into(),
-    };
-    let Response::LoggedIn { token, .. } = call(&mut first, &login).await else {
-        panic!("login failed");
-    };
+    let token = xfer_tests::raw_login_as(&mut first, "alice", "alice-pw").await;
     for i in 0..200 {
         let mut conn = xfer_tests::raw_connect_to(&serving.addr, serving.fingerprint).await;
         xfer_tests::raw_hello(&mut conn).await;

@@ -422,9 +422,14 @@ pub async fn raw_hello(conn: &mut RawConn) {
     assert!(matches!(reply, Response::Hello { .. }), "{reply:?}");
 }
 
-/// Hello, then a login that must succeed.
-pub async fn raw_login_as(conn: &mut RawConn, user: &str, password: &str) {
+/// Hello, then a login that must succeed; returns the session token.
+pub async fn raw_login_as(conn: &mut RawConn, user: &str, password: &str) -> String {
     raw_hello(conn).await;
+    raw_log_in(conn, user, password).await
+}
+
+/// A login (on a connection already greeted) that must succeed; returns the session token.
+pub async fn raw_log_in(conn: &mut RawConn, user: &str, password: &str) -> String {
     let reply = raw_call(
         conn,
         &Request::Login {
@@ -433,7 +438,10 @@ pub async fn raw_login_as(conn: &mut RawConn, user: &str, password: &str) {
         },
     )
     .await;
-    assert!(matches!(reply, Response::LoggedIn { .. }), "{reply:?}");
+    match reply {
+        Response::LoggedIn { token, .. } => token,
+        other => panic!("login as {user} failed: {other:?}"),
+    }
 }
 
 /// A raw connection to a test server, logged in as `user` with its [`USERS`] password.
@@ -445,12 +453,18 @@ pub async fn raw_login(server: &TestServer, user: &str) -> RawConn {
 
 /// Sends an `Upload` header and checks the server is ready from byte 0.
 pub async fn raw_start_upload(conn: &mut RawConn, path: &str, size: u64) {
+    raw_start_upload_up_to(conn, path, size, 0).await;
+}
+
+/// Sends an `Upload` header that accepts a resume up to `up_to` and checks the server
+/// nevertheless starts from byte 0 (nothing is held, or resume is off for this client).
+pub async fn raw_start_upload_up_to(conn: &mut RawConn, path: &str, size: u64, up_to: u64) {
     let reply = raw_call(
         conn,
         &Request::Upload {
             path: path.into(),
             size,
-            offset: 0,
+            offset: up_to,
         },
     )
     .await;

@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{ErrorCode, PROTOCOL_VERSION, Request, Response};
 use xfer_tests::{
-    RawConn, TestServer, client, raw_call as call, raw_connect, raw_hello, raw_login,
+    RawConn, TestServer, client, raw_call as call, raw_connect, raw_hello, raw_log_in, raw_login,
     raw_start_upload as start_upload, write_file,
 };
 
@@ -357,15 +357,7 @@ async fn a_version_1_client_is_never_offered_a_resume() {
     drop(conn);
     assert_eq!(released(&server), 50);
     let mut conn = login_speaking(&server, 1).await;
-    let resumable = Request::Upload {
-        path: "f".into(),
-        size: 100,
-        offset: 100,
-    };
-    assert_eq!(
-        call(&mut conn, &resumable).await,
-        Response::UploadReady { offset: 0 }
-    );
+    xfer_tests::raw_start_upload_up_to(&mut conn, "f", 100, 100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,14 +451,7 @@ async fn login_speaking(server: &TestServer, version: u16) -> RawConn {
         call(&mut conn, &hello).await,
         Response::Hello { version: v, .. } if v == version
     ));
-    let login = Request::Login {
-        user: "alice".into(),
-        password: xfer_tests::password_of("alice").into(),
-    };
-    assert!(matches!(
-        call(&mut conn, &login).await,
-        Response::LoggedIn { .. }
-    ));
+    raw_log_in(&mut conn, "alice", xfer_tests::password_of("alice")).await;
     conn
 }
 
@@ -583,14 +568,7 @@ async fn a_login_on_a_revoked_session_is_allowed() {
             .unwrap(),
         1
     );
-    let login = Request::Login {
-        user: "alice".into(),
-        password: xfer_tests::password_of("alice").into(),
-    };
-    assert!(matches!(
-        call(&mut conn, &login).await,
-        Response::LoggedIn { .. }
-    ));
+    raw_log_in(&mut conn, "alice", xfer_tests::password_of("alice")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

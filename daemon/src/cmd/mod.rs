@@ -11,6 +11,7 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, ErrorCode, Request, Response, Role};
 
 use crate::handler::{Ctx, Flow};
+use crate::server::State;
 
 /// What a request needs before it may run.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -186,7 +187,7 @@ fn session_alive(ctx: &mut Ctx) -> bool {
 /// Whether the session of `token` is still valid: one `stat` of the sessions journal (reading
 /// only what other processes appended), one of the users file, and a hash of the token. Also
 /// what a running transfer repeats to stop when its session ends.
-pub(super) fn session_valid(state: &crate::server::State, token: &str) -> bool {
+pub(super) fn session_valid(state: &State, token: &str) -> bool {
     state
         .sessions
         .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))

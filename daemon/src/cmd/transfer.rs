@@ -21,7 +21,7 @@ use super::{blocking, reply_error, session_valid};
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::partial::Holding;
 use crate::server::State;
-use crate::storage::{PendingUpload, Staging};
+use crate::storage::{PendingUpload, Staging, UserTree};
 use crate::usage::Slot;
 
 /// How often a running transfer re-checks its session.
@@ -40,24 +40,61 @@ async fn session_ended(state: &State, token: &str) {
     }
 }
 
-/// What the client is told when its session ends mid-transfer.
-fn session_ended_message(op: &str, path: &str) -> String {
-    format!(
-        "session expired or revoked during the {op} of `{path}`; nothing was saved; log in again"
+/// Ends an upload whose session has ended (`when`: at which stage, for the log). What arrived
+/// is deleted, not kept for whoever logs in next, and the connection forgets the session.
+/// Returns the answer for the client.
+fn upload_session_ended(
+    ctx: &mut Ctx,
+    pending: PendingUpload,
+    user: &str,
+    path: &str,
+    when: &str,
+) -> Response {
+    pending.discard();
+    tracing::info!(user = %user, path = %path, "session ended {when}; nothing saved");
+    ctx.audit(
+        "upload",
+        Some(path),
+        Outcome::failed(ErrorCode::SessionExpired),
+    );
+    ctx.auth = None;
+    Response::error(
+        ErrorCode::SessionExpired,
+        format!(
+            "session expired or revoked during the upload of `{path}`; nothing was saved; log in again"
+        ),
     )
 }
 
-/// Takes one of the user's transfer slots, or answers `Busy` (`Err`, with the flow to return).
-async fn transfer_slot<S: AsyncRead + AsyncWrite + Unpin>(
+/// A transfer under way: one of its user's transfer slots (given back on drop), and the
+/// session details it keeps using.
+struct Running {
+    _slot: Slot,
+    user: String,
+    tree: UserTree,
+    token: String,
+}
+
+/// Starts an upload or a download: takes one of the user's transfer slots and sets the body
+/// rate floor, or answers `Busy` (`Err`, with the flow to return).
+async fn begin<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     conn: &mut Connection<S>,
     op: &'static str,
     path: &str,
-) -> Result<Result<Slot, Flow>, ConnError> {
-    let user = &ctx.session().user;
-    let max = ctx.state.limits().max_transfers_per_user;
+) -> Result<Result<Running, Flow>, ConnError> {
+    let auth = ctx.session();
+    let user = &auth.user;
+    let limits = ctx.state.limits();
+    let max = limits.max_transfers_per_user;
     if let Some(slot) = ctx.state.usage.try_transfer(user, max) {
-        return Ok(Ok(slot));
+        conn.set_min_body_rate(limits.min_transfer_rate);
+        return Ok(Ok(Running {
+            _slot: slot,
+            user: user.clone(),
+            tree: auth.tree.clone(),
+            token: auth.token.clone(),
+        }));
     }
     tracing::info!(user = %user, path = %path, max, "{op} refused: too many transfers in progress");
     ctx.audit(op, Some(path), Outcome::failed(ErrorCode::Busy));
@@ -221,16 +258,16 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     size: u64,
     up_to: u64,
 ) -> Result<Flow, ConnError> {
-    let _slot = match transfer_slot(ctx, conn, "upload", &path).await? {
-        Ok(slot) => slot,
+    let Running {
+        _slot,
+        user,
+        tree,
+        token,
+    } = match begin(ctx, conn, "upload", &path).await? {
+        Ok(running) => running,
         Err(flow) => return Ok(flow),
     };
-    let auth = ctx.session();
-    let user = auth.user.clone();
-    let tree = auth.tree.clone();
-    let token = auth.token.clone();
     let limits = ctx.state.limits();
-    conn.set_min_body_rate(limits.min_transfer_rate);
     let max = limits.max_upload_bytes;
     // Clients older than protocol 2 cannot answer a resume offer: give them a plain temp file.
     let staging = match limits.partial_upload_ttl() {
@@ -309,17 +346,10 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(Flow::Close);
         }
         _ = session_ended(&state, &token) => {
-            // Stop at once; what arrived is deleted, not kept for whoever logs in next.
-            pending.discard();
-            tracing::info!(user = %user, path = %path, "session ended during the upload; stopped, nothing saved");
-            ctx.audit("upload", Some(&path), Outcome::failed(ErrorCode::SessionExpired));
-            ctx.auth = None;
-            // The client is still sending: the connection closes after this answer.
-            conn.write_frame(&Response::error(
-                ErrorCode::SessionExpired,
-                session_ended_message("upload", &path),
-            ))
-            .await?;
+            // Stop at once. The client is still sending: the connection closes after this
+            // answer.
+            let answer = upload_session_ended(ctx, pending, &user, &path, "during the upload body; stopped");
+            conn.write_frame(&answer).await?;
             return Ok(Flow::Close);
         }
     };
@@ -379,20 +409,9 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // The body may have taken long: the session must still hold when the file appears.
     if !session_valid(&ctx.state, &token) {
-        pending.discard();
-        tracing::info!(user = %user, path = %path, "session ended during the upload; nothing saved");
-        ctx.audit(
-            "upload",
-            Some(&path),
-            Outcome::failed(ErrorCode::SessionExpired),
-        );
-        ctx.auth = None;
-        return reply_error(
-            conn,
-            ErrorCode::SessionExpired,
-            session_ended_message("upload", &path),
-        )
-        .await;
+        let answer = upload_session_ended(ctx, pending, &user, &path, "before the upload's commit");
+        conn.write_frame(&answer).await?;
+        return Ok(Flow::Continue);
     }
     if let Err(e) = blocking(move || tree.commit(pending)).await {
         tracing::warn!(user = %user, path = %path, error = %e, "upload commit failed");
@@ -434,15 +453,15 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     offset: u64,
     prefix: Option<Digest>,
 ) -> Result<Flow, ConnError> {
-    let _slot = match transfer_slot(ctx, conn, "download", &path).await? {
-        Ok(slot) => slot,
+    let Running {
+        _slot,
+        user,
+        tree,
+        token,
+    } = match begin(ctx, conn, "download", &path).await? {
+        Ok(running) => running,
         Err(flow) => return Ok(flow),
     };
-    let auth = ctx.session();
-    let user = auth.user.clone();
-    let tree = auth.tree.clone();
-    let token = auth.token.clone();
-    conn.set_min_body_rate(ctx.state.limits().min_transfer_rate);
     let p = path.clone();
     let (file, size, modified) = match blocking(move || tree.open_for_download(&p)).await {
         Ok(x) => x,
