@@ -10,13 +10,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, BufStream, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_rustls::TlsConnector;
 use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
 use xfer_proto::connection::ConnError;
 use xfer_proto::fingerprint::Fingerprint;
-use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::message::SessionInfo;
 use xfer_proto::{Connection, Digest, Entry, ErrorCode, PROTOCOL_VERSION, Request, Response};
 
@@ -48,7 +46,7 @@ const FIRST_BYTES: usize = xfer_proto::MAX_REFUSAL_LINE;
 const REASON_WAIT: Duration = Duration::from_secs(2);
 
 /// The TLS stream the client speaks frames over.
-pub type TlsStream = tokio_rustls::client::TlsStream<BufStream<Recorder<TcpStream>>>;
+pub type TlsStream = xfer_proto::tls_stream::TlsStream<Recorder<TcpStream>>;
 
 /// A stream that keeps a copy of the first bytes read from it, so that a failed TLS
 /// handshake can be explained by what the server sent (a refusal line). After those bytes it
@@ -312,12 +310,13 @@ pub async fn connect_tls_once(
         server: server.to_string(),
         reason,
     };
-    let (config, verifier) = pinned_config(pin, Arc::new(xfer_proto::tls::provider()))
+    let (mut config, verifier) = pinned_config(pin, Arc::new(xfer_proto::tls::provider()))
         .map_err(|e| fail(e.to_string()))?;
+    // After the handshake, xfer_proto::tls_stream seals and opens records itself.
+    config.enable_secret_extraction = true;
     let name = ServerName::try_from(server.host.clone())
         .map_err(|_| ClientError::Usage(format!("`{}` is not a valid host name", server.host)))?;
-    let io = BufStream::with_capacity(CHUNK_LEN, CHUNK_LEN, tcp);
-    let handshake = TlsConnector::from(Arc::new(config)).connect(name, io);
+    let handshake = xfer_proto::tls_stream::connect(tcp, Arc::new(config), name);
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => Err(fail("TLS handshake timed out".into())),
         Ok(Err(e)) => {
@@ -347,7 +346,7 @@ pub async fn connect_tls_once(
             }
         }
         Ok(Ok(tls)) => {
-            if tls.get_ref().1.alpn_protocol() != Some(xfer_proto::ALPN) {
+            if tls.alpn_protocol() != Some(xfer_proto::ALPN) {
                 return Err(fail(
                     "the server does not speak the xfer protocol (no ALPN xfer/1)".into(),
                 ));

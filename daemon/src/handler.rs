@@ -6,10 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, BufStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use xfer_proto::connection::ConnError;
-use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::{Connection, ErrorCode, Request, Response, Role};
 
 use crate::server::State;
@@ -150,9 +149,13 @@ pub async fn handle_tcp(
     let accepted = Instant::now();
     let mut stop = state.shutdown_rx();
     let limits = state.limits();
-    // A large buffer under TLS lets rustls read and write many records per syscall.
-    let io = BufStream::with_capacity(CHUNK_LEN, CHUNK_LEN, tcp);
-    let handshake = tokio::time::timeout(ticket.handshake_timeout(), state.acceptor().accept(io));
+    // rustls runs the handshake; records then move through xfer_proto's own large buffers,
+    // which read and write many records per syscall and copy each byte once.
+    let config = state.acceptor().config().clone();
+    let handshake = tokio::time::timeout(
+        ticket.handshake_timeout(),
+        xfer_proto::tls_stream::accept(tcp, config),
+    );
     let tls = tokio::select! {
         _ = stop.wait_for(|v| *v) => return,
         // Made room for another source; the client learns it from the closed connection.
@@ -169,7 +172,7 @@ pub async fn handle_tcp(
             Ok(Ok(tls)) => tls,
         },
     };
-    if tls.get_ref().1.alpn_protocol() != Some(xfer_proto::ALPN) {
+    if tls.alpn_protocol() != Some(xfer_proto::ALPN) {
         tracing::debug!(%peer, "client did not negotiate ALPN xfer/1; closing");
         return;
     }

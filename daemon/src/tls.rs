@@ -145,6 +145,8 @@ pub fn server_config(
     // The provider lists the suites in the server's order of preference (AES-128-GCM first);
     // without this, the client's order wins and OpenSSL clients get AES-256-GCM.
     config.ignore_client_order = true;
+    // After the handshake, xfer_proto::tls_stream seals and opens records itself.
+    config.enable_secret_extraction = true;
     Ok((Arc::new(config), fingerprint))
 }
 

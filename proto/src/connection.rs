@@ -31,7 +31,8 @@ pub enum ConnError {
 
 /// A framed connection over any byte stream (TLS in practice, in-memory pipes in tests).
 pub struct Connection<S> {
-    /// The byte stream. For TLS it should already sit on a large buffer (see `limits::CHUNK_LEN`).
+    /// The byte stream: [`crate::tls_stream::TlsStream`] in practice, which reads and writes
+    /// in pieces of up to `limits::CHUNK_LEN`, so no buffer is needed above or below it.
     stream: S,
     /// Reused encode buffer, so writing a frame does not allocate each time.
     wbuf: Vec<u8>,

@@ -11,6 +11,8 @@
 //!   daemon's user trees, the client's download folder).
 //! - [`staging`]: locked staging files that resumable bodies are written into.
 //! - [`tls`]: the TLS 1.3 crypto provider both sides use.
+//! - [`tls_stream`]: TLS 1.3 as an async stream that copies each byte once: rustls' handshake,
+//!   then records sealed and opened in place in large buffers.
 //! - [`fingerprint`]: the server identity that clients pin (SHA-256 of the certificate's public key).
 //!
 //! The full specification, precise enough to write another client from, is `proto/README.md`.
@@ -26,6 +28,7 @@ pub mod message;
 pub mod path;
 pub mod staging;
 pub mod tls;
+pub mod tls_stream;
 
 pub use connection::Connection;
 pub use message::{Digest, Entry, EntryKind, ErrorCode, Request, Response, Role};
