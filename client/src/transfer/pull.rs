@@ -34,6 +34,13 @@ const AHEAD_REQUESTS: usize = 64;
 const AHEAD_REQUEST_BYTES: usize = 32 << 10;
 /// Most file bytes the outstanding downloads are expected to bring (one is always allowed).
 const AHEAD_BYTES: u64 = 16 << 20;
+/// Most connections a download uses, the first one included. The server answers each
+/// connection's requests in order, one at a time: a few connections let it read several
+/// files at once, which is what a cold page cache needs (1,000 files of 4 KiB in 20
+/// folders, caches dropped: median 364 ms over one connection, 264 ms over two, here).
+const MAX_CONNECTIONS: usize = 4;
+/// Pipelined files that make another connection worth opening.
+const FILES_PER_CONNECTION: usize = 64;
 /// Most files in one group commit.
 const COMMIT_FILES: usize = 256;
 /// Most bytes in one group commit.
@@ -63,15 +70,45 @@ struct Ahead {
     frame: usize,
 }
 
-/// The window of requests sent ahead and the batch being staged.
+/// One connection's window: the requests sent on it and not yet answered, in order.
+#[derive(Default)]
+struct Lane {
+    ahead: VecDeque<Ahead>,
+    bytes: u64,
+    frames: usize,
+}
+
+impl Lane {
+    /// Whether another request of `bytes` file bytes and a `frame`-byte frame fits (one
+    /// always does when nothing is outstanding).
+    fn has_room(&self, bytes: u64, frame: usize) -> bool {
+        self.ahead.is_empty()
+            || (self.ahead.len() < AHEAD_REQUESTS
+                && self.bytes + bytes <= AHEAD_BYTES
+                && self.frames + frame <= AHEAD_REQUEST_BYTES)
+    }
+
+    /// Whether more than half the window is in use: refilling waits until it is not, so
+    /// requests go out in bunches (one write, one TLS record).
+    fn busy(&self) -> bool {
+        self.ahead.len() > AHEAD_REQUESTS / 2
+            || self.bytes > AHEAD_BYTES / 2
+            || self.frames > AHEAD_REQUEST_BYTES / 2
+    }
+}
+
+/// The windows of requests sent ahead, one per connection, and the batch being staged.
 struct Pipeline<'p> {
     steps: &'p [Step],
     /// The first step not yet considered for sending.
     next: usize,
-    /// Sent and not yet answered, in order.
-    ahead: VecDeque<Ahead>,
-    ahead_bytes: u64,
-    ahead_frames: usize,
+    /// One window per connection.
+    lanes: Vec<Lane>,
+    /// The lane of each request sent and not yet answered, in plan order: the order in
+    /// which answers are read.
+    order: VecDeque<usize>,
+    /// The lane the next request goes to: files are dealt out in turn.
+    turn: usize,
     /// Received and verified, waiting for the flush.
     batch: GroupCommit<Staged>,
     batch_bytes: u64,
@@ -80,32 +117,28 @@ struct Pipeline<'p> {
 }
 
 impl<'p> Pipeline<'p> {
-    fn new(steps: &'p [Step]) -> Self {
+    fn new(steps: &'p [Step], lanes: usize) -> Self {
         Pipeline {
             steps,
             next: 0,
-            ahead: VecDeque::new(),
-            ahead_bytes: 0,
-            ahead_frames: 0,
+            lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
+            order: VecDeque::new(),
+            turn: 0,
             batch: GroupCommit::new(),
             batch_bytes: 0,
             flushing: None,
         }
     }
 
-    /// Sends requests for the pipelined files from step `from` on, up to the window, in one
-    /// write; nothing while the window is more than half full, so requests go out in bunches.
-    /// Stops at a file that does not go through the pipeline.
-    async fn fill(&mut self, client: &mut Client, from: usize) -> Result<()> {
+    /// Sends requests for the pipelined files from step `from` on, dealt out to the
+    /// connections in turn, each up to its window, one write per connection. Stops at a
+    /// file that does not go through the pipeline.
+    async fn fill(&mut self, conns: &mut [&mut Client], from: usize) -> Result<()> {
         self.next = self.next.max(from);
-        if !self.ahead.is_empty()
-            && (self.ahead.len() > AHEAD_REQUESTS / 2
-                || self.ahead_bytes > AHEAD_BYTES / 2
-                || self.ahead_frames > AHEAD_REQUEST_BYTES / 2)
-        {
+        if self.lanes[self.turn].busy() {
             return Ok(());
         }
-        let mut requests = Vec::new();
+        let mut requests: Vec<Vec<Request>> = vec![Vec::new(); self.lanes.len()];
         while let Some(step) = self.steps.get(self.next) {
             let job = match step {
                 Step::File(job) if pipelined(job) => job,
@@ -118,52 +151,61 @@ impl<'p> Pipeline<'p> {
             let bytes = job.size.unwrap_or(0);
             // Frame length prefix, enum tag, path length and offset: under 32 bytes.
             let frame = job.remote.len() + 32;
-            if !self.ahead.is_empty()
-                && (self.ahead.len() >= AHEAD_REQUESTS
-                    || self.ahead_bytes + bytes > AHEAD_BYTES
-                    || self.ahead_frames + frame > AHEAD_REQUEST_BYTES)
-            {
+            let lane = &mut self.lanes[self.turn];
+            if !lane.has_room(bytes, frame) {
                 break;
             }
-            requests.push(Request::Download {
+            requests[self.turn].push(Request::Download {
                 path: job.remote.clone(),
                 offset: 0,
             });
-            self.ahead.push_back(Ahead {
+            lane.ahead.push_back(Ahead {
                 step: self.next,
                 bytes,
                 frame,
             });
-            self.ahead_bytes += bytes;
-            self.ahead_frames += frame;
+            lane.bytes += bytes;
+            lane.frames += frame;
+            self.order.push_back(self.turn);
+            self.turn = (self.turn + 1) % self.lanes.len();
             self.next += 1;
         }
-        if requests.is_empty() {
-            return Ok(());
+        for (conn, requests) in conns.iter_mut().zip(requests) {
+            if !requests.is_empty() {
+                conn.send_ahead(&requests).await?;
+            }
         }
-        client.send_ahead(&requests).await
+        Ok(())
     }
 
     /// Reads the answer for step `step` (the oldest one sent) and stages its file.
-    async fn receive(&mut self, client: &mut Client, step: usize, job: &FileJob) -> Result<()> {
-        match self.ahead.pop_front() {
-            Some(a) if a.step == step => {
-                self.ahead_bytes -= a.bytes;
-                self.ahead_frames -= a.frame;
+    async fn receive(
+        &mut self,
+        conns: &mut [&mut Client],
+        step: usize,
+        job: &FileJob,
+    ) -> Result<()> {
+        let lane = self.order.pop_front();
+        let sent = lane.and_then(|l| Some((l, self.lanes[l].ahead.pop_front()?)));
+        let lane = match sent {
+            Some((l, a)) if a.step == step => {
+                self.lanes[l].bytes -= a.bytes;
+                self.lanes[l].frames -= a.frame;
+                l
             }
             _ => {
                 return Err(ClientError::Protocol(
                     "internal error: downloads answered out of order".into(),
                 ));
             }
-        }
+        };
         let Direction::Down(dest) = &job.direction else {
             return Err(ClientError::Protocol(
                 "internal error: an upload in a download".into(),
             ));
         };
         let started = Instant::now();
-        let (transferred, part) = client
+        let (transferred, part) = conns[lane]
             .receive_ahead(&job.remote, &dest.path(), || Part::open(dest, false))
             .await?;
         self.batch_bytes += transferred.size;
@@ -250,6 +292,27 @@ fn report(
     }
 }
 
+/// Opens the extra connections a plan is worth: one per [`FILES_PER_CONNECTION`]
+/// pipelined files, up to [`MAX_CONNECTIONS`] in all, at once; fewer if the server refuses.
+async fn extra_connections(ctx: &Ctx, plan: &Plan) -> Vec<Client> {
+    let files = plan
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::File(job) if pipelined(job)))
+        .count();
+    let wanted = (files / FILES_PER_CONNECTION).clamp(1, MAX_CONNECTIONS) - 1;
+    let one = |n: usize| async move {
+        match n < wanted {
+            true => ctx.connect_extra().await,
+            false => None,
+        }
+    };
+    // Three at most besides the first, opened together.
+    const _: () = assert!(MAX_CONNECTIONS == 4);
+    let (a, b, c) = tokio::join!(one(0), one(1), one(2));
+    [a, b, c].into_iter().flatten().collect()
+}
+
 /// Runs a download plan over `client`: folders as they come, small files through the
 /// pipeline and group commit, others one at a time as before.
 pub(super) async fn run_download_plan(
@@ -260,7 +323,9 @@ pub(super) async fn run_download_plan(
     batch: &mut Batch,
 ) {
     let overall = ctx.progress.overall(plan.files, plan.bytes);
-    let mut pipeline = Pipeline::new(&plan.steps);
+    let mut extra = extra_connections(ctx, &plan).await;
+    let mut conns: Vec<&mut Client> = std::iter::once(client).chain(extra.iter_mut()).collect();
+    let mut pipeline = Pipeline::new(&plan.steps, conns.len());
     let mut done_files = 0;
     for (i, step) in plan.steps.iter().enumerate() {
         let keep_going = match step {
@@ -271,8 +336,8 @@ pub(super) async fn run_download_plan(
             Step::File(job) => {
                 let base = overall.position();
                 let r = if pipelined(job) {
-                    let r = match pipeline.fill(client, i).await {
-                        Ok(()) => pipeline.receive(client, i, job).await,
+                    let r = match pipeline.fill(&mut conns, i).await {
+                        Ok(()) => pipeline.receive(&mut conns, i, job).await,
                         Err(e) => Err(e),
                     };
                     if pipeline.batch_full() {
@@ -283,7 +348,7 @@ pub(super) async fn run_download_plan(
                     // One at a time from here: what is staged is committed first, so files
                     // are saved in plan order.
                     pipeline.flush(ctx, batch, true).await;
-                    transfer_one(ctx, client, job, &overall, resume)
+                    transfer_one(ctx, conns[0], job, &overall, resume)
                         .await
                         .map(|item| batch.items.push(item))
                 };
@@ -306,4 +371,8 @@ pub(super) async fn run_download_plan(
     // What arrived before a failure is complete and verified: it is saved too.
     pipeline.flush(ctx, batch, true).await;
     overall.finish_and_clear();
+    drop(conns);
+    for c in extra {
+        c.close().await;
+    }
 }
