@@ -423,6 +423,43 @@ mod tests {
     }
 
     #[test]
+    fn a_group_commit_renames_what_it_can_and_leaves_no_part_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let top = Dest::new(d.path(), "top").unwrap();
+        top.child("sub").create_dir_all().unwrap();
+        // A folder where one file should land: its rename fails, the others go on.
+        std::fs::create_dir(d.path().join("top/blocked")).unwrap();
+        std::fs::write(d.path().join("top/sub/b"), b"old").unwrap();
+        let mut batch = GroupCommit::new();
+        for (i, name) in ["a", "blocked", "sub/b", "sub/empty"].iter().enumerate() {
+            let dest = name.split('/').fold(top.clone(), |d, n| d.child(n));
+            let mut part = Part::open(&dest, false).unwrap();
+            if !name.ends_with("empty") {
+                part.file.write_all(name.as_bytes()).unwrap();
+            }
+            batch.push(part, dest, i);
+        }
+        assert_eq!(batch.len(), 4);
+        let outcomes: Vec<(usize, bool)> = batch
+            .commit()
+            .into_iter()
+            .map(|(i, r)| (i, r.is_ok()))
+            .collect();
+        assert_eq!(outcomes, [(0, true), (1, false), (2, true), (3, true)]);
+        assert_eq!(std::fs::read(d.path().join("top/a")).unwrap(), b"a");
+        assert_eq!(std::fs::read(d.path().join("top/sub/b")).unwrap(), b"sub/b");
+        assert_eq!(std::fs::read(d.path().join("top/sub/empty")).unwrap(), b"");
+        assert!(d.path().join("top/blocked").is_dir());
+        let mut names: Vec<_> = std::fs::read_dir(d.path().join("top"))
+            .unwrap()
+            .chain(std::fs::read_dir(d.path().join("top/sub")).unwrap())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "blocked", "empty", "sub"]);
+    }
+
+    #[test]
     fn names_with_a_slash_are_refused() {
         let d = tempfile::tempdir().unwrap();
         assert!(Dest::new(d.path(), "trail/").is_err());

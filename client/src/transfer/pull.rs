@@ -1,6 +1,7 @@
-//! Downloads of many files over one connection without a round trip or two flushes each:
-//! `Download` requests go out ahead of their answers within a bounded window and the
-//! answers are read in order (spec §4), and the files land through a [`GroupCommit`]: each
+//! Downloads of many files without a round trip or two flushes each: `Download` requests go
+//! out ahead of their answers within a bounded window and the answers are read in order
+//! (spec §4), dealt out over up to [`MAX_CONNECTIONS`] connections of the session so the
+//! server reads several files at once; the files land through a [`GroupCommit`]: each
 //! written to its `.part`, all made durable by one flush, then renamed into place, then each
 //! folder flushed once. The flush of one batch runs on a blocking thread while the next
 //! batch arrives.
@@ -302,9 +303,10 @@ async fn extra_connections(ctx: &Ctx, plan: &Plan) -> Vec<Client> {
         .count();
     let wanted = (files / FILES_PER_CONNECTION).clamp(1, MAX_CONNECTIONS) - 1;
     let one = |n: usize| async move {
-        match n < wanted {
-            true => ctx.connect_extra().await,
-            false => None,
+        if n < wanted {
+            ctx.connect_extra().await
+        } else {
+            None
         }
     };
     // Three at most besides the first, opened together.
