@@ -274,6 +274,9 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
 }
 
 /// What every command needs: the state folder and the global flags.
+/// How long [`Ctx::connect_extra`] tries.
+const EXTRA_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) struct Ctx {
     state: StateDir,
     server: Option<String>,
@@ -322,6 +325,33 @@ impl Ctx {
         let (key, stored) = self.state.sessions()?.select(self.server.as_deref())?;
         let client = self.connect_as(&key, &stored).await?;
         Ok((client, key, stored))
+    }
+
+    /// Another connection on the same session, for a command that spreads its work over
+    /// several: one attempt (a refusal at a server limit is not retried) within
+    /// [`EXTRA_CONNECT_WAIT`], and `None` on any failure, since the first connection can do
+    /// the work alone.
+    pub(crate) async fn connect_extra(&self) -> Option<Client> {
+        let (key, stored) = self
+            .state
+            .sessions()
+            .ok()?
+            .select(self.server.as_deref())
+            .ok()?;
+        let server = ServerAddr::parse(&key).ok()?;
+        let pin = self.state.known_servers().ok()?.get(&key)?;
+        let attempt = async {
+            let (tls, seen) = crate::conn::connect_tls_once(&server, Some(pin), self.bind)
+                .await
+                .ok()?;
+            let mut client = Client::greet(tls, server.clone(), seen).await.ok()?;
+            client.authenticate(&stored.token).await.ok()?;
+            Some(client)
+        };
+        tokio::time::timeout(EXTRA_CONNECT_WAIT, attempt)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// [`Ctx::connect`] for a session the caller has already read, so that a command which

@@ -10,10 +10,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
 use xfer_proto::connection::ConnError;
+use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::message::SessionInfo;
 use xfer_proto::{Connection, Digest, Entry, ErrorCode, PROTOCOL_VERSION, Request, Response};
@@ -41,6 +42,9 @@ pub const REFUSAL_PAUSE: Duration = Duration::from_millis(250);
 pub const REFUSAL_MAX_PAUSE: Duration = Duration::from_secs(2);
 /// Bytes of the server's first reply kept to explain a failed handshake.
 const FIRST_BYTES: usize = xfer_proto::MAX_REFUSAL_LINE;
+/// Largest body read in one go on the connection's task and written with one `pwrite`; larger
+/// ones go through the body pipeline ([`xfer_proto::body`]).
+pub const SMALL_BODY: usize = CHUNK_LEN;
 /// How long a client looks for the server's reason after it cut an upload off: the frame
 /// is already there if it was sent, so this only bounds waiting on a dead link.
 const REASON_WAIT: Duration = Duration::from_secs(2);
@@ -483,10 +487,49 @@ impl Client {
 
     /// Lists a remote folder (or describes one file).
     pub async fn list(&mut self, path: &str) -> Result<Vec<Entry>> {
+        self.send_ahead(&[Request::List { path: path.into() }])
+            .await?;
+        self.read_listing(path).await
+    }
+
+    /// Sends `requests` in one write without waiting for their answers, which the caller
+    /// then reads in the same order (spec §4: only `List` and `Download` from offset 0 may
+    /// be sent ahead like this). The caller bounds how many are outstanding.
+    pub(crate) async fn send_ahead(&mut self, requests: &[Request]) -> Result<()> {
+        if self.broken {
+            return Err(ClientError::Broken(ConnError::Closed));
+        }
+        let mut buf = Vec::new();
+        for r in requests {
+            xfer_proto::frame::encode_frame(r, &mut buf).map_err(ConnError::from)?;
+        }
+        let stream = self.conn.get_mut();
+        let sent = tokio::time::timeout(IO_TIMEOUT, async {
+            stream.write_all(&buf).await?;
+            stream.flush().await
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.broken = true;
+                Err(ClientError::Broken(ConnError::Io(e)))
+            }
+            Err(_) => {
+                self.broken = true;
+                Err(ClientError::Broken(ConnError::Timeout("sending requests")))
+            }
+        }
+    }
+
+    /// Reads the answer to a `List` of `path` that was sent already.
+    pub(crate) async fn read_listing(&mut self, path: &str) -> Result<Vec<Entry>> {
+        if self.broken {
+            return Err(ClientError::Broken(ConnError::Closed));
+        }
         let mut out = Vec::new();
-        let mut reply = self.call(&Request::List { path: path.into() }).await?;
         loop {
-            match reply {
+            match self.read().await? {
                 Response::Entries { entries, done } => {
                     if out.len() + entries.len() > xfer_proto::limits::MAX_LIST_ENTRIES {
                         self.broken = true;
@@ -502,9 +545,12 @@ impl Client {
                         return Ok(out);
                     }
                 }
-                other => return Err(unexpected(&other)),
+                other => {
+                    // Answers are read in order: past an unexpected one, none is trusted.
+                    self.broken = true;
+                    return Err(unexpected(&other));
+                }
             }
-            reply = self.read().await?;
         }
     }
 
@@ -724,44 +770,188 @@ impl Client {
         };
         (hooks.on_size)(size);
         (hooks.on_start)(offset);
-        let file = part.file.try_clone().map_err(write_err)?;
         let mut progress = hooks.on_progress;
         let received = self
-            .conn
-            .recv_body(file, offset, size, prefix, &mut |n| progress(offset + n))
-            .await;
-        let local_error = match received {
-            Ok((digest, _)) => Ok(digest),
-            Err(BodyError::Local { source, in_sync }) => {
-                if !in_sync {
-                    self.broken = true;
-                }
-                Err(write_err(source))
-            }
-            Err(BodyError::Net(e)) => {
-                self.broken = true;
-                return Err(ClientError::Broken(e));
-            }
-            Err(BodyError::SourceChanged) => {
-                self.broken = true;
-                return Err(ClientError::Protocol("unexpected source change".into()));
-            }
-        };
-        let claimed = match self.read().await? {
-            Response::DownloadEnd { digest } => digest,
-            other => return Err(unexpected(&other)),
-        };
-        let digest = local_error?;
-        if claimed != digest {
-            return Err(ClientError::Verification(format!(
-                "`{remote}` arrived corrupted (digest mismatch); nothing was saved"
-            )));
-        }
+            .receive_body(&part.file, target, offset, size, prefix, &mut |n| {
+                progress(offset + n)
+            })
+            .await?;
+        let digest = self.finish_download(remote, received).await?;
         Ok(Transferred {
             size,
             digest,
             resumed_from: offset,
         })
+    }
+
+    /// Reads the answer to a `Download { offset: 0 }` of `remote` sent ahead with
+    /// [`Client::send_ahead`], into the staging file that `open` creates once the server
+    /// says it is sending (so a refused download creates nothing). The staged file comes
+    /// back verified and not yet durable; on any failure it is already deleted (a small file
+    /// needs no resume).
+    pub(crate) async fn receive_ahead(
+        &mut self,
+        remote: &str,
+        target: &Path,
+        open: impl FnOnce() -> std::io::Result<Part>,
+    ) -> Result<(Transferred, Part)> {
+        if self.broken {
+            return Err(ClientError::Broken(ConnError::Closed));
+        }
+        let size = match self.read().await? {
+            Response::DownloadReady {
+                size, offset: 0, ..
+            } => size,
+            other => {
+                // Answers are read in order: past an unexpected one, none is trusted.
+                self.broken = true;
+                return Err(unexpected(&other));
+            }
+        };
+        let part = match open() {
+            Ok(part) => part,
+            Err(e) => {
+                // The body is on its way: read it past, so the answers after it stay in step.
+                self.discard_body(size).await?;
+                self.read_end().await?;
+                return Err(ClientError::local(
+                    format!("creating `{}`", part_path(target).display()),
+                    e,
+                ));
+            }
+        };
+        let done = async {
+            let received = self
+                .receive_body(&part.file, target, 0, size, None, &mut |_| {})
+                .await?;
+            self.finish_download(remote, received).await
+        }
+        .await;
+        match done {
+            Ok(digest) => Ok((
+                Transferred {
+                    size,
+                    digest,
+                    resumed_from: 0,
+                },
+                part,
+            )),
+            Err(e) => {
+                part.abandon(false);
+                Err(e)
+            }
+        }
+    }
+
+    /// Receives a download's body (bytes `offset..size`) into `file`. The outer error means
+    /// the connection is lost; the inner one is a local failure after which the stream is
+    /// still in step (the rest of the body was read and dropped). A small body is read in
+    /// one go and written here: handing it to a blocking thread cost more than the write.
+    async fn receive_body(
+        &mut self,
+        file: &std::fs::File,
+        target: &Path,
+        offset: u64,
+        size: u64,
+        prefix: Option<blake3::Hasher>,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<Result<Digest>> {
+        let write_err = |e| ClientError::local(format!("writing `{}`", target.display()), e);
+        let total = size.saturating_sub(offset);
+        if total <= SMALL_BODY as u64 && (offset == 0 || prefix.is_some()) {
+            let mut buf = vec![0u8; total as usize];
+            self.read_raw(&mut buf).await?;
+            let mut hasher = prefix.unwrap_or_default();
+            hasher.update(&buf);
+            progress(total);
+            use std::os::unix::fs::FileExt;
+            return Ok(match file.write_all_at(&buf, offset) {
+                Ok(()) => Ok(*hasher.finalize().as_bytes()),
+                Err(e) => Err(write_err(e)),
+            });
+        }
+        let file = match file.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                // Nothing of the body was read yet: drop it whole.
+                self.discard_body(total).await?;
+                return Ok(Err(write_err(e)));
+            }
+        };
+        match self
+            .conn
+            .recv_body(file, offset, size, prefix, progress)
+            .await
+        {
+            Ok((digest, _)) => Ok(Ok(digest)),
+            Err(BodyError::Local { source, in_sync }) => {
+                if !in_sync {
+                    self.broken = true;
+                }
+                Ok(Err(write_err(source)))
+            }
+            Err(BodyError::Net(e)) => {
+                self.broken = true;
+                Err(ClientError::Broken(e))
+            }
+            Err(BodyError::SourceChanged) => {
+                self.broken = true;
+                Err(ClientError::Protocol("unexpected source change".into()))
+            }
+        }
+    }
+
+    /// Reads the `DownloadEnd` after a body and checks its digest against what arrived.
+    async fn finish_download(&mut self, remote: &str, received: Result<Digest>) -> Result<Digest> {
+        if self.broken {
+            received?;
+            return Err(ClientError::Broken(ConnError::Closed));
+        }
+        let claimed = self.read_end().await?;
+        let digest = received?;
+        if claimed != digest {
+            return Err(ClientError::Verification(format!(
+                "`{remote}` arrived corrupted (digest mismatch); nothing was saved"
+            )));
+        }
+        Ok(digest)
+    }
+
+    /// Reads the `DownloadEnd` after a body: the digest the server computed.
+    async fn read_end(&mut self) -> Result<Digest> {
+        match self.read().await? {
+            Response::DownloadEnd { digest } => Ok(digest),
+            other => {
+                self.broken = true;
+                Err(unexpected(&other))
+            }
+        }
+    }
+
+    /// Fills `buf` from the stream within the I/O deadline; a failure loses the connection.
+    async fn read_raw(&mut self, buf: &mut [u8]) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let read = tokio::time::timeout(IO_TIMEOUT, self.conn.get_mut().read_exact(buf)).await;
+        let e = match read {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => ConnError::Truncated,
+            Ok(Err(e)) => ConnError::Io(e),
+            Err(_) => ConnError::Timeout("receiving file data"),
+        };
+        self.broken = true;
+        Err(ClientError::Broken(e))
+    }
+
+    /// Reads `len` body bytes and drops them, a chunk at a time.
+    async fn discard_body(&mut self, len: u64) -> Result<()> {
+        let mut buf = vec![0u8; (len.min(CHUNK_LEN as u64) as usize).max(1)];
+        let mut left = len;
+        while left > 0 {
+            let n = (buf.len() as u64).min(left) as usize;
+            self.read_raw(&mut buf[..n]).await?;
+            left -= n as u64;
+        }
+        Ok(())
     }
 
     /// After an upload body was cut off: the error the server sent before closing, if it

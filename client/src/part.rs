@@ -187,12 +187,180 @@ impl Part {
         Ok(())
     }
 
+    /// Renames it over the target, in the same folder, without flushing anything: for a
+    /// [`GroupCommit`], which made its data durable before and flushes the folder after.
+    fn rename_into_place(&self, dest: &Dest) -> std::io::Result<()> {
+        let (target, _) = dest.split();
+        rustix::fs::renameat(&self.dir, self.name.as_str(), &self.dir, target)?;
+        Ok(())
+    }
+
     /// Ends a transfer that failed: a resumable `.part` stays when `keep`, anything else goes.
     pub fn abandon(self, keep: bool) {
         if !(keep && self.resumable) {
             let _ = rustix::fs::unlinkat(&self.dir, self.name.as_str(), AtFlags::empty());
         }
     }
+}
+
+/// Downloads staged together and committed together, for many small files: each is written
+/// to its `.part` ([`Part::open`]), then one flush makes the data of all of them durable,
+/// then each is renamed over its target, then each folder touched is flushed once. Nothing
+/// takes its final name before its data is durable, so a crash leaves every target either
+/// old or new and complete (and at worst some `.part` files, which the next download of
+/// the same name empties). Two flushes per file (file and folder) become one per batch plus
+/// one per folder.
+pub struct GroupCommit<T> {
+    /// What waits for the flush, in the order it was staged.
+    staged: Vec<Staged<T>>,
+}
+
+/// One staged file of a [`GroupCommit`].
+struct Staged<T> {
+    part: Part,
+    dest: Dest,
+    /// The caller's note on it, given back with its outcome.
+    tag: T,
+}
+
+impl<T> Default for GroupCommit<T> {
+    fn default() -> Self {
+        GroupCommit { staged: Vec::new() }
+    }
+}
+
+/// Filesystems whose `syncfs` writes back every dirty page and inode and flushes the
+/// device, as `fsync` of each file would (`statfs` magic numbers): ext2/3/4, XFS, Btrfs,
+/// F2FS, and tmpfs (nothing to flush). Elsewhere (FUSE, network filesystems) `syncfs` may
+/// not reach the storage, so each file gets its own `fdatasync`.
+const SYNCFS_FLUSHES_ALL: [u32; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_2010, 0x0102_1994];
+
+/// Threads that `fdatasync` the files of a batch where `syncfs` is not trusted: flushes
+/// issued together let the filesystem and the device batch them.
+const FSYNC_THREADS: usize = 8;
+
+impl<T> GroupCommit<T> {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Files staged and not yet committed.
+    pub fn len(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.staged.is_empty()
+    }
+
+    /// Adds a fully written, verified `.part` for `dest`; `tag` comes back with its outcome.
+    pub fn push(&mut self, part: Part, dest: Dest, tag: T) {
+        self.staged.push(Staged { part, dest, tag });
+    }
+
+    /// Makes every staged file durable, renames each into place, flushes each folder once;
+    /// returns each tag with its outcome, in the order staged. A file that fails leaves no
+    /// `.part` behind. Blocks on the disk: run it off the async threads.
+    pub fn commit(self) -> Vec<(T, std::io::Result<()>)> {
+        let staged = self.staged;
+        let files: Vec<&File> = staged.iter().map(|s| &s.part.file).collect();
+        let mut results = make_durable(&files);
+        for (s, r) in staged.iter().zip(results.iter_mut()) {
+            if r.is_ok() {
+                *r = s.part.rename_into_place(&s.dest);
+            }
+        }
+        // Each folder once: its first file's open descriptor stands for it.
+        let mut folders: std::collections::HashMap<&[String], Option<std::io::ErrorKind>> =
+            std::collections::HashMap::new();
+        for (s, r) in staged.iter().zip(results.iter_mut()) {
+            if r.is_err() {
+                continue;
+            }
+            let parents = &s.dest.parts[..s.dest.parts.len() - 1];
+            let flushed = folders.entry(parents).or_insert_with(|| {
+                rustix::fs::fsync(&s.part.dir)
+                    .err()
+                    .map(|e| std::io::Error::from(e).kind())
+            });
+            if let Some(kind) = flushed {
+                *r = Err(std::io::Error::new(*kind, "flushing the folder failed"));
+            }
+        }
+        staged
+            .into_iter()
+            .zip(results)
+            .map(|(s, r)| {
+                if r.is_err() {
+                    // Not renamed (a rename that happened is kept: the file is complete).
+                    s.part.abandon(false);
+                }
+                (s.tag, r)
+            })
+            .collect()
+    }
+}
+
+/// Flushes the data of every staged file, with one `syncfs` per filesystem where that is
+/// trusted and one `fdatasync` per file elsewhere; one outcome per file.
+fn make_durable(staged: &[&File]) -> Vec<std::io::Result<()>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut results: Vec<std::io::Result<()>> = (0..staged.len()).map(|_| Ok(())).collect();
+    let mut by_fs: Vec<(u64, Vec<usize>)> = Vec::new();
+    for (i, file) in staged.iter().enumerate() {
+        match file.metadata() {
+            Ok(m) => match by_fs.iter_mut().find(|(dev, _)| *dev == m.dev()) {
+                Some((_, files)) => files.push(i),
+                None => by_fs.push((m.dev(), vec![i])),
+            },
+            Err(e) => results[i] = Err(e),
+        }
+    }
+    for (_, files) in by_fs {
+        let first = staged[files[0]];
+        let trusted = rustix::fs::fstatfs(first)
+            .is_ok_and(|st| SYNCFS_FLUSHES_ALL.contains(&(st.f_type as u32)));
+        if trusted {
+            if let Err(e) = rustix::fs::syncfs(first) {
+                for &i in &files {
+                    results[i] = Err(e.into());
+                }
+            }
+            continue;
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let outcomes: Vec<(usize, std::io::Result<()>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..FSYNC_THREADS.min(files.len()))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&i) = files.get(k) else { break done };
+                            done.push((i, staged[i].sync_data()));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_else(|_| vec![]))
+                .collect()
+        });
+        let mut flushed = vec![false; staged.len()];
+        for (i, r) in outcomes {
+            flushed[i] = true;
+            results[i] = r;
+        }
+        for &i in &files {
+            if !flushed[i] {
+                results[i] = Err(std::io::Error::other("flushing the file failed"));
+            }
+        }
+    }
+    results
 }
 
 #[cfg(test)]
@@ -252,6 +420,43 @@ mod tests {
         let f = Dest::new(&link, "g").unwrap();
         Part::open(&f, false).unwrap().commit(&f).unwrap();
         assert!(outside.join("g").exists());
+    }
+
+    #[test]
+    fn a_group_commit_renames_what_it_can_and_leaves_no_part_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let top = Dest::new(d.path(), "top").unwrap();
+        top.child("sub").create_dir_all().unwrap();
+        // A folder where one file should land: its rename fails, the others go on.
+        std::fs::create_dir(d.path().join("top/blocked")).unwrap();
+        std::fs::write(d.path().join("top/sub/b"), b"old").unwrap();
+        let mut batch = GroupCommit::new();
+        for (i, name) in ["a", "blocked", "sub/b", "sub/empty"].iter().enumerate() {
+            let dest = name.split('/').fold(top.clone(), |d, n| d.child(n));
+            let mut part = Part::open(&dest, false).unwrap();
+            if !name.ends_with("empty") {
+                part.file.write_all(name.as_bytes()).unwrap();
+            }
+            batch.push(part, dest, i);
+        }
+        assert_eq!(batch.len(), 4);
+        let outcomes: Vec<(usize, bool)> = batch
+            .commit()
+            .into_iter()
+            .map(|(i, r)| (i, r.is_ok()))
+            .collect();
+        assert_eq!(outcomes, [(0, true), (1, false), (2, true), (3, true)]);
+        assert_eq!(std::fs::read(d.path().join("top/a")).unwrap(), b"a");
+        assert_eq!(std::fs::read(d.path().join("top/sub/b")).unwrap(), b"sub/b");
+        assert_eq!(std::fs::read(d.path().join("top/sub/empty")).unwrap(), b"");
+        assert!(d.path().join("top/blocked").is_dir());
+        let mut names: Vec<_> = std::fs::read_dir(d.path().join("top"))
+            .unwrap()
+            .chain(std::fs::read_dir(d.path().join("top/sub")).unwrap())
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "blocked", "empty", "sub"]);
     }
 
     #[test]

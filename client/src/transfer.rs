@@ -6,12 +6,14 @@
 use std::path::{Path, PathBuf};
 
 use indicatif::{HumanBytes, ProgressBar};
-use xfer_proto::{EntryKind, ErrorCode};
+use xfer_proto::{EntryKind, ErrorCode, Request};
 
 use crate::cli::{Ctx, DeleteArgs, DownloadArgs, Reported, UploadArgs, report};
 use crate::conn::{Client, Hooks, Transferred};
 use crate::error::{ClientError, Result};
 use crate::part::Dest;
+
+mod pull;
 
 /// The outcome of a multi-item command: every failure is printed when it happens, the first
 /// one's exit code is kept, and one bad file does not stop the others (a lost connection does).
@@ -264,10 +266,15 @@ fn plan_upload(args: &UploadArgs, batch: &mut Batch) -> Plan {
     plan
 }
 
-/// Adds a remote folder and everything under it to the plan, from its listings, walking with
-/// an explicit stack: a server may send any tree, and one deeper than a path may be (64
-/// folders) is cut there with an error instead of growing without end. Returns false when the
-/// connection is gone.
+/// Folder listings sent ahead at once while walking a remote tree.
+const LIST_AHEAD: usize = 32;
+
+/// Adds a remote folder and everything under it to the plan, from its listings. The tree is
+/// listed a level at a time, each level's `List` requests sent together and answered in
+/// order (one round trip per level instead of one per folder); the plan is then laid out
+/// depth first, each folder's files before its subfolders. A server may send any tree: one
+/// deeper than a path may be (64 folders) is cut there with an error instead of growing
+/// without end. Returns false when the connection is gone.
 async fn plan_download_tree(
     client: &mut Client,
     remote: String,
@@ -275,47 +282,104 @@ async fn plan_download_tree(
     plan: &mut Plan,
     batch: &mut Batch,
 ) -> bool {
-    let mut stack = vec![(remote, dest)];
-    while let Some((remote, dest)) = stack.pop() {
-        let entries = match client.list(&remote).await {
-            Ok(e) => e,
-            Err(e) => {
-                if !batch.record(Err(e)) {
-                    return false;
-                }
-                continue;
+    /// A folder found on the way, and what its listing held.
+    struct Folder {
+        remote: String,
+        dest: Dest,
+        /// Whether its listing arrived (a folder that cannot be listed is left out).
+        listed: bool,
+        files: Vec<Step>,
+        /// Indexes of its subfolders, in listing order.
+        subfolders: Vec<usize>,
+    }
+    let folder = |remote, dest| Folder {
+        remote,
+        dest,
+        listed: false,
+        files: Vec::new(),
+        subfolders: Vec::new(),
+    };
+    let mut folders = vec![folder(remote, dest)];
+    let mut level = vec![0];
+    let mut alive = true;
+    'walk: while !level.is_empty() {
+        let mut next_level = Vec::new();
+        for chunk in level.chunks(LIST_AHEAD) {
+            let requests: Vec<Request> = chunk
+                .iter()
+                .map(|&f| Request::List {
+                    path: folders[f].remote.clone(),
+                })
+                .collect();
+            if let Err(e) = client.send_ahead(&requests).await {
+                batch.record(Err(e));
+                alive = false;
+                break 'walk;
             }
-        };
-        plan.push(Step::LocalDir(dest.clone()));
-        let mut folders = Vec::new();
-        for entry in entries {
-            if xfer_proto::path::check_name(&entry.name).is_err() {
-                batch.record(Err(ClientError::Other(format!(
-                    "skipping `{}` in `{}`: unsafe name",
-                    crate::error::printable(&entry.name),
-                    crate::error::printable(&remote)
-                ))));
-                continue;
-            }
-            let r = xfer_proto::path::join(&remote, &entry.name);
-            let d = dest.child(&entry.name);
-            match entry.kind {
-                EntryKind::Dir if xfer_proto::path::components(&r).is_err() => {
-                    batch.record(Err(ClientError::Protocol(format!(
-                        "the server listed `{}`, deeper than a path may go ({} folders); skipped",
-                        crate::error::printable(&r),
-                        xfer_proto::limits::MAX_PATH_DEPTH
-                    ))));
+            for &f in chunk {
+                let remote = folders[f].remote.clone();
+                let entries = match client.read_listing(&remote).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        if !batch.record(Err(e)) {
+                            alive = false;
+                            break 'walk;
+                        }
+                        continue;
+                    }
+                };
+                folders[f].listed = true;
+                for entry in entries {
+                    if xfer_proto::path::check_name(&entry.name).is_err() {
+                        batch.record(Err(ClientError::Other(format!(
+                            "skipping `{}` in `{}`: unsafe name",
+                            crate::error::printable(&entry.name),
+                            crate::error::printable(&remote)
+                        ))));
+                        continue;
+                    }
+                    let r = xfer_proto::path::join(&remote, &entry.name);
+                    let d = folders[f].dest.child(&entry.name);
+                    match entry.kind {
+                        EntryKind::Dir if xfer_proto::path::components(&r).is_err() => {
+                            batch.record(Err(ClientError::Protocol(format!(
+                                "the server listed `{}`, deeper than a path may go ({} folders); skipped",
+                                crate::error::printable(&r),
+                                xfer_proto::limits::MAX_PATH_DEPTH
+                            ))));
+                        }
+                        EntryKind::Dir => {
+                            folders.push(folder(r, d));
+                            let sub = folders.len() - 1;
+                            folders[f].subfolders.push(sub);
+                            next_level.push(sub);
+                        }
+                        EntryKind::File => {
+                            folders[f]
+                                .files
+                                .push(FileJob::download(r, d, Some(entry.size)))
+                        }
+                        EntryKind::Other => {}
+                    }
                 }
-                EntryKind::Dir => folders.push((r, d)),
-                EntryKind::File => plan.push(FileJob::download(r, d, Some(entry.size))),
-                EntryKind::Other => {}
             }
         }
-        // Reversed, so folders are planned in listing order.
-        stack.extend(folders.into_iter().rev());
+        level = next_level;
     }
-    true
+    let mut stack = vec![0];
+    while let Some(f) = stack.pop() {
+        let folder = &mut folders[f];
+        if !folder.listed {
+            continue;
+        }
+        plan.push(Step::LocalDir(folder.dest.clone()));
+        for step in std::mem::take(&mut folder.files) {
+            plan.push(step);
+        }
+        // Reversed, so folders are planned in listing order.
+        stack.extend(folder.subfolders.iter().rev());
+    }
+    alive
 }
 
 /// What a remote path names, found in its parent's listing. (Listing the path itself cannot
@@ -557,7 +621,7 @@ pub(crate) async fn upload_all(ctx: &Ctx, client: &mut Client, args: &UploadArgs
 pub(crate) async fn download_all(ctx: &Ctx, client: &mut Client, args: &DownloadArgs) -> Batch {
     let mut batch = Batch::new();
     let plan = plan_download(client, args, &mut batch).await;
-    run_plan(ctx, client, plan, !args.no_resume, &mut batch).await;
+    pull::run_download_plan(ctx, client, plan, !args.no_resume, &mut batch).await;
     batch.summarize(ctx, "downloaded");
     batch
 }

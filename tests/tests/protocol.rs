@@ -240,6 +240,106 @@ async fn a_download_from_an_offset_sends_the_rest_and_the_whole_file_digest() {
     expect_error(&mut conn, download(800_000), ErrorCode::BadRequest).await;
 }
 
+/// Reads one whole `List` answer (it may span frames); the names, sorted.
+async fn read_listing(conn: &mut RawConn) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        match conn.read_frame::<Response>().await.unwrap() {
+            Response::Entries { entries, done } => {
+                names.extend(entries.into_iter().map(|e| e.name));
+                if done {
+                    names.sort();
+                    return names;
+                }
+            }
+            other => panic!("expected a listing, got {other:?}"),
+        }
+    }
+}
+
+/// Reads one whole successful `Download` answer: header, body and trailer; checks the digest.
+async fn read_download(conn: &mut RawConn) -> Vec<u8> {
+    let size = match conn.read_frame::<Response>().await.unwrap() {
+        Response::DownloadReady { size, offset, .. } => {
+            assert_eq!(offset, 0);
+            size
+        }
+        other => panic!("expected DownloadReady, got {other:?}"),
+    };
+    let mut body = vec![0u8; size as usize];
+    conn.get_mut().read_exact(&mut body).await.unwrap();
+    match conn.read_frame::<Response>().await.unwrap() {
+        Response::DownloadEnd { digest } => assert_eq!(digest, *blake3::hash(&body).as_bytes()),
+        other => panic!("expected DownloadEnd, got {other:?}"),
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_and_downloads_sent_in_one_write_are_answered_in_order() {
+    let server = TestServer::start();
+    let root = server.user_dir("alice");
+    let small = xfer_tests::noise(4096, 1);
+    // Bigger than one body buffer: this one goes through the daemon's body pipeline.
+    let big = xfer_tests::noise(700_000, 2);
+    write_file(&root.join("d/a"), &small);
+    write_file(&root.join("d/empty"), b"");
+    write_file(&root.join("d/sub/big"), &big);
+    write_file(&root.join("d/sub/tricky"), &xfer_tests::tricky_bytes());
+    let mut conn = raw_login(&server, "alice").await;
+    let requests = [
+        Request::List { path: "d".into() },
+        Request::Download {
+            path: "d/a".into(),
+            offset: 0,
+        },
+        Request::Download {
+            path: "d/missing".into(),
+            offset: 0,
+        },
+        Request::List {
+            path: "d/sub".into(),
+        },
+        Request::Download {
+            path: "d/sub/big".into(),
+            offset: 0,
+        },
+        Request::Download {
+            path: "d/empty".into(),
+            offset: 0,
+        },
+        Request::Download {
+            path: "d/sub".into(),
+            offset: 0,
+        },
+        Request::Download {
+            path: "d/sub/tricky".into(),
+            offset: 0,
+        },
+        Request::Ping,
+    ];
+    let mut wire = Vec::new();
+    for r in &requests {
+        xfer_proto::frame::encode_frame(r, &mut wire).unwrap();
+    }
+    conn.get_mut().write_all(&wire).await.unwrap();
+    conn.get_mut().flush().await.unwrap();
+
+    assert_eq!(read_listing(&mut conn).await, ["a", "empty", "sub"]);
+    assert_eq!(read_download(&mut conn).await, small);
+    let missing = conn.read_frame::<Response>().await.unwrap();
+    assert_eq!(error_code(missing), ErrorCode::NotFound);
+    assert_eq!(read_listing(&mut conn).await, ["big", "tricky"]);
+    assert_eq!(read_download(&mut conn).await, big);
+    assert_eq!(read_download(&mut conn).await, b"");
+    let folder = conn.read_frame::<Response>().await.unwrap();
+    assert_eq!(error_code(folder), ErrorCode::WrongKind);
+    assert_eq!(read_download(&mut conn).await, xfer_tests::tricky_bytes());
+    assert_eq!(conn.read_frame::<Response>().await.unwrap(), Response::Ok);
+    // Nothing more was sent, and the connection is still in step.
+    expect_pong(&mut conn).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_tells_idle_clients_and_closes_them_at_once() {
     let mut server = TestServer::start();
