@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::connection::ConnError;
 use crate::limits::{CHUNK_LEN, PIPELINE_DEPTH};
 use crate::message::Digest;
+use crate::pagecache::{ReadBehind, WriteBehind};
 
 /// Why a body transfer failed.
 #[derive(Debug, thiserror::Error)]
@@ -329,12 +330,16 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
                 }
                 None => hash_prefix_into(&mut file, offset, &mut hasher, &cancel)?,
             }
+            let mut behind = ReadBehind::new(&file, offset, total);
             let mut left = total;
             while left > 0 {
                 let mut buf = free_rx.recv().map_err(|_| cancelled())?;
                 let n = (CHUNK_LEN as u64).min(left) as usize;
                 buf.resize(n, 0);
                 file.read_exact(&mut buf)?;
+                if let Some(b) = &mut behind {
+                    b.read(&file, n);
+                }
                 hasher.update(&buf);
                 left -= n as u64;
                 full_tx.blocking_send(Ok(buf)).map_err(|_| cancelled())?;
@@ -428,9 +433,13 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
                 None => hash_prefix_blocking(&mut file, offset, &cancel)?,
             };
             file.seek(SeekFrom::Start(offset))?;
+            let mut behind = WriteBehind::new(offset, total);
             while let Ok(buf) = full_rx.recv() {
                 hasher.update(&buf);
                 file.write_all(&buf)?;
+                if let Some(b) = &mut behind {
+                    b.wrote(&file, buf.len());
+                }
                 if free_tx.blocking_send(buf).is_err() {
                     return Err(cancelled());
                 }
@@ -574,6 +583,33 @@ mod tests {
         let all: Vec<u8> = (0..=255u8).cycle().take(3 * CHUNK_LEN + 17).collect();
         round_trip(all.clone(), 0).await;
         round_trip(all, (CHUNK_LEN + 5) as u64).await;
+    }
+
+    // Above STREAM_MIN, both ends take the page-cache advice path; the source is made cold
+    // first so that the sender drops behind itself too, and the receiver resumes mid-block.
+    #[tokio::test]
+    async fn big_bodies_round_trip_through_write_and_drop_behind() {
+        let len = crate::pagecache::STREAM_MIN as usize + CHUNK_LEN + 17;
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let src = file_with(&data);
+        src.sync_all().unwrap();
+        rustix::fs::fadvise(&src, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut a = Connection::new(a, Duration::from_secs(30));
+        let mut b = Connection::new(b, Duration::from_secs(30));
+        let (size, offset) = (len as u64, (CHUNK_LEN + 5) as u64);
+        let dst = file_with(&data[..offset as usize]);
+        let (mut sent_progress, mut received_progress) = (|_| {}, |_| {});
+        let send = a.send_body(src, offset, size, None, &mut sent_progress);
+        let recv = b.recv_body(dst, offset, size, None, &mut received_progress);
+        let (sent, received) = tokio::join!(send, recv);
+        let (digest, mut out) = received.unwrap();
+        assert_eq!(sent.unwrap(), digest);
+        assert_eq!(digest, *blake3::hash(&data).as_bytes());
+        let mut back = Vec::new();
+        out.seek(SeekFrom::Start(0)).unwrap();
+        out.read_to_end(&mut back).unwrap();
+        assert!(back == data);
     }
 
     #[tokio::test]

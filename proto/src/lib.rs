@@ -6,6 +6,7 @@
 //! - [`frame`]: the size-prefixed frame codec (u32 length + postcard body), pure and allocation-checked.
 //! - [`connection`]: a stream that reads and writes frames and file bodies with deadlines.
 //! - [`body`]: streaming a file body of known size through a bounded buffer pipeline with a BLAKE3 digest.
+//! - [`pagecache`]: write-behind and drop-behind, so big bodies do not fill the page cache.
 //! - [`path`]: the one syntax check for remote paths that both sides apply.
 //! - [`beneath`]: filesystem calls confined beneath a directory, never following a symlink (the
 //!   daemon's user trees, the client's download folder).
@@ -25,6 +26,7 @@ pub mod fingerprint;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod pagecache;
 pub mod path;
 pub mod staging;
 pub mod tls;
