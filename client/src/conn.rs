@@ -14,8 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
 use xfer_proto::connection::ConnError;
-use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::fingerprint::Fingerprint;
+use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::message::SessionInfo;
 use xfer_proto::{Connection, Digest, Entry, ErrorCode, PROTOCOL_VERSION, Request, Response};
 
