@@ -340,6 +340,37 @@ impl Drop for PendingUpload {
     }
 }
 
+/// A file staged by a batched upload (`Put`): its data in a temp file, invisible until
+/// [`UserTree::commit_batch`]; dropped uncommitted, the data is deleted.
+#[derive(Debug)]
+pub struct StagedFile {
+    /// The temp folder holding it.
+    tmp: PathBuf,
+    /// Its name there.
+    name: String,
+    /// The target's checked components.
+    parts: Vec<String>,
+    /// The remote path as the client gave it, for messages and the audit trail.
+    remote: String,
+    /// Renamed into place: nothing left to delete.
+    committed: bool,
+}
+
+impl StagedFile {
+    /// The remote path as the client gave it.
+    pub fn remote(&self) -> &str {
+        &self.remote
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(self.tmp.join(&self.name));
+        }
+    }
+}
+
 /// How an upload may use the partial-upload store.
 #[derive(Debug, Clone, Copy)]
 pub enum Staging {
@@ -627,6 +658,128 @@ impl UserTree {
             .map_err(|e| self.fail("committing", &remote, e))?;
         upload.committed = true;
         Ok(())
+    }
+
+    /// Stages a batched upload (`Put`): creates the missing folders of `remote` (like
+    /// `mkdir -p`; `known` holds folders this batch already made sure of, so a tree upload
+    /// checks each folder once), refuses a folder or link at the target, and writes `data` to
+    /// a new temp file, invisible and not yet synced. [`UserTree::commit_batch`] makes it
+    /// visible.
+    pub fn stage(
+        &self,
+        remote: &str,
+        data: &[u8],
+        known: &mut std::collections::HashSet<String>,
+    ) -> Result<StagedFile, StorageError> {
+        let parts = named_components(remote).map_err(|source| StorageError::BadPath {
+            path: remote.into(),
+            source,
+        })?;
+        let parent = parts[..parts.len() - 1].join("/");
+        if !parent.is_empty() && !known.contains(&parent) {
+            self.mkdir(&parent)?;
+            known.insert(parent);
+        }
+        let r = self.resolve(remote, true)?;
+        if let Some(m) = &r.meta
+            && m.kind != Kind::File
+        {
+            return Err(StorageError::WrongKind(remote.into(), "a folder"));
+        }
+        let (file, path) = tempfile::Builder::new()
+            .prefix("put-")
+            .tempfile_in(&self.tmp)
+            .map_err(|e| StorageError::io("creating a temp file for", remote, e))?
+            .into_parts();
+        let path = path
+            .keep()
+            .map_err(|e| StorageError::io("staging", remote, e.error))?;
+        let staged = StagedFile {
+            tmp: self.tmp.clone(),
+            name: path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string(),
+            parts: r.parts,
+            remote: remote.into(),
+            committed: false,
+        };
+        use std::io::Write;
+        (&file)
+            .write_all(data)
+            .map_err(|e| StorageError::io("writing", remote, e))?;
+        Ok(staged)
+    }
+
+    /// Commits staged files, in order: one `syncfs` makes their data (and the folders
+    /// `stage` created) durable, then each is renamed over its target, then a second
+    /// `syncfs` makes the renames durable. Nothing becomes visible before its data is on
+    /// disk, so a crash leaves each target old or new and complete. Returns each file's
+    /// outcome; a file whose rename fails stays invisible and is deleted.
+    ///
+    /// Why `syncfs` and not an fsync per file and folder: on ext4 each fsync is a journal
+    /// commit of its own, and a batch of 1,000 files needs only one (measured in
+    /// docs/PERFORMANCE.md). It also flushes other dirty data of the same filesystem, which a
+    /// dedicated storage filesystem keeps small.
+    pub fn commit_batch(
+        &self,
+        files: Vec<StagedFile>,
+    ) -> Vec<(StagedFile, Result<(), StorageError>)> {
+        let synced = File::open(&self.tmp).and_then(|dir| {
+            rustix::fs::syncfs(&dir)
+                .map_err(std::io::Error::from)
+                .map(|()| dir)
+        });
+        let tmp_dir = match synced {
+            Ok(dir) => dir,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sync staged uploads");
+                return files
+                    .into_iter()
+                    .map(|f| {
+                        let err = StorageError::io(
+                            "syncing",
+                            &f.remote,
+                            std::io::Error::new(e.kind(), e.to_string()),
+                        );
+                        (f, Err(err))
+                    })
+                    .collect();
+            }
+        };
+        let mut parents: HashMap<Vec<String>, std::io::Result<std::os::fd::OwnedFd>> =
+            HashMap::new();
+        let mut out = Vec::with_capacity(files.len());
+        for mut f in files {
+            let (parent, name) = f.parts.split_at(f.parts.len() - 1);
+            let dir = parents.entry(parent.to_vec()).or_insert_with(|| {
+                let p: Vec<&str> = parent.iter().map(String::as_str).collect();
+                self.root.open_dir(&p)
+            });
+            let r = match dir {
+                Ok(dir) => rustix::fs::renameat(&tmp_dir, f.name.as_str(), &*dir, name[0].as_str())
+                    .map_err(|e| self.fail("committing", &f.remote, e.into())),
+                Err(e) => Err(self.fail(
+                    "committing",
+                    &f.remote,
+                    std::io::Error::new(e.kind(), e.to_string()),
+                )),
+            };
+            if r.is_ok() {
+                f.committed = true;
+            }
+            out.push((f, r));
+        }
+        if let Err(e) = rustix::fs::syncfs(&tmp_dir) {
+            tracing::error!(error = %e, "cannot sync committed uploads");
+            for (f, r) in &mut out {
+                if r.is_ok() {
+                    *r = Err(StorageError::io("syncing", &f.remote, e.into()));
+                }
+            }
+        }
+        out
     }
 
     /// Deletes a file or an empty folder.

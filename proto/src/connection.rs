@@ -186,6 +186,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 }
 
+/// Batched uploads (protocol 3): small bodies held in memory, and frames written without a
+/// flush each, so a client can pipeline many `Put`s into few writes.
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Reads a small raw body (a `Put`'s) whole into `buf`, under the body deadlines and the
+    /// rate floor ([`Connection::set_min_body_rate`]).
+    pub async fn recv_small_body(&mut self, buf: &mut [u8]) -> Result<(), ConnError> {
+        let pacing = self.pacing();
+        crate::body::recv_small(&mut self.stream, buf, pacing).await
+    }
+
+    /// Writes one frame without flushing: it leaves with the next flush (an explicit
+    /// [`Connection::flush`] or any [`Connection::write_frame`]).
+    pub async fn queue_frame<T: Serialize>(&mut self, msg: &T) -> Result<(), ConnError> {
+        self.wbuf.clear();
+        frame::encode_frame(msg, &mut self.wbuf)?;
+        tokio::time::timeout(self.io_timeout, self.stream.write_all(&self.wbuf))
+            .await
+            .map_err(|_| ConnError::Timeout("sending a frame"))??;
+        Ok(())
+    }
+
+    /// Writes a small raw body (a `Put`'s) without flushing, under the body deadlines.
+    pub async fn queue_small_body(&mut self, body: &[u8]) -> Result<(), ConnError> {
+        let pacing = self.pacing();
+        crate::body::send_small(&mut self.stream, body, pacing).await
+    }
+
+    /// Sends whatever queued frames and bodies are still buffered.
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        tokio::time::timeout(self.io_timeout, self.stream.flush())
+            .await
+            .map_err(|_| ConnError::Timeout("sending a frame"))??;
+        Ok(())
+    }
+}
+
 async fn read_exact_or_truncated<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut [u8],

@@ -2,6 +2,7 @@
 //! role, then hands it to the module that implements it.
 
 mod auth;
+pub mod batch;
 mod files;
 mod shutdown;
 mod transfer;
@@ -39,7 +40,9 @@ fn access(req: &Request) -> Access {
         | Request::DownloadFrom { .. }
         | Request::Delete { .. }
         | Request::Rename { .. }
-        | Request::Mkdir { .. } => Access::Role(Role::User),
+        | Request::Mkdir { .. }
+        | Request::Put { .. }
+        | Request::Commit => Access::Role(Role::User),
     }
 }
 
@@ -81,6 +84,22 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         ))
         .await?;
         return Ok(Flow::Close);
+    }
+    if ctx.version < 3 && matches!(req, Request::Put { .. } | Request::Commit) {
+        conn.write_frame(&Response::error(
+            ErrorCode::BadRequest,
+            format!(
+                "Put and Commit need protocol version 3; this connection speaks version {}",
+                ctx.version
+            ),
+        ))
+        .await?;
+        return Ok(Flow::Close);
+    }
+    // Any other request first commits a pending batch, so what it sees (a listing, a
+    // download, a rename) includes every file put before it.
+    if ctx.batch.pending() && !matches!(req, Request::Put { .. } | Request::Commit) {
+        batch::commit_pending(ctx).await;
     }
     // One session per connection, as in SSH: a second login would leave the first session's
     // token live but unreachable, and whose connection this is ambiguous. After Logout (or
@@ -168,6 +187,8 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Ok(Flow::Close)
         }
         Request::Shutdown { password } => shutdown::shutdown(ctx, conn, &password).await,
+        Request::Put { path, size, digest } => batch::put(ctx, conn, path, size, digest).await,
+        Request::Commit => batch::commit(ctx, conn).await,
     }
 }
 
