@@ -269,3 +269,37 @@ async fn a_version_2_connection_gets_todays_protocol() {
     assert_eq!(error_code(reply), ErrorCode::BadRequest);
     assert!(conn.read_frame::<Response>().await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_staged_under_an_ended_session_are_never_committed_into_the_next_one() {
+    let server = TestServer::start();
+    let mut conn = raw_login(&server, "alice").await;
+    let data = b"alice's".to_vec();
+    send_put(&mut conn, "mine", &data, digest(&data)).await;
+    conn.flush().await.unwrap();
+    assert!(matches!(
+        answer(&mut conn).await,
+        Response::UploadDone { .. }
+    ));
+    // Alice's account goes away, which ends her session on `conn`.
+    server.edit_users(|users| {
+        users.users.remove("alice");
+    });
+    // The next request (any) settles the batch under its own, ended, session: nothing is
+    // committed. Then bob logs in on the same connection, and his commit reports it.
+    assert_eq!(call(&mut conn, &Request::Ping).await, Response::Ok);
+    let reply = call(
+        &mut conn,
+        &Request::Login {
+            user: "bob".into(),
+            password: xfer_tests::password_of("bob").into(),
+        },
+    )
+    .await;
+    assert!(matches!(reply, Response::LoggedIn { .. }), "{reply:?}");
+    let reply = call(&mut conn, &Request::Commit).await;
+    assert_eq!(error_code(reply), ErrorCode::SessionExpired);
+    assert!(!server.user_dir("bob").join("mine").exists());
+    assert!(!server.user_dir("alice").join("mine").exists());
+    assert_eq!(staged_files(&server), 0);
+}

@@ -8,7 +8,8 @@
 //! connection may stage is bounded by `limits.max_batch_files` and `limits.max_batch_bytes`:
 //! reaching either commits the batch at once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::connection::ConnError;
@@ -25,6 +26,10 @@ use crate::storage::StagedFile;
 /// every staged file.
 #[derive(Default)]
 pub struct Batch {
+    /// Whose files are staged: the session that put them and its tree. A commit checks this
+    /// session, never the connection's current one, so files staged under a session that
+    /// ended are never committed into whatever account logs in next on the connection.
+    owner: Option<Owner>,
     /// Staged files in the order they were put (committed in that order).
     staged: Vec<StagedFileInfo>,
     /// Bytes staged.
@@ -35,10 +40,23 @@ pub struct Batch {
     failed: u64,
     /// The first failure at a commit since the last answer: reported by the next `Commit`.
     first_failure: Option<(ErrorCode, String)>,
-    /// Folders this batch has created or found, so each is checked once per batch.
-    known_dirs: HashSet<String>,
+    /// Folders this batch has created or found, open, so each is resolved once per batch.
+    known_dirs: HashMap<String, OwnedFd>,
+    /// The session token `known_dirs` was filled under: another session (another user,
+    /// perhaps) starts with none.
+    dirs_token: String,
     /// The body buffer, reused from one `Put` to the next.
     buf: Vec<u8>,
+}
+
+/// The session a batch was staged under.
+struct Owner {
+    /// Account name, for logs.
+    user: String,
+    /// The session token, re-checked before the commit.
+    token: String,
+    /// The tree the files go into.
+    tree: crate::storage::UserTree,
 }
 
 /// A staged file and what its audit line needs.
@@ -163,8 +181,13 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
+    if ctx.batch.dirs_token != token {
+        ctx.batch.known_dirs.clear();
+        ctx.batch.dirs_token = token.clone();
+    }
     let mut known = std::mem::take(&mut ctx.batch.known_dirs);
     let p = path.clone();
+    let tree_for_owner = tree.clone();
     let (staged, buf, known) = match blocking(move || {
         let staged = tree.stage(&p, &buf, &mut known);
         Ok((staged, buf, known))
@@ -172,7 +195,7 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
     .await
     {
         Ok(x) => x,
-        Err(e) => (Err(e), Vec::new(), HashSet::new()),
+        Err(e) => (Err(e), Vec::new(), HashMap::new()),
     };
     ctx.batch.buf = buf;
     ctx.batch.known_dirs = known;
@@ -184,7 +207,18 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
             return reply_error(conn, e.code(), e.client_message()).await;
         }
     };
+    if ctx.batch.owner.as_ref().is_some_and(|o| o.token != token) {
+        // Staged under an earlier session of this connection: settled first, on its own.
+        commit_pending(ctx).await;
+    }
     let batch = &mut ctx.batch;
+    if batch.staged.is_empty() {
+        batch.owner = Some(Owner {
+            user: user.clone(),
+            token: token.clone(),
+            tree: tree_for_owner,
+        });
+    }
     batch.staged.push(StagedFileInfo { file, size, digest });
     batch.bytes += size;
     conn.write_frame(&Response::UploadDone { size, digest })
@@ -230,27 +264,22 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
     }
     let staged = std::mem::take(&mut ctx.batch.staged);
     ctx.batch.bytes = 0;
-    let Some(auth) = ctx.auth.as_ref() else {
-        fail_all(
-            ctx,
-            staged,
-            ErrorCode::SessionExpired,
-            "the session ended before the commit; log in again",
-        );
+    let Some(owner) = ctx.batch.owner.take() else {
         return;
     };
-    if !session_valid(&ctx.state, &auth.token) {
+    if !session_valid(&ctx.state, &owner.token) {
         fail_all(
             ctx,
             staged,
             ErrorCode::SessionExpired,
             "the session ended before the commit; log in again",
         );
-        ctx.auth = None;
+        if ctx.auth.as_ref().is_some_and(|a| a.token == owner.token) {
+            ctx.auth = None;
+        }
         return;
     }
-    let tree = auth.tree.clone();
-    let user = auth.user.clone();
+    let Owner { user, tree, .. } = owner;
     let started = std::time::Instant::now();
     let (infos, files): (Vec<_>, Vec<_>) = staged
         .into_iter()
