@@ -42,6 +42,11 @@ pub struct Connection<S> {
     frame_timeout: Duration,
     /// Least bytes per second a body must move (0: no floor); see [`crate::body::Pacing`].
     min_body_rate: u64,
+    /// Start of the next frame's header, read by [`Connection::input_ready`] to learn that
+    /// input was waiting; the next read starts with these bytes.
+    peeked: [u8; HEADER_LEN],
+    /// How many bytes of `peeked` hold data.
+    peeked_len: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -53,6 +58,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             io_timeout,
             frame_timeout: io_timeout,
             min_body_rate: 0,
+            peeked: [0; HEADER_LEN],
+            peeked_len: 0,
         }
     }
 
@@ -89,9 +96,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         phase: &'static str,
     ) -> Result<T, ConnError> {
         let mut header = [0u8; HEADER_LEN];
-        let n = tokio::time::timeout(first_byte, self.stream.read(&mut header))
-            .await
-            .map_err(|_| ConnError::Timeout(phase))??;
+        let n = if self.peeked_len > 0 {
+            let n = std::mem::take(&mut self.peeked_len);
+            header[..n].copy_from_slice(&self.peeked[..n]);
+            n
+        } else {
+            tokio::time::timeout(first_byte, self.stream.read(&mut header))
+                .await
+                .map_err(|_| ConnError::Timeout(phase))??
+        };
         if n == 0 {
             return Err(ConnError::Closed);
         }
@@ -211,6 +224,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn queue_small_body(&mut self, body: &[u8]) -> Result<(), ConnError> {
         let pacing = self.pacing();
         crate::body::send_small(&mut self.stream, body, pacing).await
+    }
+
+    /// Whether the peer has already sent more (the start of a next frame, or the end of the
+    /// stream, or an error), found without waiting. Bytes read to learn it are kept for the
+    /// next frame read. A server that answers pipelined requests uses it to decide whether
+    /// it may leave answers unflushed: only while more input is waiting, because a peer
+    /// that waits for those answers sends nothing more.
+    pub fn input_ready(&mut self) -> bool {
+        if self.peeked_len > 0 {
+            return true;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut buf = tokio::io::ReadBuf::new(&mut self.peeked);
+        match std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf) {
+            std::task::Poll::Pending => false,
+            std::task::Poll::Ready(Ok(())) => {
+                self.peeked_len = buf.filled().len();
+                // 0 bytes: the end of the stream, which the next read reports.
+                true
+            }
+            // The next read meets the error again, or the end of the stream.
+            std::task::Poll::Ready(Err(_)) => true,
+        }
     }
 
     /// Sends whatever queued frames and bodies are still buffered.

@@ -303,3 +303,18 @@ async fn files_staged_under_an_ended_session_are_never_committed_into_the_next_o
     assert!(!server.user_dir("alice").join("mine").exists());
     assert_eq!(staged_files(&server), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_refused_before_login_still_has_its_body_read() {
+    let server = TestServer::start();
+    let mut conn = raw_connect(&server).await;
+    xfer_tests::raw_hello(&mut conn).await;
+    let data = b"Ping? no, a body".to_vec();
+    send_put(&mut conn, "f", &data, digest(&data)).await;
+    conn.flush().await.unwrap();
+    assert_eq!(
+        error_code(answer(&mut conn).await),
+        ErrorCode::NotAuthenticated
+    );
+    assert_eq!(call(&mut conn, &Request::Ping).await, Response::Ok);
+}

@@ -2,16 +2,23 @@
 //! connection's batch, `Commit` makes the whole batch durable and visible with one sync.
 //!
 //! Why: a file through `Upload` costs a round trip and two fsyncs (its data, its folder), so
-//! a tree of 1,000 small files took 2,000 journal commits. A `Put` needs no answer before its
-//! body (the client pipelines them) and is only written to an invisible temp file; the commit
+//! a tree of 1,000 small files took 2,000 syncs. A `Put` needs no answer before its body
+//! (the client pipelines them) and is only written to an invisible staged file; the commit
 //! syncs the filesystem once, renames every file into place, and syncs once more. What one
 //! connection may stage is bounded by `limits.max_batch_files` and `limits.max_batch_bytes`:
 //! reaching either commits the batch at once.
+//!
+//! The filesystem work of a `Put` (folders, the staged file, its write) runs on the blocking
+//! pool while the connection goes on reading and verifying the next `Put`s: up to
+//! [`MAX_STAGING`] per connection at once. Answers still leave in request order, and are
+//! flushed whenever no more input is waiting (a client waiting for them sends nothing).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinHandle;
 use xfer_proto::connection::ConnError;
 use xfer_proto::limits::MAX_PUT_LEN;
 use xfer_proto::{Connection, Digest, ErrorCode, Response};
@@ -19,34 +26,38 @@ use xfer_proto::{Connection, Digest, ErrorCode, Response};
 use super::transfer::session_ended;
 use super::{blocking, reply_error, session_valid};
 use crate::handler::{Ctx, Flow, Outcome};
-use crate::storage::StagedFile;
+use crate::storage::{StagedFile, StorageError, UserTree};
+
+/// Most `Put`s of one connection being staged at once (received, not yet answered).
+pub const MAX_STAGING: usize = 16;
 
 /// One connection's batch: files staged by `Put` and not yet committed, and what the next
 /// `Committed` must report. Dropping it (the connection closed without `Commit`) deletes
-/// every staged file.
+/// every staged file (those still being staged are deleted as their staging ends).
 #[derive(Default)]
 pub struct Batch {
-    /// Whose files are staged: the session that put them and its tree. A commit checks this
+    /// Whose files these are: the session that put them and its tree. A commit checks this
     /// session, never the connection's current one, so files staged under a session that
     /// ended are never committed into whatever account logs in next on the connection.
     owner: Option<Owner>,
+    /// `Put`s received and verified whose staging runs, in request order (not yet answered).
+    staging: VecDeque<Staging>,
     /// Staged files in the order they were put (committed in that order).
     staged: Vec<StagedFileInfo>,
     /// Bytes staged.
     bytes: u64,
     /// Files made visible since the last `Committed` answer.
     committed: u64,
-    /// Files that failed at a commit since the last answer, and the first failure.
+    /// Files that failed at a commit since the last answer.
     failed: u64,
     /// The first failure at a commit since the last answer: reported by the next `Commit`.
     first_failure: Option<(ErrorCode, String)>,
-    /// Folders this batch has created or found, open, so each is resolved once per batch.
-    known_dirs: HashMap<String, OwnedFd>,
-    /// The session token `known_dirs` was filled under: another session (another user,
-    /// perhaps) starts with none.
+    /// Folders this connection has created or found, open, so each is resolved once; shared
+    /// with the staging tasks, and kept for one session only.
+    dirs: Arc<Mutex<HashMap<String, OwnedFd>>>,
+    /// The session token `dirs` was filled under: another session (another user, perhaps)
+    /// starts with none.
     dirs_token: String,
-    /// The body buffer, reused from one `Put` to the next.
-    buf: Vec<u8>,
 }
 
 /// The session a batch was staged under.
@@ -56,7 +67,19 @@ struct Owner {
     /// The session token, re-checked before the commit.
     token: String,
     /// The tree the files go into.
-    tree: crate::storage::UserTree,
+    tree: UserTree,
+}
+
+/// A `Put` whose staging runs.
+struct Staging {
+    /// The remote path, for the answer and the audit trail.
+    path: String,
+    /// Its size.
+    size: u64,
+    /// Its verified BLAKE3.
+    digest: Digest,
+    /// The staging task.
+    task: JoinHandle<Result<StagedFile, StorageError>>,
 }
 
 /// A staged file and what its audit line needs.
@@ -70,15 +93,15 @@ struct StagedFileInfo {
 }
 
 impl Batch {
-    /// Whether files are staged and waiting for a commit.
+    /// Whether `Put`s are being staged or files wait for a commit.
     pub fn pending(&self) -> bool {
-        !self.staged.is_empty()
+        !self.staged.is_empty() || !self.staging.is_empty()
     }
 }
 
 /// Handles `Put`: reads the body (always, so the connection stays in step whatever the
-/// answer), verifies it, stages it, answers `UploadDone` or an error, and commits the batch
-/// when it reached a limit.
+/// answer), verifies it, and starts staging it; answers the `Put`s whose staging has ended,
+/// in order, and commits the batch when it reached a limit.
 pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
@@ -88,6 +111,7 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Flow, ConnError> {
     if size > MAX_PUT_LEN {
         // The body cannot be skipped without reading up to 16 EiB: a protocol error.
+        settle(ctx, conn).await?;
         conn.write_frame(&Response::error(
             ErrorCode::BadRequest,
             format!(
@@ -103,13 +127,13 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
     let max = limits.max_upload_bytes;
     let mut refusal = None;
     if let Err(source) = xfer_proto::path::named_components(&path) {
-        refusal = Some(crate::storage::StorageError::BadPath {
+        let e = StorageError::BadPath {
             path: path.clone(),
             source,
-        })
-        .map(|e| (e.code(), e.client_message()));
+        };
+        refusal = Some((e.code(), e.client_message()));
     } else if max > 0 && size > max {
-        let e = crate::storage::StorageError::TooLarge(max);
+        let e = StorageError::TooLarge(max);
         refusal = Some((e.code(), e.client_message()));
     }
     // The body counts as one of the user's transfers while it is read.
@@ -133,15 +157,14 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     conn.set_min_body_rate(limits.min_transfer_rate);
-    let mut buf = std::mem::take(&mut ctx.batch.buf);
-    buf.clear();
-    buf.resize(size as usize, 0);
+    let mut buf = vec![0; size as usize];
     let received = tokio::select! {
         r = conn.recv_small_body(&mut buf) => r,
         _ = session_ended(&ctx.state, &token), if slot.is_some() => {
             tracing::info!(user = %user, path = %path, "session ended during a Put body; stopped");
             ctx.audit("upload", Some(&path), Outcome::failed(ErrorCode::SessionExpired));
             ctx.auth = None;
+            settle(ctx, conn).await?;
             conn.write_frame(&Response::error(
                 ErrorCode::SessionExpired,
                 format!("session expired or revoked during the upload of `{path}`; nothing was saved; log in again"),
@@ -160,81 +183,166 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
         );
         return Err(e);
     }
+    let refusal = refusal.or_else(|| {
+        (*blake3::hash(&buf).as_bytes() != digest).then(|| {
+            (
+                ErrorCode::VerificationFailed,
+                format!("`{path}` arrived corrupted (digest mismatch); nothing was saved"),
+            )
+        })
+    });
     if let Some((code, message)) = refusal {
-        ctx.batch.buf = buf;
         tracing::info!(user = %user, path = %path, %message, "Put refused");
         ctx.audit("upload", Some(&path), Outcome::failed(code));
-        return reply_error(conn, code, message).await;
+        // Its answer comes after those of the Puts before it.
+        settle(ctx, conn).await?;
+        conn.queue_frame(&Response::error(code, message)).await?;
+        return finish(ctx, conn).await;
     }
-    if *blake3::hash(&buf).as_bytes() != digest {
-        ctx.batch.buf = buf;
-        tracing::warn!(user = %user, path = %path, "Put digest mismatch; discarded");
-        ctx.audit(
-            "upload",
-            Some(&path),
-            Outcome::failed(ErrorCode::VerificationFailed),
-        );
-        return reply_error(
-            conn,
-            ErrorCode::VerificationFailed,
-            format!("`{path}` arrived corrupted (digest mismatch); nothing was saved"),
-        )
-        .await;
-    }
-    if ctx.batch.dirs_token != token {
-        ctx.batch.known_dirs.clear();
-        ctx.batch.dirs_token = token.clone();
-    }
-    let mut known = std::mem::take(&mut ctx.batch.known_dirs);
-    let p = path.clone();
-    let tree_for_owner = tree.clone();
-    let (staged, buf, known) = match blocking(move || {
-        let staged = tree.stage(&p, &buf, &mut known);
-        Ok((staged, buf, known))
-    })
-    .await
-    {
-        Ok(x) => x,
-        Err(e) => (Err(e), Vec::new(), HashMap::new()),
-    };
-    ctx.batch.buf = buf;
-    ctx.batch.known_dirs = known;
-    let file = match staged {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::info!(user = %user, path = %path, error = %e, "Put refused");
-            ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-            return reply_error(conn, e.code(), e.client_message()).await;
-        }
-    };
     if ctx.batch.owner.as_ref().is_some_and(|o| o.token != token) {
         // Staged under an earlier session of this connection: settled first, on its own.
+        settle(ctx, conn).await?;
         commit_pending(ctx).await;
     }
     let batch = &mut ctx.batch;
-    if batch.staged.is_empty() {
+    if batch.owner.is_none() {
         batch.owner = Some(Owner {
-            user: user.clone(),
+            user,
             token: token.clone(),
-            tree: tree_for_owner,
+            tree: tree.clone(),
         });
     }
-    batch.staged.push(StagedFileInfo { file, size, digest });
-    batch.bytes += size;
-    conn.write_frame(&Response::UploadDone { size, digest })
-        .await?;
+    if batch.dirs_token != token {
+        batch.dirs = Default::default();
+        batch.dirs_token = token;
+    }
+    let dirs = batch.dirs.clone();
+    let p = path.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let mut dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
+        tree.stage(&p, &buf, &mut dirs)
+    });
+    batch.staging.push_back(Staging {
+        path,
+        size,
+        digest,
+        task,
+    });
+    // Answer what is done, in order, without waiting; wait only for the oldest when too many
+    // are under way.
+    while ctx
+        .batch
+        .staging
+        .front()
+        .is_some_and(|s| s.task.is_finished())
+        || ctx.batch.staging.len() > MAX_STAGING
+    {
+        answer_oldest(ctx, conn).await?;
+    }
+    finish(ctx, conn).await
+}
+
+/// Before the dispatcher refuses `req`: answers the `Put`s under way first, and if `req` is a
+/// `Put`, reads its body so the connection stays in step. Returns false when the body
+/// cannot be read (too large to skip: answered here, and the caller closes).
+pub(super) async fn before_refusal<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    req: &xfer_proto::Request,
+) -> Result<bool, ConnError> {
+    settle(ctx, conn).await?;
+    if let xfer_proto::Request::Put { size, .. } = req {
+        if *size > MAX_PUT_LEN {
+            conn.write_frame(&Response::error(
+                ErrorCode::BadRequest,
+                format!("Put carries at most {MAX_PUT_LEN} bytes"),
+            ))
+            .await?;
+            return Ok(false);
+        }
+        conn.set_min_body_rate(ctx.state.limits().min_transfer_rate);
+        conn.recv_small_body(&mut vec![0; *size as usize]).await?;
+    }
+    Ok(true)
+}
+
+/// Ends a `Put`: if the client has sent nothing more, it may be waiting for the answers, so
+/// every `Put` under way is answered and the answers flushed; else they wait for the next
+/// requests. Commits the batch when it reached a limit.
+async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+) -> Result<Flow, ConnError> {
+    if !conn.input_ready() {
+        settle(ctx, conn).await?;
+        conn.flush().await?;
+    }
+    let limits = ctx.state.limits();
+    let batch = &ctx.batch;
     if batch.staged.len() >= limits.max_batch_files || batch.bytes >= limits.max_batch_bytes {
         commit_pending(ctx).await;
     }
     Ok(Flow::Continue)
 }
 
-/// Handles `Commit`: commits what is staged, then answers `Committed` with every file made
-/// visible since the last answer, or the first failure since then.
+/// Answers every `Put` still being staged, in order (queued, not flushed: the caller's next
+/// frame or flush sends them).
+pub(super) async fn settle<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+) -> Result<(), ConnError> {
+    while !ctx.batch.staging.is_empty() {
+        answer_oldest(ctx, conn).await?;
+    }
+    Ok(())
+}
+
+/// Waits for the oldest staging, records its outcome, and queues its answer.
+async fn answer_oldest<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+) -> Result<(), ConnError> {
+    let Some(Staging {
+        path,
+        size,
+        digest,
+        task,
+    }) = ctx.batch.staging.pop_front()
+    else {
+        return Ok(());
+    };
+    let staged = task.await.unwrap_or_else(|e| {
+        Err(StorageError::Io {
+            op: "staging",
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    });
+    match staged {
+        Ok(file) => {
+            let batch = &mut ctx.batch;
+            batch.staged.push(StagedFileInfo { file, size, digest });
+            batch.bytes += size;
+            conn.queue_frame(&Response::UploadDone { size, digest })
+                .await
+        }
+        Err(e) => {
+            tracing::info!(path = %path, error = %e, "Put refused");
+            ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
+            conn.queue_frame(&Response::error(e.code(), e.client_message()))
+                .await
+        }
+    }
+}
+
+/// Handles `Commit`: answers the `Put`s under way, commits what is staged, then answers
+/// `Committed` with every file made visible since the last answer, or the first failure
+/// since then.
 pub(super) async fn commit<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
 ) -> Result<Flow, ConnError> {
+    settle(ctx, conn).await?;
     commit_pending(ctx).await;
     let batch = &mut ctx.batch;
     let files = std::mem::take(&mut batch.committed);
@@ -257,29 +365,38 @@ pub(super) async fn commit<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Commits the staged files now (at `Commit`, at a batch limit, or before another request):
 /// each becomes visible, or counts as failed for the next `Commit` answer. Nothing is
-/// committed once the session has ended.
+/// committed once the session that staged them has ended. `Put`s still being staged are
+/// left for the next commit.
 pub(super) async fn commit_pending(ctx: &mut Ctx) {
-    if !ctx.batch.pending() {
-        return;
-    }
     let staged = std::mem::take(&mut ctx.batch.staged);
     ctx.batch.bytes = 0;
-    let Some(owner) = ctx.batch.owner.take() else {
+    let owner = if ctx.batch.staging.is_empty() {
+        ctx.batch.owner.take()
+    } else {
+        ctx.batch.owner.as_ref().map(|o| Owner {
+            user: o.user.clone(),
+            token: o.token.clone(),
+            tree: o.tree.clone(),
+        })
+    };
+    let Some(Owner { user, token, tree }) = owner else {
         return;
     };
-    if !session_valid(&ctx.state, &owner.token) {
+    if staged.is_empty() {
+        return;
+    }
+    if !session_valid(&ctx.state, &token) {
         fail_all(
             ctx,
             staged,
             ErrorCode::SessionExpired,
             "the session ended before the commit; log in again",
         );
-        if ctx.auth.as_ref().is_some_and(|a| a.token == owner.token) {
+        if ctx.auth.as_ref().is_some_and(|a| a.token == token) {
             ctx.auth = None;
         }
         return;
     }
-    let Owner { user, tree, .. } = owner;
     let started = std::time::Instant::now();
     let (infos, files): (Vec<_>, Vec<_>) = staged
         .into_iter()

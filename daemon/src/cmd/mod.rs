@@ -99,6 +99,7 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // Any other request first commits a pending batch, so what it sees (a listing, a
     // download, a rename) includes every file put before it.
     if ctx.batch.pending() && !matches!(req, Request::Put { .. } | Request::Commit) {
+        batch::settle(ctx, conn).await?;
         batch::commit_pending(ctx).await;
     }
     // One session per connection, as in SSH: a second login would leave the first session's
@@ -119,12 +120,19 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .await;
     }
     if let Access::Role(role) = need {
+        // A refusal of a pipelined Put is answered after the Puts before it.
         if ctx.auth.is_none() {
+            if !batch::before_refusal(ctx, conn, &req).await? {
+                return Ok(Flow::Close);
+            }
             return reply_error(conn, ErrorCode::NotAuthenticated, "not logged in").await;
         }
         // Re-check on every request: logout elsewhere, a password change or an account
         // deletion ends the session even on a connection that is already open.
         if !session_alive(ctx) {
+            if !batch::before_refusal(ctx, conn, &req).await? {
+                return Ok(Flow::Close);
+            }
             return reply_error(
                 conn,
                 ErrorCode::SessionExpired,
@@ -132,8 +140,11 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             )
             .await;
         }
-        let auth = ctx.session();
-        if auth.role < role {
+        if ctx.session().role < role {
+            if !batch::before_refusal(ctx, conn, &req).await? {
+                return Ok(Flow::Close);
+            }
+            let auth = ctx.session();
             tracing::warn!(user = %auth.user, peer = %ctx.peer, needed = %role, "permission denied");
             let op = if role == Role::Superuser {
                 "shutdown"
