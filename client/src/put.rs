@@ -32,11 +32,11 @@ pub struct PutFile {
 }
 
 /// A local file read whole, with its digest.
-type Read_ = std::io::Result<(Vec<u8>, Digest)>;
+type ReadResult = std::io::Result<(Vec<u8>, Digest)>;
 
 /// Reads `local` whole (at most [`MAX_PUT_LEN`] bytes; a file that grew past that since it
 /// was planned is an error) and hashes it.
-fn read_whole(local: PathBuf) -> Read_ {
+fn read_whole(local: PathBuf) -> ReadResult {
     let file = std::fs::File::open(&local)?;
     let len = file.metadata()?.len();
     let mut data = Vec::with_capacity(len.min(MAX_PUT_LEN) as usize);
@@ -94,7 +94,7 @@ async fn pipeline(
     files: &[PutFile],
     on_answer: &mut (dyn FnMut(usize, Result<Transferred>) + Send),
 ) -> Result<u64> {
-    let mut reads: VecDeque<(usize, JoinHandle<Read_>)> = VecDeque::new();
+    let mut reads: VecDeque<(usize, JoinHandle<ReadResult>)> = VecDeque::new();
     let mut next = 0;
     // Puts sent and not yet answered: index, size, digest.
     let mut in_flight: VecDeque<(usize, u64, Digest)> = VecDeque::new();

@@ -196,21 +196,35 @@ async fn the_daemon_commits_by_itself_at_the_batch_limit_and_before_other_reques
     let server = TestServer::start_with(|c| c.limits.max_batch_files = 3);
     let dir = server.user_dir("alice");
     let mut conn = raw_login(&server, "alice").await;
-    for i in 0..4 {
+    for i in 0..3 {
         let data = vec![i as u8; 10];
         send_put(&mut conn, &format!("f{i}"), &data, digest(&data)).await;
     }
     conn.flush().await.unwrap();
-    for _ in 0..4 {
+    for _ in 0..3 {
         assert!(matches!(
             answer(&mut conn).await,
             Response::UploadDone { .. }
         ));
     }
-    // The first three were committed when the third was staged; the fourth waits.
-    for i in 0..3 {
-        assert!(dir.join(format!("f{i}")).exists(), "f{i}");
+    // The batch reached its limit: the daemon commits it without being asked.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(0..3).all(|i| dir.join(format!("f{i}")).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no commit at the limit"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_eq!(staged_files(&server), 0);
+    // Below the limit a file waits for a commit.
+    let data = vec![3; 10];
+    send_put(&mut conn, "f3", &data, digest(&data)).await;
+    conn.flush().await.unwrap();
+    assert!(matches!(
+        answer(&mut conn).await,
+        Response::UploadDone { .. }
+    ));
     assert!(!dir.join("f3").exists());
     assert_eq!(staged_files(&server), 1);
     // Any other request commits first: the listing sees the fourth.

@@ -31,6 +31,10 @@ use crate::storage::{StagedFile, StorageError, UserTree};
 /// Most `Put`s of one connection being staged at once (received, not yet answered).
 pub const MAX_STAGING: usize = 16;
 
+/// Most body bytes of one connection held in memory while their `Put`s are staged: with
+/// [`MAX_STAGING`], what bounds a connection's memory (1 MiB bodies would otherwise hold 16).
+pub const MAX_STAGING_BYTES: u64 = 2 * MAX_PUT_LEN;
+
 /// One connection's batch: files staged by `Put` and not yet committed, and what the next
 /// `Committed` must report. Dropping it (the connection closed without `Commit`) deletes
 /// every staged file (those still being staged are deleted as their staging ends).
@@ -42,6 +46,8 @@ pub struct Batch {
     owner: Option<Owner>,
     /// `Put`s received and verified whose staging runs, in request order (not yet answered).
     staging: VecDeque<Staging>,
+    /// Body bytes those hold.
+    staging_bytes: u64,
     /// Staged files in the order they were put (committed in that order).
     staged: Vec<StagedFileInfo>,
     /// Bytes staged.
@@ -222,6 +228,7 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
         let mut dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
         tree.stage(&p, &buf, &mut dirs)
     });
+    batch.staging_bytes += size;
     batch.staging.push_back(Staging {
         path,
         size,
@@ -236,6 +243,7 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
         .front()
         .is_some_and(|s| s.task.is_finished())
         || ctx.batch.staging.len() > MAX_STAGING
+        || ctx.batch.staging_bytes > MAX_STAGING_BYTES
     {
         answer_oldest(ctx, conn).await?;
     }
@@ -311,6 +319,7 @@ async fn answer_oldest<S: AsyncRead + AsyncWrite + Unpin>(
     else {
         return Ok(());
     };
+    ctx.batch.staging_bytes -= size;
     let staged = task.await.unwrap_or_else(|e| {
         Err(StorageError::Io {
             op: "staging",
