@@ -151,8 +151,8 @@ pub const CLOSED_BEFORE_HANDSHAKE: &str = "the server closed the connection befo
 
 /// An open, greeted connection.
 pub struct Client {
-    /// The framed connection.
-    conn: Connection<TlsStream>,
+    /// The framed connection (crate-visible for the batched upload in [`crate::put`]).
+    pub(crate) conn: Connection<TlsStream>,
     /// Which server this is.
     pub server: ServerAddr,
     /// The key the server proved it holds.
@@ -162,7 +162,7 @@ pub struct Client {
     /// The protocol version agreed in the hello (2 and up can resume).
     pub version: u16,
     /// Set when a failed transfer left the stream unusable.
-    broken: bool,
+    pub(crate) broken: bool,
 }
 
 /// What a finished upload reports.
@@ -404,7 +404,7 @@ impl Client {
         Client::greet(tls, server.clone(), seen).await
     }
 
-    async fn read(&mut self) -> Result<Response> {
+    pub(crate) async fn read(&mut self) -> Result<Response> {
         self.read_within(IO_TIMEOUT).await
     }
 
@@ -969,7 +969,7 @@ impl Client {
     }
 }
 
-fn unexpected(r: &Response) -> ClientError {
+pub(crate) fn unexpected(r: &Response) -> ClientError {
     let name = format!("{r:?}");
     let name = name
         .split([' ', '(', '{'])

@@ -8,6 +8,8 @@
 //!   written atomically.
 //! - [`addr`]: parsing `USER@HOST[:PORT]` and `HOST[:PORT]`.
 //! - [`conn`]: connecting (TCP, optional source address, TLS, hello) and every request.
+//! - [`put`]: batched upload of small files (protocol 3): read-ahead, pipelined `Put`s, one
+//!   `Commit`.
 //! - [`part`]: the `.part` file a download is staged in and resumed from.
 //! - [`progress`]: progress bars on a terminal, silence elsewhere.
 //! - `transfer`: multi-file upload, download and delete: plan, run, report, summarize.
@@ -22,6 +24,7 @@ pub mod conn;
 pub mod error;
 pub mod part;
 pub mod progress;
+pub mod put;
 mod shell;
 pub mod state;
 mod transfer;

@@ -12,6 +12,8 @@ use crate::cli::{Ctx, DeleteArgs, DownloadArgs, Reported, UploadArgs, report};
 use crate::conn::{Client, Hooks, Transferred};
 use crate::error::{ClientError, Result};
 use crate::part::Dest;
+use crate::put::{PutFile, put_batch};
+use xfer_proto::limits::MAX_PUT_LEN;
 
 mod pull;
 
@@ -608,13 +610,130 @@ fn record_item(batch: &mut Batch, r: Result<Item>) -> bool {
     }
 }
 
-/// Uploads everything `args` names over `client`.
+/// Uploads everything `args` names over `client`: small files as one batch when the server
+/// speaks protocol 3 and there are several, everything else one file at a time.
 pub(crate) async fn upload_all(ctx: &Ctx, client: &mut Client, args: &UploadArgs) -> Batch {
     let mut batch = Batch::new();
     let plan = plan_upload(args, &mut batch);
-    run_plan(ctx, client, plan, !args.no_resume, &mut batch).await;
+    let small = plan
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::File(j) if j.size.is_some_and(|n| n <= MAX_PUT_LEN)))
+        .count();
+    if client.version >= 3 && small >= 2 {
+        run_upload_batched(ctx, client, plan, !args.no_resume, &mut batch).await;
+    } else {
+        run_plan(ctx, client, plan, !args.no_resume, &mut batch).await;
+    }
     batch.summarize(ctx, "uploaded");
     batch
+}
+
+/// Runs an upload plan with its small files in one batch (protocol 3): first the folders
+/// that no small file creates (empty ones, or those holding only big files), then the small
+/// files pipelined and committed together, then the big files one by one. A small file's
+/// line is printed only once the commit has made it durable and visible.
+async fn run_upload_batched(
+    ctx: &Ctx,
+    client: &mut Client,
+    plan: Plan,
+    resume: bool,
+    batch: &mut Batch,
+) {
+    let overall = ctx.progress.overall(plan.files, plan.bytes);
+    let (mut dirs, mut puts, mut sizes, mut big) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for step in plan.steps {
+        match step {
+            Step::RemoteDir(remote) => dirs.push(remote),
+            Step::File(FileJob {
+                direction: Direction::Up(local),
+                remote,
+                size: Some(size),
+            }) if size <= MAX_PUT_LEN => {
+                puts.push(PutFile { local, remote });
+                sizes.push(size);
+            }
+            Step::File(job) => big.push(job),
+            Step::LocalDir(_) => {}
+        }
+    }
+    // A Put creates its missing folders; the others are made first.
+    let mut made = std::collections::HashSet::new();
+    for p in &puts {
+        let mut cur = p.remote.as_str();
+        while let Some((parent, _)) = cur.rsplit_once('/') {
+            if !made.insert(parent.to_string()) {
+                break;
+            }
+            cur = parent;
+        }
+    }
+    for dir in dirs.iter().filter(|d| !made.contains(d.as_str())) {
+        if !batch.record(client.mkdir(dir).await) {
+            overall.finish_and_clear();
+            return;
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut staged: Vec<Option<Transferred>> = vec![None; puts.len()];
+    let mut done_files = 0;
+    let files = plan.files;
+    let result = {
+        let (staged, batch, overall) = (&mut staged, &mut *batch, &overall);
+        put_batch(client, &puts, &mut |i, r| {
+            overall.inc(sizes[i]);
+            done_files += 1;
+            overall.set_message(format!("{done_files}/{files} files"));
+            match r {
+                Ok(t) => staged[i] = Some(t),
+                Err(e) => {
+                    batch.record(Err(e));
+                }
+            }
+        })
+        .await
+    };
+    let keep_going = match result {
+        Ok(_) => {
+            let secs = started.elapsed().as_secs_f64().max(1e-6);
+            let bytes: u64 = staged.iter().flatten().map(|t| t.size).sum();
+            let rate = HumanBytes((bytes as f64 / secs) as u64);
+            for (put, done) in puts.into_iter().zip(staged) {
+                let Some(done) = done else { continue };
+                let from = put.local.display().to_string();
+                ctx.status(format_args!(
+                    "uploaded {} -> {} ({}, {rate}/s)",
+                    crate::error::printable(&from),
+                    crate::error::printable(&put.remote),
+                    HumanBytes(done.size)
+                ));
+                batch.items.push(Item {
+                    from,
+                    to: put.remote,
+                    bytes: done.size,
+                    resumed_from: 0,
+                    digest: done.digest,
+                });
+            }
+            true
+        }
+        Err(e) => batch.record(Err(e)),
+    };
+    if keep_going {
+        for job in &big {
+            let base = overall.position();
+            let r = transfer_one(ctx, client, job, &overall, resume).await;
+            if let Some(size) = job.size {
+                overall.set_position(base + size);
+            }
+            done_files += 1;
+            overall.set_message(format!("{done_files}/{files} files"));
+            if !record_item(batch, r) {
+                break;
+            }
+        }
+    }
+    overall.finish_and_clear();
 }
 
 /// Downloads everything `args` names over `client`.

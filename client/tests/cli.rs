@@ -974,3 +974,42 @@ fn first_contact_on_a_terminal_shows_the_key_and_asks() {
     );
     h.run(&["whoami"]).expect_code(0);
 }
+
+#[test]
+fn a_tree_of_small_and_big_files_uploads_in_one_batch_byte_identical() {
+    let server = TestServer::start();
+    let h = logged_in(&server, "alice");
+    let big = xfer_tests::noise(xfer_proto::limits::MAX_PUT_LEN as usize + 1, 7);
+    for i in 0..60 {
+        write_file(
+            &h.path(&format!("t/d{}/f{i}", i % 4)),
+            &xfer_tests::noise(i * 131, i as u64),
+        );
+    }
+    write_file(&h.path("t/tricky"), &tricky_bytes());
+    write_file(&h.path("t/only-big/big"), &big);
+    std::fs::create_dir_all(h.path("t/empty/inner")).unwrap();
+    // An older version of one file is replaced.
+    write_file(&server.user_dir("alice").join("t/d0/f0"), b"old");
+    let out = h.run(&["--json", "upload", "-r", "t"]).expect_code(0);
+    let summary: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(summary["transferred"], 62);
+    assert_eq!(summary["failed"], 0);
+    let root = server.user_dir("alice");
+    for i in 0..60 {
+        let rel = format!("t/d{}/f{i}", i % 4);
+        assert_eq!(
+            std::fs::read(root.join(&rel)).unwrap(),
+            std::fs::read(h.path(&rel)).unwrap(),
+            "{rel}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(root.join("t/tricky")).unwrap(),
+        tricky_bytes()
+    );
+    assert_eq!(std::fs::read(root.join("t/only-big/big")).unwrap(), big);
+    assert!(root.join("t/empty/inner").is_dir());
+    // Nothing staged is left behind.
+    assert_eq!(std::fs::read_dir(server.tmp_dir()).unwrap().count(), 0);
+}

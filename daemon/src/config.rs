@@ -159,6 +159,11 @@ pub struct Limits {
     /// Most entries a folder rename looks at to check that no path inside it would pass
     /// the depth or length limit; a bigger folder moved deeper is refused.
     pub max_rename_check_entries: u64,
+    /// Files a connection may stage with `Put` before the daemon commits them by itself
+    /// (protocol 3 batched uploads), bounding staged files per connection.
+    pub max_batch_files: usize,
+    /// Bytes a connection may stage with `Put` before the daemon commits them by itself.
+    pub max_batch_bytes: u64,
 }
 
 impl Default for Limits {
@@ -190,6 +195,8 @@ impl Default for Limits {
             max_prefix_hashes_per_user: 2,
             max_partial_bytes_per_user: 16 << 30,
             max_rename_check_entries: 1_000_000,
+            max_batch_files: 1024,
+            max_batch_bytes: 64 << 20,
         }
     }
 }
@@ -366,6 +373,8 @@ impl Config {
                 "limits.max_partial_bytes_per_user",
                 l.max_partial_bytes_per_user,
             ),
+            ("limits.max_batch_files", l.max_batch_files as u64),
+            ("limits.max_batch_bytes", l.max_batch_bytes),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));

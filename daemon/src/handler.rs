@@ -44,6 +44,9 @@ pub struct Ctx {
     pub failures: u32,
     /// This connection's place in admission: unauthenticated, then a session of its user.
     pub ticket: crate::admission::Ticket,
+    /// Files staged by `Put` and not yet committed (protocol 3); deleted if the connection
+    /// ends first.
+    pub(crate) batch: crate::cmd::batch::Batch,
 }
 
 impl Ctx {
@@ -213,6 +216,7 @@ pub async fn serve_admitted<S: AsyncRead + AsyncWrite + Unpin + Send>(
         auth: None,
         failures: 0,
         ticket,
+        batch: Default::default(),
     };
     loop {
         let authenticated = ctx.auth.is_some();

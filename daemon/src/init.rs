@@ -112,6 +112,11 @@ max_partial_bytes_per_user = 17179869184
 # Most entries a folder rename looks at to check that no path inside would pass 64 levels
 # or 4096 bytes; moving a bigger folder deeper (or to a longer name) is refused.
 max_rename_check_entries = 1000000
+# Small files uploaded in one batch (protocol 3 `Put`) are staged invisibly and made durable
+# and visible together, with one sync, at the client's commit. A connection that stages this
+# many files or bytes is committed by the daemon at once, so staging stays bounded.
+max_batch_files = 1024
+max_batch_bytes = 67108864
 
 [sessions]
 # Seconds a session token stays valid after `xfer login` (default: 7 days).

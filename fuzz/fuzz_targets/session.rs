@@ -116,6 +116,14 @@ enum Op {
     RawFrame(Vec<u8>),
     /// Any bytes at all.
     RawBytes(Vec<u8>),
+    /// A batched upload (protocol 3): header and body, with the right or a wrong digest.
+    Put {
+        path: FPath,
+        data: Vec<u8>,
+        size: SizeAdj,
+        trailer: Trailer,
+    },
+    Commit,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -615,6 +623,32 @@ impl Script<'_> {
                 self.chunks.push(bytes.clone());
                 return;
             }
+            Op::Put {
+                path,
+                data,
+                size,
+                trailer,
+            } => {
+                let len = data.len() as u64;
+                let size = match size {
+                    SizeAdj::Exact => len,
+                    SizeAdj::Fewer(n) => len.saturating_sub(*n as u64),
+                    SizeAdj::More(n) => len + *n as u64,
+                    SizeAdj::Huge(n) => *n,
+                };
+                let digest = match trailer {
+                    Trailer::Wrong(digest) => *digest,
+                    Trailer::Right | Trailer::Missing => *blake3::hash(data).as_bytes(),
+                };
+                self.frame(&Request::Put {
+                    path: path.text(),
+                    size,
+                    digest,
+                });
+                self.chunks.push(data.clone());
+                return;
+            }
+            Op::Commit => Request::Commit,
         };
         self.frame(&req);
     }
@@ -710,6 +744,9 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
                 assert_eq!(offset, 0);
             }
             Response::UploadDone { .. } => assert!(authenticated),
+            Response::Committed { .. } => {
+                assert!(authenticated, "a commit before any authentication")
+            }
             Response::UploadResume { offset, .. } => {
                 assert!(authenticated, "a resume offer before any authentication");
                 assert!(offset > 0, "a resume offer of nothing");
@@ -817,7 +854,10 @@ fn check_disk(fx: &Fixture, seen: &Observed) {
             && what.starts_with("file")
             && name.len() == 64
             && name.bytes().all(|b| b.is_ascii_hexdigit());
-        assert!(is_user_dir || is_partial, "unexpected partial entry {rel:?} ({what})");
+        assert!(
+            is_user_dir || is_partial,
+            "unexpected partial entry {rel:?} ({what})"
+        );
     }
     let staged = snapshot(&root.join(xferd::storage::TMP_DIR));
     assert!(

@@ -279,6 +279,30 @@ async fn read_exact_progress<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Reads a small body (a `Put`'s, at most [`crate::limits::MAX_PUT_LEN`]) whole into `buf`,
+/// under the same deadlines and rate floor as a streamed body. No file and no blocking
+/// thread: for a few KiB the hop to a blocking thread would cost more than the copy.
+pub(crate) async fn recv_small<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    pacing: Pacing,
+) -> Result<(), ConnError> {
+    let mut floor = Floor::new(pacing, buf.len() as u64);
+    read_exact_progress(r, buf, &mut floor)
+        .await
+        .map_err(|(_, e)| e)
+}
+
+/// Writes a small body from memory under the deadlines of a streamed body, without flushing.
+pub(crate) async fn send_small<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    pacing: Pacing,
+) -> Result<(), ConnError> {
+    let mut floor = Floor::new(pacing, buf.len() as u64);
+    write_all_progress(w, buf, &mut floor).await
+}
+
 /// Writes all of `buf`, under the deadlines of `floor`.
 async fn write_all_progress<W: AsyncWrite + Unpin>(
     w: &mut W,

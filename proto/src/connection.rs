@@ -43,6 +43,11 @@ pub struct Connection<S> {
     frame_timeout: Duration,
     /// Least bytes per second a body must move (0: no floor); see [`crate::body::Pacing`].
     min_body_rate: u64,
+    /// Start of the next frame's header, read by [`Connection::input_ready`] to learn that
+    /// input was waiting; the next read starts with these bytes.
+    peeked: [u8; HEADER_LEN],
+    /// How many bytes of `peeked` hold data.
+    peeked_len: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -54,6 +59,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             io_timeout,
             frame_timeout: io_timeout,
             min_body_rate: 0,
+            peeked: [0; HEADER_LEN],
+            peeked_len: 0,
         }
     }
 
@@ -90,9 +97,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         phase: &'static str,
     ) -> Result<T, ConnError> {
         let mut header = [0u8; HEADER_LEN];
-        let n = tokio::time::timeout(first_byte, self.stream.read(&mut header))
-            .await
-            .map_err(|_| ConnError::Timeout(phase))??;
+        let n = if self.peeked_len > 0 {
+            let n = std::mem::take(&mut self.peeked_len);
+            header[..n].copy_from_slice(&self.peeked[..n]);
+            n
+        } else {
+            tokio::time::timeout(first_byte, self.stream.read(&mut header))
+                .await
+                .map_err(|_| ConnError::Timeout(phase))??
+        };
         if n == 0 {
             return Err(ConnError::Closed);
         }
@@ -184,6 +197,65 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             progress,
         )
         .await
+    }
+}
+
+/// Batched uploads (protocol 3): small bodies held in memory, and frames written without a
+/// flush each, so a client can pipeline many `Put`s into few writes.
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Reads a small raw body (a `Put`'s) whole into `buf`, under the body deadlines and the
+    /// rate floor ([`Connection::set_min_body_rate`]).
+    pub async fn recv_small_body(&mut self, buf: &mut [u8]) -> Result<(), ConnError> {
+        let pacing = self.pacing();
+        crate::body::recv_small(&mut self.stream, buf, pacing).await
+    }
+
+    /// Writes one frame without flushing: it leaves with the next flush (an explicit
+    /// [`Connection::flush`] or any [`Connection::write_frame`]).
+    pub async fn queue_frame<T: Serialize>(&mut self, msg: &T) -> Result<(), ConnError> {
+        self.wbuf.clear();
+        frame::encode_frame(msg, &mut self.wbuf)?;
+        tokio::time::timeout(self.io_timeout, self.stream.write_all(&self.wbuf))
+            .await
+            .map_err(|_| ConnError::Timeout("sending a frame"))??;
+        Ok(())
+    }
+
+    /// Writes a small raw body (a `Put`'s) without flushing, under the body deadlines.
+    pub async fn queue_small_body(&mut self, body: &[u8]) -> Result<(), ConnError> {
+        let pacing = self.pacing();
+        crate::body::send_small(&mut self.stream, body, pacing).await
+    }
+
+    /// Whether the peer has already sent more (the start of a next frame, or the end of the
+    /// stream, or an error), found without waiting. Bytes read to learn it are kept for the
+    /// next frame read. A server that answers pipelined requests uses it to decide whether
+    /// it may leave answers unflushed: only while more input is waiting, because a peer
+    /// that waits for those answers sends nothing more.
+    pub fn input_ready(&mut self) -> bool {
+        if self.peeked_len > 0 {
+            return true;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut buf = tokio::io::ReadBuf::new(&mut self.peeked);
+        match std::pin::Pin::new(&mut self.stream).poll_read(&mut cx, &mut buf) {
+            std::task::Poll::Pending => false,
+            std::task::Poll::Ready(Ok(())) => {
+                self.peeked_len = buf.filled().len();
+                // 0 bytes: the end of the stream, which the next read reports.
+                true
+            }
+            // The next read meets the error again, or the end of the stream.
+            std::task::Poll::Ready(Err(_)) => true,
+        }
+    }
+
+    /// Sends whatever queued frames and bodies are still buffered.
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        tokio::time::timeout(self.io_timeout, self.stream.flush())
+            .await
+            .map_err(|_| ConnError::Timeout("sending a frame"))??;
+        Ok(())
     }
 }
 

@@ -1,4 +1,4 @@
-//! The xfer wire protocol, version 2: what `xferd` and `xfer` say to each other.
+//! The xfer wire protocol, version 3: what `xferd` and `xfer` say to each other.
 //!
 //! Map of the crate:
 //! - [`limits`]: every constant that bounds what the network may send (frame length, name length, ...).
@@ -36,8 +36,9 @@ pub use connection::Connection;
 pub use message::{Digest, Entry, EntryKind, ErrorCode, Request, Response, Role};
 
 /// The protocol version carried in the hello; bumped whenever messages are added. Version 2
-/// added resumable transfers (`UploadResume`, `UploadFrom`, `DownloadFrom`).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// added resumable transfers (`UploadResume`, `UploadFrom`, `DownloadFrom`); version 3
+/// batched uploads of small files (`Put`, `Commit`, `Committed`).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest version a server still serves (without the features added since).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

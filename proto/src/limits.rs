@@ -39,3 +39,12 @@ pub const MAX_ENTRIES_PER_FRAME: usize = 128;
 /// Most entries a client accepts in one listing, so a misbehaving server cannot grow its
 /// memory without bound (about 300 MB at the longest names).
 pub const MAX_LIST_ENTRIES: usize = 1_000_000;
+
+/// Largest file a `Put` may carry (protocol 3); bigger files go through `Upload`. Small
+/// enough that a server holds a whole body in memory while it verifies it.
+pub const MAX_PUT_LEN: u64 = 1024 * 1024;
+
+/// Most `Put`s a client may have sent without having read their answers (protocol 3): the
+/// answers they are owed then fit in any socket buffer, so a client that writes before it
+/// reads cannot deadlock with a server that answers each `Put` before it reads the next.
+pub const MAX_PUTS_IN_FLIGHT: usize = 64;

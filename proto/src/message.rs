@@ -111,6 +111,21 @@ pub enum Request {
         /// BLAKE3 of the bytes the client holds (`0..offset`).
         prefix: Digest,
     },
+    /// Stage a small file in this connection's batch (protocol 3): exactly `size` raw bytes
+    /// follow this frame at once, with no answer in between. The server answers `UploadDone`
+    /// once the bytes are staged and verified (not yet visible), or an `Error`; the file
+    /// becomes visible at the next `Commit` (or an earlier commit of the batch, see the spec).
+    Put {
+        /// Remote path of the file to create or replace; missing folders are created.
+        path: String,
+        /// Exact size in bytes, at most [`crate::limits::MAX_PUT_LEN`].
+        size: u64,
+        /// BLAKE3 of the `size` bytes that follow.
+        digest: Digest,
+    },
+    /// Make every file this connection staged with `Put` durable and visible (protocol 3);
+    /// answered by `Committed` or an `Error`.
+    Commit,
 }
 
 /// What the server answers.
@@ -187,6 +202,13 @@ pub enum Response {
         offset: u64,
         /// BLAKE3 of those bytes.
         prefix: Digest,
+    },
+    /// Answer to `Commit` (protocol 3): every file staged since the previous `Committed` is
+    /// durable and visible under its final name.
+    Committed {
+        /// How many files were made visible since the previous `Committed` on this
+        /// connection (including those the server committed by itself at its batch limits).
+        files: u64,
     },
 }
 

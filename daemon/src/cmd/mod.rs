@@ -2,6 +2,7 @@
 //! role, then hands it to the module that implements it.
 
 mod auth;
+pub mod batch;
 mod files;
 mod shutdown;
 mod transfer;
@@ -39,7 +40,9 @@ fn access(req: &Request) -> Access {
         | Request::DownloadFrom { .. }
         | Request::Delete { .. }
         | Request::Rename { .. }
-        | Request::Mkdir { .. } => Access::Role(Role::User),
+        | Request::Mkdir { .. }
+        | Request::Put { .. }
+        | Request::Commit => Access::Role(Role::User),
     }
 }
 
@@ -82,6 +85,23 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .await?;
         return Ok(Flow::Close);
     }
+    if ctx.version < 3 && matches!(req, Request::Put { .. } | Request::Commit) {
+        conn.write_frame(&Response::error(
+            ErrorCode::BadRequest,
+            format!(
+                "Put and Commit need protocol version 3; this connection speaks version {}",
+                ctx.version
+            ),
+        ))
+        .await?;
+        return Ok(Flow::Close);
+    }
+    // Any other request first commits a pending batch, so what it sees (a listing, a
+    // download, a rename) includes every file put before it.
+    if ctx.batch.pending() && !matches!(req, Request::Put { .. } | Request::Commit) {
+        batch::settle(ctx, conn).await?;
+        batch::commit_pending(ctx).await;
+    }
     // One session per connection, as in SSH: a second login would leave the first session's
     // token live but unreachable, and whose connection this is ambiguous. After Logout (or
     // once the session is revoked) the connection may log in again.
@@ -100,12 +120,19 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .await;
     }
     if let Access::Role(role) = need {
+        // A refusal of a pipelined Put is answered after the Puts before it.
         if ctx.auth.is_none() {
+            if !batch::before_refusal(ctx, conn, &req).await? {
+                return Ok(Flow::Close);
+            }
             return reply_error(conn, ErrorCode::NotAuthenticated, "not logged in").await;
         }
         // Re-check on every request: logout elsewhere, a password change or an account
         // deletion ends the session even on a connection that is already open.
         if !session_alive(ctx) {
+            if !batch::before_refusal(ctx, conn, &req).await? {
+                return Ok(Flow::Close);
+            }
             return reply_error(
                 conn,
                 ErrorCode::SessionExpired,
@@ -113,8 +140,11 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             )
             .await;
         }
-        let auth = ctx.session();
-        if auth.role < role {
+        if ctx.session().role < role {
+            if !batch::before_refusal(ctx, conn, &req).await? {
+                return Ok(Flow::Close);
+            }
+            let auth = ctx.session();
             tracing::warn!(user = %auth.user, peer = %ctx.peer, needed = %role, "permission denied");
             let op = if role == Role::Superuser {
                 "shutdown"
@@ -168,6 +198,8 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             Ok(Flow::Close)
         }
         Request::Shutdown { password } => shutdown::shutdown(ctx, conn, &password).await,
+        Request::Put { path, size, digest } => batch::put(ctx, conn, path, size, digest).await,
+        Request::Commit => batch::commit(ctx, conn).await,
     }
 }
 

@@ -31,7 +31,7 @@ use crate::usage::Slot;
 pub const SESSION_RECHECK: Duration = Duration::from_secs(1);
 
 /// Completes once the session of `token` has ended (checked every [`SESSION_RECHECK`]).
-async fn session_ended(state: &State, token: &str) {
+pub(super) async fn session_ended(state: &State, token: &str) {
     let mut tick = tokio::time::interval(SESSION_RECHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
