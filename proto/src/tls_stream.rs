@@ -65,6 +65,12 @@ const HS_NEW_SESSION_TICKET: u8 = 4;
 const HS_KEY_UPDATE: u8 = 24;
 const ALERT_CLOSE_NOTIFY: u8 = 0;
 const ALERT_USER_CANCELED: u8 = 90;
+const ALERT_UNEXPECTED_MESSAGE: u8 = 10;
+const ALERT_BAD_RECORD_MAC: u8 = 20;
+const ALERT_RECORD_OVERFLOW: u8 = 22;
+const ALERT_ILLEGAL_PARAMETER: u8 = 47;
+const ALERT_DECODE_ERROR: u8 = 50;
+const ALERT_INTERNAL_ERROR: u8 = 80;
 
 fn eof() -> io::Error {
     io::Error::new(
@@ -75,6 +81,36 @@ fn eof() -> io::Error {
 
 fn invalid(what: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// A fatal error in the records the peer sent, and the alert that tells it why (RFC 8446
+/// §6.2: "send an appropriate fatal alert and ... close the connection without sending or
+/// receiving any additional data"). None for an alert the peer sent itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+struct Fatal {
+    alert: Option<u8>,
+    what: String,
+}
+
+/// A fatal error in what the peer sent, answered with `alert`.
+fn fatal(alert: u8, what: impl Into<String>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        Fatal {
+            alert: Some(alert),
+            what: what.into(),
+        },
+    )
+}
+
+/// The kind and text of an error that ended one direction, returned by every later call.
+type Ended = Option<(io::ErrorKind, String)>;
+
+/// The error that ended a direction, again.
+fn ended(e: &Ended) -> Option<io::Error> {
+    e.as_ref()
+        .map(|(kind, what)| io::Error::new(*kind, what.clone()))
 }
 
 /// Connects as a client: the handshake runs on `io` with `config` (which must have
@@ -136,6 +172,12 @@ pub struct TlsStream<IO> {
     key_update_owed: bool,
     /// Sequence number at which the sending key is replaced.
     rekey_after: u64,
+    /// The error that ended reading: a record sequence that failed once is never read on
+    /// (reading on past a forged record would skip it, since its sequence number is spent).
+    read_error: Ended,
+    /// The error that ended writing: after a transport error the records already sealed are
+    /// gone, and a caller retrying its bytes must not get them sealed again.
+    write_error: Ended,
 }
 
 /// The client's or the server's kernel connection.
@@ -150,7 +192,7 @@ impl Kernel {
             Kernel::Client(k) => k.update_tx_secret(),
             Kernel::Server(k) => k.update_tx_secret(),
         };
-        Keys::new(next.map_err(invalid)?)
+        Keys::new(next.map_err(|e| fatal(ALERT_INTERNAL_ERROR, e.to_string()))?)
     }
 
     fn update_rx(&mut self) -> io::Result<Keys> {
@@ -158,13 +200,18 @@ impl Kernel {
             Kernel::Client(k) => k.update_rx_secret(),
             Kernel::Server(k) => k.update_rx_secret(),
         };
-        Keys::new(next.map_err(invalid)?)
+        Keys::new(next.map_err(|e| fatal(ALERT_INTERNAL_ERROR, e.to_string()))?)
     }
 
     fn new_session_ticket(&mut self, payload: &[u8]) -> io::Result<()> {
         match self {
-            Kernel::Client(k) => k.handle_new_session_ticket(payload).map_err(invalid),
-            Kernel::Server(_) => Err(invalid("the client sent a session ticket")),
+            Kernel::Client(k) => k
+                .handle_new_session_ticket(payload)
+                .map_err(|e| fatal(ALERT_DECODE_ERROR, e.to_string())),
+            Kernel::Server(_) => Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "the client sent a session ticket",
+            )),
         }
     }
 }
@@ -211,7 +258,7 @@ impl Keys {
         self.seq = self
             .seq
             .checked_add(1)
-            .ok_or_else(|| invalid("TLS record sequence exhausted"))?;
+            .ok_or_else(|| fatal(ALERT_INTERNAL_ERROR, "TLS record sequence exhausted"))?;
         Ok(aead::Nonce::assume_unique_for_key(nonce))
     }
 
@@ -235,28 +282,45 @@ impl Keys {
                 &mut buf[to..at + len],
                 at + HEADER_LEN - to..,
             )
-            .map_err(|_| invalid("a TLS record failed authentication"))?;
+            .map_err(|_| fatal(ALERT_BAD_RECORD_MAC, "a TLS record failed authentication"))?;
+        // Content, type and padding together are at most 2^14 + 1 bytes (RFC 8446 §5.4).
+        if plain.len() > MAX_PLAIN + 1 {
+            return Err(fatal(ALERT_RECORD_OVERFLOW, "TLS record overflow"));
+        }
         // The content type is the last byte that is not padding.
-        let typ_at = plain
-            .iter()
-            .rposition(|&b| b != 0)
-            .ok_or_else(|| invalid("TLS record without a content type"))?;
+        let typ_at = plain.iter().rposition(|&b| b != 0).ok_or_else(|| {
+            fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "TLS record without a content type",
+            )
+        })?;
         if typ_at > MAX_PLAIN {
-            return Err(invalid("TLS record overflow"));
+            return Err(fatal(ALERT_RECORD_OVERFLOW, "TLS record overflow"));
         }
         Ok((plain[typ_at], typ_at))
     }
 }
 
 /// The length of the record at the start of `bytes` (header included) if it is all there;
-/// an error if its header is not that of a TLS 1.3 record.
+/// an error if its header is not that of a protected TLS 1.3 record (RFC 8446 §5.2: type
+/// application_data, version 0x0303, at most 2^14 + 256 bytes). After the handshake a
+/// change_cipher_spec is refused too (§5).
 fn whole_record(bytes: &[u8]) -> io::Result<Option<usize>> {
-    let [typ, _, _, hi, lo, ..] = *bytes else {
+    let [typ, major, minor, hi, lo, ..] = *bytes else {
         return Ok(None);
     };
     let len = usize::from(u16::from_be_bytes([hi, lo]));
-    if typ != CT_APPLICATION_DATA || !(TAG_LEN + 1..=MAX_CIPHER).contains(&len) {
-        return Err(invalid("malformed TLS record"));
+    if typ != CT_APPLICATION_DATA {
+        return Err(fatal(ALERT_UNEXPECTED_MESSAGE, "unprotected TLS record"));
+    }
+    if [major, minor] != [3, 3] {
+        return Err(fatal(ALERT_DECODE_ERROR, "malformed TLS record"));
+    }
+    if len > MAX_CIPHER {
+        return Err(fatal(ALERT_RECORD_OVERFLOW, "TLS record overflow"));
+    }
+    if len <= TAG_LEN {
+        return Err(fatal(ALERT_BAD_RECORD_MAC, "TLS record too short"));
     }
     Ok((bytes.len() >= HEADER_LEN + len).then_some(HEADER_LEN + len))
 }
@@ -441,6 +505,8 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
         write_closed: false,
         key_update_owed: false,
         rekey_after: REKEY_AFTER,
+        read_error: None,
+        write_error: None,
     })
 }
 
@@ -468,6 +534,7 @@ impl<IO> TlsStream<IO> {
         self.cstart += len;
         let to = at + HEADER_LEN;
         let (typ, n) = self.rx.open(&mut self.rbuf, at, len, to)?;
+        self.check_order(typ, n)?;
         if typ == CT_APPLICATION_DATA {
             self.pstart = to;
             self.pend = to + n;
@@ -476,6 +543,24 @@ impl<IO> TlsStream<IO> {
             self.control(typ, &body)?;
         }
         Ok(true)
+    }
+
+    /// Refuses a record of inner type `typ` and `n` bytes of content where RFC 8446 §5.1
+    /// forbids it: between the records of one handshake message, or an empty handshake one.
+    fn check_order(&self, typ: u8, n: usize) -> io::Result<()> {
+        if typ != CT_HANDSHAKE && !self.handshake.is_empty() {
+            return Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "a TLS record inside a handshake message",
+            ));
+        }
+        if typ == CT_HANDSHAKE && n == 0 {
+            return Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "empty TLS handshake record",
+            ));
+        }
+        Ok(())
     }
 
     /// Acts on a record that is not application data: an alert or post-handshake messages.
@@ -487,19 +572,30 @@ impl<IO> TlsStream<IO> {
                 [_, code] => {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
-                        format!("the peer sent TLS alert {code}"),
+                        Fatal {
+                            alert: None,
+                            what: format!("the peer sent TLS alert {code}"),
+                        },
                     ));
                 }
-                _ => return Err(invalid("malformed TLS alert")),
+                _ => return Err(fatal(ALERT_DECODE_ERROR, "malformed TLS alert")),
             },
             CT_HANDSHAKE => {
                 if self.handshake.len() + body.len() > MAX_HANDSHAKE {
-                    return Err(invalid("post-handshake message too large"));
+                    return Err(fatal(
+                        ALERT_UNEXPECTED_MESSAGE,
+                        "post-handshake message too large",
+                    ));
                 }
                 self.handshake.extend_from_slice(body);
                 self.post_handshake()?;
             }
-            _ => return Err(invalid("unexpected TLS record type")),
+            _ => {
+                return Err(fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
+                    "unexpected TLS record type",
+                ));
+            }
         }
         Ok(())
     }
@@ -519,16 +615,25 @@ impl<IO> TlsStream<IO> {
                 HS_KEY_UPDATE => {
                     // A key update must end its record (RFC 8446 §5.1).
                     if at != msgs.len() {
-                        return Err(invalid("key update not at a record boundary"));
+                        return Err(fatal(
+                            ALERT_UNEXPECTED_MESSAGE,
+                            "key update not at a record boundary",
+                        ));
                     }
                     match payload {
                         [0] => {}
                         [1] => self.key_update_owed = true,
-                        _ => return Err(invalid("malformed key update")),
+                        [_] => return Err(fatal(ALERT_ILLEGAL_PARAMETER, "malformed key update")),
+                        _ => return Err(fatal(ALERT_DECODE_ERROR, "malformed key update")),
                     }
                     self.rx = self.kernel.update_rx()?;
                 }
-                _ => return Err(invalid("unexpected post-handshake message")),
+                _ => {
+                    return Err(fatal(
+                        ALERT_UNEXPECTED_MESSAGE,
+                        "unexpected post-handshake message",
+                    ));
+                }
             }
         }
         msgs.drain(..at);
@@ -649,6 +754,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 };
                 let (typ, n) = self.rx.open(dst, rec, len, out)?;
                 rec += len;
+                self.check_order(typ, n)?;
                 if typ == CT_APPLICATION_DATA {
                     out += n;
                 } else {
@@ -665,18 +771,52 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         result
     }
 
-    /// Writes `wbuf` out.
+    /// Writes `wbuf` out. A transport error ends writing for good (see `write_error`).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wpos < self.wbuf.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.wpos += n;
+            let e = match ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..])) {
+                Ok(0) => io::ErrorKind::WriteZero.into(),
+                Ok(n) => {
+                    self.wpos += n;
+                    continue;
+                }
+                Err(e) => e,
+            };
+            return Poll::Ready(Err(self.end_writing(e)));
         }
         self.wbuf.clear();
         self.wpos = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Ends writing with `e`, and drops the records that cannot go out now.
+    fn end_writing(&mut self, e: io::Error) -> io::Error {
+        if self.write_error.is_none() {
+            self.write_error = Some((e.kind(), e.to_string()));
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        e
+    }
+
+    /// Ends reading with `e`. A fatal error in what the peer sent ends writing too, after
+    /// the alert that says why, which goes out now if the transport takes it (or with
+    /// `poll_shutdown`).
+    fn end_reading(&mut self, cx: &mut Context<'_>, e: &io::Error) {
+        let saved = (e.kind(), e.to_string());
+        self.read_error = Some(saved.clone());
+        let Some(fatal) = e.get_ref().and_then(|e| e.downcast_ref::<Fatal>()) else {
+            return;
+        };
+        if self.write_error.is_none() {
+            if let Some(alert) = fatal.alert.filter(|_| !self.write_closed) {
+                if self.seal(CT_ALERT, &[2, alert]).is_ok() {
+                    let _ = self.poll_drain(cx);
+                }
+            }
+            self.write_error = Some(saved);
+        }
+        self.write_closed = true;
     }
 }
 
@@ -687,6 +827,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = ended(&this.read_error) {
+            return Poll::Ready(Err(e));
+        }
+        let read = this.poll_read_records(cx, buf);
+        if let Poll::Ready(Err(e)) = &read {
+            this.end_reading(cx, e);
+        }
+        read
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    /// `poll_read`, until an error ends reading.
+    fn poll_read_records(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if !this.early.is_empty() {
             let n = buf.remaining().min(this.early.len());
             buf.put_slice(&this.early[..n]);
@@ -729,6 +888,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = ended(&this.write_error) {
+            return Poll::Ready(Err(e));
+        }
         ready!(this.poll_drain(cx))?;
         if this.write_closed {
             return Poll::Ready(Err(io::Error::new(
@@ -736,35 +898,54 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
                 "TLS close_notify already sent",
             )));
         }
-        this.pay_key_update()?;
         let n = buf.len().min(WRITE_PLAIN);
-        for piece in buf[..n].chunks(MAX_PLAIN) {
-            this.seal(CT_APPLICATION_DATA, piece)?;
+        let sealed = this.pay_key_update().and_then(|()| {
+            buf[..n]
+                .chunks(MAX_PLAIN)
+                .try_for_each(|piece| this.seal(CT_APPLICATION_DATA, piece))
+        });
+        if let Err(e) = sealed {
+            return Poll::Ready(Err(this.end_writing(e)));
         }
         // Start sending now; what the transport does not take yet goes with the next write
-        // or flush.
-        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-            return Poll::Ready(Err(e));
-        }
+        // or flush. The bytes are sealed and spent either way: a transport error here ends
+        // writing and comes back from the next call, so that a caller that retries cannot
+        // get them sealed a second time, under another sequence number.
+        let _ = this.poll_drain(cx);
         Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.pay_key_update()?;
+        if let Some(e) = ended(&this.write_error) {
+            return Poll::Ready(Err(e));
+        }
+        if let Err(e) = this.pay_key_update() {
+            return Poll::Ready(Err(this.end_writing(e)));
+        }
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.write_closed {
-            this.pay_key_update()?;
-            this.seal(CT_ALERT, &[1, ALERT_CLOSE_NOTIFY])?;
+        if !this.write_closed && this.write_error.is_none() {
+            let sealed = this
+                .pay_key_update()
+                .and_then(|()| this.seal(CT_ALERT, &[1, ALERT_CLOSE_NOTIFY]));
+            if let Err(e) = sealed {
+                this.end_writing(e);
+            }
             this.write_closed = true;
         }
-        ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        // What is still queued goes out first: records, close_notify, or the alert of a
+        // fatal error (`wbuf` is empty after a transport error).
+        let drained = ready!(this.poll_drain(cx));
+        let shut = ready!(Pin::new(&mut this.io).poll_shutdown(cx));
+        match ended(&this.write_error) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Ready(drained.and(shut)),
+        }
     }
 }
 
@@ -979,6 +1160,250 @@ mod tests {
         let mut got = Vec::new();
         let err = server.read_to_end(&mut got).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Queues, as `s`'s next record, `inner` (content, content type and padding, as given)
+    /// under the header `typ`, `version`, sealed with `s`'s sending key: records no correct
+    /// sender writes, but that authenticate.
+    fn queue_raw<IO>(s: &mut TlsStream<IO>, typ: u8, version: [u8; 2], inner: &[u8]) {
+        let len = inner.len() + TAG_LEN;
+        let header = [typ, version[0], version[1], (len >> 8) as u8, len as u8];
+        let at = s.wbuf.len() + HEADER_LEN;
+        s.wbuf.extend_from_slice(&header);
+        s.wbuf.extend_from_slice(inner);
+        let nonce = s.tx.next_nonce().unwrap();
+        let tag =
+            s.tx.key
+                .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut s.wbuf[at..])
+                .unwrap();
+        s.wbuf.extend_from_slice(tag.as_ref());
+    }
+
+    /// Inner plaintext: `content`, then its type.
+    fn inner(content: &[u8], typ: u8) -> Vec<u8> {
+        [content, &[typ]].concat()
+    }
+
+    /// Records a peer must not send, each with the alert the reader answers with.
+    #[allow(clippy::type_complexity)]
+    fn refusals() -> Vec<(&'static str, u8, Box<dyn Fn(&mut TlsStream<DuplexStream>)>)> {
+        let v = [3, 3];
+        vec![
+            (
+                "a changed byte",
+                ALERT_BAD_RECORD_MAC,
+                Box::new(|s| {
+                    s.seal(CT_APPLICATION_DATA, b"forged").unwrap();
+                    let last = s.wbuf.len() - 1;
+                    s.wbuf[last] ^= 1;
+                }),
+            ),
+            (
+                "padding past 2^14 + 1 bytes of inner plaintext",
+                ALERT_RECORD_OVERFLOW,
+                Box::new(move |s| {
+                    let mut body = inner(&[b'x'; MAX_PLAIN], CT_APPLICATION_DATA);
+                    body.push(0);
+                    queue_raw(s, CT_APPLICATION_DATA, v, &body);
+                }),
+            ),
+            (
+                "content past 2^14 bytes",
+                ALERT_RECORD_OVERFLOW,
+                Box::new(move |s| {
+                    let body = inner(&[b'x'; MAX_PLAIN + 1], CT_APPLICATION_DATA);
+                    queue_raw(s, CT_APPLICATION_DATA, v, &body);
+                }),
+            ),
+            (
+                "a legacy version other than 0x0303",
+                ALERT_DECODE_ERROR,
+                Box::new(|s| queue_raw(s, CT_APPLICATION_DATA, [3, 1], &inner(b"hi", 23))),
+            ),
+            (
+                "a change_cipher_spec record after the handshake",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| s.wbuf.extend_from_slice(&[20, 3, 3, 0, 1, 1])),
+            ),
+            (
+                "a protected change_cipher_spec",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(move |s| queue_raw(s, CT_APPLICATION_DATA, v, &inner(&[1], 20))),
+            ),
+            (
+                "all padding, no content type",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(move |s| queue_raw(s, CT_APPLICATION_DATA, v, &[0, 0, 0])),
+            ),
+            (
+                "an empty handshake record",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(move |s| queue_raw(s, CT_APPLICATION_DATA, v, &[CT_HANDSHAKE])),
+            ),
+            (
+                "application data inside a handshake message",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| {
+                    s.seal(CT_HANDSHAKE, &[HS_NEW_SESSION_TICKET, 0, 0])
+                        .unwrap();
+                    s.seal(CT_APPLICATION_DATA, b"between").unwrap();
+                }),
+            ),
+            (
+                "a key update that does not end its record",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| {
+                    let two = [HS_KEY_UPDATE, 0, 0, 1, 0, HS_KEY_UPDATE, 0, 0, 1, 0];
+                    s.seal(CT_HANDSHAKE, &two).unwrap();
+                }),
+            ),
+            (
+                "a key update with a request value that does not exist",
+                ALERT_ILLEGAL_PARAMETER,
+                Box::new(|s| s.seal(CT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 7]).unwrap()),
+            ),
+            (
+                "a malformed session ticket",
+                ALERT_DECODE_ERROR,
+                Box::new(|s| {
+                    s.seal(CT_HANDSHAKE, &[HS_NEW_SESSION_TICKET, 0, 0, 1, 0])
+                        .unwrap()
+                }),
+            ),
+            (
+                "a handshake message the client never expects",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| s.seal(CT_HANDSHAKE, &[13, 0, 0, 0]).unwrap()),
+            ),
+            (
+                "a malformed alert",
+                ALERT_DECODE_ERROR,
+                Box::new(|s| s.seal(CT_ALERT, &[2, 40, 0]).unwrap()),
+            ),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_bad_record_is_refused_with_its_alert_and_ends_the_stream_for_good() {
+        for (what, alert, queue) in refusals() {
+            // A frame-sized read goes through rbuf, a chunk-sized one opens records in place.
+            for read_len in [100, CHUNK_LEN] {
+                let (mut client, mut server) = pair().await;
+                queue(&mut server);
+                // A good record follows: it must not come out after the failure.
+                server.write_all(b"after").await.unwrap();
+                server.shutdown().await.unwrap();
+                let mut got = vec![0u8; read_len];
+                let err = client.read(&mut got).await.unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{what}: {err}");
+                let again = client.read(&mut got).await;
+                assert!(
+                    again.is_err(),
+                    "{what}: read on after a fatal error: {again:?}"
+                );
+                assert!(
+                    client.write_all(b"more").await.is_err(),
+                    "{what}: wrote on after a fatal error"
+                );
+                // The server learns why.
+                drop(client);
+                let err = server.read(&mut got).await.unwrap_err();
+                assert_eq!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionAborted,
+                    "{what}: {err}"
+                );
+                assert_eq!(err.to_string(), format!("the peer sent TLS alert {alert}"));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fatal_alert_from_the_peer_ends_the_stream_for_good() {
+        let (mut client, mut server) = pair().await;
+        server.seal(CT_ALERT, &[2, 40]).unwrap();
+        server.write_all(b"after").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 100];
+        let err = client.read(&mut got).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{err}");
+        let again = client.read(&mut got).await;
+        assert!(again.is_err(), "read on after a fatal alert: {again:?}");
+    }
+
+    /// A transport whose next write fails when `fail` is set.
+    struct FailingWrite<IO> {
+        io: IO,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl<IO: AsyncRead + Unpin> AsyncRead for FailingWrite<IO> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<IO: AsyncWrite + Unpin> AsyncWrite for FailingWrite<IO> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.fail.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_sealed_before_a_transport_error_are_never_sealed_again() {
+        let (server_config, client_config) = configs();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let a = FailingWrite {
+            io: a,
+            fail: fail.clone(),
+        };
+        let (c, s) = tokio::join!(
+            connect(a, client_config, localhost()),
+            accept(b, server_config)
+        );
+        let (mut client, mut server) = (c.unwrap(), s.unwrap());
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A caller that tries again after an error, as write_all's callers may.
+        let mut sent = 0;
+        for _ in 0..2 {
+            if let Ok(n) = client.write(&b"abc"[sent..]).await {
+                sent += n;
+            }
+            if sent == 3 {
+                break;
+            }
+        }
+        assert!(
+            client.flush().await.is_err(),
+            "the transport error was lost"
+        );
+        let _ = client.shutdown().await;
+        drop(client);
+        let mut got = Vec::new();
+        let _ = server.read_to_end(&mut got).await;
+        assert!(
+            got.len() <= 3,
+            "bytes sealed twice: {:?}",
+            String::from_utf8_lossy(&got)
+        );
     }
 
     #[tokio::test]
