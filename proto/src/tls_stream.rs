@@ -1406,6 +1406,150 @@ mod tests {
         );
     }
 
+    /// What a reader made of a mangled stream: the bytes it handed out, and how it ended.
+    struct Outcome {
+        got: Vec<u8>,
+        end: io::Result<()>,
+        after: io::Result<usize>,
+    }
+
+    /// Seals `payload` as the server would (with key updates every few records and a
+    /// close_notify), lets `mangle` change the bytes on the wire, and reads them as the
+    /// client with reads of the `reads` sizes in turn.
+    async fn read_mangled(
+        configs: &(Arc<ServerConfig>, Arc<ClientConfig>),
+        payload: &[u8],
+        mangle: impl FnOnce(&mut Vec<u8>),
+        reads: &[usize],
+    ) -> Outcome {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (c, s) = tokio::join!(
+            connect(a, configs.1.clone(), localhost()),
+            accept(b, configs.0.clone())
+        );
+        let (mut client, mut server) = (c.unwrap(), s.unwrap());
+        server.rekey_after = server.tx.seq + 2;
+        for piece in payload.chunks(MAX_PLAIN) {
+            server.seal(CT_APPLICATION_DATA, piece).unwrap();
+        }
+        server.seal(CT_ALERT, &[1, ALERT_CLOSE_NOTIFY]).unwrap();
+        let mut wire = std::mem::take(&mut server.wbuf);
+        mangle(&mut wire);
+        let send = async {
+            server.io.write_all(&wire).await.unwrap();
+            server.io.shutdown().await.unwrap();
+        };
+        let recv = async {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; reads.iter().copied().max().unwrap_or(1)];
+            for &len in reads.iter().cycle() {
+                match client.read(&mut buf[..len]).await {
+                    Ok(0) => {
+                        let after = client.read(&mut buf[..len]).await;
+                        return Outcome {
+                            got,
+                            end: Ok(()),
+                            after,
+                        };
+                    }
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => {
+                        let after = client.read(&mut buf[..len]).await;
+                        return Outcome {
+                            got,
+                            end: Err(e),
+                            after,
+                        };
+                    }
+                }
+            }
+            unreachable!("the reads cycle until the stream ends")
+        };
+        tokio::join!(send, recv).1
+    }
+
+    /// How the bytes on the wire are changed.
+    #[derive(Debug, Clone)]
+    enum Mangle {
+        Not,
+        /// Cut at this fraction of the length.
+        Truncate(proptest::sample::Index),
+        /// Xor these bytes (never 0) in.
+        Flip(Vec<(proptest::sample::Index, u8)>),
+        /// Insert these bytes.
+        Insert(proptest::sample::Index, Vec<u8>),
+        /// Replace everything with these bytes.
+        Random(Vec<u8>),
+    }
+
+    fn mangles() -> impl proptest::strategy::Strategy<Value = Mangle> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Mangle::Not),
+            any::<prop::sample::Index>().prop_map(Mangle::Truncate),
+            prop::collection::vec((any::<prop::sample::Index>(), 1u8..), 1..4)
+                .prop_map(Mangle::Flip),
+            (
+                any::<prop::sample::Index>(),
+                prop::collection::vec(any::<u8>(), 1..40)
+            )
+                .prop_map(|(at, bytes)| Mangle::Insert(at, bytes)),
+            prop::collection::vec(any::<u8>(), 0..40_000).prop_map(Mangle::Random),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        /// Whatever happens to the bytes on the wire, the reader hands out only a prefix of
+        /// what was sent (never unauthenticated bytes), never panics, ends with an error
+        /// unless the stream was left whole, and fails again when read after an error.
+        #[test]
+        fn mangled_records_never_come_out_as_data(
+            payload_len in 0usize..70_000,
+            mangle in mangles(),
+            reads in proptest::collection::vec(
+                proptest::prop_oneof![1usize..64, 1usize..CHUNK_LEN + 2 * MAX_RECORD],
+                1..6,
+            ),
+        ) {
+            static CONFIGS: std::sync::OnceLock<(Arc<ServerConfig>, Arc<ClientConfig>)> =
+                std::sync::OnceLock::new();
+            let configs = CONFIGS.get_or_init(configs);
+            let payload = data(payload_len);
+            let whole = matches!(mangle, Mangle::Not);
+            let apply = |wire: &mut Vec<u8>| match mangle {
+                Mangle::Not => {}
+                Mangle::Truncate(at) => wire.truncate(at.index(wire.len())),
+                Mangle::Flip(flips) => {
+                    for (at, x) in flips {
+                        let at = at.index(wire.len());
+                        wire[at] ^= x;
+                    }
+                }
+                Mangle::Insert(at, bytes) => {
+                    let at = at.index(wire.len());
+                    wire.splice(at..at, bytes);
+                }
+                Mangle::Random(bytes) => *wire = bytes,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let out = rt.block_on(read_mangled(configs, &payload, apply, &reads));
+            proptest::prop_assert!(
+                payload.starts_with(&out.got),
+                "handed out {} bytes that were not sent", out.got.len()
+            );
+            if whole {
+                proptest::prop_assert!(out.end.is_ok(), "{:?}", out.end);
+                proptest::prop_assert_eq!(out.got.len(), payload.len());
+                proptest::prop_assert!(matches!(out.after, Ok(0)), "{:?}", out.after);
+            } else {
+                proptest::prop_assert!(out.end.is_err(), "a mangled stream ended cleanly");
+                proptest::prop_assert!(out.after.is_err(), "read on after an error");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn rustls_peers_understand_these_records_and_key_updates() {
         let (server_config, client_config) = configs();
