@@ -380,6 +380,8 @@ impl Handshaking for UnbufferedServerConnection {
 /// What the handshake loop does next, once rustls' state has been handled.
 enum Step {
     Continue,
+    /// close_notify: fine once the handshake is over, the end of the data that came with it.
+    PeerClosed,
     Send,
     Receive,
     Done,
@@ -412,6 +414,8 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
     let mut filled = 0;
     let mut out = Vec::new();
     let mut early = Vec::new();
+    // A peer may send its Finished, data and close_notify in one go.
+    let mut read_closed = false;
     loop {
         let UnbufferedStatus { mut discard, state } = conn.process(&mut rbuf[..filled]);
         let step = match state {
@@ -446,7 +450,8 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Step::Continue
             }
-            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+            Ok(ConnectionState::PeerClosed) => Step::PeerClosed,
+            Ok(ConnectionState::Closed) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the peer closed TLS during the handshake",
@@ -461,6 +466,13 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
             step => step,
         };
         match step {
+            Step::PeerClosed if conn.handshaking() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed TLS during the handshake",
+                ));
+            }
+            Step::PeerClosed => read_closed = true,
             Step::Continue => {}
             Step::Send => {
                 io.write_all(&out).await?;
@@ -501,7 +513,7 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
         handshake: Vec::new(),
         wbuf: Vec::with_capacity(WRITE_CAP),
         wpos: 0,
-        read_closed: false,
+        read_closed,
         write_closed: false,
         key_update_owed: false,
         rekey_after: REKEY_AFTER,
@@ -1548,6 +1560,72 @@ mod tests {
                 proptest::prop_assert!(out.after.is_err(), "read on after an error");
             }
         }
+    }
+
+    /// A transport that passes its first write on and holds the rest until shutdown, so that
+    /// the peer receives them all at once.
+    struct HoldWrites<IO> {
+        io: IO,
+        first: bool,
+        held: Vec<u8>,
+    }
+
+    impl<IO: AsyncRead + Unpin> AsyncRead for HoldWrites<IO> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<IO: AsyncWrite + Unpin> AsyncWrite for HoldWrites<IO> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if std::mem::replace(&mut self.first, false) {
+                return Pin::new(&mut self.io).poll_write(cx, buf);
+            }
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = &mut *self;
+            while !this.held.is_empty() {
+                let n = ready!(Pin::new(&mut this.io).poll_write(cx, &this.held))?;
+                this.held.drain(..n);
+            }
+            Pin::new(&mut this.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_finished_data_and_close_notify_at_once_is_served() {
+        let (server_config, client_config) = configs();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let a = HoldWrites {
+            io: a,
+            first: true,
+            held: Vec::new(),
+        };
+        let client = async {
+            let mut c = connector.connect(localhost(), a).await.unwrap();
+            c.write_all(b"request").await.unwrap();
+            c.shutdown().await.unwrap();
+            c
+        };
+        let (_c, s) = tokio::join!(client, accept(b, server_config));
+        let mut s = s.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request");
     }
 
     #[tokio::test]
