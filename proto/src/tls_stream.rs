@@ -961,14 +961,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// Helpers for tests and for the fuzz target (`fuzz/fuzz_targets/tls_records.rs`, through
+/// the `fuzzing` feature): a real handshake over an in-memory pipe, and a peer that can send
+/// records no correct peer sends. Not an API.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod testing {
     use super::*;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use tokio::io::DuplexStream;
 
     /// A server config for a fresh self-signed "localhost", and a client config that trusts it.
-    fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+    pub fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let der = CertificateDer::from(cert.cert.der().to_vec());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
@@ -993,16 +997,76 @@ mod tests {
         (Arc::new(server), Arc::new(client))
     }
 
-    fn localhost() -> ServerName<'static> {
+    /// The name the certificate of [`configs`] is for.
+    pub fn localhost() -> ServerName<'static> {
         ServerName::try_from("localhost").unwrap()
     }
 
-    async fn pair() -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
-        let (server, client) = configs();
+    /// A client and a server after a real handshake over an in-memory pipe, with fresh
+    /// configs.
+    pub async fn pair() -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
+        pair_with(&configs()).await
+    }
+
+    /// A client and a server after a real handshake with `configs`.
+    pub async fn pair_with(
+        configs: &(Arc<ServerConfig>, Arc<ClientConfig>),
+    ) -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let (c, s) = tokio::join!(connect(a, client, localhost()), accept(b, server));
+        let (c, s) = tokio::join!(
+            connect(a, configs.1.clone(), localhost()),
+            accept(b, configs.0.clone())
+        );
         (c.unwrap(), s.unwrap())
     }
+
+    /// Queues, as `s`'s next record, `inner` (content, content type and padding, as given)
+    /// under the header `typ`, `version`, sealed with `s`'s sending key: records no correct
+    /// sender writes, but that authenticate. `inner` is cut to what a header can describe.
+    pub fn queue_raw<IO>(s: &mut TlsStream<IO>, typ: u8, version: [u8; 2], inner: &[u8]) {
+        let inner = &inner[..inner.len().min(usize::from(u16::MAX) - TAG_LEN)];
+        let len = inner.len() + TAG_LEN;
+        let header = [typ, version[0], version[1], (len >> 8) as u8, len as u8];
+        let at = s.wbuf.len() + HEADER_LEN;
+        s.wbuf.extend_from_slice(&header);
+        s.wbuf.extend_from_slice(inner);
+        let nonce = s.tx.next_nonce().unwrap();
+        let tag =
+            s.tx.key
+                .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut s.wbuf[at..])
+                .unwrap();
+        s.wbuf.extend_from_slice(tag.as_ref());
+    }
+
+    /// Queues `content` as one record of inner type `typ`, as `s` would send it (a key
+    /// update first when one is due). `content` is cut to one record.
+    pub fn queue<IO>(s: &mut TlsStream<IO>, typ: u8, content: &[u8]) {
+        s.seal(typ, &content[..content.len().min(MAX_PLAIN)])
+            .unwrap();
+    }
+
+    /// Makes `s` replace its sending key after `records` more records.
+    pub fn rekey_after<IO>(s: &mut TlsStream<IO>, records: u64) {
+        s.rekey_after = s.tx.seq + records;
+    }
+
+    /// Takes the records queued on `s`, as they would go on the wire.
+    pub fn take_wire<IO>(s: &mut TlsStream<IO>) -> Vec<u8> {
+        s.wpos = 0;
+        std::mem::take(&mut s.wbuf)
+    }
+
+    /// The transport under `s`, to write bytes of one's own choosing to the peer.
+    pub fn transport<IO>(s: &mut TlsStream<IO>) -> &mut IO {
+        &mut s.io
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testing::{configs, localhost, pair, queue_raw};
+    use tokio::io::DuplexStream;
 
     fn data(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
@@ -1172,23 +1236,6 @@ mod tests {
         let mut got = Vec::new();
         let err = server.read_to_end(&mut got).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-    }
-
-    /// Queues, as `s`'s next record, `inner` (content, content type and padding, as given)
-    /// under the header `typ`, `version`, sealed with `s`'s sending key: records no correct
-    /// sender writes, but that authenticate.
-    fn queue_raw<IO>(s: &mut TlsStream<IO>, typ: u8, version: [u8; 2], inner: &[u8]) {
-        let len = inner.len() + TAG_LEN;
-        let header = [typ, version[0], version[1], (len >> 8) as u8, len as u8];
-        let at = s.wbuf.len() + HEADER_LEN;
-        s.wbuf.extend_from_slice(&header);
-        s.wbuf.extend_from_slice(inner);
-        let nonce = s.tx.next_nonce().unwrap();
-        let tag =
-            s.tx.key
-                .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut s.wbuf[at..])
-                .unwrap();
-        s.wbuf.extend_from_slice(tag.as_ref());
     }
 
     /// Inner plaintext: `content`, then its type.
@@ -1434,12 +1481,7 @@ mod tests {
         mangle: impl FnOnce(&mut Vec<u8>),
         reads: &[usize],
     ) -> Outcome {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let (c, s) = tokio::join!(
-            connect(a, configs.1.clone(), localhost()),
-            accept(b, configs.0.clone())
-        );
-        let (mut client, mut server) = (c.unwrap(), s.unwrap());
+        let (mut client, mut server) = testing::pair_with(configs).await;
         server.rekey_after = server.tx.seq + 2;
         for piece in payload.chunks(MAX_PLAIN) {
             server.seal(CT_APPLICATION_DATA, piece).unwrap();
@@ -1626,6 +1668,23 @@ mod tests {
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"request");
+    }
+
+    #[tokio::test]
+    async fn a_failed_handshake_tells_the_peer_why() {
+        // The client trusts another certificate: it refuses the server's with an alert.
+        let (server_config, _) = configs();
+        let (_, client_config) = configs();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (c, s) = tokio::join!(
+            connect(a, client_config, localhost()),
+            accept(b, server_config)
+        );
+        let c = c.err().unwrap();
+        assert_eq!(c.kind(), io::ErrorKind::InvalidData, "{c}");
+        assert!(c.to_string().contains("invalid peer certificate"), "{c}");
+        let s = s.err().unwrap();
+        assert!(s.to_string().contains("received fatal alert"), "{s}");
     }
 
     #[tokio::test]
