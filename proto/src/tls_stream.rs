@@ -1688,6 +1688,136 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reads_and_writes_cancelled_at_every_wait_lose_and_repeat_nothing() {
+        let (server_config, client_config) = configs();
+        // A small pipe, so that records arrive in pieces and writes wait often.
+        let (a, b) = tokio::io::duplex(777);
+        let (c, s) = tokio::join!(
+            connect(a, client_config, localhost()),
+            accept(b, server_config)
+        );
+        let (mut client, mut server) = (c.unwrap(), s.unwrap());
+        client.rekey_after = client.tx.seq + 3;
+        let payload = data(2 * CHUNK_LEN + 5000);
+        // Every read and write is given up the first time it would wait, as a timeout
+        // around it would, and started again.
+        let cancelled = std::cell::Cell::new((0, 0));
+        let send = async {
+            let mut pos = 0;
+            while pos < payload.len() {
+                let end = payload.len().min(pos + 50_000);
+                tokio::select! {
+                    biased;
+                    n = client.write(&payload[pos..end]) => pos += n.unwrap(),
+                    () = tokio::task::yield_now() => {
+                        cancelled.set((cancelled.get().0 + 1, cancelled.get().1));
+                    }
+                }
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    r = client.shutdown() => break r.unwrap(),
+                    () = tokio::task::yield_now() => {}
+                }
+            }
+        };
+        let recv = async {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; CHUNK_LEN];
+            for i in 0.. {
+                let len = if i % 3 == 0 { 5 } else { CHUNK_LEN - i % 5 };
+                tokio::select! {
+                    biased;
+                    n = server.read(&mut buf[..len]) => match n.unwrap() {
+                        0 => break,
+                        n => got.extend_from_slice(&buf[..n]),
+                    },
+                    () = tokio::task::yield_now() => {
+                        cancelled.set((cancelled.get().0, cancelled.get().1 + 1));
+                    }
+                }
+            }
+            got
+        };
+        let ((), got) = tokio::join!(send, recv);
+        assert_eq!(got.len(), payload.len());
+        assert!(got == payload, "the bytes differ");
+        let (writes, reads) = cancelled.get();
+        assert!(
+            writes > 0 && reads > 0,
+            "cancelled {writes} writes, {reads} reads"
+        );
+    }
+
+    #[tokio::test]
+    async fn key_update_requests_in_a_row_get_one_answer() {
+        let (mut client, mut server) = pair().await;
+        for _ in 0..5 {
+            server
+                .seal(CT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 1])
+                .unwrap();
+            server.tx = server.kernel.update_tx().unwrap();
+        }
+        server.write_all(b"after").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"after");
+        // One write: one key update, then the data, both under the right keys.
+        client.pay_key_update().unwrap();
+        client.seal(CT_APPLICATION_DATA, b"reply").unwrap();
+        let wire = testing::take_wire(&mut client);
+        let records = [HEADER_LEN + 5 + 1 + TAG_LEN, HEADER_LEN + 5 + 1 + TAG_LEN];
+        assert_eq!(
+            wire.len(),
+            records.iter().sum::<usize>(),
+            "one key update only"
+        );
+        testing::transport(&mut client)
+            .write_all(&wire)
+            .await
+            .unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"reply");
+        assert_eq!(
+            server.rx.seq, 1,
+            "the reply came under the client's new key"
+        );
+    }
+
+    #[tokio::test]
+    async fn sequence_numbers_go_on_from_where_rustls_left_them() {
+        let (mut client, mut server) = pair().await;
+        // rustls' server sent its session tickets under the traffic key: our server goes
+        // on after them, and our client reads them with the kernel connection.
+        assert!(server.tx.seq > 0, "no ticket sent before the handover");
+        assert_eq!(client.rx.seq, 0);
+        let tickets = server.tx.seq;
+        server.write_all(b"data").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(client.rx.seq, tickets + 1);
+    }
+
+    #[tokio::test]
+    async fn a_session_ticket_split_over_two_records_is_taken() {
+        let (mut client, mut server) = pair().await;
+        // lifetime, age_add, nonce, ticket, no extensions.
+        let body = [0, 0, 0, 60, 0, 0, 0, 1, 1, 0, 0, 4, 1, 2, 3, 4, 0, 0];
+        let msg = [&[HS_NEW_SESSION_TICKET, 0, 0, body.len() as u8][..], &body].concat();
+        server.seal(CT_HANDSHAKE, &msg[..5]).unwrap();
+        server.seal(CT_HANDSHAKE, &msg[5..]).unwrap();
+        server.write_all(b"after").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"after");
+        assert!(client.handshake.is_empty());
+    }
+
+    #[tokio::test]
     async fn rustls_peers_understand_these_records_and_key_updates() {
         let (server_config, client_config) = configs();
         // Our client against tokio-rustls' server, and rustls' server asking for a key update.
