@@ -57,6 +57,9 @@ const WRITE_CAP: usize = WRITE_PLAIN + (WRITE_PLAIN / MAX_PLAIN + 2) * (HEADER_L
 const REKEY_AFTER: u64 = 1 << 22;
 /// Most bytes of post-handshake messages buffered while they arrive in pieces.
 const MAX_HANDSHAKE: usize = 64 * 1024;
+/// Most empty records in a row, as in rustls (`ALLOWED_CONSECUTIVE_EMPTY_FRAGMENTS_MAX`): a
+/// peer that sends nothing else keeps the reader busy without ever handing it data.
+const MAX_EMPTY_IN_A_ROW: u8 = 32;
 
 const CT_ALERT: u8 = 21;
 const CT_HANDSHAKE: u8 = 22;
@@ -172,6 +175,8 @@ pub struct TlsStream<IO> {
     key_update_owed: bool,
     /// Sequence number at which the sending key is replaced.
     rekey_after: u64,
+    /// Empty records received in a row (see [`MAX_EMPTY_IN_A_ROW`]).
+    empty_in_a_row: u8,
     /// The error that ended reading: a record sequence that failed once is never read on
     /// (reading on past a forged record would skip it, since its sequence number is spent).
     read_error: Ended,
@@ -517,6 +522,7 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
         write_closed: false,
         key_update_owed: false,
         rekey_after: REKEY_AFTER,
+        empty_in_a_row: 0,
         read_error: None,
         write_error: None,
     })
@@ -558,8 +564,19 @@ impl<IO> TlsStream<IO> {
     }
 
     /// Refuses a record of inner type `typ` and `n` bytes of content where RFC 8446 §5.1
-    /// forbids it: between the records of one handshake message, or an empty handshake one.
-    fn check_order(&self, typ: u8, n: usize) -> io::Result<()> {
+    /// forbids it: between the records of one handshake message, or an empty handshake one;
+    /// and more than [`MAX_EMPTY_IN_A_ROW`] empty ones in a row.
+    fn check_order(&mut self, typ: u8, n: usize) -> io::Result<()> {
+        if n > 0 {
+            self.empty_in_a_row = 0;
+        } else if self.empty_in_a_row == MAX_EMPTY_IN_A_ROW {
+            return Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "too many empty TLS records",
+            ));
+        } else {
+            self.empty_in_a_row += 1;
+        }
         if typ != CT_HANDSHAKE && !self.handshake.is_empty() {
             return Err(fatal(
                 ALERT_UNEXPECTED_MESSAGE,
@@ -1335,6 +1352,15 @@ mod tests {
                 Box::new(|s| s.seal(CT_HANDSHAKE, &[13, 0, 0, 0]).unwrap()),
             ),
             (
+                "more than 32 empty records in a row",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| {
+                    for _ in 0..=MAX_EMPTY_IN_A_ROW {
+                        s.seal(CT_APPLICATION_DATA, b"").unwrap();
+                    }
+                }),
+            ),
+            (
                 "a malformed alert",
                 ALERT_DECODE_ERROR,
                 Box::new(|s| s.seal(CT_ALERT, &[2, 40, 0]).unwrap()),
@@ -1815,6 +1841,22 @@ mod tests {
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"after");
         assert!(client.handshake.is_empty());
+    }
+
+    #[tokio::test]
+    async fn empty_records_pass_up_to_the_limit() {
+        let (mut client, mut server) = pair().await;
+        for _ in 0..2 {
+            for _ in 0..MAX_EMPTY_IN_A_ROW {
+                server.seal(CT_APPLICATION_DATA, b"").unwrap();
+            }
+            // Data in between starts the count again.
+            server.seal(CT_APPLICATION_DATA, b"x").unwrap();
+        }
+        server.flush().await.unwrap();
+        let mut got = [0u8; 2];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"xx");
     }
 
     #[tokio::test]
