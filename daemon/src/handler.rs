@@ -154,10 +154,9 @@ pub async fn handle_tcp(
     let limits = state.limits();
     // rustls runs the handshake; records then move through xfer_proto's own large buffers,
     // which read and write many records per syscall and copy each byte once.
-    let config = state.acceptor().config().clone();
     let handshake = tokio::time::timeout(
         ticket.handshake_timeout(),
-        xfer_proto::tls_stream::accept(tcp, config),
+        xfer_proto::tls_stream::accept(tcp, state.tls_config()),
     );
     let tls = tokio::select! {
         _ = stop.wait_for(|v| *v) => return,

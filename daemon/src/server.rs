@@ -15,7 +15,6 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use xfer_proto::fingerprint::Fingerprint;
 
 use crate::accounts::Accounts;
@@ -47,8 +46,8 @@ pub struct State {
     pub admission: Arc<crate::admission::Admission>,
     /// The open-file limit in force, which the connection cap must fit.
     nofile: u64,
-    /// Current TLS acceptor and fingerprint, swapped together on reload.
-    tls: RwLock<(TlsAcceptor, Fingerprint)>,
+    /// Current TLS configuration and fingerprint, swapped together on reload.
+    tls: RwLock<(Arc<rustls::ServerConfig>, Fingerprint)>,
     /// Flips to true once when shutdown starts.
     shutdown: watch::Sender<bool>,
 }
@@ -62,8 +61,9 @@ impl State {
             .clone()
     }
 
-    /// The TLS acceptor for new connections.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    /// The TLS configuration for new connections (with secret extraction on, for
+    /// [`xfer_proto::tls_stream::accept`]).
+    pub fn tls_config(&self) -> Arc<rustls::ServerConfig> {
         self.tls.read().unwrap_or_else(|e| e.into_inner()).0.clone()
     }
 
@@ -148,7 +148,7 @@ impl Daemon {
                 limits,
                 admission,
                 nofile,
-                tls: RwLock::new((TlsAcceptor::from(tls), fingerprint)),
+                tls: RwLock::new((tls, fingerprint)),
                 shutdown,
             }),
         })
@@ -293,7 +293,7 @@ pub fn reload(state: &State) -> anyhow::Result<()> {
     }
     let (tls, fingerprint) = crate::tls::server_config(&state.config.cert, &state.config.key)?;
     let users = state.accounts.reload()?;
-    *state.tls.write().unwrap_or_else(|e| e.into_inner()) = (TlsAcceptor::from(tls), fingerprint);
+    *state.tls.write().unwrap_or_else(|e| e.into_inner()) = (tls, fingerprint);
     for warning in &fresh.warnings {
         tracing::warn!(config = %fresh.path.display(), "{warning}");
     }

@@ -57,6 +57,9 @@ const WRITE_CAP: usize = WRITE_PLAIN + (WRITE_PLAIN / MAX_PLAIN + 2) * (HEADER_L
 const REKEY_AFTER: u64 = 1 << 22;
 /// Most bytes of post-handshake messages buffered while they arrive in pieces.
 const MAX_HANDSHAKE: usize = 64 * 1024;
+/// Most empty records in a row, as in rustls (`ALLOWED_CONSECUTIVE_EMPTY_FRAGMENTS_MAX`): a
+/// peer that sends nothing else keeps the reader busy without ever handing it data.
+const MAX_EMPTY_IN_A_ROW: u8 = 32;
 
 const CT_ALERT: u8 = 21;
 const CT_HANDSHAKE: u8 = 22;
@@ -65,6 +68,12 @@ const HS_NEW_SESSION_TICKET: u8 = 4;
 const HS_KEY_UPDATE: u8 = 24;
 const ALERT_CLOSE_NOTIFY: u8 = 0;
 const ALERT_USER_CANCELED: u8 = 90;
+const ALERT_UNEXPECTED_MESSAGE: u8 = 10;
+const ALERT_BAD_RECORD_MAC: u8 = 20;
+const ALERT_RECORD_OVERFLOW: u8 = 22;
+const ALERT_ILLEGAL_PARAMETER: u8 = 47;
+const ALERT_DECODE_ERROR: u8 = 50;
+const ALERT_INTERNAL_ERROR: u8 = 80;
 
 fn eof() -> io::Error {
     io::Error::new(
@@ -75,6 +84,36 @@ fn eof() -> io::Error {
 
 fn invalid(what: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// A fatal error in the records the peer sent, and the alert that tells it why (RFC 8446
+/// §6.2: "send an appropriate fatal alert and ... close the connection without sending or
+/// receiving any additional data"). None for an alert the peer sent itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+struct Fatal {
+    alert: Option<u8>,
+    what: String,
+}
+
+/// A fatal error in what the peer sent, answered with `alert`.
+fn fatal(alert: u8, what: impl Into<String>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        Fatal {
+            alert: Some(alert),
+            what: what.into(),
+        },
+    )
+}
+
+/// The kind and text of an error that ended one direction, returned by every later call.
+type Ended = Option<(io::ErrorKind, String)>;
+
+/// The error that ended a direction, again.
+fn ended(e: &Ended) -> Option<io::Error> {
+    e.as_ref()
+        .map(|(kind, what)| io::Error::new(*kind, what.clone()))
 }
 
 /// Connects as a client: the handshake runs on `io` with `config` (which must have
@@ -136,6 +175,14 @@ pub struct TlsStream<IO> {
     key_update_owed: bool,
     /// Sequence number at which the sending key is replaced.
     rekey_after: u64,
+    /// Empty records received in a row (see [`MAX_EMPTY_IN_A_ROW`]).
+    empty_in_a_row: u8,
+    /// The error that ended reading: a record sequence that failed once is never read on
+    /// (reading on past a forged record would skip it, since its sequence number is spent).
+    read_error: Ended,
+    /// The error that ended writing: after a transport error the records already sealed are
+    /// gone, and a caller retrying its bytes must not get them sealed again.
+    write_error: Ended,
 }
 
 /// The client's or the server's kernel connection.
@@ -150,7 +197,7 @@ impl Kernel {
             Kernel::Client(k) => k.update_tx_secret(),
             Kernel::Server(k) => k.update_tx_secret(),
         };
-        Keys::new(next.map_err(invalid)?)
+        Keys::new(next.map_err(|e| fatal(ALERT_INTERNAL_ERROR, e.to_string()))?)
     }
 
     fn update_rx(&mut self) -> io::Result<Keys> {
@@ -158,13 +205,18 @@ impl Kernel {
             Kernel::Client(k) => k.update_rx_secret(),
             Kernel::Server(k) => k.update_rx_secret(),
         };
-        Keys::new(next.map_err(invalid)?)
+        Keys::new(next.map_err(|e| fatal(ALERT_INTERNAL_ERROR, e.to_string()))?)
     }
 
     fn new_session_ticket(&mut self, payload: &[u8]) -> io::Result<()> {
         match self {
-            Kernel::Client(k) => k.handle_new_session_ticket(payload).map_err(invalid),
-            Kernel::Server(_) => Err(invalid("the client sent a session ticket")),
+            Kernel::Client(k) => k
+                .handle_new_session_ticket(payload)
+                .map_err(|e| fatal(ALERT_DECODE_ERROR, e.to_string())),
+            Kernel::Server(_) => Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "the client sent a session ticket",
+            )),
         }
     }
 }
@@ -211,7 +263,7 @@ impl Keys {
         self.seq = self
             .seq
             .checked_add(1)
-            .ok_or_else(|| invalid("TLS record sequence exhausted"))?;
+            .ok_or_else(|| fatal(ALERT_INTERNAL_ERROR, "TLS record sequence exhausted"))?;
         Ok(aead::Nonce::assume_unique_for_key(nonce))
     }
 
@@ -235,28 +287,45 @@ impl Keys {
                 &mut buf[to..at + len],
                 at + HEADER_LEN - to..,
             )
-            .map_err(|_| invalid("a TLS record failed authentication"))?;
+            .map_err(|_| fatal(ALERT_BAD_RECORD_MAC, "a TLS record failed authentication"))?;
+        // Content, type and padding together are at most 2^14 + 1 bytes (RFC 8446 §5.4).
+        if plain.len() > MAX_PLAIN + 1 {
+            return Err(fatal(ALERT_RECORD_OVERFLOW, "TLS record overflow"));
+        }
         // The content type is the last byte that is not padding.
-        let typ_at = plain
-            .iter()
-            .rposition(|&b| b != 0)
-            .ok_or_else(|| invalid("TLS record without a content type"))?;
+        let typ_at = plain.iter().rposition(|&b| b != 0).ok_or_else(|| {
+            fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "TLS record without a content type",
+            )
+        })?;
         if typ_at > MAX_PLAIN {
-            return Err(invalid("TLS record overflow"));
+            return Err(fatal(ALERT_RECORD_OVERFLOW, "TLS record overflow"));
         }
         Ok((plain[typ_at], typ_at))
     }
 }
 
 /// The length of the record at the start of `bytes` (header included) if it is all there;
-/// an error if its header is not that of a TLS 1.3 record.
+/// an error if its header is not that of a protected TLS 1.3 record (RFC 8446 §5.2: type
+/// application_data, version 0x0303, at most 2^14 + 256 bytes). After the handshake a
+/// change_cipher_spec is refused too (§5).
 fn whole_record(bytes: &[u8]) -> io::Result<Option<usize>> {
-    let [typ, _, _, hi, lo, ..] = *bytes else {
+    let [typ, major, minor, hi, lo, ..] = *bytes else {
         return Ok(None);
     };
     let len = usize::from(u16::from_be_bytes([hi, lo]));
-    if typ != CT_APPLICATION_DATA || !(TAG_LEN + 1..=MAX_CIPHER).contains(&len) {
-        return Err(invalid("malformed TLS record"));
+    if typ != CT_APPLICATION_DATA {
+        return Err(fatal(ALERT_UNEXPECTED_MESSAGE, "unprotected TLS record"));
+    }
+    if [major, minor] != [3, 3] {
+        return Err(fatal(ALERT_DECODE_ERROR, "malformed TLS record"));
+    }
+    if len > MAX_CIPHER {
+        return Err(fatal(ALERT_RECORD_OVERFLOW, "TLS record overflow"));
+    }
+    if len <= TAG_LEN {
+        return Err(fatal(ALERT_BAD_RECORD_MAC, "TLS record too short"));
     }
     Ok((bytes.len() >= HEADER_LEN + len).then_some(HEADER_LEN + len))
 }
@@ -316,6 +385,8 @@ impl Handshaking for UnbufferedServerConnection {
 /// What the handshake loop does next, once rustls' state has been handled.
 enum Step {
     Continue,
+    /// close_notify: fine once the handshake is over, the end of the data that came with it.
+    PeerClosed,
     Send,
     Receive,
     Done,
@@ -348,6 +419,8 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
     let mut filled = 0;
     let mut out = Vec::new();
     let mut early = Vec::new();
+    // A peer may send its Finished, data and close_notify in one go.
+    let mut read_closed = false;
     loop {
         let UnbufferedStatus { mut discard, state } = conn.process(&mut rbuf[..filled]);
         let step = match state {
@@ -382,7 +455,8 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Step::Continue
             }
-            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+            Ok(ConnectionState::PeerClosed) => Step::PeerClosed,
+            Ok(ConnectionState::Closed) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the peer closed TLS during the handshake",
@@ -397,6 +471,13 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
             step => step,
         };
         match step {
+            Step::PeerClosed if conn.handshaking() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed TLS during the handshake",
+                ));
+            }
+            Step::PeerClosed => read_closed = true,
             Step::Continue => {}
             Step::Send => {
                 io.write_all(&out).await?;
@@ -437,10 +518,13 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
         handshake: Vec::new(),
         wbuf: Vec::with_capacity(WRITE_CAP),
         wpos: 0,
-        read_closed: false,
+        read_closed,
         write_closed: false,
         key_update_owed: false,
         rekey_after: REKEY_AFTER,
+        empty_in_a_row: 0,
+        read_error: None,
+        write_error: None,
     })
 }
 
@@ -468,6 +552,7 @@ impl<IO> TlsStream<IO> {
         self.cstart += len;
         let to = at + HEADER_LEN;
         let (typ, n) = self.rx.open(&mut self.rbuf, at, len, to)?;
+        self.check_order(typ, n)?;
         if typ == CT_APPLICATION_DATA {
             self.pstart = to;
             self.pend = to + n;
@@ -476,6 +561,35 @@ impl<IO> TlsStream<IO> {
             self.control(typ, &body)?;
         }
         Ok(true)
+    }
+
+    /// Refuses a record of inner type `typ` and `n` bytes of content where RFC 8446 §5.1
+    /// forbids it: between the records of one handshake message, or an empty handshake one;
+    /// and more than [`MAX_EMPTY_IN_A_ROW`] empty ones in a row.
+    fn check_order(&mut self, typ: u8, n: usize) -> io::Result<()> {
+        if n > 0 {
+            self.empty_in_a_row = 0;
+        } else if self.empty_in_a_row == MAX_EMPTY_IN_A_ROW {
+            return Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "too many empty TLS records",
+            ));
+        } else {
+            self.empty_in_a_row += 1;
+        }
+        if typ != CT_HANDSHAKE && !self.handshake.is_empty() {
+            return Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "a TLS record inside a handshake message",
+            ));
+        }
+        if typ == CT_HANDSHAKE && n == 0 {
+            return Err(fatal(
+                ALERT_UNEXPECTED_MESSAGE,
+                "empty TLS handshake record",
+            ));
+        }
+        Ok(())
     }
 
     /// Acts on a record that is not application data: an alert or post-handshake messages.
@@ -487,19 +601,30 @@ impl<IO> TlsStream<IO> {
                 [_, code] => {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
-                        format!("the peer sent TLS alert {code}"),
+                        Fatal {
+                            alert: None,
+                            what: format!("the peer sent TLS alert {code}"),
+                        },
                     ));
                 }
-                _ => return Err(invalid("malformed TLS alert")),
+                _ => return Err(fatal(ALERT_DECODE_ERROR, "malformed TLS alert")),
             },
             CT_HANDSHAKE => {
                 if self.handshake.len() + body.len() > MAX_HANDSHAKE {
-                    return Err(invalid("post-handshake message too large"));
+                    return Err(fatal(
+                        ALERT_UNEXPECTED_MESSAGE,
+                        "post-handshake message too large",
+                    ));
                 }
                 self.handshake.extend_from_slice(body);
                 self.post_handshake()?;
             }
-            _ => return Err(invalid("unexpected TLS record type")),
+            _ => {
+                return Err(fatal(
+                    ALERT_UNEXPECTED_MESSAGE,
+                    "unexpected TLS record type",
+                ));
+            }
         }
         Ok(())
     }
@@ -519,16 +644,25 @@ impl<IO> TlsStream<IO> {
                 HS_KEY_UPDATE => {
                     // A key update must end its record (RFC 8446 §5.1).
                     if at != msgs.len() {
-                        return Err(invalid("key update not at a record boundary"));
+                        return Err(fatal(
+                            ALERT_UNEXPECTED_MESSAGE,
+                            "key update not at a record boundary",
+                        ));
                     }
                     match payload {
                         [0] => {}
                         [1] => self.key_update_owed = true,
-                        _ => return Err(invalid("malformed key update")),
+                        [_] => return Err(fatal(ALERT_ILLEGAL_PARAMETER, "malformed key update")),
+                        _ => return Err(fatal(ALERT_DECODE_ERROR, "malformed key update")),
                     }
                     self.rx = self.kernel.update_rx()?;
                 }
-                _ => return Err(invalid("unexpected post-handshake message")),
+                _ => {
+                    return Err(fatal(
+                        ALERT_UNEXPECTED_MESSAGE,
+                        "unexpected post-handshake message",
+                    ));
+                }
             }
         }
         msgs.drain(..at);
@@ -649,6 +783,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 };
                 let (typ, n) = self.rx.open(dst, rec, len, out)?;
                 rec += len;
+                self.check_order(typ, n)?;
                 if typ == CT_APPLICATION_DATA {
                     out += n;
                 } else {
@@ -665,18 +800,52 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         result
     }
 
-    /// Writes `wbuf` out.
+    /// Writes `wbuf` out. A transport error ends writing for good (see `write_error`).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wpos < self.wbuf.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.wpos += n;
+            let e = match ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..])) {
+                Ok(0) => io::ErrorKind::WriteZero.into(),
+                Ok(n) => {
+                    self.wpos += n;
+                    continue;
+                }
+                Err(e) => e,
+            };
+            return Poll::Ready(Err(self.end_writing(e)));
         }
         self.wbuf.clear();
         self.wpos = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Ends writing with `e`, and drops the records that cannot go out now.
+    fn end_writing(&mut self, e: io::Error) -> io::Error {
+        if self.write_error.is_none() {
+            self.write_error = Some((e.kind(), e.to_string()));
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        e
+    }
+
+    /// Ends reading with `e`. A fatal error in what the peer sent ends writing too, after
+    /// the alert that says why, which goes out now if the transport takes it (or with
+    /// `poll_shutdown`).
+    fn end_reading(&mut self, cx: &mut Context<'_>, e: &io::Error) {
+        let saved = (e.kind(), e.to_string());
+        self.read_error = Some(saved.clone());
+        let Some(fatal) = e.get_ref().and_then(|e| e.downcast_ref::<Fatal>()) else {
+            return;
+        };
+        if self.write_error.is_none() {
+            if let Some(alert) = fatal.alert.filter(|_| !self.write_closed) {
+                if self.seal(CT_ALERT, &[2, alert]).is_ok() {
+                    let _ = self.poll_drain(cx);
+                }
+            }
+            self.write_error = Some(saved);
+        }
+        self.write_closed = true;
     }
 }
 
@@ -687,6 +856,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = ended(&this.read_error) {
+            return Poll::Ready(Err(e));
+        }
+        let read = this.poll_read_records(cx, buf);
+        if let Poll::Ready(Err(e)) = &read {
+            this.end_reading(cx, e);
+        }
+        read
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    /// `poll_read`, until an error ends reading.
+    fn poll_read_records(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if !this.early.is_empty() {
             let n = buf.remaining().min(this.early.len());
             buf.put_slice(&this.early[..n]);
@@ -729,6 +917,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = ended(&this.write_error) {
+            return Poll::Ready(Err(e));
+        }
         ready!(this.poll_drain(cx))?;
         if this.write_closed {
             return Poll::Ready(Err(io::Error::new(
@@ -736,46 +927,69 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
                 "TLS close_notify already sent",
             )));
         }
-        this.pay_key_update()?;
         let n = buf.len().min(WRITE_PLAIN);
-        for piece in buf[..n].chunks(MAX_PLAIN) {
-            this.seal(CT_APPLICATION_DATA, piece)?;
+        let sealed = this.pay_key_update().and_then(|()| {
+            buf[..n]
+                .chunks(MAX_PLAIN)
+                .try_for_each(|piece| this.seal(CT_APPLICATION_DATA, piece))
+        });
+        if let Err(e) = sealed {
+            return Poll::Ready(Err(this.end_writing(e)));
         }
         // Start sending now; what the transport does not take yet goes with the next write
-        // or flush.
-        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-            return Poll::Ready(Err(e));
-        }
+        // or flush. The bytes are sealed and spent either way: a transport error here ends
+        // writing and comes back from the next call, so that a caller that retries cannot
+        // get them sealed a second time, under another sequence number.
+        let _ = this.poll_drain(cx);
         Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.pay_key_update()?;
+        if let Some(e) = ended(&this.write_error) {
+            return Poll::Ready(Err(e));
+        }
+        if let Err(e) = this.pay_key_update() {
+            return Poll::Ready(Err(this.end_writing(e)));
+        }
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.write_closed {
-            this.pay_key_update()?;
-            this.seal(CT_ALERT, &[1, ALERT_CLOSE_NOTIFY])?;
+        if !this.write_closed && this.write_error.is_none() {
+            let sealed = this
+                .pay_key_update()
+                .and_then(|()| this.seal(CT_ALERT, &[1, ALERT_CLOSE_NOTIFY]));
+            if let Err(e) = sealed {
+                this.end_writing(e);
+            }
             this.write_closed = true;
         }
-        ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        // What is still queued goes out first: records, close_notify, or the alert of a
+        // fatal error (`wbuf` is empty after a transport error).
+        let drained = ready!(this.poll_drain(cx));
+        let shut = ready!(Pin::new(&mut this.io).poll_shutdown(cx));
+        match ended(&this.write_error) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Ready(drained.and(shut)),
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// Helpers for tests and for the fuzz target (`fuzz/fuzz_targets/tls_records.rs`, through
+/// the `fuzzing` feature): a real handshake over an in-memory pipe, and a peer that can send
+/// records no correct peer sends. Not an API.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod testing {
     use super::*;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use tokio::io::DuplexStream;
 
     /// A server config for a fresh self-signed "localhost", and a client config that trusts it.
-    fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+    pub fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let der = CertificateDer::from(cert.cert.der().to_vec());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
@@ -800,16 +1014,76 @@ mod tests {
         (Arc::new(server), Arc::new(client))
     }
 
-    fn localhost() -> ServerName<'static> {
+    /// The name the certificate of [`configs`] is for.
+    pub fn localhost() -> ServerName<'static> {
         ServerName::try_from("localhost").unwrap()
     }
 
-    async fn pair() -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
-        let (server, client) = configs();
+    /// A client and a server after a real handshake over an in-memory pipe, with fresh
+    /// configs.
+    pub async fn pair() -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
+        pair_with(&configs()).await
+    }
+
+    /// A client and a server after a real handshake with `configs`.
+    pub async fn pair_with(
+        configs: &(Arc<ServerConfig>, Arc<ClientConfig>),
+    ) -> (TlsStream<DuplexStream>, TlsStream<DuplexStream>) {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let (c, s) = tokio::join!(connect(a, client, localhost()), accept(b, server));
+        let (c, s) = tokio::join!(
+            connect(a, configs.1.clone(), localhost()),
+            accept(b, configs.0.clone())
+        );
         (c.unwrap(), s.unwrap())
     }
+
+    /// Queues, as `s`'s next record, `inner` (content, content type and padding, as given)
+    /// under the header `typ`, `version`, sealed with `s`'s sending key: records no correct
+    /// sender writes, but that authenticate. `inner` is cut to what a header can describe.
+    pub fn queue_raw<IO>(s: &mut TlsStream<IO>, typ: u8, version: [u8; 2], inner: &[u8]) {
+        let inner = &inner[..inner.len().min(usize::from(u16::MAX) - TAG_LEN)];
+        let len = inner.len() + TAG_LEN;
+        let header = [typ, version[0], version[1], (len >> 8) as u8, len as u8];
+        let at = s.wbuf.len() + HEADER_LEN;
+        s.wbuf.extend_from_slice(&header);
+        s.wbuf.extend_from_slice(inner);
+        let nonce = s.tx.next_nonce().unwrap();
+        let tag =
+            s.tx.key
+                .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut s.wbuf[at..])
+                .unwrap();
+        s.wbuf.extend_from_slice(tag.as_ref());
+    }
+
+    /// Queues `content` as one record of inner type `typ`, as `s` would send it (a key
+    /// update first when one is due). `content` is cut to one record.
+    pub fn queue<IO>(s: &mut TlsStream<IO>, typ: u8, content: &[u8]) {
+        s.seal(typ, &content[..content.len().min(MAX_PLAIN)])
+            .unwrap();
+    }
+
+    /// Makes `s` replace its sending key after `records` more records.
+    pub fn rekey_after<IO>(s: &mut TlsStream<IO>, records: u64) {
+        s.rekey_after = s.tx.seq + records;
+    }
+
+    /// Takes the records queued on `s`, as they would go on the wire.
+    pub fn take_wire<IO>(s: &mut TlsStream<IO>) -> Vec<u8> {
+        s.wpos = 0;
+        std::mem::take(&mut s.wbuf)
+    }
+
+    /// The transport under `s`, to write bytes of one's own choosing to the peer.
+    pub fn transport<IO>(s: &mut TlsStream<IO>) -> &mut IO {
+        &mut s.io
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testing::{configs, localhost, pair, queue_raw};
+    use tokio::io::DuplexStream;
 
     fn data(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
@@ -979,6 +1253,610 @@ mod tests {
         let mut got = Vec::new();
         let err = server.read_to_end(&mut got).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Inner plaintext: `content`, then its type.
+    fn inner(content: &[u8], typ: u8) -> Vec<u8> {
+        [content, &[typ]].concat()
+    }
+
+    /// Records a peer must not send, each with the alert the reader answers with.
+    #[allow(clippy::type_complexity)]
+    fn refusals() -> Vec<(&'static str, u8, Box<dyn Fn(&mut TlsStream<DuplexStream>)>)> {
+        let v = [3, 3];
+        vec![
+            (
+                "a changed byte",
+                ALERT_BAD_RECORD_MAC,
+                Box::new(|s| {
+                    s.seal(CT_APPLICATION_DATA, b"forged").unwrap();
+                    let last = s.wbuf.len() - 1;
+                    s.wbuf[last] ^= 1;
+                }),
+            ),
+            (
+                "padding past 2^14 + 1 bytes of inner plaintext",
+                ALERT_RECORD_OVERFLOW,
+                Box::new(move |s| {
+                    let mut body = inner(&[b'x'; MAX_PLAIN], CT_APPLICATION_DATA);
+                    body.push(0);
+                    queue_raw(s, CT_APPLICATION_DATA, v, &body);
+                }),
+            ),
+            (
+                "content past 2^14 bytes",
+                ALERT_RECORD_OVERFLOW,
+                Box::new(move |s| {
+                    let body = inner(&[b'x'; MAX_PLAIN + 1], CT_APPLICATION_DATA);
+                    queue_raw(s, CT_APPLICATION_DATA, v, &body);
+                }),
+            ),
+            (
+                "a legacy version other than 0x0303",
+                ALERT_DECODE_ERROR,
+                Box::new(|s| queue_raw(s, CT_APPLICATION_DATA, [3, 1], &inner(b"hi", 23))),
+            ),
+            (
+                "a change_cipher_spec record after the handshake",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| s.wbuf.extend_from_slice(&[20, 3, 3, 0, 1, 1])),
+            ),
+            (
+                "a protected change_cipher_spec",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(move |s| queue_raw(s, CT_APPLICATION_DATA, v, &inner(&[1], 20))),
+            ),
+            (
+                "all padding, no content type",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(move |s| queue_raw(s, CT_APPLICATION_DATA, v, &[0, 0, 0])),
+            ),
+            (
+                "an empty handshake record",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(move |s| queue_raw(s, CT_APPLICATION_DATA, v, &[CT_HANDSHAKE])),
+            ),
+            (
+                "application data inside a handshake message",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| {
+                    s.seal(CT_HANDSHAKE, &[HS_NEW_SESSION_TICKET, 0, 0])
+                        .unwrap();
+                    s.seal(CT_APPLICATION_DATA, b"between").unwrap();
+                }),
+            ),
+            (
+                "a key update that does not end its record",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| {
+                    let two = [HS_KEY_UPDATE, 0, 0, 1, 0, HS_KEY_UPDATE, 0, 0, 1, 0];
+                    s.seal(CT_HANDSHAKE, &two).unwrap();
+                }),
+            ),
+            (
+                "a key update with a request value that does not exist",
+                ALERT_ILLEGAL_PARAMETER,
+                Box::new(|s| s.seal(CT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 7]).unwrap()),
+            ),
+            (
+                "a malformed session ticket",
+                ALERT_DECODE_ERROR,
+                Box::new(|s| {
+                    s.seal(CT_HANDSHAKE, &[HS_NEW_SESSION_TICKET, 0, 0, 1, 0])
+                        .unwrap()
+                }),
+            ),
+            (
+                "a handshake message the client never expects",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| s.seal(CT_HANDSHAKE, &[13, 0, 0, 0]).unwrap()),
+            ),
+            (
+                "more than 32 empty records in a row",
+                ALERT_UNEXPECTED_MESSAGE,
+                Box::new(|s| {
+                    for _ in 0..=MAX_EMPTY_IN_A_ROW {
+                        s.seal(CT_APPLICATION_DATA, b"").unwrap();
+                    }
+                }),
+            ),
+            (
+                "a malformed alert",
+                ALERT_DECODE_ERROR,
+                Box::new(|s| s.seal(CT_ALERT, &[2, 40, 0]).unwrap()),
+            ),
+        ]
+    }
+
+    #[tokio::test]
+    async fn a_bad_record_is_refused_with_its_alert_and_ends_the_stream_for_good() {
+        for (what, alert, queue) in refusals() {
+            // A frame-sized read goes through rbuf, a chunk-sized one opens records in place.
+            for read_len in [100, CHUNK_LEN] {
+                let (mut client, mut server) = pair().await;
+                queue(&mut server);
+                // A good record follows: it must not come out after the failure.
+                server.write_all(b"after").await.unwrap();
+                server.shutdown().await.unwrap();
+                let mut got = vec![0u8; read_len];
+                let err = client.read(&mut got).await.unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{what}: {err}");
+                let again = client.read(&mut got).await;
+                assert!(
+                    again.is_err(),
+                    "{what}: read on after a fatal error: {again:?}"
+                );
+                assert!(
+                    client.write_all(b"more").await.is_err(),
+                    "{what}: wrote on after a fatal error"
+                );
+                // The server learns why.
+                drop(client);
+                let err = server.read(&mut got).await.unwrap_err();
+                assert_eq!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionAborted,
+                    "{what}: {err}"
+                );
+                assert_eq!(err.to_string(), format!("the peer sent TLS alert {alert}"));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fatal_alert_from_the_peer_ends_the_stream_for_good() {
+        let (mut client, mut server) = pair().await;
+        server.seal(CT_ALERT, &[2, 40]).unwrap();
+        server.write_all(b"after").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 100];
+        let err = client.read(&mut got).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{err}");
+        let again = client.read(&mut got).await;
+        assert!(again.is_err(), "read on after a fatal alert: {again:?}");
+    }
+
+    /// A transport whose next write fails when `fail` is set.
+    struct FailingWrite<IO> {
+        io: IO,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl<IO: AsyncRead + Unpin> AsyncRead for FailingWrite<IO> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<IO: AsyncWrite + Unpin> AsyncWrite for FailingWrite<IO> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.fail.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_sealed_before_a_transport_error_are_never_sealed_again() {
+        let (server_config, client_config) = configs();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let a = FailingWrite {
+            io: a,
+            fail: fail.clone(),
+        };
+        let (c, s) = tokio::join!(
+            connect(a, client_config, localhost()),
+            accept(b, server_config)
+        );
+        let (mut client, mut server) = (c.unwrap(), s.unwrap());
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A caller that tries again after an error, as write_all's callers may.
+        let mut sent = 0;
+        for _ in 0..2 {
+            if let Ok(n) = client.write(&b"abc"[sent..]).await {
+                sent += n;
+            }
+            if sent == 3 {
+                break;
+            }
+        }
+        assert!(
+            client.flush().await.is_err(),
+            "the transport error was lost"
+        );
+        let _ = client.shutdown().await;
+        drop(client);
+        let mut got = Vec::new();
+        let _ = server.read_to_end(&mut got).await;
+        assert!(
+            got.len() <= 3,
+            "bytes sealed twice: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+
+    /// What a reader made of a mangled stream: the bytes it handed out, and how it ended.
+    struct Outcome {
+        got: Vec<u8>,
+        end: io::Result<()>,
+        after: io::Result<usize>,
+    }
+
+    /// Seals `payload` as the server would (with key updates every few records and a
+    /// close_notify), lets `mangle` change the bytes on the wire, and reads them as the
+    /// client with reads of the `reads` sizes in turn.
+    async fn read_mangled(
+        configs: &(Arc<ServerConfig>, Arc<ClientConfig>),
+        payload: &[u8],
+        mangle: impl FnOnce(&mut Vec<u8>),
+        reads: &[usize],
+    ) -> Outcome {
+        let (mut client, mut server) = testing::pair_with(configs).await;
+        server.rekey_after = server.tx.seq + 2;
+        for piece in payload.chunks(MAX_PLAIN) {
+            server.seal(CT_APPLICATION_DATA, piece).unwrap();
+        }
+        server.seal(CT_ALERT, &[1, ALERT_CLOSE_NOTIFY]).unwrap();
+        let mut wire = std::mem::take(&mut server.wbuf);
+        mangle(&mut wire);
+        let send = async {
+            server.io.write_all(&wire).await.unwrap();
+            server.io.shutdown().await.unwrap();
+        };
+        let recv = async {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; reads.iter().copied().max().unwrap_or(1)];
+            for &len in reads.iter().cycle() {
+                match client.read(&mut buf[..len]).await {
+                    Ok(0) => {
+                        let after = client.read(&mut buf[..len]).await;
+                        return Outcome {
+                            got,
+                            end: Ok(()),
+                            after,
+                        };
+                    }
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => {
+                        let after = client.read(&mut buf[..len]).await;
+                        return Outcome {
+                            got,
+                            end: Err(e),
+                            after,
+                        };
+                    }
+                }
+            }
+            unreachable!("the reads cycle until the stream ends")
+        };
+        tokio::join!(send, recv).1
+    }
+
+    /// How the bytes on the wire are changed.
+    #[derive(Debug, Clone)]
+    enum Mangle {
+        Not,
+        /// Cut at this fraction of the length.
+        Truncate(proptest::sample::Index),
+        /// Xor these bytes (never 0) in.
+        Flip(Vec<(proptest::sample::Index, u8)>),
+        /// Insert these bytes.
+        Insert(proptest::sample::Index, Vec<u8>),
+        /// Replace everything with these bytes.
+        Random(Vec<u8>),
+    }
+
+    fn mangles() -> impl proptest::strategy::Strategy<Value = Mangle> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Mangle::Not),
+            any::<prop::sample::Index>().prop_map(Mangle::Truncate),
+            prop::collection::vec((any::<prop::sample::Index>(), 1u8..), 1..4)
+                .prop_map(Mangle::Flip),
+            (
+                any::<prop::sample::Index>(),
+                prop::collection::vec(any::<u8>(), 1..40)
+            )
+                .prop_map(|(at, bytes)| Mangle::Insert(at, bytes)),
+            prop::collection::vec(any::<u8>(), 0..40_000).prop_map(Mangle::Random),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        /// Whatever happens to the bytes on the wire, the reader hands out only a prefix of
+        /// what was sent (never unauthenticated bytes), never panics, ends with an error
+        /// unless the stream was left whole, and fails again when read after an error.
+        #[test]
+        fn mangled_records_never_come_out_as_data(
+            payload_len in 0usize..70_000,
+            mangle in mangles(),
+            reads in proptest::collection::vec(
+                proptest::prop_oneof![1usize..64, 1usize..CHUNK_LEN + 2 * MAX_RECORD],
+                1..6,
+            ),
+        ) {
+            static CONFIGS: std::sync::OnceLock<(Arc<ServerConfig>, Arc<ClientConfig>)> =
+                std::sync::OnceLock::new();
+            let configs = CONFIGS.get_or_init(configs);
+            let payload = data(payload_len);
+            let whole = matches!(mangle, Mangle::Not);
+            let apply = |wire: &mut Vec<u8>| match mangle {
+                Mangle::Not => {}
+                Mangle::Truncate(at) => wire.truncate(at.index(wire.len())),
+                Mangle::Flip(flips) => {
+                    for (at, x) in flips {
+                        let at = at.index(wire.len());
+                        wire[at] ^= x;
+                    }
+                }
+                Mangle::Insert(at, bytes) => {
+                    let at = at.index(wire.len());
+                    wire.splice(at..at, bytes);
+                }
+                Mangle::Random(bytes) => *wire = bytes,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let out = rt.block_on(read_mangled(configs, &payload, apply, &reads));
+            proptest::prop_assert!(
+                payload.starts_with(&out.got),
+                "handed out {} bytes that were not sent", out.got.len()
+            );
+            if whole {
+                proptest::prop_assert!(out.end.is_ok(), "{:?}", out.end);
+                proptest::prop_assert_eq!(out.got.len(), payload.len());
+                proptest::prop_assert!(matches!(out.after, Ok(0)), "{:?}", out.after);
+            } else {
+                proptest::prop_assert!(out.end.is_err(), "a mangled stream ended cleanly");
+                proptest::prop_assert!(out.after.is_err(), "read on after an error");
+            }
+        }
+    }
+
+    /// A transport that passes its first write on and holds the rest until shutdown, so that
+    /// the peer receives them all at once.
+    struct HoldWrites<IO> {
+        io: IO,
+        first: bool,
+        held: Vec<u8>,
+    }
+
+    impl<IO: AsyncRead + Unpin> AsyncRead for HoldWrites<IO> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<IO: AsyncWrite + Unpin> AsyncWrite for HoldWrites<IO> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if std::mem::replace(&mut self.first, false) {
+                return Pin::new(&mut self.io).poll_write(cx, buf);
+            }
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = &mut *self;
+            while !this.held.is_empty() {
+                let n = ready!(Pin::new(&mut this.io).poll_write(cx, &this.held))?;
+                this.held.drain(..n);
+            }
+            Pin::new(&mut this.io).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_finished_data_and_close_notify_at_once_is_served() {
+        let (server_config, client_config) = configs();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let a = HoldWrites {
+            io: a,
+            first: true,
+            held: Vec::new(),
+        };
+        let client = async {
+            let mut c = connector.connect(localhost(), a).await.unwrap();
+            c.write_all(b"request").await.unwrap();
+            c.shutdown().await.unwrap();
+            c
+        };
+        let (_c, s) = tokio::join!(client, accept(b, server_config));
+        let mut s = s.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request");
+    }
+
+    #[tokio::test]
+    async fn a_failed_handshake_tells_the_peer_why() {
+        // The client trusts another certificate: it refuses the server's with an alert.
+        let (server_config, _) = configs();
+        let (_, client_config) = configs();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (c, s) = tokio::join!(
+            connect(a, client_config, localhost()),
+            accept(b, server_config)
+        );
+        let c = c.err().unwrap();
+        assert_eq!(c.kind(), io::ErrorKind::InvalidData, "{c}");
+        assert!(c.to_string().contains("invalid peer certificate"), "{c}");
+        let s = s.err().unwrap();
+        assert!(s.to_string().contains("received fatal alert"), "{s}");
+    }
+
+    #[tokio::test]
+    async fn reads_and_writes_cancelled_at_every_wait_lose_and_repeat_nothing() {
+        let (server_config, client_config) = configs();
+        // A small pipe, so that records arrive in pieces and writes wait often.
+        let (a, b) = tokio::io::duplex(777);
+        let (c, s) = tokio::join!(
+            connect(a, client_config, localhost()),
+            accept(b, server_config)
+        );
+        let (mut client, mut server) = (c.unwrap(), s.unwrap());
+        client.rekey_after = client.tx.seq + 3;
+        let payload = data(2 * CHUNK_LEN + 5000);
+        // Every read and write is given up the first time it would wait, as a timeout
+        // around it would, and started again.
+        let cancelled = std::cell::Cell::new((0, 0));
+        let send = async {
+            let mut pos = 0;
+            while pos < payload.len() {
+                let end = payload.len().min(pos + 50_000);
+                tokio::select! {
+                    biased;
+                    n = client.write(&payload[pos..end]) => pos += n.unwrap(),
+                    () = tokio::task::yield_now() => {
+                        cancelled.set((cancelled.get().0 + 1, cancelled.get().1));
+                    }
+                }
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    r = client.shutdown() => break r.unwrap(),
+                    () = tokio::task::yield_now() => {}
+                }
+            }
+        };
+        let recv = async {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; CHUNK_LEN];
+            for i in 0.. {
+                let len = if i % 3 == 0 { 5 } else { CHUNK_LEN - i % 5 };
+                tokio::select! {
+                    biased;
+                    n = server.read(&mut buf[..len]) => match n.unwrap() {
+                        0 => break,
+                        n => got.extend_from_slice(&buf[..n]),
+                    },
+                    () = tokio::task::yield_now() => {
+                        cancelled.set((cancelled.get().0, cancelled.get().1 + 1));
+                    }
+                }
+            }
+            got
+        };
+        let ((), got) = tokio::join!(send, recv);
+        assert_eq!(got.len(), payload.len());
+        assert!(got == payload, "the bytes differ");
+        let (writes, reads) = cancelled.get();
+        assert!(
+            writes > 0 && reads > 0,
+            "cancelled {writes} writes, {reads} reads"
+        );
+    }
+
+    #[tokio::test]
+    async fn key_update_requests_in_a_row_get_one_answer() {
+        let (mut client, mut server) = pair().await;
+        for _ in 0..5 {
+            server
+                .seal(CT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 1])
+                .unwrap();
+            server.tx = server.kernel.update_tx().unwrap();
+        }
+        server.write_all(b"after").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"after");
+        // One write: one key update, then the data, both under the right keys.
+        client.pay_key_update().unwrap();
+        client.seal(CT_APPLICATION_DATA, b"reply").unwrap();
+        let wire = testing::take_wire(&mut client);
+        let records = [HEADER_LEN + 5 + 1 + TAG_LEN, HEADER_LEN + 5 + 1 + TAG_LEN];
+        assert_eq!(
+            wire.len(),
+            records.iter().sum::<usize>(),
+            "one key update only"
+        );
+        testing::transport(&mut client)
+            .write_all(&wire)
+            .await
+            .unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"reply");
+        assert_eq!(
+            server.rx.seq, 1,
+            "the reply came under the client's new key"
+        );
+    }
+
+    #[tokio::test]
+    async fn sequence_numbers_go_on_from_where_rustls_left_them() {
+        let (mut client, mut server) = pair().await;
+        // rustls' server sent its session tickets under the traffic key: our server goes
+        // on after them, and our client reads them with the kernel connection.
+        assert!(server.tx.seq > 0, "no ticket sent before the handover");
+        assert_eq!(client.rx.seq, 0);
+        let tickets = server.tx.seq;
+        server.write_all(b"data").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 4];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(client.rx.seq, tickets + 1);
+    }
+
+    #[tokio::test]
+    async fn a_session_ticket_split_over_two_records_is_taken() {
+        let (mut client, mut server) = pair().await;
+        // lifetime, age_add, nonce, ticket, no extensions.
+        let body = [0, 0, 0, 60, 0, 0, 0, 1, 1, 0, 0, 4, 1, 2, 3, 4, 0, 0];
+        let msg = [&[HS_NEW_SESSION_TICKET, 0, 0, body.len() as u8][..], &body].concat();
+        server.seal(CT_HANDSHAKE, &msg[..5]).unwrap();
+        server.seal(CT_HANDSHAKE, &msg[5..]).unwrap();
+        server.write_all(b"after").await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"after");
+        assert!(client.handshake.is_empty());
+    }
+
+    #[tokio::test]
+    async fn empty_records_pass_up_to_the_limit() {
+        let (mut client, mut server) = pair().await;
+        for _ in 0..2 {
+            for _ in 0..MAX_EMPTY_IN_A_ROW {
+                server.seal(CT_APPLICATION_DATA, b"").unwrap();
+            }
+            // Data in between starts the count again.
+            server.seal(CT_APPLICATION_DATA, b"x").unwrap();
+        }
+        server.flush().await.unwrap();
+        let mut got = [0u8; 2];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"xx");
     }
 
     #[tokio::test]
