@@ -30,6 +30,7 @@ pub use xfer_proto::beneath;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod digest_store;
 pub mod fsutil;
 pub mod handler;
 pub mod init;

@@ -21,6 +21,7 @@ use crate::partial::{Opened, PartialBudget, PartialDir, Reservation};
 
 use crate::beneath::{Beneath, Kind, Meta, Reach};
 
+use xfer_proto::Digest;
 use xfer_proto::limits::{MAX_PATH_DEPTH, MAX_PATH_LEN};
 use xfer_proto::path::{PathError, components, named_components};
 use xfer_proto::{Entry, EntryKind, ErrorCode};
@@ -644,11 +645,14 @@ impl UserTree {
         Ok(pending)
     }
 
-    /// Makes a verified upload visible: fsync the data, re-check the target, rename over it
-    /// (from the temp folder into the user's tree, by directory handles), fsync the folder.
-    /// Until the rename the old version is untouched.
-    pub fn commit(&self, mut upload: PendingUpload) -> Result<(), StorageError> {
+    /// Makes a verified upload visible: record its `digest` on a big file (see
+    /// [`crate::digest_store`]), fsync the data, re-check the target, rename over it (from the
+    /// temp folder into the user's tree, by directory handles), fsync the folder. Until the
+    /// rename the old version is untouched.
+    pub fn commit(&self, mut upload: PendingUpload, digest: &Digest) -> Result<(), StorageError> {
         let remote = upload.remote.clone();
+        // Before the fsync, so the record is as durable as the data it describes.
+        crate::digest_store::record(&upload.file, digest);
         upload
             .file
             .sync_all()
@@ -1000,7 +1004,7 @@ mod tests {
             .begin_upload(remote, data.len() as u64, 0, Staging::Temp)
             .unwrap();
         up.file().write_all(data).unwrap();
-        tree.commit(up).unwrap();
+        tree.commit(up, blake3::hash(data).as_bytes()).unwrap();
     }
 
     #[test]
@@ -1019,6 +1023,34 @@ mod tests {
             t.open_for_download("a.txt"),
             Err(StorageError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_committed_big_upload_carries_its_digest_wherever_xattrs_work() {
+        let data: Vec<u8> = (0..(1usize << 20) + 3).map(|i| (i % 253) as u8).collect();
+        let digest = *blake3::hash(&data).as_bytes();
+        // The test's own disk, and tmpfs, which may or may not keep user attributes.
+        let shm = std::path::Path::new("/dev/shm");
+        let mut roots = vec![tempfile::tempdir().unwrap()];
+        if shm.is_dir() {
+            roots.push(tempfile::tempdir_in(shm).unwrap());
+        }
+        for dir in roots {
+            let storage = Storage::open(&dir.path().join("root")).unwrap();
+            let t = storage.user_tree("alice").unwrap();
+            put(&t, "big", &data);
+            put(&t, "small", b"tiny");
+            let (f, size, _) = t.open_for_download("big").unwrap();
+            assert_eq!(size, data.len() as u64);
+            let probe = File::create(dir.path().join("probe")).unwrap();
+            let keeps_xattrs =
+                rustix::fs::fsetxattr(&probe, "user.probe", b"1", rustix::fs::XattrFlags::empty())
+                    .is_ok();
+            let want = keeps_xattrs.then_some(digest);
+            assert_eq!(crate::digest_store::stored(&f), want, "{:?}", dir.path());
+            let (small, _, _) = t.open_for_download("small").unwrap();
+            assert_eq!(crate::digest_store::stored(&small), None);
+        }
     }
 
     #[test]
@@ -1058,7 +1090,7 @@ mod tests {
         use std::io::{Seek, SeekFrom};
         up.file.seek(SeekFrom::Start(3)).unwrap();
         up.file().write_all(b"abc").unwrap();
-        t.commit(up).unwrap();
+        t.commit(up, blake3::hash(b"newabc").as_bytes()).unwrap();
         assert_eq!(std::fs::read(t.dir().join("d/f")).unwrap(), b"newabc");
         let partials = d
             .path()

@@ -322,15 +322,30 @@ async fn write_all_progress<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// How [`send`] hashes what it sends.
+// Moved once per body into the reader task, as the `Option<Hasher>` before it was: boxing
+// would add an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum SendHash {
+    /// Goes on from a hasher that has absorbed bytes `0..offset`.
+    Prefix(blake3::Hasher),
+    /// Hashes bytes `0..offset` first, then the body.
+    FromStart,
+    /// Does not hash: the caller knows the digest already.
+    Skip,
+}
+
+/// Sends bytes `offset..size` of `file`; the whole file's digest, unless `hash` is
+/// [`SendHash::Skip`].
 pub(crate) async fn send<W: AsyncWrite + Unpin>(
     w: &mut W,
     mut file: std::fs::File,
     offset: u64,
     size: u64,
-    prefix: Option<blake3::Hasher>,
+    hash: SendHash,
     pacing: Pacing,
     progress: &mut (dyn FnMut(u64) + Send),
-) -> Result<Digest, BodyError> {
+) -> Result<Option<Digest>, BodyError> {
     let total = size.saturating_sub(offset);
     let (full_tx, mut full_rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(PIPELINE_DEPTH);
     let (free_tx, free_rx) = std_mpsc::sync_channel::<Vec<u8>>(PIPELINE_DEPTH);
@@ -338,21 +353,29 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
         let _ = free_tx.try_send(Vec::new());
     }
     // Hashing a prefix here (no hasher given) takes a while before the first chunk.
-    let first_wait = if prefix.is_none() {
+    let first_wait = if matches!(hash, SendHash::FromStart) {
         hashing_allowance(offset)
     } else {
         Duration::ZERO
     };
     let (cancel, _stop_reader) = cancel_flag();
-    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<blake3::Hasher> {
-        let mut hasher = blake3::Hasher::new();
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<Option<blake3::Hasher>> {
+        let mut hasher = None;
         let result: std::io::Result<()> = (|| {
-            match prefix {
-                Some(h) => {
-                    hasher = h;
+            match hash {
+                SendHash::Prefix(h) => {
+                    hasher = Some(h);
                     file.seek(SeekFrom::Start(offset))?;
                 }
-                None => hash_prefix_into(&mut file, offset, &mut hasher, &cancel)?,
+                SendHash::FromStart => hash_prefix_into(
+                    &mut file,
+                    offset,
+                    hasher.insert(blake3::Hasher::new()),
+                    &cancel,
+                )?,
+                SendHash::Skip => {
+                    file.seek(SeekFrom::Start(offset))?;
+                }
             }
             let mut behind = ReadBehind::new(&file, offset, total);
             let mut left = total;
@@ -364,7 +387,9 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
                 if let Some(b) = &mut behind {
                     b.read(&file, n);
                 }
-                hasher.update(&buf);
+                if let Some(h) = &mut hasher {
+                    h.update(&buf);
+                }
                 left -= n as u64;
                 full_tx.blocking_send(Ok(buf)).map_err(|_| cancelled())?;
             }
@@ -429,7 +454,7 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
             source: e,
             in_sync: false,
         })?;
-    Ok(*hasher.finalize().as_bytes())
+    Ok(hasher.map(|h| *h.finalize().as_bytes()))
 }
 
 pub(crate) async fn recv<R: AsyncRead + Unpin>(
@@ -607,6 +632,31 @@ mod tests {
         let all: Vec<u8> = (0..=255u8).cycle().take(3 * CHUNK_LEN + 17).collect();
         round_trip(all.clone(), 0).await;
         round_trip(all, (CHUNK_LEN + 5) as u64).await;
+    }
+
+    #[tokio::test]
+    async fn an_unhashed_body_arrives_whole_and_the_receiver_still_hashes_it() {
+        let data: Vec<u8> = (0..3 * CHUNK_LEN + 9).map(|i| (i % 249) as u8).collect();
+        let size = data.len() as u64;
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut a = Connection::new(a, Duration::from_secs(10));
+        let mut b = Connection::new(b, Duration::from_secs(10));
+        let src = file_with(&data);
+        // Positioned mid-file: the unhashed send starts at byte 0 all the same.
+        let mut src_at = src.try_clone().unwrap();
+        src_at.seek(SeekFrom::Start(100)).unwrap();
+        let send = async move { a.send_body_unhashed(src, size, &mut |_| {}).await.unwrap() };
+        let recv = async move {
+            b.recv_body(tempfile::tempfile().unwrap(), 0, size, None, &mut |_| {})
+                .await
+                .unwrap()
+        };
+        let ((), (digest, mut out)) = tokio::join!(send, recv);
+        assert_eq!(digest, *blake3::hash(&data).as_bytes());
+        let mut back = Vec::new();
+        out.seek(SeekFrom::Start(0)).unwrap();
+        out.read_to_end(&mut back).unwrap();
+        assert_eq!(back, data);
     }
 
     // Above STREAM_MIN, both ends take the page-cache advice path; the source is made cold

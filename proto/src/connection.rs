@@ -162,16 +162,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<Digest, crate::body::BodyError> {
         let pacing = self.pacing();
+        let hash = match prefix {
+            Some(h) => crate::body::SendHash::Prefix(h),
+            None => crate::body::SendHash::FromStart,
+        };
+        let digest =
+            crate::body::send(&mut self.stream, file, offset, size, hash, pacing, progress).await?;
+        // Hashing was asked for, so there is a digest.
+        Ok(digest.unwrap_or_default())
+    }
+
+    /// Streams the whole of `file` (`size` bytes) as a raw body without hashing it, for a
+    /// sender that knows its digest already (the daemon's stored digest).
+    pub async fn send_body_unhashed(
+        &mut self,
+        file: std::fs::File,
+        size: u64,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(), crate::body::BodyError> {
+        let pacing = self.pacing();
         crate::body::send(
             &mut self.stream,
             file,
-            offset,
+            0,
             size,
-            prefix,
+            crate::body::SendHash::Skip,
             pacing,
             progress,
         )
-        .await
+        .await?;
+        Ok(())
     }
 
     /// Receives a raw body of `size - offset` bytes into `file` (positioned by this call at

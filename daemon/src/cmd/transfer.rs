@@ -21,6 +21,7 @@ use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
 use super::{blocking, reply_error, session_valid};
+use crate::digest_store;
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::partial::Holding;
 use crate::server::State;
@@ -416,7 +417,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         conn.write_frame(&answer).await?;
         return Ok(Flow::Continue);
     }
-    if let Err(e) = blocking(move || tree.commit(pending)).await {
+    if let Err(e) = blocking(move || tree.commit(pending, &digest)).await {
         tracing::warn!(user = %user, path = %path, error = %e, "upload commit failed");
         ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
         return reply_error(conn, e.code(), e.client_message()).await;
@@ -467,17 +468,23 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let p = path.clone();
     let whole = offset == 0 && prefix.is_none();
-    let (file, size, modified) = match blocking(move || open_download(&tree, &p, whole)).await {
-        Ok(Opened::Large(file, size, modified)) => (file, size, modified),
-        Ok(Opened::Small { wire, size, digest }) => {
-            return send_small(ctx, conn, &path, &user, &token, wire, size, digest).await;
-        }
-        Err(e) => {
-            tracing::info!(user = %user, path = %path, error = %e, "download refused");
-            ctx.audit("download", Some(&path), Outcome::failed(e.code()));
-            return reply_error(conn, e.code(), e.client_message()).await;
-        }
-    };
+    let (file, size, modified, stored) =
+        match blocking(move || open_download(&tree, &p, whole)).await {
+            Ok(Opened::Large {
+                file,
+                size,
+                modified,
+                stored,
+            }) => (file, size, modified, stored),
+            Ok(Opened::Small { wire, size, digest }) => {
+                return send_small(ctx, conn, &path, &user, &token, wire, size, digest).await;
+            }
+            Err(e) => {
+                tracing::info!(user = %user, path = %path, error = %e, "download refused");
+                ctx.audit("download", Some(&path), Outcome::failed(e.code()));
+                return reply_error(conn, e.code(), e.client_message()).await;
+            }
+        };
     if prefix.is_none() && offset > size {
         return reply_error(
             conn,
@@ -539,8 +546,22 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     let started = Instant::now();
     let state = ctx.state.clone();
     let mut no_progress = |_| {};
+    // A whole big file whose upload left its verified digest needs no hashing: the client
+    // verifies what arrives against the stored digest all the same.
+    let send = async {
+        match stored {
+            Some(d) => conn
+                .send_body_unhashed(file, size, &mut no_progress)
+                .await
+                .map(|()| d),
+            None => {
+                conn.send_body(file, offset, size, hasher, &mut no_progress)
+                    .await
+            }
+        }
+    };
     let sent = tokio::select! {
-        r = conn.send_body(file, offset, size, hasher, &mut no_progress) => r,
+        r = send => r,
         _ = session_ended(&state, &token) => {
             // The body length was promised and no frame can interrupt it: closing is the
             // only signal; the next request on any connection learns the session ended.
@@ -595,7 +616,13 @@ const SMALL_DOWNLOAD: u64 = CHUNK_LEN as u64;
 /// A file opened for a download.
 enum Opened {
     /// Sent through the body pipeline.
-    Large(std::fs::File, u64, i64),
+    Large {
+        file: std::fs::File,
+        size: u64,
+        modified: i64,
+        /// The digest its upload stored, still valid, when the whole file is wanted.
+        stored: Option<Digest>,
+    },
     /// Read already: the whole answer (`DownloadReady`, the body, `DownloadEnd`) as it goes
     /// on the wire.
     Small {
@@ -610,7 +637,17 @@ enum Opened {
 fn open_download(tree: &UserTree, path: &str, whole: bool) -> Result<Opened, StorageError> {
     let (mut file, size, modified) = tree.open_for_download(path)?;
     if !whole || size > SMALL_DOWNLOAD {
-        return Ok(Opened::Large(file, size, modified));
+        let stored = if whole && size >= digest_store::MIN_SIZE {
+            digest_store::stored(&file)
+        } else {
+            None
+        };
+        return Ok(Opened::Large {
+            file,
+            size,
+            modified,
+            stored,
+        });
     }
     let encoding = |e: xfer_proto::frame::FrameError| {
         StorageError::io("reading", path, std::io::Error::other(e.to_string()))
