@@ -301,6 +301,7 @@ pub async fn serve_admitted<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
         }
     }
+    ctx.batch.discard(limits.io_timeout()).await;
     conn.shutdown().await;
     tracing::info!(%peer, user = ctx.auth.as_ref().map(|a| a.user.as_str()).unwrap_or("-"), "connection closed");
 }

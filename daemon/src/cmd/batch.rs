@@ -103,6 +103,23 @@ impl Batch {
     pub fn pending(&self) -> bool {
         !self.staged.is_empty() || !self.staging.is_empty()
     }
+
+    /// Deletes everything this batch staged, waiting for the stagings still running, so
+    /// that a connection that ends without `Commit` leaves nothing behind by the time it
+    /// is closed (dropping the batch would delete those only when their staging ends, after
+    /// the connection is gone, and a daemon that exits meanwhile would leave them for the
+    /// next start's sweep). Waits at most `limit` for each (a hung disk must not hold the
+    /// connection's task forever; a staging abandoned then still deletes its file when it
+    /// ends).
+    pub async fn discard(&mut self, limit: std::time::Duration) {
+        for staging in std::mem::take(&mut self.staging) {
+            // The staged file, if any, is deleted when the result is dropped here.
+            let _ = tokio::time::timeout(limit, staging.task).await;
+        }
+        self.staging_bytes = 0;
+        self.staged.clear();
+        self.bytes = 0;
+    }
 }
 
 /// Handles `Put`: reads the body (always, so the connection stays in step whatever the
