@@ -585,13 +585,27 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     conn.write_frame(&Response::DownloadEnd { digest }).await?;
+    downloaded(ctx, &user, &path, size, offset, &digest, started);
+    Ok(Flow::Continue)
+}
+
+/// The audit record and log line of a download that sent its whole body (from `offset`).
+fn downloaded(
+    ctx: &Ctx,
+    user: &str,
+    path: &str,
+    size: u64,
+    offset: u64,
+    digest: &Digest,
+    started: Instant,
+) {
     ctx.audit(
         "download",
-        Some(&path),
+        Some(path),
         Outcome {
             bytes: Some(size - offset),
             resumed_from: Some(offset),
-            digest: Some(&digest),
+            digest: Some(digest),
             ..Outcome::ok()
         },
     );
@@ -604,7 +618,6 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
         mb_per_s = format_args!("{:.1}", rate_mb_s(size - offset, secs)),
         "download complete"
     );
-    Ok(Flow::Continue)
 }
 
 /// Largest file a download reads whole on its blocking thread and sends with its
@@ -711,24 +724,6 @@ async fn send_small<S: AsyncRead + AsyncWrite + Unpin>(
         ctx.audit("download", Some(path), Outcome::failed(ErrorCode::Internal));
         return Ok(Flow::Close);
     }
-    ctx.audit(
-        "download",
-        Some(path),
-        Outcome {
-            bytes: Some(size),
-            resumed_from: Some(0),
-            digest: Some(&digest),
-            ..Outcome::ok()
-        },
-    );
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(
-        user = %user,
-        path = %path,
-        bytes = size,
-        secs = format_args!("{secs:.3}"),
-        mb_per_s = format_args!("{:.1}", rate_mb_s(size, secs)),
-        "download complete"
-    );
+    downloaded(ctx, user, path, size, 0, &digest, started);
     Ok(Flow::Continue)
 }
