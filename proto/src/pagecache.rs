@@ -243,7 +243,10 @@ mod tests {
         (dir, file)
     }
 
+    // The page cache is shared: under the whole suite's parallel I/O a dropped page was once
+    // seen cached again (1 run in about 8), so this runs alone, from .ci/run.
     #[test]
+    #[ignore = "observes the shared page cache; .ci/run runs it alone"]
     fn a_cold_file_is_dropped_behind_the_reader_and_a_warm_one_is_left() {
         let len = 4 << 20;
         let (_dir, mut file) = uncached_file(len);
