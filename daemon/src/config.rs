@@ -392,7 +392,9 @@ impl Config {
             ));
         }
         let mut storage = file.storage;
-        storage.validate().map_err(|(key, problem)| invalid(key, problem))?;
+        storage
+            .validate()
+            .map_err(|(key, problem)| invalid(key, problem))?;
         if let Some(f) = &storage.credentials_file {
             storage.credentials_file = Some(base.join(f));
         }
@@ -521,10 +523,14 @@ impl StorageSettings {
         {
             return Err((
                 "storage.endpoint",
-                format!("`{}` is not a URL such as https://s3.example.com or http://127.0.0.1:3900", self.endpoint),
+                format!(
+                    "`{}` is not a URL such as https://s3.example.com or http://127.0.0.1:3900",
+                    self.endpoint
+                ),
             ));
         }
-        if self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.contains("//") {
+        if self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.contains("//")
+        {
             return Err((
                 "storage.prefix",
                 "must not start or end with `/` or contain `//`: write it as `a` or `a/b`".into(),
@@ -536,7 +542,10 @@ impl StorageSettings {
         {
             return Err((
                 "storage.part_size",
-                format!("must be a power of two from 8388608 (8 MiB) to 4294967296 (4 GiB), the range S3 stores accept; {} is not", self.part_size),
+                format!(
+                    "must be a power of two from 8388608 (8 MiB) to 4294967296 (4 GiB), the range S3 stores accept; {} is not",
+                    self.part_size
+                ),
             ));
         }
         for (key, value) in [

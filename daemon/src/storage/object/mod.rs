@@ -405,12 +405,7 @@ impl ObjectStore {
                     parts_in_flight: settings.parts_in_flight,
                     lease: Duration::from_secs(settings.upload_lease_secs),
                 },
-                node: format!(
-                    "{}-{}-{}",
-                    hostname(),
-                    std::process::id(),
-                    hex(&nonce[..4])
-                ),
+                node: format!("{}-{}-{}", hostname(), std::process::id(), hex(&nonce[..4])),
             }),
         })
     }
@@ -677,7 +672,10 @@ impl ObjectTree {
     }
 
     /// The file at `r`, if there is one.
-    async fn file_meta(&self, r: &Resolved) -> Result<Option<object_store::ObjectMeta>, ObjectError> {
+    async fn file_meta(
+        &self,
+        r: &Resolved,
+    ) -> Result<Option<object_store::ObjectMeta>, ObjectError> {
         if r.parts.is_empty() {
             return Ok(None);
         }
@@ -733,9 +731,8 @@ impl ObjectTree {
                 .list_page(&prefix, token.take(), LIST_PAGE)
                 .await
                 .map_err(|e| ObjectError::store("listing", &r.canonical, e))?;
-            let mut entries: Vec<Entry> = Vec::with_capacity(
-                page.result.objects.len() + page.result.common_prefixes.len(),
-            );
+            let mut entries: Vec<Entry> =
+                Vec::with_capacity(page.result.objects.len() + page.result.common_prefixes.len());
             for dir in &page.result.common_prefixes {
                 seen_any = true;
                 if let Some(name) = dir.filename() {
@@ -939,7 +936,12 @@ impl ObjectTree {
     /// delete: not atomic (see the module notes). A folder is moved object by object, only
     /// if every path inside it stays within the path limits (checked over at most
     /// `max_check` keys when the move makes paths deeper or longer). Returns the final path.
-    pub async fn rename(&self, from: &str, to: &str, max_check: u64) -> Result<String, ObjectError> {
+    pub async fn rename(
+        &self,
+        from: &str,
+        to: &str,
+        max_check: u64,
+    ) -> Result<String, ObjectError> {
         named_components(to).map_err(|source| ObjectError::BadPath {
             path: to.into(),
             source,
@@ -992,8 +994,14 @@ impl ObjectTree {
                     .copy(&from_key, &to_key)
                     .await
                     .map_err(|e| ObjectError::store("renaming", from, e))?;
-                upload::move_digest(&self.inner, &self.user, &src.canonical, &dst.canonical, &to_key)
-                    .await;
+                upload::move_digest(
+                    &self.inner,
+                    &self.user,
+                    &src.canonical,
+                    &dst.canonical,
+                    &to_key,
+                )
+                .await;
                 self.inner
                     .s3
                     .delete(&from_key)
@@ -1001,7 +1009,10 @@ impl ObjectTree {
                     .map_err(|e| ObjectError::store("renaming", from, e))?;
                 upload::forget_digest(&self.inner, &self.user, &src.canonical).await;
             }
-            Stat::Dir => self.rename_dir(from, &src, &to_remote, &dst, max_check).await?,
+            Stat::Dir => {
+                self.rename_dir(from, &src, &to_remote, &dst, max_check)
+                    .await?
+            }
         }
         Ok(to_remote)
     }
@@ -1046,8 +1057,7 @@ impl ObjectTree {
                         below.pop();
                     }
                     let new_depth = depth(dst) + below.len();
-                    let new_len = len(dst)
-                        + below.iter().map(|p| p.len() + 1).sum::<usize>();
+                    let new_len = len(dst) + below.iter().map(|p| p.len() + 1).sum::<usize>();
                     if new_depth > MAX_PATH_DEPTH || new_len > MAX_PATH_LEN {
                         return Err(ObjectError::TooDeep {
                             from: from.into(),
@@ -1074,9 +1084,7 @@ impl ObjectTree {
                 for obj in &page.result.objects {
                     let inner = &obj.location.as_ref()[src_prefix.len()..];
                     if pass == "copy" {
-                        let target = self
-                            .inner
-                            .key(to, format!("{dst_prefix}{inner}"))?;
+                        let target = self.inner.key(to, format!("{dst_prefix}{inner}"))?;
                         self.inner
                             .s3
                             .copy(&obj.location, &target)
@@ -1152,7 +1160,12 @@ impl ObjectTree {
     /// Stores a small file in one PUT (atomic per object), with its digest as metadata:
     /// for batched uploads, whose data the caller holds in memory (bounded by
     /// `limits.max_batch_bytes`). Creates missing folders first, like `mkdir -p`.
-    pub async fn put_small(&self, remote: &str, data: Bytes, digest: &Digest) -> Result<(), ObjectError> {
+    pub async fn put_small(
+        &self,
+        remote: &str,
+        data: Bytes,
+        digest: &Digest,
+    ) -> Result<(), ObjectError> {
         let r = self.resolve(remote, true)?;
         if r.parts.len() > 1 {
             self.mkdir(&r.parts[..r.parts.len() - 1].join("/")).await?;
@@ -1161,7 +1174,10 @@ impl ObjectTree {
             return Err(ObjectError::WrongKind(remote.into(), "a folder"));
         }
         let mut attributes = Attributes::new();
-        attributes.insert(Attribute::Metadata(DIGEST_METADATA.into()), hex(digest).into());
+        attributes.insert(
+            Attribute::Metadata(DIGEST_METADATA.into()),
+            hex(digest).into(),
+        );
         self.inner
             .s3
             .put_opts(
@@ -1174,7 +1190,7 @@ impl ObjectTree {
             )
             .await
             .map_err(|e| ObjectError::store("storing", remote, e))?;
-        upload::forget_digest(&self.inner, &self.user, &r.canonical).await;
+        // A digest kept beside an older multipart version is ignored: the metadata wins.
         Ok(())
     }
 }

@@ -31,7 +31,16 @@ fn paths_follow_the_local_rules_before_any_key_is_built() {
     assert_eq!(r.key_text, "p/alice/a/b");
     assert_eq!(r.dir_prefix(), "p/alice/a/b/");
     assert_eq!(t.resolve("", false).unwrap().key_text, "p/alice");
-    for bad in ["..", "../x", "/etc/passwd", "a/../../x", "x\0y", "a\\b", ".", "a/./b"] {
+    for bad in [
+        "..",
+        "../x",
+        "/etc/passwd",
+        "a/../../x",
+        "x\0y",
+        "a\\b",
+        ".",
+        "a/./b",
+    ] {
         assert!(
             matches!(t.resolve(bad, false), Err(ObjectError::BadPath { .. })),
             "{bad:?}"
@@ -53,7 +62,13 @@ fn no_user_path_can_name_a_folder_marker_or_internal_state() {
     let hash = blake3::hash(b"a/b").to_hex();
     assert_eq!(rec.as_ref(), format!("p/.xfer/partial/alice/{hash}.json"));
     // User names never start with `.`, so `.xfer` is no user's tree.
-    assert!(!s.user_tree("alice").resolve("x", true).unwrap().key_text.contains(".xfer"));
+    assert!(
+        !s.user_tree("alice")
+            .resolve("x", true)
+            .unwrap()
+            .key_text
+            .contains(".xfer")
+    );
 }
 
 #[test]
@@ -84,7 +99,10 @@ fn secrets_stay_out_of_debug_output_and_messages() {
             source: "connection refused to http://127.0.0.1:9/b/p/alice/f".into(),
         },
     };
-    assert_eq!(e.client_message(), "reading `f` failed on the server's storage");
+    assert_eq!(
+        e.client_message(),
+        "reading `f` failed on the server's storage"
+    );
 }
 
 #[test]
@@ -164,7 +182,9 @@ fn storage_config_is_checked_and_says_what_to_do() {
             "`a/b`",
         ),
     ] {
-        let err = load(&format!("[storage]\n{text}\n")).unwrap_err().to_string();
+        let err = load(&format!("[storage]\n{text}\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(key) && err.contains(hint), "{text}: {err}");
     }
     let err = load("[storage]\nkind = \"gcs\"\n").unwrap_err().to_string();

@@ -11,7 +11,9 @@
 //! of one part or less has no parent node, so its digest is the part's own root hash, kept
 //! apart ([`PartHash::root`]). Tests check the result against [`blake3::hash`].
 
-use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+};
 
 /// Why a digest could not be rebuilt from the parts given.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -39,7 +39,9 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
-use object_store::{Attribute, Attributes, ObjectStore as _, ObjectStoreExt, PutOptions, PutPayload};
+use object_store::{
+    Attribute, Attributes, ObjectStore as _, ObjectStoreExt, PutOptions, PutPayload,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -162,8 +164,11 @@ enum Body {
     /// The whole file in memory (at most one part), stored at the commit.
     Single(Vec<u8>),
     /// A multipart upload.
-    Multi(Multi),
+    Multi(Box<Multi>),
 }
+
+/// A part just filled: its index, bytes and hash.
+type FullPart = (usize, Bytes, PartHash);
 
 struct Multi {
     /// Bytes per part.
@@ -228,8 +233,10 @@ pub(super) async fn begin(
     super::rand_bytes(&mut nonce);
     let claim = format!("{}/{}", inner.node, hex(&nonce));
     let Some(resume) = resume else {
-        let record_key = inner.internal_key("partial", user, canonical, &format!(".{}", hex(&nonce)));
-        up.start_fresh(part_size, record_key, claim, false, false).await?;
+        let record_key =
+            inner.internal_key("partial", user, canonical, &format!(".{}", hex(&nonce)));
+        up.start_fresh(part_size, record_key, claim, false, false)
+            .await?;
         return Ok(up);
     };
     let record_key = inner.internal_key("partial", user, canonical, "");
@@ -246,7 +253,8 @@ pub(super) async fn begin(
         {
             if rec.lease_until > now {
                 tracing::info!(path = %remote, owner = %rec.owner, "another attempt holds this upload's resume record; uploading apart, not resumable");
-                let apart = inner.internal_key("partial", user, canonical, &format!(".{}", hex(&nonce)));
+                let apart =
+                    inner.internal_key("partial", user, canonical, &format!(".{}", hex(&nonce)));
                 up.start_fresh(part_size, apart, claim, false, true).await?;
                 return Ok(up);
             }
@@ -262,13 +270,14 @@ pub(super) async fn begin(
             // Two nodes may take over at once: the last writer wins, the other goes apart.
             let check = read_record(&inner, &record_key, remote).await?;
             if check.is_none_or(|c| c.owner != claim) {
-                let apart = inner.internal_key("partial", user, canonical, &format!(".{}", hex(&nonce)));
+                let apart =
+                    inner.internal_key("partial", user, canonical, &format!(".{}", hex(&nonce)));
                 up.start_fresh(part_size, apart, claim, false, true).await?;
                 return Ok(up);
             }
             let held_bytes = held_len(&held, part_size, size);
             up.written = held_bytes;
-            up.body = Body::Multi(Multi::new(
+            up.body = Body::Multi(Box::new(Multi::new(
                 &up,
                 part_size,
                 rec.upload_id.clone(),
@@ -278,7 +287,7 @@ pub(super) async fn begin(
                 true,
                 false,
                 rec,
-            ));
+            )));
             up.spawn_driver();
             tracing::info!(path = %remote, held = held_bytes, "resuming an upload from its record");
             if held_bytes > resume.up_to.min(size) {
@@ -289,11 +298,13 @@ pub(super) async fn begin(
         Some(stale) => {
             // Expired, for another size, or of an older format: its parts are of no use.
             abort_upload(&inner, &stale.key, &stale.upload_id).await;
-            up.start_fresh(part_size, record_key, claim, true, false).await?;
+            up.start_fresh(part_size, record_key, claim, true, false)
+                .await?;
             Ok(up)
         }
         None => {
-            up.start_fresh(part_size, record_key, claim, true, false).await?;
+            up.start_fresh(part_size, record_key, claim, true, false)
+                .await?;
             Ok(up)
         }
     }
@@ -400,7 +411,7 @@ impl ObjectUpload {
             return Err(e);
         }
         self.written = 0;
-        self.body = Body::Multi(Multi::new(
+        self.body = Body::Multi(Box::new(Multi::new(
             self,
             part_size,
             upload_id,
@@ -410,7 +421,7 @@ impl ObjectUpload {
             resumable,
             held_elsewhere,
             record,
-        ));
+        )));
         self.spawn_driver();
         Ok(())
     }
@@ -474,6 +485,14 @@ impl ObjectUpload {
         matches!(&self.body, Body::Multi(m) if m.held_elsewhere)
     }
 
+    /// The store's multipart upload id (`None` for a file stored in one PUT), for logs.
+    pub fn upload_id(&self) -> Option<&str> {
+        match &self.body {
+            Body::Multi(m) => Some(&m.upload_id),
+            Body::Single(_) => None,
+        }
+    }
+
     /// Bytes per part of this upload (0 for one held in memory and stored in one PUT).
     pub fn part_size(&self) -> u64 {
         match &self.body {
@@ -507,7 +526,7 @@ impl ObjectUpload {
 
     /// Takes what fits of `data` into the current part: how many bytes, and the part if it
     /// is now full.
-    fn take(&mut self, data: &[u8]) -> Result<(usize, Option<(usize, Bytes, PartHash)>), ObjectError> {
+    fn take(&mut self, data: &[u8]) -> Result<(usize, Option<FullPart>), ObjectError> {
         let got = self.written + data.len() as u64;
         if got > self.size {
             return Err(ObjectError::SizeMismatch {
@@ -549,7 +568,13 @@ impl ObjectUpload {
     }
 
     /// Hands a full part to the driver, with the permit that bounds memory.
-    fn send(&mut self, index: usize, data: Bytes, hash: PartHash, permit: OwnedSemaphorePermit) -> bool {
+    fn send(
+        &mut self,
+        index: usize,
+        data: Bytes,
+        hash: PartHash,
+        permit: OwnedSemaphorePermit,
+    ) -> bool {
         let Body::Multi(m) = &mut self.body else {
             return false;
         };
@@ -592,7 +617,9 @@ impl ObjectUpload {
             let (n, full) = self.take(data)?;
             data = &data[n..];
             if let Some((index, bytes, hash)) = full {
-                let Some(permits) = self.permits() else { continue };
+                let Some(permits) = self.permits() else {
+                    continue;
+                };
                 let permit = permits
                     .acquire_owned()
                     .await
@@ -612,7 +639,9 @@ impl ObjectUpload {
             let (n, full) = self.take(data)?;
             data = &data[n..];
             if let Some((index, bytes, hash)) = full {
-                let Some(permits) = self.permits() else { continue };
+                let Some(permits) = self.permits() else {
+                    continue;
+                };
                 let handle = self.handle.clone();
                 let permit = handle
                     .block_on(permits.acquire_owned())
@@ -770,7 +799,8 @@ impl Driver {
     ) -> Result<Vec<DonePart>, ObjectError> {
         let mut inflight = FuturesUnordered::new();
         let renew_every = (self.inner.uploads.lease / 3).max(Duration::from_millis(200));
-        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
+        let mut renew =
+            tokio::time::interval_at(tokio::time::Instant::now() + renew_every, renew_every);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
         let mut committing = false;
@@ -869,20 +899,35 @@ impl Driver {
     }
 }
 
-async fn read_record(inner: &Inner, key: &Key, remote: &str) -> Result<Option<Record>, ObjectError> {
+async fn read_record(
+    inner: &Inner,
+    key: &Key,
+    remote: &str,
+) -> Result<Option<Record>, ObjectError> {
     let bytes = match inner.s3.get(key).await {
         Ok(got) => got
             .bytes()
             .await
             .map_err(|e| ObjectError::store("reading the resume record of", remote, e))?,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(ObjectError::store("reading the resume record of", remote, e)),
+        Err(e) => {
+            return Err(ObjectError::store(
+                "reading the resume record of",
+                remote,
+                e,
+            ));
+        }
     };
     // A damaged record is as good as none: it is replaced (and its upload swept later).
     Ok(serde_json::from_slice(&bytes).ok())
 }
 
-async fn write_record(inner: &Inner, key: &Key, rec: &Record, remote: &str) -> Result<(), ObjectError> {
+async fn write_record(
+    inner: &Inner,
+    key: &Key,
+    rec: &Record,
+    remote: &str,
+) -> Result<(), ObjectError> {
     let json = serde_json::to_vec(rec).map_err(|source| ObjectError::Record {
         path: remote.into(),
         source,
@@ -919,7 +964,9 @@ async fn put_digest(inner: &Inner, user: &str, canonical: &str, e_tag: String, d
         e_tag,
         blake3: hex(digest),
     };
-    let Ok(json) = serde_json::to_vec(&record) else { return };
+    let Ok(json) = serde_json::to_vec(&record) else {
+        return;
+    };
     if let Err(e) = inner.s3.put(&key, PutPayload::from(json)).await {
         // Downloads then hash the file themselves: slower, still verified.
         tracing::warn!(error = %e, "cannot record an upload's digest");
@@ -953,8 +1000,13 @@ pub(super) async fn move_digest(inner: &Inner, user: &str, from: &str, to: &str,
         forget_digest(inner, user, to).await;
         return;
     };
-    let Ok(old) = serde_json::from_slice::<StoredDigest>(&record) else { return };
-    let (Ok(meta), Some(digest)) = (inner.s3.head(to_key).await, super::parse_digest(&old.blake3)) else {
+    let Ok(old) = serde_json::from_slice::<StoredDigest>(&record) else {
+        return;
+    };
+    let (Ok(meta), Some(digest)) = (
+        inner.s3.head(to_key).await,
+        super::parse_digest(&old.blake3),
+    ) else {
         return;
     };
     match meta.e_tag {
