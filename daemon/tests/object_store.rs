@@ -177,6 +177,10 @@ fn garage() -> &'static Garage {
 /// A store on the test Garage under `prefix`, as a node configured with `[storage]` would
 /// open it: each call is a fresh client, like another node.
 async fn store(prefix: &str) -> ObjectStore {
+    store_with_lease(prefix, 2).await
+}
+
+async fn store_with_lease(prefix: &str, lease_secs: u64) -> ObjectStore {
     let g = garage();
     let settings = StorageSettings {
         kind: StorageKind::S3,
@@ -187,7 +191,7 @@ async fn store(prefix: &str) -> ObjectStore {
         prefix: prefix.into(),
         part_size: PART,
         parts_in_flight: 2,
-        upload_lease_secs: 2,
+        upload_lease_secs: lease_secs,
         ..Default::default()
     };
     let s = ObjectStore::open(
@@ -423,7 +427,7 @@ async fn an_interrupted_upload_resumes_on_another_node_from_its_last_part() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_upload_is_not_taken_over_until_its_lease_runs_out() {
-    let a = store("t-lease").await;
+    let a = store_with_lease("t-lease", 5).await;
     let bytes = data((3 * PART) as usize, 4);
     let size = bytes.len() as u64;
     let t = a.user_tree("alice");
@@ -431,11 +435,11 @@ async fn a_running_upload_is_not_taken_over_until_its_lease_runs_out() {
         .begin_upload("f", size, 0, Some(resume(size)))
         .await
         .unwrap();
-    let first = feed(first, bytes[..PART as usize].to_vec()).await;
-    // Held and renewed by the first: the second runs apart, not resumable.
-    let b = store("t-lease").await;
-    let second = b
-        .user_tree("alice")
+    let first = feed(first, bytes[..(PART + 1) as usize].to_vec()).await;
+    // Held and renewed by the first: another node's attempt runs apart, not resumable.
+    let b = store_with_lease("t-lease", 5).await;
+    let tb = b.user_tree("alice");
+    let second = tb
         .begin_upload("f", size, 0, Some(resume(size)))
         .await
         .unwrap();
@@ -443,20 +447,37 @@ async fn a_running_upload_is_not_taken_over_until_its_lease_runs_out() {
     assert!(!second.resumable());
     assert_eq!(second.held(), 0);
     let second = feed(second, bytes.clone()).await;
-    b.user_tree("alice")
-        .commit(second, blake3::hash(&bytes).as_bytes())
+    tb.commit(second, blake3::hash(&bytes).as_bytes())
         .await
         .unwrap();
-    // The first one, dropped as if its node died (no release), keeps its record until the
-    // lease runs out; then a third attempt resumes its part.
-    drop(first);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let third = t
+    // The first one's node dies: its claim holds until the lease runs out, then another
+    // attempt resumes its finished part.
+    let held_parts_at_death = {
+        // Wait until its first part is recorded (the driver writes after each part).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a.partial_usage("alice").await.unwrap() < PART {
+            assert!(
+                Instant::now() < deadline,
+                "the first part was never recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        PART
+    };
+    first.abandon();
+    let early = tb
+        .begin_upload("f", size, 0, Some(resume(size)))
+        .await
+        .unwrap();
+    assert!(early.held_elsewhere(), "the dead node's lease still holds");
+    early.discard().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let third = tb
         .begin_upload("f", size, 0, Some(resume(size)))
         .await
         .unwrap();
     assert!(!third.held_elsewhere());
-    assert_eq!(third.held(), PART);
+    assert_eq!(third.held(), held_parts_at_death);
     third.discard().await;
 }
 

@@ -765,6 +765,19 @@ impl ObjectUpload {
     }
 }
 
+impl ObjectUpload {
+    /// Stops without a word to the store, as a node that dies would: the record keeps its
+    /// claim until the lease runs out, and the parts stay for whoever resumes. (Tests of
+    /// takeover use it; a daemon that stops cleanly drops or interrupts its uploads.)
+    pub fn abandon(mut self) {
+        if let Body::Multi(m) = &mut self.body
+            && let Some(d) = m.driver.take()
+        {
+            d.abort();
+        }
+    }
+}
+
 impl std::io::Write for ObjectUpload {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.blocking_write(buf).map_err(std::io::Error::other)?;
