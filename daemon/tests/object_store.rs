@@ -379,6 +379,7 @@ async fn an_interrupted_upload_resumes_on_another_node_from_its_last_part() {
     let size = bytes.len() as u64;
     {
         let t = a.user_tree("alice");
+        t.mkdir("d").await.unwrap();
         let up = t
             .begin_upload("d//f", size, 0, Some(resume(size)))
             .await
