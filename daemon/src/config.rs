@@ -78,6 +78,9 @@ pub struct ConfigFile {
     /// Brute-force penalties.
     #[serde(default)]
     pub penalties: crate::penalty::PenaltySettings,
+    /// Where users' files live: the local root or an S3-compatible object store.
+    #[serde(default)]
+    pub storage: StorageSettings,
 }
 
 fn default_listen() -> String {
@@ -277,6 +280,8 @@ pub struct Config {
     pub sessions: SessionSettings,
     /// Brute-force penalties.
     pub penalties: crate::penalty::PenaltySettings,
+    /// Storage backend (`credentials_file` made absolute).
+    pub storage: StorageSettings,
     /// Deprecated keys found and what became of them, for the daemon to log.
     pub warnings: Vec<String>,
 }
@@ -386,6 +391,13 @@ impl Config {
                 "must be between 1 and 100".into(),
             ));
         }
+        let mut storage = file.storage;
+        storage
+            .validate()
+            .map_err(|(key, problem)| invalid(key, problem))?;
+        if let Some(f) = &storage.credentials_file {
+            storage.credentials_file = Some(base.join(f));
+        }
         let abs = |p: &Path| base.join(p);
         Ok(Config {
             path: path.to_path_buf(),
@@ -403,8 +415,150 @@ impl Config {
             limits: file.limits,
             sessions: file.sessions,
             penalties: file.penalties,
+            storage,
             warnings,
         })
+    }
+}
+
+/// Which storage backend holds users' files.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Folders under `root` on this machine (one daemon per root).
+    #[default]
+    Local,
+    /// An S3-compatible object store, which several daemons can share.
+    S3,
+}
+
+/// The `[storage]` section; each key is documented in `config/xferd.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// `local` (the root folder) or `s3`.
+    pub kind: StorageKind,
+    /// Bucket name (s3).
+    pub bucket: String,
+    /// Endpoint URL; empty means AWS for `region`.
+    pub endpoint: String,
+    /// Region the requests are signed for.
+    pub region: String,
+    /// Whether a plain `http://` endpoint is accepted (a store on loopback or a private link).
+    pub allow_http: bool,
+    /// TOML file (mode 0600) with `access_key_id` and `secret_access_key`; without it the
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` environment variables.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// Key prefix for everything the daemon stores, so a bucket can hold other data too.
+    pub prefix: String,
+    /// Bytes per part of a multipart upload: a power of two, raised for files that would
+    /// need more than 10,000 parts.
+    pub part_size: u64,
+    /// Parts of one upload sent at once; memory per upload is part_size x (this + 1).
+    pub parts_in_flight: usize,
+    /// Seconds allowed to connect to the store.
+    pub connect_timeout_secs: u64,
+    /// Seconds a request to the store may go without progress.
+    pub request_timeout_secs: u64,
+    /// Retries of a failed request (with exponential backoff) before giving up.
+    pub max_retries: usize,
+    /// Seconds an upload's claim on its resume record lasts without renewal: a node that
+    /// finds a fresher claim by another node does not take the upload over.
+    pub upload_lease_secs: u64,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            kind: StorageKind::Local,
+            bucket: String::new(),
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            allow_http: false,
+            credentials_file: None,
+            prefix: String::new(),
+            part_size: 8 << 20,
+            parts_in_flight: 2,
+            connect_timeout_secs: 5,
+            request_timeout_secs: 30,
+            max_retries: 3,
+            upload_lease_secs: 10,
+        }
+    }
+}
+
+/// The smallest part an S3 store accepts (all but the last part of an upload).
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+/// The largest part an S3 store accepts.
+pub const MAX_PART_SIZE: u64 = 5 << 30;
+
+impl StorageSettings {
+    /// Checks the keys the chosen backend needs; on failure the key and what to do.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.kind == StorageKind::Local {
+            return Ok(());
+        }
+        if self.bucket.is_empty() {
+            return Err((
+                "storage.bucket",
+                "is required with kind = \"s3\": name the bucket (create it first, for example with `garage bucket create NAME`)".into(),
+            ));
+        }
+        if self.region.is_empty() {
+            return Err((
+                "storage.region",
+                "is required with kind = \"s3\": use the store's region (\"garage\" for a default Garage, \"us-east-1\" for most others)".into(),
+            ));
+        }
+        if self.endpoint.starts_with("http://") && !self.allow_http {
+            return Err((
+                "storage.endpoint",
+                "is plain http: use https, or set `storage.allow_http = true` for a store reached over loopback or a private link".into(),
+            ));
+        }
+        if !self.endpoint.is_empty()
+            && !self.endpoint.starts_with("http://")
+            && !self.endpoint.starts_with("https://")
+        {
+            return Err((
+                "storage.endpoint",
+                format!(
+                    "`{}` is not a URL such as https://s3.example.com or http://127.0.0.1:3900",
+                    self.endpoint
+                ),
+            ));
+        }
+        if self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.contains("//")
+        {
+            return Err((
+                "storage.prefix",
+                "must not start or end with `/` or contain `//`: write it as `a` or `a/b`".into(),
+            ));
+        }
+        if !self.part_size.is_power_of_two()
+            || self.part_size < MIN_PART_SIZE
+            || self.part_size > MAX_PART_SIZE
+        {
+            return Err((
+                "storage.part_size",
+                format!(
+                    "must be a power of two from 8388608 (8 MiB) to 4294967296 (4 GiB), the range S3 stores accept; {} is not",
+                    self.part_size
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("storage.parts_in_flight", self.parts_in_flight as u64),
+            ("storage.connect_timeout_secs", self.connect_timeout_secs),
+            ("storage.request_timeout_secs", self.request_timeout_secs),
+            ("storage.upload_lease_secs", self.upload_lease_secs),
+        ] {
+            if value == 0 {
+                return Err((key, "must be greater than 0".into()));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -136,6 +136,43 @@ threshold_secs = 15
 max_secs = 600
 # Most sources remembered; when full, the one closest to expiry is forgotten.
 max_sources = 65536
+
+[storage]
+# Where users' files live. "local": folders under `root` on this machine (the default).
+# "s3": an S3-compatible object store (AWS S3, Garage, MinIO, ...), which several daemons with
+# the same [storage], users file, key and certificate can share. Keys in the bucket are
+# PREFIX/USER/PATH; resume records live under PREFIX/.xfer/.
+kind = "local"
+# The bucket (create it first). Required with kind = "s3".
+bucket = ""
+# The store's URL, e.g. "https://s3.example.com" or "http://127.0.0.1:3900" (Garage); empty
+# means AWS S3 for `region`.
+endpoint = ""
+# The region requests are signed for ("garage" for a default Garage).
+region = "us-east-1"
+# Accept a plain http:// endpoint: only for a store on loopback or a private link.
+allow_http = false
+# Credentials: a TOML file with `access_key_id = "..."` and `secret_access_key = "..."`,
+# refused unless only its owner can read it (chmod 600). Without it, the environment
+# variables AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. Never logged.
+# credentials_file = "s3-credentials.toml"
+# Key prefix for everything xferd stores, so the bucket can hold other data ("" = none).
+prefix = ""
+# Uploads stream as multipart uploads in parts of this many bytes (a power of two, 8 MiB to
+# 4 GiB; raised for a file that would need more than 10,000 parts). At most parts_in_flight
+# parts of one upload are sent at once, so an upload holds at most
+# part_size x (parts_in_flight + 1) bytes of memory. An interrupted upload resumes, on any
+# node, from its last whole part.
+part_size = 8388608
+parts_in_flight = 2
+# Seconds to connect to the store; seconds a request may go without progress; retries of a
+# failed request (exponential backoff) before the operation fails.
+connect_timeout_secs = 5
+request_timeout_secs = 30
+max_retries = 3
+# Seconds an upload's claim on its resume record lasts unless renewed (it is renewed while the
+# upload runs): another node finding a fresher claim does not take the upload over.
+upload_lease_secs = 10
 "#;
 
 /// Options for `xferd init`.

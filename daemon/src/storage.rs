@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
+pub mod object;
+
 use crate::partial::{Opened, PartialBudget, PartialDir, Reservation};
 
 use crate::beneath::{Beneath, Kind, Meta, Reach};
