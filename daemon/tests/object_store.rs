@@ -1,14 +1,8 @@
-//! The object backend against a real S3 store: a single-node Garage started by this test
-//! binary (the shared 3-node cluster fixture of the xfer-tests crate replaces it once merged).
-//!
-//! Garage is looked for in `$GARAGE_BIN`, `~/.cargo/bin/garage`, then
-//! `/var/cache/xfer-ci/bin/garage`; without it these tests fail with a message saying how to
-//! build it (they never skip silently). Each test works under a prefix of its own.
+//! The object backend against a real S3 store: the 3-node Garage cluster of
+//! [`xfer_tests::cluster`] (replication factor 3), which fails with a message saying how to
+//! build Garage when it is missing (never skips). Each test works under a prefix of its own.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -19,176 +13,35 @@ use xferd::storage::object::{Credentials, ObjectError, ObjectStore, ObjectUpload
 /// Parts of 64 KiB: Garage accepts parts under S3's 5 MiB, which keeps these tests small.
 const PART: u64 = 64 << 10;
 
-struct Garage {
-    /// `http://127.0.0.1:PORT`.
-    endpoint: String,
-    /// Access key id and secret of a key with read/write on `bucket`.
-    key_id: String,
-    secret: String,
-    /// The test bucket.
-    bucket: String,
-    /// Its folder (config, data, logs); kept for the logs on failure.
-    _dir: tempfile::TempDir,
-    /// The shell that kills Garage when this process goes away (its stdin closes).
-    _watchdog: Child,
-}
-
-fn garage_bin() -> PathBuf {
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(p) = std::env::var_os("GARAGE_BIN") {
-        candidates.push(p.into());
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(Path::new(&home).join(".cargo/bin/garage"));
-    }
-    candidates.push("/var/cache/xfer-ci/bin/garage".into());
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "garage not found in $GARAGE_BIN, ~/.cargo/bin or /var/cache/xfer-ci/bin: build it with `cargo install garage --locked` (about 11 minutes)"
-            )
-        })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn run(bin: &Path, config: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin)
-        .arg("-c")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn run_ok(bin: &Path, config: &Path, args: &[&str]) -> String {
-    let out = run(bin, config, args);
-    assert!(
-        out.status.success(),
-        "garage {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn start_garage() -> Garage {
-    let bin = garage_bin();
-    let dir = tempfile::tempdir().unwrap();
-    let (s3, rpc) = (free_port(), free_port());
-    let secret: String = (0..32).map(|i| format!("{:02x}", i * 7 + 3)).collect();
-    let config = dir.path().join("garage.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"metadata_dir = "{d}/meta"
-data_dir = "{d}/data"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:{rpc}"
-rpc_public_addr = "127.0.0.1:{rpc}"
-rpc_secret = "{secret}"
-
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:{s3}"
-root_domain = ".s3.garage.localhost"
-"#,
-            d = dir.path().display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
-    // `read` returns when this test process exits and its end of the pipe closes.
-    let watchdog = Command::new("sh")
-        .arg("-c")
-        .arg(r#""$0" -c "$1" server & g=$!; read _; kill $g; wait $g"#)
-        .arg(&bin)
-        .arg(&config)
-        .stdin(Stdio::piped())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !run(&bin, &config, &["status"]).status.success() {
-        assert!(
-            Instant::now() < deadline,
-            "garage did not start: see {}",
-            dir.path().display()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let id = run_ok(&bin, &config, &["node", "id", "-q"]);
-    let id = id.trim().split('@').next().unwrap().to_string();
-    run_ok(
-        &bin,
-        &config,
-        &["layout", "assign", "-z", "dc1", "-c", "1G", &id],
-    );
-    run_ok(&bin, &config, &["layout", "apply", "--version", "1"]);
-    let key: serde_json::Value = serde_json::from_str(&run_ok(
-        &bin,
-        &config,
-        &["json-api", "CreateKey", r#"{"name":"xfer-test"}"#],
-    ))
-    .unwrap();
-    let key_id = key["accessKeyId"].as_str().unwrap().to_string();
-    let key_secret = key["secretAccessKey"].as_str().unwrap().to_string();
-    run_ok(&bin, &config, &["bucket", "create", "xfer-test"]);
-    run_ok(
-        &bin,
-        &config,
-        &[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            "xfer-test",
-            "--key",
-            &key_id,
-        ],
-    );
-    Garage {
-        endpoint: format!("http://127.0.0.1:{s3}"),
-        key_id,
-        secret: key_secret,
-        bucket: "xfer-test".into(),
-        _dir: dir,
-        _watchdog: watchdog,
-    }
-}
-
-fn garage() -> &'static Garage {
-    static GARAGE: OnceLock<Garage> = OnceLock::new();
-    GARAGE.get_or_init(start_garage)
-}
-
 /// A store on the test Garage under `prefix`, as a node configured with `[storage]` would
 /// open it: each call is a fresh client, like another node.
 async fn store(prefix: &str) -> ObjectStore {
     store_with_lease(prefix, 2).await
 }
 
+/// The key prefix of the test named `name` in this run: one per name (the "nodes" of one
+/// test share it), never reused by another run against a kept cluster (XFER_GARAGE_DIR).
+fn unique(name: &str) -> String {
+    static PREFIXES: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut known = PREFIXES.lock().unwrap();
+    if let Some((_, unique)) = known.iter().find(|(n, _)| n == name) {
+        return unique.clone();
+    }
+    let unique = xfer_tests::cluster::unique_prefix(name);
+    known.push((name.to_string(), unique.clone()));
+    unique
+}
+
 async fn store_with_lease(prefix: &str, lease_secs: u64) -> ObjectStore {
-    let g = garage();
+    let prefix = unique(prefix);
+    let g = xfer_tests::cluster::garage().s3();
     let settings = StorageSettings {
         kind: StorageKind::S3,
         bucket: g.bucket.clone(),
         endpoint: g.endpoint.clone(),
-        region: "garage".into(),
+        region: g.region.clone(),
         allow_http: true,
-        prefix: prefix.into(),
+        prefix,
         part_size: PART,
         parts_in_flight: 2,
         upload_lease_secs: lease_secs,
@@ -196,7 +49,7 @@ async fn store_with_lease(prefix: &str, lease_secs: u64) -> ObjectStore {
     };
     let s = ObjectStore::open(
         &settings,
-        Credentials::new(g.key_id.clone(), g.secret.clone()),
+        Credentials::new(g.access_key_id.clone(), g.secret_access_key.clone()),
     )
     .unwrap();
     // The layout may take a moment to reach the S3 endpoint after the cluster starts.
@@ -256,14 +109,14 @@ async fn put(s: &ObjectStore, user: &str, path: &str, bytes: &[u8]) {
 /// to it only then.
 async fn still_open(key: &str, id: &str) -> bool {
     use object_store::multipart::MultipartStore;
-    let g = garage();
+    let g = xfer_tests::cluster::garage().s3();
     let s3 = object_store::aws::AmazonS3Builder::new()
         .with_bucket_name(&g.bucket)
-        .with_region("garage")
+        .with_region(&g.region)
         .with_endpoint(&g.endpoint)
         .with_allow_http(true)
-        .with_access_key_id(&g.key_id)
-        .with_secret_access_key(&g.secret)
+        .with_access_key_id(&g.access_key_id)
+        .with_secret_access_key(&g.secret_access_key)
         .with_retry(object_store::RetryConfig {
             max_retries: 0,
             ..Default::default()
@@ -356,7 +209,7 @@ async fn a_digest_mismatch_leaves_nothing_visible_and_nothing_pending() {
     again.discard().await;
     assert_eq!(s.partial_usage("alice").await.unwrap(), 0);
     assert!(
-        !still_open("t-mismatch/alice/f", &id).await,
+        !still_open(&format!("{}/alice/f", unique("t-mismatch")), &id).await,
         "aborted on the store"
     );
     // A single-PUT file with a wrong digest is not stored either.
@@ -607,7 +460,7 @@ async fn the_sweeper_aborts_expired_uploads_and_spares_running_ones() {
     let id = up.upload_id().unwrap().to_string();
     up.interrupt().await;
     assert!(
-        still_open("t-sweep/alice/old", &id).await,
+        still_open(&format!("{}/alice/old", unique("t-sweep")), &id).await,
         "kept for resume"
     );
     let running = t
@@ -622,7 +475,7 @@ async fn the_sweeper_aborts_expired_uploads_and_spares_running_ones() {
     // The running one renews its record (every lease / 3): only the interrupted one expired.
     assert_eq!(s.sweep_partials(Duration::from_secs(1)).await.unwrap(), 1);
     assert!(
-        !still_open("t-sweep/alice/old", &id).await,
+        !still_open(&format!("{}/alice/old", unique("t-sweep")), &id).await,
         "aborted by the sweeper"
     );
     let again = t

@@ -1,6 +1,9 @@
 //! Test fixtures shared by every end-to-end test: a daemon running in-process in a temp folder
 //! (real TLS on 127.0.0.1, real users file, real storage), a client home folder, and a runner
-//! for the real `xfer` binary. Everything cleans up on drop.
+//! for the real `xfer` binary. Everything cleans up on drop. [`cluster`] has the clustered
+//! engines (a Garage cluster, HAProxy) the scale-out tests run against.
+
+pub mod cluster;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
