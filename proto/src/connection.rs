@@ -253,6 +253,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<TlsStream<IO>> {
     }
 }
 
+impl<S> Connection<S> {
+    /// Whether file bodies go out on the stream's record path.
+    #[cfg(test)]
+    pub(crate) fn sends_records(&self) -> bool {
+        self.records.is_some()
+    }
+}
+
 fn tls_records<IO: AsyncRead + AsyncWrite + Unpin + Send>(
     stream: &mut TlsStream<IO>,
 ) -> &mut (dyn WriteRecords + Send + '_) {

@@ -174,7 +174,8 @@ pub struct TlsStream<IO> {
     wpos: usize,
     /// A body chunk's records, sealed where the file thread read them ([`RecordBuf`]) and
     /// not yet written: `sealed[spos..]`. Written before `wbuf`, which is empty when they
-    /// are sealed. Once written, the buffer goes back to the next chunk's [`RecordBuf`].
+    /// are sealed. Once written, the buffer goes back to the next chunk's [`RecordBuf`];
+    /// a flush (the end of a body) lets it go.
     sealed: Vec<u8>,
     /// How much of `sealed` the transport took.
     spos: usize,
@@ -1033,6 +1034,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
             return Poll::Ready(Err(this.end_writing(e)));
         }
         ready!(this.poll_drain(cx))?;
+        // A body ends with a flush: its last buffer is not kept while the connection idles.
+        this.sealed = Vec::new();
+        this.spos = 0;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
@@ -1192,11 +1196,6 @@ pub mod testing {
         s.wpos = 0;
         s.wbuf.clear();
         wire
-    }
-
-    /// Whether `s` has sent records sealed in place (a body chunk's, see `records`).
-    pub fn sent_records_in_place<IO>(s: &TlsStream<IO>) -> bool {
-        !s.sealed.is_empty()
     }
 
     /// The transport under `s`, to write bytes of one's own choosing to the peer.
