@@ -5,7 +5,8 @@
 //! Why this shape: per-chunk `tokio::fs` calls each hop to the blocking pool and measured at a
 //! third of the speed of large std::fs reads and writes on one blocking thread; hashing on that
 //! thread overlaps it with TLS work on the async side. Memory per transfer is bounded by
-//! `CHUNK_LEN * PIPELINE_DEPTH`.
+//! `CHUNK_LEN * PIPELINE_DEPTH` (a sender's buffers are that much plus the records' headers
+//! and tags: it reads the file straight into TLS records, see `records`).
 
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -12,7 +12,9 @@
 //! moving the plaintext down over the headers and tags in the same pass (no user-space copy
 //! of application data; small reads, such as frames, go through `rbuf` with one copy);
 //! a write copies the caller's bytes once into `wbuf`, where they are encrypted, and
-//! leaves in one `write` of up to [`CHUNK_LEN`]. The kernel-connection API is rustls'
+//! leaves in one `write` of up to [`CHUNK_LEN`]; a file body skips even that copy, read
+//! into the slots of its records and sealed there (`records`, [`WriteRecords`] below).
+//! The kernel-connection API is rustls'
 //! own answer for "does its own encryption and decryption" (it was made for kTLS, which this
 //! kernel lacks); rustls keeps the handshake, the certificate checks, ALPN, session tickets
 //! and the key schedule of key updates.
