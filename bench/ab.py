@@ -9,7 +9,8 @@ round moves the same file through A then B, or B then A (the order alternates), 
 drop of the page cache before every command. It prints medians of wall time and of CPU per byte
 for client + daemon (the client's rusage from wait4, the daemon's utime + stime from
 /proc/PID/stat), and B's ratio to A's per round. bench/compare.py compares xfer with OpenSSH;
-this compares a change with what it changed.
+this compares a change with what it changed. `--sides` adds the client's and the daemon's CPU
+apart: a change to one side (the sender, say) shows there, out of the other side's noise.
 """
 
 import argparse
@@ -74,7 +75,7 @@ class Build:
         os.makedirs(self.down)
 
     def timed(self, args):
-        """Wall seconds and CPU seconds (client + daemon) of one `xfer` command."""
+        """Wall seconds, and CPU seconds of the client and of the daemon, of one `xfer` command."""
         drop_caches()
         d0 = daemon_cpu(self.daemon.pid)
         t0 = time.perf_counter()
@@ -83,7 +84,7 @@ class Build:
         wall = time.perf_counter() - t0
         if status != 0:
             sys.exit(f"{self.name}: xfer {' '.join(args)} failed ({status})")
-        return wall, usage.ru_utime + usage.ru_stime + daemon_cpu(self.daemon.pid) - d0
+        return wall, usage.ru_utime + usage.ru_stime, daemon_cpu(self.daemon.pid) - d0
 
     def stop(self):
         self.daemon.terminate()
@@ -97,6 +98,8 @@ def main():
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--sides", action="store_true",
+                    help="also print the client's and the daemon's CPU per byte apart")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="xfer-ab.", dir=a.workdir)
     builds = []
@@ -107,7 +110,7 @@ def main():
             for _ in range(a.mib):
                 f.write(os.urandom(1 << 20))
         size = a.mib << 20
-        # results[case][build] = [(wall, cpu), ...]
+        # results[case][build] = [(wall, client cpu, daemon cpu), ...]
         results = {"upload": {"A": [], "B": []}, "download": {"A": [], "B": []}}
         for r in range(a.rounds):
             order = builds if r % 2 == 0 else builds[::-1]
@@ -126,12 +129,23 @@ def main():
         print(f"{'case':<9} {'A MiB/s':>8} {'B MiB/s':>8} {'B/A time':>9}"
               f" {'A ns/B':>7} {'B ns/B':>7} {'B/A cpu':>8}")
         for case, per in results.items():
-            mibs = {k: statistics.median(size / w / 2**20 for w, _ in v) for k, v in per.items()}
-            nsb = {k: statistics.median(c / size * 1e9 for _, c in v) for k, v in per.items()}
+            mibs = {k: statistics.median(size / r[0] / 2**20 for r in v) for k, v in per.items()}
+            nsb = {k: statistics.median((c + d) / size * 1e9 for _, c, d in v)
+                   for k, v in per.items()}
             time_ratio = statistics.median(b[0] / a_[0] for a_, b in zip(per["A"], per["B"]))
-            cpu_ratio = statistics.median(b[1] / a_[1] for a_, b in zip(per["A"], per["B"]))
+            cpu_ratio = statistics.median((b[1] + b[2]) / (a_[1] + a_[2])
+                                          for a_, b in zip(per["A"], per["B"]))
             print(f"{case:<9} {mibs['A']:>8.0f} {mibs['B']:>8.0f} {time_ratio:>9.3f}"
                   f" {nsb['A']:>7.2f} {nsb['B']:>7.2f} {cpu_ratio:>8.3f}")
+        if a.sides:
+            print(f"{'case':<9} {'side':<7} {'A ns/B':>7} {'B ns/B':>7} {'B/A cpu':>8}")
+            for case, per in results.items():
+                for i, side in ((1, "client"), (2, "daemon")):
+                    nsb = {k: statistics.median(r[i] / size * 1e9 for r in v)
+                           for k, v in per.items()}
+                    ratio = statistics.median(b[i] / max(a_[i], 1e-9)
+                                              for a_, b in zip(per["A"], per["B"]))
+                    print(f"{case:<9} {side:<7} {nsb['A']:>7.2f} {nsb['B']:>7.2f} {ratio:>8.3f}")
     finally:
         for b in builds:
             b.stop()

@@ -371,7 +371,7 @@ impl Client {
         fingerprint: Fingerprint,
     ) -> Result<Client> {
         let mut client = Client {
-            conn: Connection::new(tls, IO_TIMEOUT),
+            conn: Connection::over_tls(tls, IO_TIMEOUT),
             server,
             fingerprint,
             server_agent: String::new(),

@@ -179,7 +179,7 @@ pub async fn handle_tcp(
         return;
     }
     tracing::info!(%peer, "connection open");
-    let mut conn = Connection::new(tls, limits.io_timeout());
+    let mut conn = Connection::over_tls(tls, limits.io_timeout());
     conn.set_frame_timeout(limits.frame_timeout());
     serve_admitted(state, conn, peer, accepted, ticket).await;
 }

@@ -5,7 +5,8 @@
 //! Why this shape: per-chunk `tokio::fs` calls each hop to the blocking pool and measured at a
 //! third of the speed of large std::fs reads and writes on one blocking thread; hashing on that
 //! thread overlaps it with TLS work on the async side. Memory per transfer is bounded by
-//! `CHUNK_LEN * PIPELINE_DEPTH`.
+//! `CHUNK_LEN * PIPELINE_DEPTH` (a sender's buffers are that much plus the records' headers
+//! and tags: it reads the file straight into TLS records, see `records`).
 
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -22,6 +23,7 @@ use crate::connection::ConnError;
 use crate::limits::{CHUNK_LEN, PIPELINE_DEPTH};
 use crate::message::Digest;
 use crate::pagecache::{ReadBehind, WriteBehind};
+use crate::records::{RecordBuf, WriteRecords, write_records};
 
 /// Why a body transfer failed.
 #[derive(Debug, thiserror::Error)]
@@ -322,6 +324,24 @@ async fn write_all_progress<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Sends all of `buf`'s content, under the deadlines of `floor`.
+async fn write_records_progress<W: WriteRecords + ?Sized>(
+    w: &mut W,
+    buf: &mut RecordBuf,
+    floor: &mut Floor,
+) -> Result<(), ConnError> {
+    while buf.unsent() > 0 {
+        if floor
+            .wait(write_records(w, buf), "sending file data")
+            .await?
+            == 0
+        {
+            return Err(ConnError::Truncated);
+        }
+    }
+    Ok(())
+}
+
 /// How [`send`] hashes what it sends.
 // Moved once per body into the reader task, as the `Option<Hasher>` before it was: boxing
 // would add an allocation for nothing.
@@ -336,8 +356,9 @@ pub(crate) enum SendHash {
 }
 
 /// Sends bytes `offset..size` of `file`; the whole file's digest, unless `hash` is
-/// [`SendHash::Skip`].
-pub(crate) async fn send<W: AsyncWrite + Unpin>(
+/// [`SendHash::Skip`]. The file is read into record-shaped buffers, which a TLS stream
+/// seals where they lie (see `records`).
+pub(crate) async fn send<W: WriteRecords + ?Sized>(
     w: &mut W,
     mut file: std::fs::File,
     offset: u64,
@@ -347,10 +368,10 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
     progress: &mut (dyn FnMut(u64) + Send),
 ) -> Result<Option<Digest>, BodyError> {
     let total = size.saturating_sub(offset);
-    let (full_tx, mut full_rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(PIPELINE_DEPTH);
-    let (free_tx, free_rx) = std_mpsc::sync_channel::<Vec<u8>>(PIPELINE_DEPTH);
+    let (full_tx, mut full_rx) = mpsc::channel::<std::io::Result<RecordBuf>>(PIPELINE_DEPTH);
+    let (free_tx, free_rx) = std_mpsc::sync_channel::<RecordBuf>(PIPELINE_DEPTH);
     for _ in 0..PIPELINE_DEPTH {
-        let _ = free_tx.try_send(Vec::new());
+        let _ = free_tx.try_send(RecordBuf::new());
     }
     // Hashing a prefix here (no hasher given) takes a while before the first chunk.
     let first_wait = if matches!(hash, SendHash::FromStart) {
@@ -382,13 +403,14 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
             while left > 0 {
                 let mut buf = free_rx.recv().map_err(|_| cancelled())?;
                 let n = (CHUNK_LEN as u64).min(left) as usize;
-                buf.resize(n, 0);
-                file.read_exact(&mut buf)?;
+                buf.fill_from(&mut file, n)?;
                 if let Some(b) = &mut behind {
                     b.read(&file, n);
                 }
                 if let Some(h) = &mut hasher {
-                    h.update(&buf);
+                    for slot in buf.slots() {
+                        h.update(slot);
+                    }
                 }
                 left -= n as u64;
                 full_tx.blocking_send(Ok(buf)).map_err(|_| cancelled())?;
@@ -413,7 +435,7 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
             Duration::ZERO
         });
         let next = local(limit, full_rx.recv(), "reading the file made no progress").await?;
-        let buf = match next {
+        let mut buf = match next {
             Some(Ok(buf)) => buf,
             Some(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return Err(BodyError::SourceChanged);
@@ -431,8 +453,9 @@ pub(crate) async fn send<W: AsyncWrite + Unpin>(
                 });
             }
         };
-        write_all_progress(w, &buf, &mut floor).await?;
-        sent += buf.len() as u64;
+        let n = buf.unsent();
+        write_records_progress(w, &mut buf, &mut floor).await?;
+        sent += n as u64;
         progress(sent);
         let _ = free_tx.try_send(buf);
     }
@@ -632,6 +655,48 @@ mod tests {
         let all: Vec<u8> = (0..=255u8).cycle().take(3 * CHUNK_LEN + 17).collect();
         round_trip(all.clone(), 0).await;
         round_trip(all, (CHUNK_LEN + 5) as u64).await;
+    }
+
+    // The record path: each chunk read into TLS records and sealed there, with key updates
+    // in the middle of chunks, a resumed body, and an unhashed one, on one connection.
+    #[tokio::test]
+    async fn bodies_sent_as_records_sealed_in_place_arrive_whole() {
+        use crate::tls_stream::testing::{pair, rekey_after};
+        let (mut client, server) = pair().await;
+        rekey_after(&mut client, 5);
+        let mut a = Connection::over_tls(client, Duration::from_secs(10));
+        let mut b = Connection::over_tls(server, Duration::from_secs(10));
+        let data: Vec<u8> = (0..3 * CHUNK_LEN + 16_389)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let size = data.len() as u64;
+        for offset in [0, CHUNK_LEN as u64 + 5] {
+            let dst = file_with(&data[..offset as usize]);
+            let (mut p1, mut p2) = (|_| {}, |_| {});
+            let send = a.send_body(file_with(&data), offset, size, None, &mut p1);
+            let recv = b.recv_body(dst, offset, size, None, &mut p2);
+            let (sent, received) = tokio::join!(send, recv);
+            let (digest, mut out) = received.unwrap();
+            assert_eq!(sent.unwrap(), digest);
+            assert_eq!(digest, *blake3::hash(&data).as_bytes());
+            let mut back = Vec::new();
+            out.seek(SeekFrom::Start(0)).unwrap();
+            out.read_to_end(&mut back).unwrap();
+            assert!(back == data, "the bytes differ (offset {offset})");
+        }
+        assert!(a.sends_records() && b.sends_records());
+        // Frames and bodies both ways after that, on the same streams.
+        a.write_frame(&crate::Request::Ping).await.unwrap();
+        assert_eq!(
+            b.read_frame::<crate::Request>().await.unwrap(),
+            crate::Request::Ping
+        );
+        let (mut p1, mut p2) = (|_| {}, |_| {});
+        let send = b.send_body_unhashed(file_with(&data), size, &mut p1);
+        let recv = a.recv_body(tempfile::tempfile().unwrap(), 0, size, None, &mut p2);
+        let (sent, received) = tokio::join!(send, recv);
+        sent.unwrap();
+        assert_eq!(received.unwrap().0, *blake3::hash(&data).as_bytes());
     }
 
     #[tokio::test]

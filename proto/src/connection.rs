@@ -8,6 +8,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::{self, FrameError, HEADER_LEN};
 use crate::message::Digest;
+use crate::records::{Plain, WriteRecords};
+use crate::tls_stream::TlsStream;
 
 /// Why reading or writing on a connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,9 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
 }
 
+/// How a connection reaches its stream's record path (see [`Connection::over_tls`]).
+type RecordPath<S> = for<'a> fn(&'a mut S) -> &'a mut (dyn WriteRecords + Send + 'a);
+
 /// A framed connection over any byte stream (TLS in practice, in-memory pipes in tests).
 pub struct Connection<S> {
     /// The byte stream: [`crate::tls_stream::TlsStream`] in practice, which reads and writes
@@ -48,6 +53,11 @@ pub struct Connection<S> {
     peeked: [u8; HEADER_LEN],
     /// How many bytes of `peeked` hold data.
     peeked_len: usize,
+    /// For a TLS stream, the way to its record path, which sends file bodies sealed where
+    /// they were read (`records`); `None` sends them as plain writes. A function, because
+    /// the connection is generic over its stream and Rust cannot ask "is `S` a TLS stream?"
+    /// inside `send_body`: the constructor that knows it leaves the answer here.
+    records: Option<RecordPath<S>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -61,6 +71,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             min_body_rate: 0,
             peeked: [0; HEADER_LEN],
             peeked_len: 0,
+            records: None,
         }
     }
 
@@ -161,13 +172,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         prefix: Option<blake3::Hasher>,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<Digest, crate::body::BodyError> {
-        let pacing = self.pacing();
         let hash = match prefix {
             Some(h) => crate::body::SendHash::Prefix(h),
             None => crate::body::SendHash::FromStart,
         };
-        let digest =
-            crate::body::send(&mut self.stream, file, offset, size, hash, pacing, progress).await?;
+        let digest = self.send(file, offset, size, hash, progress).await?;
         // Hashing was asked for, so there is a digest.
         Ok(digest.unwrap_or_default())
     }
@@ -180,18 +189,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         size: u64,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(), crate::body::BodyError> {
-        let pacing = self.pacing();
-        crate::body::send(
-            &mut self.stream,
-            file,
-            0,
-            size,
-            crate::body::SendHash::Skip,
-            pacing,
-            progress,
-        )
-        .await?;
+        self.send(file, 0, size, crate::body::SendHash::Skip, progress)
+            .await?;
         Ok(())
+    }
+
+    /// [`crate::body::send`] on the stream's record path if it has one.
+    async fn send(
+        &mut self,
+        file: std::fs::File,
+        offset: u64,
+        size: u64,
+        hash: crate::body::SendHash,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<Option<Digest>, crate::body::BodyError> {
+        let pacing = self.pacing();
+        match self.records {
+            Some(records) => {
+                let w = records(&mut self.stream);
+                crate::body::send(w, file, offset, size, hash, pacing, progress).await
+            }
+            None => {
+                let mut w = Plain(&mut self.stream);
+                crate::body::send(&mut w, file, offset, size, hash, pacing, progress).await
+            }
+        }
     }
 
     /// Receives a raw body of `size - offset` bytes into `file` (positioned by this call at
@@ -218,6 +240,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         )
         .await
     }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin + Send> Connection<TlsStream<IO>> {
+    /// Wraps a TLS stream as [`Connection::new`] does, and sends file bodies on it without
+    /// copying them: each chunk is read from the file into the slots of the TLS records that
+    /// carry it, and sealed there.
+    pub fn over_tls(stream: TlsStream<IO>, io_timeout: Duration) -> Self {
+        let mut conn = Connection::new(stream, io_timeout);
+        conn.records = Some(tls_records::<IO>);
+        conn
+    }
+}
+
+impl<S> Connection<S> {
+    /// Whether file bodies go out on the stream's record path.
+    #[cfg(test)]
+    pub(crate) fn sends_records(&self) -> bool {
+        self.records.is_some()
+    }
+}
+
+fn tls_records<IO: AsyncRead + AsyncWrite + Unpin + Send>(
+    stream: &mut TlsStream<IO>,
+) -> &mut (dyn WriteRecords + Send + '_) {
+    stream
 }
 
 /// Batched uploads (protocol 3): small bodies held in memory, and frames written without a

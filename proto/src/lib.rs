@@ -6,14 +6,17 @@
 //! - [`frame`]: the size-prefixed frame codec (u32 length + postcard body), pure and allocation-checked.
 //! - [`connection`]: a stream that reads and writes frames and file bodies with deadlines.
 //! - [`body`]: streaming a file body of known size through a bounded buffer pipeline with a BLAKE3 digest.
+//! - `records`: body chunks read from the file straight into the slots of TLS records, which
+//!   the TLS stream seals in place and sends without a copy.
 //! - [`pagecache`]: write-behind and drop-behind, so big bodies do not fill the page cache.
 //! - [`path`]: the one syntax check for remote paths that both sides apply.
 //! - [`beneath`]: filesystem calls confined beneath a directory, never following a symlink (the
 //!   daemon's user trees, the client's download folder).
 //! - [`staging`]: locked staging files that resumable bodies are written into.
 //! - [`tls`]: the TLS 1.3 crypto provider both sides use.
-//! - [`tls_stream`]: TLS 1.3 as an async stream that copies each byte once: rustls' handshake,
-//!   then records sealed and opened in place in large buffers.
+//! - [`tls_stream`]: TLS 1.3 as an async stream that copies a body's bytes at most once (none
+//!   when sent from a file or received in large reads): rustls' handshake, then records
+//!   sealed and opened in place in large buffers.
 //! - [`fingerprint`]: the server identity that clients pin (SHA-256 of the certificate's public key).
 //!
 //! The full specification, precise enough to write another client from, is `proto/README.md`.
@@ -28,6 +31,7 @@ pub mod limits;
 pub mod message;
 pub mod pagecache;
 pub mod path;
+mod records;
 pub mod staging;
 pub mod tls;
 pub mod tls_stream;

@@ -12,7 +12,9 @@
 //! moving the plaintext down over the headers and tags in the same pass (no user-space copy
 //! of application data; small reads, such as frames, go through `rbuf` with one copy);
 //! a write copies the caller's bytes once into `wbuf`, where they are encrypted, and
-//! leaves in one `write` of up to [`CHUNK_LEN`]. The kernel-connection API is rustls'
+//! leaves in one `write` of up to [`CHUNK_LEN`]; a file body skips even that copy, read
+//! into the slots of its records and sealed there (`records`, [`WriteRecords`] below).
+//! The kernel-connection API is rustls'
 //! own answer for "does its own encryption and decryption" (it was made for kTLS, which this
 //! kernel lacks); rustls keeps the handshake, the certificate checks, ALPN, session tickets
 //! and the key schedule of key updates.
@@ -34,13 +36,14 @@ use rustls::{ClientConfig, ConnectionTrafficSecrets, ExtractedSecrets, ServerCon
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::limits::CHUNK_LEN;
+use crate::records::{OVERHEAD, RecordBuf, WriteRecords};
 
 /// A record header: content type, legacy version, length.
-const HEADER_LEN: usize = 5;
+pub(crate) const HEADER_LEN: usize = 5;
 /// Most plaintext in one record (RFC 8446 §5.1).
-const MAX_PLAIN: usize = 1 << 14;
+pub(crate) const MAX_PLAIN: usize = 1 << 14;
 /// The AEAD tag of every TLS 1.3 suite.
-const TAG_LEN: usize = 16;
+pub(crate) const TAG_LEN: usize = 16;
 /// Most bytes after a header (RFC 8446 §5.2).
 const MAX_CIPHER: usize = MAX_PLAIN + 256;
 /// The largest record on the wire.
@@ -74,6 +77,10 @@ const ALERT_RECORD_OVERFLOW: u8 = 22;
 const ALERT_ILLEGAL_PARAMETER: u8 = 47;
 const ALERT_DECODE_ERROR: u8 = 50;
 const ALERT_INTERNAL_ERROR: u8 = 80;
+/// A key update that does not ask for one back.
+const KEY_UPDATE: [u8; 5] = [HS_KEY_UPDATE, 0, 0, 1, 0];
+/// The record that carries it.
+const KEY_UPDATE_RECORD: usize = KEY_UPDATE.len() + OVERHEAD;
 
 fn eof() -> io::Error {
     io::Error::new(
@@ -163,10 +170,17 @@ pub struct TlsStream<IO> {
     early: Vec<u8>,
     /// A post-handshake message that spans records, until it is whole.
     handshake: Vec<u8>,
-    /// Sealed records not yet written: `wbuf[wpos..]`.
+    /// Sealed records not yet written: `wbuf[wpos..]`, after those of `sealed`.
     wbuf: Vec<u8>,
     /// How much of `wbuf` the transport took.
     wpos: usize,
+    /// A body chunk's records, sealed where the file thread read them ([`RecordBuf`]) and
+    /// not yet written: `sealed[spos..]`. Written before `wbuf`, which is empty when they
+    /// are sealed. Once written, the buffer goes back to the next chunk's [`RecordBuf`];
+    /// a flush (the end of a body) lets it go.
+    sealed: Vec<u8>,
+    /// How much of `sealed` the transport took.
+    spos: usize,
     /// The peer sent close_notify: reads end cleanly.
     read_closed: bool,
     /// We sent close_notify: no more writes.
@@ -304,6 +318,27 @@ impl Keys {
         }
         Ok((plain[typ_at], typ_at))
     }
+}
+
+/// Seals `record` in place under `tx` as a record of inner content type `typ`: its content
+/// lies after [`HEADER_LEN`] bytes of room for the header, and is followed by one byte of
+/// room for the content type and [`TAG_LEN`] for the tag.
+fn seal_record(tx: &mut Keys, typ: u8, record: &mut [u8]) -> io::Result<()> {
+    let len = record.len() - HEADER_LEN;
+    let header = [CT_APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+    let (head, body) = record.split_at_mut(HEADER_LEN);
+    head.copy_from_slice(&header);
+    let (inner, tag_room) = body.split_at_mut(len - TAG_LEN);
+    if let Some(last) = inner.last_mut() {
+        *last = typ;
+    }
+    let nonce = tx.next_nonce()?;
+    let tag = tx
+        .key
+        .seal_in_place_separate_tag(nonce, aead::Aad::from(header), inner)
+        .map_err(|_| invalid("sealing a TLS record failed"))?;
+    tag_room.copy_from_slice(tag.as_ref());
+    Ok(())
 }
 
 /// The length of the record at the start of `bytes` (header included) if it is all there;
@@ -518,6 +553,8 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
         handshake: Vec::new(),
         wbuf: Vec::with_capacity(WRITE_CAP),
         wpos: 0,
+        sealed: Vec::new(),
+        spos: 0,
         read_closed,
         write_closed: false,
         key_update_owed: false,
@@ -675,28 +712,56 @@ impl<IO> TlsStream<IO> {
         if typ == CT_APPLICATION_DATA && self.tx.seq >= self.rekey_after {
             self.send_key_update()?;
         }
-        let len = plain.len() + 1 + TAG_LEN;
-        let header = [CT_APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
-        let at = self.wbuf.len() + HEADER_LEN;
-        self.wbuf.extend_from_slice(&header);
+        let at = self.wbuf.len();
+        self.wbuf.extend_from_slice(&[0; HEADER_LEN]);
         self.wbuf.extend_from_slice(plain);
-        self.wbuf.push(typ);
-        let nonce = self.tx.next_nonce()?;
-        let tag = self
-            .tx
-            .key
-            .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut self.wbuf[at..])
-            .map_err(|_| invalid("sealing a TLS record failed"))?;
-        self.wbuf.extend_from_slice(tag.as_ref());
+        self.wbuf.extend_from_slice(&[0; 1 + TAG_LEN]);
+        seal_record(&mut self.tx, typ, &mut self.wbuf[at..])
+    }
+
+    /// Seals a body chunk's records where they lie in `buf`, under the keys and sequence
+    /// numbers [`TlsStream::seal`] would give them: a key update owed or due goes in
+    /// between (moving the records after it, once in millions of records).
+    fn seal_records(&mut self, buf: &mut RecordBuf) -> io::Result<()> {
+        let (records, lens) = buf
+            .records_mut()
+            .ok_or_else(|| invalid("a record buffer partly sent as plaintext"))?;
+        let mut at = 0;
+        if self.key_update_owed {
+            records.splice(at..at, self.key_update_record()?);
+            at += KEY_UPDATE_RECORD;
+        }
+        for len in lens {
+            if self.tx.seq >= self.rekey_after {
+                records.splice(at..at, self.key_update_record()?);
+                at += KEY_UPDATE_RECORD;
+            }
+            let end = at + len + OVERHEAD;
+            let record = records
+                .get_mut(at..end)
+                .ok_or_else(|| invalid("a record buffer shorter than its records"))?;
+            seal_record(&mut self.tx, CT_APPLICATION_DATA, record)?;
+            at = end;
+        }
         Ok(())
     }
 
     /// Sends a key update (not asking for one back) and switches to the next sending key.
     fn send_key_update(&mut self) -> io::Result<()> {
-        self.seal(CT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 0])?;
+        let record = self.key_update_record()?;
+        self.wbuf.extend_from_slice(&record);
+        Ok(())
+    }
+
+    /// Seals a key update (not asking for one back) and switches to the next sending key;
+    /// the record must go out before any record sealed after it.
+    fn key_update_record(&mut self) -> io::Result<[u8; KEY_UPDATE_RECORD]> {
+        let mut record = [0; KEY_UPDATE_RECORD];
+        record[HEADER_LEN..HEADER_LEN + KEY_UPDATE.len()].copy_from_slice(&KEY_UPDATE);
+        seal_record(&mut self.tx, CT_HANDSHAKE, &mut record)?;
         self.tx = self.kernel.update_tx()?;
         self.key_update_owed = false;
-        Ok(())
+        Ok(record)
     }
 
     fn pay_key_update(&mut self) -> io::Result<()> {
@@ -800,22 +865,21 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         result
     }
 
-    /// Writes `wbuf` out. A transport error ends writing for good (see `write_error`).
+    /// Writes `sealed`, then `wbuf`, out. A transport error ends writing for good (see
+    /// `write_error`).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.wpos < self.wbuf.len() {
-            let e = match ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..])) {
-                Ok(0) => io::ErrorKind::WriteZero.into(),
-                Ok(n) => {
-                    self.wpos += n;
-                    continue;
-                }
-                Err(e) => e,
-            };
-            return Poll::Ready(Err(self.end_writing(e)));
+        let mut written = poll_write_out(&mut self.io, cx, &self.sealed, &mut self.spos);
+        if let Poll::Ready(Ok(())) = written {
+            written = poll_write_out(&mut self.io, cx, &self.wbuf, &mut self.wpos);
         }
-        self.wbuf.clear();
-        self.wpos = 0;
-        Poll::Ready(Ok(()))
+        match ready!(written) {
+            Ok(()) => {
+                self.wbuf.clear();
+                self.wpos = 0;
+                Poll::Ready(Ok(()))
+            }
+            Err(e) => Poll::Ready(Err(self.end_writing(e))),
+        }
     }
 
     /// Ends writing with `e`, and drops the records that cannot go out now.
@@ -825,6 +889,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         }
         self.wbuf.clear();
         self.wpos = 0;
+        self.spos = self.sealed.len();
         e
     }
 
@@ -847,6 +912,22 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         }
         self.write_closed = true;
     }
+}
+
+/// Writes `bytes[*pos..]` to `io`, counting in `pos` what it took.
+fn poll_write_out<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+    pos: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *pos < bytes.len() {
+        match ready!(Pin::new(&mut *io).poll_write(cx, &bytes[*pos..]))? {
+            0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            n => *pos += n,
+        }
+    }
+    Poll::Ready(Ok(()))
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
@@ -949,10 +1030,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         if let Some(e) = ended(&this.write_error) {
             return Poll::Ready(Err(e));
         }
+        // A key update sealed now goes out after the body records still queued in
+        // `sealed`, which were sealed under the key before it.
         if let Err(e) = this.pay_key_update() {
             return Poll::Ready(Err(this.end_writing(e)));
         }
         ready!(this.poll_drain(cx))?;
+        // A body ends with a flush: its last buffer is not kept while the connection idles.
+        this.sealed = Vec::new();
+        this.spos = 0;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
@@ -975,6 +1061,43 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
             Some(e) => Poll::Ready(Err(e)),
             None => Poll::Ready(drained.and(shut)),
         }
+    }
+}
+
+/// A body chunk's records sealed where they lie and written from there: the same records,
+/// keys and guarantees as `poll_write`, without the copy into `wbuf`.
+impl<IO: AsyncRead + AsyncWrite + Unpin> WriteRecords for TlsStream<IO> {
+    fn poll_write_records(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut RecordBuf,
+    ) -> Poll<io::Result<usize>> {
+        if let Some(e) = ended(&self.write_error) {
+            return Poll::Ready(Err(e));
+        }
+        // The records sealed before (key updates, frames, the last chunk) go first, and the
+        // buffer of the last chunk comes free for this one's to take its place.
+        ready!(self.poll_drain(cx))?;
+        if self.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "TLS close_notify already sent",
+            )));
+        }
+        let n = buf.unsent();
+        if n == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if let Err(e) = self.seal_records(buf) {
+            return Poll::Ready(Err(self.end_writing(e)));
+        }
+        // The sealed records are the stream's now, and the caller's buffer holds none of
+        // them: as in `poll_write`, a transport error from here on ends writing and comes
+        // back from the next call, and nothing is ever sealed twice.
+        buf.swap_out(&mut self.sealed);
+        self.spos = 0;
+        let _ = self.poll_drain(cx);
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -1069,8 +1192,12 @@ pub mod testing {
 
     /// Takes the records queued on `s`, as they would go on the wire.
     pub fn take_wire<IO>(s: &mut TlsStream<IO>) -> Vec<u8> {
+        let mut wire = s.sealed[s.spos..].to_vec();
+        s.spos = s.sealed.len();
+        wire.extend_from_slice(&s.wbuf[s.wpos..]);
         s.wpos = 0;
-        std::mem::take(&mut s.wbuf)
+        s.wbuf.clear();
+        wire
     }
 
     /// The transport under `s`, to write bytes of one's own choosing to the peer.
@@ -1489,6 +1616,172 @@ mod tests {
             "bytes sealed twice: {:?}",
             String::from_utf8_lossy(&got)
         );
+    }
+
+    /// Sends `payload` from a file through record buffers, a chunk at a time, with a frame
+    /// written the ordinary way after every `frame_every` chunks; returns the client.
+    async fn send_records<IO: AsyncRead + AsyncWrite + Unpin>(
+        client: &mut TlsStream<IO>,
+        payload: &[u8],
+        frame_every: usize,
+    ) {
+        use crate::records::write_records;
+        let mut file = io::Cursor::new(payload);
+        let mut buf = RecordBuf::new();
+        for (i, chunk) in payload.chunks(CHUNK_LEN).enumerate() {
+            buf.fill_from(&mut file, chunk.len()).unwrap();
+            while buf.unsent() > 0 {
+                write_records(client, &mut buf).await.unwrap();
+            }
+            if (i + 1) % frame_every == 0 {
+                client.write_all(b"frame").await.unwrap();
+            }
+        }
+        client.shutdown().await.unwrap();
+    }
+
+    /// What `send_records` puts in the stream.
+    fn with_frames(payload: &[u8], frame_every: usize) -> Vec<u8> {
+        let mut want = Vec::new();
+        for (i, chunk) in payload.chunks(CHUNK_LEN).enumerate() {
+            want.extend_from_slice(chunk);
+            if (i + 1) % frame_every == 0 {
+                want.extend_from_slice(b"frame");
+            }
+        }
+        want
+    }
+
+    #[tokio::test]
+    async fn records_sealed_in_place_read_back_whole_across_key_updates() {
+        // Every few records a key update, at a different place in each chunk; one owed to
+        // the peer goes in front of the first chunk.
+        for every in [1, 3, 16, 17] {
+            let (mut client, mut server) = pair().await;
+            server
+                .seal(CT_HANDSHAKE, &[HS_KEY_UPDATE, 0, 0, 1, 1])
+                .unwrap();
+            server.tx = server.kernel.update_tx().unwrap();
+            server.write_all(b"x").await.unwrap();
+            server.flush().await.unwrap();
+            let mut x = [0u8; 1];
+            client.read_exact(&mut x).await.unwrap();
+            assert!(client.key_update_owed);
+            testing::rekey_after(&mut client, every);
+            let payload = data(3 * CHUNK_LEN + MAX_PLAIN + 4321);
+            let send = send_records(&mut client, &payload, 2);
+            // Frame-sized and chunk-sized reads, as the receiving side of a body makes.
+            let recv = async {
+                let mut got = Vec::new();
+                let mut big = vec![0u8; CHUNK_LEN];
+                for i in 0.. {
+                    let want = if i % 3 == 0 { 5 } else { big.len() - i % 7 };
+                    let n = server.read(&mut big[..want]).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&big[..n]);
+                }
+                got
+            };
+            let ((), got) = tokio::join!(send, recv);
+            let want = with_frames(&payload, 2);
+            assert_eq!(got.len(), want.len(), "every {every}");
+            assert!(got == want, "the bytes differ (every {every})");
+            assert!(!client.key_update_owed);
+            // At most `rekey_after` records of data under the last key, then close_notify.
+            assert!(
+                server.rx.seq <= client.rekey_after + 1,
+                "the server followed the key updates: {} records under the last key",
+                server.rx.seq
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn records_sealed_in_place_are_those_the_copying_path_seals() {
+        let (mut a, _) = pair().await;
+        let (mut b, _) = pair().await;
+        // Two streams with the same sending key and sequence number (key updates differ:
+        // each has its own key schedule).
+        b.tx = Keys {
+            key: a.tx.key.clone(),
+            iv: a.tx.iv,
+            seq: a.tx.seq,
+        };
+        let payload = data(2 * MAX_PLAIN + 99);
+        let mut buf = RecordBuf::new();
+        buf.fill_from(&mut io::Cursor::new(&payload), payload.len())
+            .unwrap();
+        a.seal_records(&mut buf).unwrap();
+        let (in_place, _) = buf.records_mut().unwrap();
+        let in_place = in_place.clone();
+        for piece in payload.chunks(MAX_PLAIN) {
+            b.seal(CT_APPLICATION_DATA, piece).unwrap();
+        }
+        assert!(in_place == testing::take_wire(&mut b));
+    }
+
+    #[tokio::test]
+    async fn records_sealed_before_a_transport_error_are_never_sealed_again() {
+        let (server_config, client_config) = configs();
+        // Room on the wire for two records and a bit: the rest of a chunk waits.
+        let (a, b) = tokio::io::duplex(2 * MAX_RECORD + 100);
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let a = FailingWrite {
+            io: a,
+            fail: fail.clone(),
+        };
+        let (c, s) = tokio::join!(
+            connect(a, client_config, localhost()),
+            accept(b, server_config)
+        );
+        let (mut client, mut server) = (c.unwrap(), s.unwrap());
+        let payload = data(2 * CHUNK_LEN);
+        let mut file = io::Cursor::new(&payload);
+        let mut buf = RecordBuf::new();
+        buf.fill_from(&mut file, CHUNK_LEN).unwrap();
+        let n = crate::records::write_records(&mut client, &mut buf)
+            .await
+            .unwrap();
+        assert_eq!(n, CHUNK_LEN, "the chunk was taken whole");
+        assert_eq!(buf.unsent(), 0, "the caller keeps nothing to send again");
+        let seq = client.tx.seq;
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            client.flush().await.is_err(),
+            "the transport error was lost"
+        );
+        // A caller that tries again, with the same buffer and with the next chunk.
+        let again = crate::records::write_records(&mut client, &mut buf).await;
+        assert!(again.is_err(), "wrote on after a transport error");
+        buf.fill_from(&mut file, CHUNK_LEN).unwrap();
+        let next = crate::records::write_records(&mut client, &mut buf).await;
+        assert!(next.is_err(), "wrote on after a transport error");
+        assert_eq!(client.tx.seq, seq, "records sealed after the error");
+        assert_eq!(buf.unsent(), CHUNK_LEN, "a refused chunk was taken");
+        drop(client);
+        let mut got = Vec::new();
+        let end = server.read_to_end(&mut got).await;
+        assert!(end.is_err(), "the cut stream ended cleanly");
+        assert!(!got.is_empty(), "nothing went out before the error");
+        assert!(
+            payload.starts_with(&got),
+            "bytes other than a prefix arrived"
+        );
+    }
+
+    #[tokio::test]
+    async fn records_are_refused_after_close_notify() {
+        let (mut client, _server) = pair().await;
+        client.shutdown().await.unwrap();
+        let mut buf = RecordBuf::new();
+        buf.fill_from(&mut &b"late"[..], 4).unwrap();
+        let err = crate::records::write_records(&mut client, &mut buf)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(buf.unsent(), 4);
     }
 
     /// What a reader made of a mangled stream: the bytes it handed out, and how it ended.
