@@ -12,7 +12,7 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, ErrorCode, Request, Response, Role};
 
 use crate::server::State;
-use crate::storage::UserTree;
+use crate::storage::local::UserTree;
 
 /// An authenticated session on this connection.
 pub struct Auth {

@@ -11,8 +11,11 @@
 //! - [`tls`]: certificate generation (rcgen), loading, the TLS 1.3 server config and the fingerprint.
 //! - [`beneath`]: filesystem calls confined beneath a directory (from `xfer-proto`, which the
 //!   client's downloads share).
-//! - [`storage`]: the one path resolver and every filesystem operation on a user's tree.
-//! - [`partial`]: interrupted uploads kept invisible for resume, locked, bounded and expiring.
+//! - [`storage`]: the seam between the commands and where files live, and its backends:
+//!   [`storage::local`] (the one path resolver and every filesystem operation on a user's
+//!   tree), with [`storage::local::partial`] (interrupted uploads kept invisible for resume,
+//!   locked, bounded and expiring) and [`storage::local::digest_store`] (a big upload's
+//!   verified digest, kept on the file).
 //! - [`usage`]: each user's transfers and resume checks in progress, against per-user caps.
 //! - [`server`]: the accept loop and the one shutdown mechanism.
 //! - [`handler`]: one connection's state machine: hello, authentication, the role check, dispatch.
@@ -30,12 +33,10 @@ pub use xfer_proto::beneath;
 pub mod cli;
 pub mod cmd;
 pub mod config;
-pub mod digest_store;
 pub mod fsutil;
 pub mod handler;
 pub mod init;
 pub mod logging;
-pub mod partial;
 pub mod password;
 pub mod penalty;
 pub mod server;

@@ -20,7 +20,7 @@ use xfer_proto::fingerprint::Fingerprint;
 use crate::accounts::Accounts;
 use crate::config::Config;
 use crate::sessions::SessionStore;
-use crate::storage::Storage;
+use crate::storage::local::Storage;
 
 /// Everything a connection needs, shared by all of them.
 pub struct State {
@@ -33,7 +33,7 @@ pub struct State {
     /// The storage root.
     pub storage: Storage,
     /// Resumable uploads in progress, so a retry can take over from a stalled one.
-    pub uploads: Arc<crate::partial::ActiveUploads>,
+    pub uploads: Arc<crate::storage::local::partial::ActiveUploads>,
     /// Each user's transfers and resume checks in progress, against the per-user caps.
     pub usage: Arc<crate::usage::Usage>,
     /// Failed-login penalties per source.

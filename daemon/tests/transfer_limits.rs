@@ -239,10 +239,12 @@ async fn a_resume_check_stops_hashing_when_its_client_leaves() {
         .user_dir("alice")
         .parent()
         .unwrap()
-        .join(xferd::partial::PARTIAL_DIR)
+        .join(xferd::storage::local::partial::PARTIAL_DIR)
         .join("alice");
     std::fs::create_dir_all(&dir).unwrap();
-    let held = std::fs::File::create(dir.join(xferd::partial::PartialDir::name_for("up"))).unwrap();
+    let held =
+        std::fs::File::create(dir.join(xferd::storage::local::partial::PartialDir::name_for("up")))
+            .unwrap();
     held.set_len(SIZE).unwrap();
     let mut conn = raw_login(&server, "alice").await;
     conn.write_frame(&Request::Upload {

@@ -133,7 +133,7 @@ impl TestServer {
 
     /// The folder where uploads are staged.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join(xferd::storage::TMP_DIR)
+        self.root.join(xferd::storage::local::TMP_DIR)
     }
 
     /// Edits the users file as `xferd user ...` would; the daemon notices on its own.
@@ -178,7 +178,10 @@ impl TestServer {
     /// Bytes held in `user`'s partial uploads, once the daemon has let go of them all (an
     /// upload still running holds a lock on its partial); waits up to `timeout`.
     pub fn released_partial_bytes(&self, user: &str, timeout: Duration) -> u64 {
-        let dir = self.root.join(xferd::partial::PARTIAL_DIR).join(user);
+        let dir = self
+            .root
+            .join(xferd::storage::local::partial::PARTIAL_DIR)
+            .join(user);
         let start = std::time::Instant::now();
         'again: loop {
             assert!(start.elapsed() < timeout, "partial uploads still held");

@@ -26,7 +26,8 @@ use xfer_proto::{Connection, Digest, ErrorCode, Response};
 use super::transfer::session_ended;
 use super::{blocking, reply_error, session_valid};
 use crate::handler::{Ctx, Flow, Outcome};
-use crate::storage::{StagedFile, StorageError, UserTree};
+use crate::storage::StorageError;
+use crate::storage::local::{StagedFile, UserTree};
 
 /// Most `Put`s of one connection being staged at once (received, not yet answered).
 pub const MAX_STAGING: usize = 16;

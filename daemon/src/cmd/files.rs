@@ -95,7 +95,7 @@ async fn change<S, F>(
 ) -> Result<Flow, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: FnOnce(&crate::storage::UserTree, &str) -> Result<Option<String>, StorageError>
+    F: FnOnce(&crate::storage::local::UserTree, &str) -> Result<Option<String>, StorageError>
         + Send
         + 'static,
 {

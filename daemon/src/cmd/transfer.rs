@@ -21,11 +21,12 @@ use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
 use super::{blocking, reply_error, session_valid};
-use crate::digest_store;
 use crate::handler::{Ctx, Flow, Outcome};
-use crate::partial::Holding;
 use crate::server::State;
-use crate::storage::{PendingUpload, Staging, StorageError, UserTree};
+use crate::storage::local::digest_store;
+use crate::storage::local::partial::Holding;
+use crate::storage::local::{PendingUpload, UserTree};
+use crate::storage::{Staging, StorageError};
 use crate::usage::Slot;
 
 /// How often a running transfer re-checks its session.

@@ -1,4 +1,5 @@
-//! Users' storage trees and every filesystem operation on them, all through one resolver.
+//! The local backend: users' trees in folders under the storage root, and every filesystem
+//! operation on them, all through one resolver.
 //!
 //! [`UserTree::resolve`] is the only way from a remote path to a local one: it accepts only
 //! normal components (via `xfer_proto::path`) and every operation then goes through
@@ -6,7 +7,7 @@
 //! without following any symlink (openat2 `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so a link
 //! planted inside a tree cannot lead any operation outside it, not even by a race. Uploads
 //! land in a partial file under `ROOT/.xfer-partial/USER` (kept for resume, see
-//! [`crate::partial`]) or a temp file under `ROOT/.xfer-tmp` (same filesystem), and become
+//! [`partial`]) or a temp file under `ROOT/.xfer-tmp` (same filesystem), and become
 //! visible only by rename after verification and fsync.
 
 use std::collections::HashMap;
@@ -17,14 +18,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::partial::{Opened, PartialBudget, PartialDir, Reservation};
+pub mod digest_store;
+pub mod partial;
 
+use self::partial::{Opened, PartialBudget, PartialDir, Reservation};
+use super::{Staging, StorageError};
 use crate::beneath::{Beneath, Kind, Meta, Reach};
 
 use xfer_proto::Digest;
 use xfer_proto::limits::{MAX_PATH_DEPTH, MAX_PATH_LEN};
 use xfer_proto::path::{PathError, components, named_components};
-use xfer_proto::{Entry, EntryKind, ErrorCode};
+use xfer_proto::{Entry, EntryKind};
 
 /// Most folders a batched upload keeps open while it stages files into them.
 pub const MAX_OPEN_STAGING_DIRS: usize = 64;
@@ -32,122 +36,6 @@ pub const MAX_OPEN_STAGING_DIRS: usize = 64;
 /// Folder under the storage root that holds uploads in progress. User names cannot start
 /// with `.`, so it never collides with a user's tree.
 pub const TMP_DIR: &str = ".xfer-tmp";
-
-/// Why a storage operation failed. Messages name the remote path, never a server path.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    /// The path is not a valid remote path.
-    #[error("refused path `{path}`: {source}")]
-    BadPath {
-        /// The remote path as given.
-        path: String,
-        /// Why.
-        source: PathError,
-    },
-    /// A symlink was met while resolving.
-    #[error("refused path `{0}`: it goes through a symbolic link")]
-    Symlink(String),
-    /// Nothing there.
-    #[error("`{0}` does not exist")]
-    NotFound(String),
-    /// A file where a folder is needed, or the reverse.
-    #[error("`{0}` is {1}")]
-    WrongKind(String, &'static str),
-    /// The target exists.
-    #[error("`{0}` already exists")]
-    AlreadyExists(String),
-    /// A folder to delete has content.
-    #[error("folder `{0}` is not empty")]
-    NotEmpty(String),
-    /// The disk is full.
-    #[error("no space left on the server")]
-    NoSpace,
-    /// The upload is bigger than the configured limit.
-    #[error("file is larger than the server's {0}-byte upload limit")]
-    TooLarge(u64),
-    /// Moving a folder would put something inside it past the path limits.
-    #[error(
-        "moving `{from}` to `{to}` would put an entry inside it {depth} levels deep, in a path of {len} bytes; paths are limited to {MAX_PATH_DEPTH} levels and {MAX_PATH_LEN} bytes: move it less deep, or move what is inside it separately"
-    )]
-    TooDeep {
-        /// The folder being moved.
-        from: String,
-        /// Where it would go.
-        to: String,
-        /// Depth the deepest (or first too long) entry would have.
-        depth: usize,
-        /// Length its path would have.
-        len: usize,
-    },
-    /// A folder too big to check that moving it keeps every path within the limits.
-    #[error(
-        "`{from}` holds more than {max} entries, too many to check that moving it keeps every path within {MAX_PATH_DEPTH} levels and {MAX_PATH_LEN} bytes; move its subfolders separately"
-    )]
-    TooBigToCheck {
-        /// The folder being moved.
-        from: String,
-        /// Most entries a rename looks at.
-        max: u64,
-    },
-    /// Anything else; the message is for the server log only.
-    #[error("{op} `{path}`: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The remote path.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-impl StorageError {
-    /// The wire error code for this failure.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            StorageError::BadPath { .. } => ErrorCode::InvalidPath,
-            StorageError::Symlink(_) => ErrorCode::PermissionDenied,
-            StorageError::NotFound(_) => ErrorCode::NotFound,
-            StorageError::WrongKind(..) => ErrorCode::WrongKind,
-            StorageError::AlreadyExists(_) => ErrorCode::AlreadyExists,
-            StorageError::NotEmpty(_) => ErrorCode::NotEmpty,
-            StorageError::NoSpace => ErrorCode::NoSpace,
-            StorageError::TooLarge(_) => ErrorCode::PermissionDenied,
-            StorageError::TooDeep { .. } | StorageError::TooBigToCheck { .. } => {
-                ErrorCode::InvalidPath
-            }
-            StorageError::Io { source, .. } if source.kind() == ErrorKind::PermissionDenied => {
-                ErrorCode::PermissionDenied
-            }
-            StorageError::Io { .. } => ErrorCode::Internal,
-        }
-    }
-
-    /// The message to send to the client: internal I/O detail stays in the server log.
-    pub fn client_message(&self) -> String {
-        match self {
-            StorageError::Io { op, path, .. } => format!("{op} `{path}` failed on the server"),
-            other => other.to_string(),
-        }
-    }
-
-    /// Classifies an I/O error on `path` (a remote path) the one way every operation does.
-    pub(crate) fn io(op: &'static str, path: &str, source: std::io::Error) -> Self {
-        match source.kind() {
-            ErrorKind::NotFound => StorageError::NotFound(path.into()),
-            ErrorKind::AlreadyExists => StorageError::AlreadyExists(path.into()),
-            ErrorKind::DirectoryNotEmpty => StorageError::NotEmpty(path.into()),
-            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => StorageError::NoSpace,
-            ErrorKind::IsADirectory => StorageError::WrongKind(path.into(), "a folder"),
-            ErrorKind::NotADirectory => StorageError::WrongKind(path.into(), "not a folder"),
-            _ => StorageError::Io {
-                op,
-                path: path.into(),
-                source,
-            },
-        }
-    }
-}
 
 /// The storage root shared by all users.
 #[derive(Debug, Clone)]
@@ -172,7 +60,7 @@ impl Storage {
         crate::fsutil::create_dir_with_mode(root, 0o700)?;
         let tmp = root.join(TMP_DIR);
         crate::fsutil::create_dir_with_mode(&tmp, 0o700)?;
-        crate::fsutil::create_dir_with_mode(&root.join(crate::partial::PARTIAL_DIR), 0o700)?;
+        crate::fsutil::create_dir_with_mode(&root.join(partial::PARTIAL_DIR), 0o700)?;
         let mut removed = 0;
         for entry in std::fs::read_dir(&tmp)? {
             let entry = entry?;
@@ -197,7 +85,7 @@ impl Storage {
 
     /// Deletes partial uploads not touched for `ttl`; returns how many.
     pub fn sweep_partials(&self, ttl: Duration) -> std::io::Result<usize> {
-        crate::partial::sweep(&self.root, ttl)
+        partial::sweep(&self.root, ttl)
     }
 
     /// A user's tree, created on first use.
@@ -380,25 +268,6 @@ impl Drop for StagedFile {
             let _ = std::fs::remove_file(self.tmp.join(&self.name));
         }
     }
-}
-
-/// How an upload may use the partial-upload store.
-#[derive(Debug, Clone, Copy)]
-pub enum Staging {
-    /// A plain temp file, deleted if the upload does not complete (resume is off, or the
-    /// client cannot resume).
-    Temp,
-    /// A partial kept on interruption; `up_to` is the most the client will skip (0: start
-    /// over), `ttl` how long an untouched partial stays usable, `max_bytes` the most all of
-    /// the user's partials may hold.
-    Resumable {
-        /// Largest offset the client accepts.
-        up_to: u64,
-        /// Expiry of untouched partials.
-        ttl: Duration,
-        /// The user's partial budget in bytes.
-        max_bytes: u64,
-    },
 }
 
 fn entry_of(name: String, meta: &Meta) -> Entry {
@@ -646,13 +515,13 @@ impl UserTree {
     }
 
     /// Makes a verified upload visible: record its `digest` on a big file (see
-    /// [`crate::digest_store`]), fsync the data, re-check the target, rename over it (from the
+    /// [`digest_store`]), fsync the data, re-check the target, rename over it (from the
     /// temp folder into the user's tree, by directory handles), fsync the folder. Until the
     /// rename the old version is untouched.
     pub fn commit(&self, mut upload: PendingUpload, digest: &Digest) -> Result<(), StorageError> {
         let remote = upload.remote.clone();
         // Before the fsync, so the record is as durable as the data it describes.
-        crate::digest_store::record(&upload.file, digest);
+        digest_store::record(&upload.file, digest);
         upload
             .file
             .sync_all()
@@ -991,6 +860,7 @@ impl UserTree {
 mod tests {
     use super::*;
     use std::io::Write;
+    use xfer_proto::ErrorCode;
 
     fn tree() -> (tempfile::TempDir, Storage, UserTree) {
         let dir = tempfile::tempdir().unwrap();
@@ -1047,9 +917,9 @@ mod tests {
                 rustix::fs::fsetxattr(&probe, "user.probe", b"1", rustix::fs::XattrFlags::empty())
                     .is_ok();
             let want = keeps_xattrs.then_some(digest);
-            assert_eq!(crate::digest_store::stored(&f), want, "{:?}", dir.path());
+            assert_eq!(digest_store::stored(&f), want, "{:?}", dir.path());
             let (small, _, _) = t.open_for_download("small").unwrap();
-            assert_eq!(crate::digest_store::stored(&small), None);
+            assert_eq!(digest_store::stored(&small), None);
         }
     }
 
@@ -1095,7 +965,7 @@ mod tests {
         let partials = d
             .path()
             .join("root")
-            .join(crate::partial::PARTIAL_DIR)
+            .join(partial::PARTIAL_DIR)
             .join("alice");
         assert_eq!(std::fs::read_dir(&partials).unwrap().count(), 0);
         // Asking to start over, or a file smaller than what is held, empties it.
