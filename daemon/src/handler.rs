@@ -12,7 +12,7 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, ErrorCode, Request, Response, Role};
 
 use crate::server::State;
-use crate::storage::local::UserTree;
+use crate::storage::Tree;
 
 /// An authenticated session on this connection.
 pub struct Auth {
@@ -25,7 +25,7 @@ pub struct Auth {
     /// Session expiry, seconds since the epoch.
     pub expires: i64,
     /// The user's storage tree.
-    pub tree: UserTree,
+    pub tree: Tree,
 }
 
 /// Per-connection state the commands read and change.

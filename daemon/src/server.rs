@@ -20,7 +20,7 @@ use xfer_proto::fingerprint::Fingerprint;
 use crate::accounts::Accounts;
 use crate::config::Config;
 use crate::sessions::SessionStore;
-use crate::storage::local::Storage;
+use crate::storage::Store;
 
 /// Everything a connection needs, shared by all of them.
 pub struct State {
@@ -30,10 +30,10 @@ pub struct State {
     pub accounts: Accounts,
     /// Session tokens.
     pub sessions: SessionStore,
-    /// The storage root.
-    pub storage: Storage,
+    /// The storage backend.
+    pub storage: Store,
     /// Resumable uploads in progress, so a retry can take over from a stalled one.
-    pub uploads: Arc<crate::storage::local::partial::ActiveUploads>,
+    pub uploads: Arc<crate::storage::active::ActiveUploads>,
     /// Each user's transfers and resume checks in progress, against the per-user caps.
     pub usage: Arc<crate::usage::Usage>,
     /// Failed-login penalties per source.
@@ -119,7 +119,7 @@ impl Daemon {
         let (tls, fingerprint) = crate::tls::server_config(&config.cert, &config.key)?;
         let sessions = SessionStore::open(&config.state_dir, &config.sessions)
             .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))?;
-        let storage = Storage::open(&config.root)
+        let storage = Store::open(&config)
             .with_context(|| format!("opening storage root `{}`", config.root.display()))?;
         let (shutdown, _) = watch::channel(false);
         let limits = RwLock::new(Arc::new(config.limits.clone()));
@@ -176,12 +176,10 @@ impl Daemon {
             let ttl = state.limits().partial_upload_ttl();
             // With resume off, whatever is left expires after the default lifetime.
             let ttl = ttl.unwrap_or(Duration::from_secs(86400));
-            let storage = state.storage.clone();
-            match tokio::task::spawn_blocking(move || storage.sweep_partials(ttl)).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => tracing::info!(removed = n, "expired partial uploads deleted"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep partial uploads"),
-                Err(_) => {}
+            match state.storage.sweep_partials(ttl).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "expired partial uploads deleted"),
+                Err(e) => tracing::warn!(error = %e, "cannot sweep partial uploads"),
             }
             let period = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
             tokio::time::sleep(period).await;

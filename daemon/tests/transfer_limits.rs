@@ -189,7 +189,10 @@ async fn the_partial_store_keeps_a_bounded_number_of_bytes_per_user() {
     // The figure a quota would count.
     drop(conn);
     server.released_partial_bytes("alice", Duration::from_secs(20));
-    assert_eq!(server.state.storage.partial_usage("alice").unwrap(), 300);
+    assert_eq!(
+        server.state.storage.partial_usage("alice").await.unwrap(),
+        300
+    );
 }
 
 /// A sparse file of `size` bytes in alice's tree (reads as zeros, costs no disk).

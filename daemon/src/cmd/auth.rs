@@ -101,14 +101,14 @@ pub(super) async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Makes this connection `user`'s: opens their storage (creating it on first login).
-fn start_session(
+async fn start_session(
     ctx: &mut Ctx,
     user: &str,
     role: xfer_proto::Role,
     token: String,
     expires: i64,
 ) -> std::io::Result<SessionInfo> {
-    let tree = ctx.state.storage.user_tree(user)?;
+    let tree = ctx.state.storage.user_tree(user).await?;
     ctx.auth = Some(Auth {
         user: user.into(),
         role,
@@ -156,7 +156,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
             let (token, rec) = state
                 .sessions
                 .create(user, generation, &ctx.peer.to_string());
-            match start_session(ctx, user, role, token.clone(), rec.expires) {
+            match start_session(ctx, user, role, token.clone(), rec.expires).await {
                 Ok(session) => {
                     tracing::info!(user = %user, peer = %ctx.peer, %role, "login succeeded");
                     ctx.audit("login", None, Outcome::ok());
@@ -235,7 +235,7 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(why) = ctx.enter_session(&record.user) {
         return crate::handler::refuse_session(conn, &why).await;
     }
-    match start_session(ctx, &record.user, role, token.into(), record.expires) {
+    match start_session(ctx, &record.user, role, token.into(), record.expires).await {
         Ok(session) => {
             tracing::debug!(user = %record.user, peer = %ctx.peer, "token accepted");
             conn.write_frame(&Response::Session(session)).await?;

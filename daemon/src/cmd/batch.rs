@@ -13,21 +13,17 @@
 //! [`MAX_STAGING`] per connection at once. Answers still leave in request order, and are
 //! flushed whenever no more input is waiting (a client waiting for them sends nothing).
 
-use std::collections::{HashMap, VecDeque};
-use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::task::JoinHandle;
 use xfer_proto::connection::ConnError;
 use xfer_proto::limits::MAX_PUT_LEN;
 use xfer_proto::{Connection, Digest, ErrorCode, Response};
 
 use super::transfer::session_ended;
-use super::{blocking, reply_error, session_valid};
+use super::{reply_error, session_valid};
 use crate::handler::{Ctx, Flow, Outcome};
-use crate::storage::StorageError;
-use crate::storage::local::{StagedFile, UserTree};
+use crate::storage::{StageCache, StageTask, Staged, StorageError, Tree};
 
 /// Most `Put`s of one connection being staged at once (received, not yet answered).
 pub const MAX_STAGING: usize = 16;
@@ -59,12 +55,12 @@ pub struct Batch {
     failed: u64,
     /// The first failure at a commit since the last answer: reported by the next `Commit`.
     first_failure: Option<(ErrorCode, String)>,
-    /// Folders this connection has created or found, open, so each is resolved once; shared
-    /// with the staging tasks, and kept for one session only.
-    dirs: Arc<Mutex<HashMap<String, OwnedFd>>>,
-    /// The session token `dirs` was filled under: another session (another user, perhaps)
+    /// What storage keeps between this connection's stagings (the local backend: folders
+    /// created or found, open, so each is resolved once), for one session only.
+    cache: StageCache,
+    /// The session token `cache` was filled under: another session (another user, perhaps)
     /// starts with none.
-    dirs_token: String,
+    cache_token: String,
 }
 
 /// The session a batch was staged under.
@@ -74,7 +70,7 @@ struct Owner {
     /// The session token, re-checked before the commit.
     token: String,
     /// The tree the files go into.
-    tree: UserTree,
+    tree: Tree,
 }
 
 /// A `Put` whose staging runs.
@@ -85,14 +81,14 @@ struct Staging {
     size: u64,
     /// Its verified BLAKE3.
     digest: Digest,
-    /// The staging task.
-    task: JoinHandle<Result<StagedFile, StorageError>>,
+    /// The staging under way.
+    task: StageTask,
 }
 
 /// A staged file and what its audit line needs.
 struct StagedFileInfo {
     /// The staged data.
-    file: StagedFile,
+    file: Staged,
     /// Its size.
     size: u64,
     /// Its verified BLAKE3.
@@ -236,16 +232,11 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
             tree: tree.clone(),
         });
     }
-    if batch.dirs_token != token {
-        batch.dirs = Default::default();
-        batch.dirs_token = token;
+    if batch.cache_token != token {
+        batch.cache = Default::default();
+        batch.cache_token = token;
     }
-    let dirs = batch.dirs.clone();
-    let p = path.clone();
-    let task = tokio::task::spawn_blocking(move || {
-        let mut dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
-        tree.stage(&p, &buf, &mut dirs)
-    });
+    let task = tree.stage(&path, buf, &batch.cache);
     batch.staging_bytes += size;
     batch.staging.push_back(Staging {
         path,
@@ -338,14 +329,7 @@ async fn answer_oldest<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     };
     ctx.batch.staging_bytes -= size;
-    let staged = task.await.unwrap_or_else(|e| {
-        Err(StorageError::Io {
-            op: "staging",
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    });
-    match staged {
+    match task.await {
         Ok(file) => {
             let batch = &mut ctx.batch;
             batch.staged.push(StagedFileInfo { file, size, digest });
@@ -429,7 +413,7 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
         .into_iter()
         .map(|s| ((s.size, s.digest), s.file))
         .unzip();
-    let results = match blocking(move || Ok(tree.commit_batch(files))).await {
+    let results = match tree.commit_batch(files).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(user = %user, error = %e, "batch commit failed");

@@ -225,16 +225,3 @@ pub(super) fn session_valid(state: &State, token: &str) -> bool {
         .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))
         .is_some()
 }
-
-/// Runs a filesystem closure on the blocking pool.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::storage::StorageError> + Send + 'static,
-) -> Result<T, crate::storage::StorageError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(crate::storage::StorageError::Io {
-            op: "running",
-            path: String::new(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })
-}
