@@ -20,6 +20,7 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::limits::MAX_PUT_LEN;
 use xfer_proto::{Connection, Digest, ErrorCode, Response};
 
+use super::errors::wire;
 use super::transfer::session_ended;
 use super::{reply_error, session_valid};
 use crate::handler::{Ctx, Flow, Outcome};
@@ -151,10 +152,9 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
             path: path.clone(),
             source,
         };
-        refusal = Some((e.code(), e.client_message()));
+        refusal = Some(wire(&e));
     } else if max > 0 && size > max {
-        let e = StorageError::TooLarge(max);
-        refusal = Some((e.code(), e.client_message()));
+        refusal = Some(wire(&StorageError::TooLarge(max)));
     }
     // The body counts as one of the user's transfers while it is read.
     let slot = match refusal {
@@ -339,9 +339,9 @@ async fn answer_oldest<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(e) => {
             tracing::info!(path = %path, error = %e, "Put refused");
-            ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-            conn.queue_frame(&Response::error(e.code(), e.client_message()))
-                .await
+            let (code, message) = wire(&e);
+            ctx.audit("upload", Some(&path), Outcome::failed(code));
+            conn.queue_frame(&Response::error(code, message)).await
         }
     }
 }
@@ -445,8 +445,9 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
             }
             Err(e) => {
                 tracing::warn!(user = %user, path = %file.remote(), error = %e, "batched upload commit failed");
-                ctx.audit("upload", Some(file.remote()), Outcome::failed(e.code()));
-                record_failure(ctx, 1, e.code(), e.client_message());
+                let (code, message) = wire(&e);
+                ctx.audit("upload", Some(file.remote()), Outcome::failed(code));
+                record_failure(ctx, 1, code, message);
             }
         }
     }

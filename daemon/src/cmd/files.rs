@@ -5,6 +5,7 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::limits::{MAX_ENTRIES_PER_FRAME, MAX_FRAME_LEN};
 use xfer_proto::{Connection, Entry, Response};
 
+use super::errors::wire;
 use super::reply_error;
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::storage::{StorageError, Tree};
@@ -21,8 +22,9 @@ async fn report<S: AsyncRead + AsyncWrite + Unpin>(
     e: StorageError,
 ) -> Result<Flow, ConnError> {
     tracing::info!(user = %ctx.session().user, op, error = %e, "request failed");
-    ctx.audit(op, Some(path), Outcome::failed(e.code()));
-    reply_error(conn, e.code(), e.client_message()).await
+    let (code, message) = wire(&e);
+    ctx.audit(op, Some(path), Outcome::failed(code));
+    reply_error(conn, code, message).await
 }
 
 pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(

@@ -3,6 +3,7 @@
 
 mod auth;
 pub mod batch;
+mod errors;
 mod files;
 mod shutdown;
 mod transfer;

@@ -17,6 +17,7 @@ use xfer_proto::body::{BodyError, hashing_allowance};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
+use super::errors::wire;
 use super::{reply_error, session_valid};
 use crate::handler::{Ctx, Flow, Outcome};
 use crate::server::State;
@@ -284,8 +285,9 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(p) => p,
             Err(e) => {
                 tracing::info!(user = %user, path = %path, error = %e, "upload refused");
-                ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-                return reply_error(conn, e.code(), e.client_message()).await;
+                let (code, message) = wire(&e);
+                ctx.audit("upload", Some(&path), Outcome::failed(code));
+                return reply_error(conn, code, message).await;
             }
         };
         // Another upload holds the partial. A stalled earlier attempt of this retry is
@@ -363,8 +365,9 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             // The client still sends its trailer; read it so the stream stays in step.
             let _ = conn.read_frame::<Request>().await?;
             let e = StorageError::io("writing", &path, source);
-            ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-            return reply_error(conn, e.code(), e.client_message()).await;
+            let (code, message) = wire(&e);
+            ctx.audit("upload", Some(&path), Outcome::failed(code));
+            return reply_error(conn, code, message).await;
         }
         Err(BodyError::Net(e)) => {
             let kept = if pending.resumable() {
@@ -414,8 +417,9 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     }
     if let Err(e) = tree.commit(pending, &digest).await {
         tracing::warn!(user = %user, path = %path, error = %e, "upload commit failed");
-        ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-        return reply_error(conn, e.code(), e.client_message()).await;
+        let (code, message) = wire(&e);
+        ctx.audit("upload", Some(&path), Outcome::failed(code));
+        return reply_error(conn, code, message).await;
     }
     let secs = started.elapsed().as_secs_f64();
     let sent = size - start;
@@ -467,8 +471,9 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(h) => h,
         Err(e) => {
             tracing::info!(user = %user, path = %path, error = %e, "download refused");
-            ctx.audit("download", Some(&path), Outcome::failed(e.code()));
-            return reply_error(conn, e.code(), e.client_message()).await;
+            let (code, message) = wire(&e);
+            ctx.audit("download", Some(&path), Outcome::failed(code));
+            return reply_error(conn, code, message).await;
         }
     };
     let (size, modified, stored) = (handle.size, handle.modified, handle.stored);
@@ -641,8 +646,9 @@ async fn send_whole<S: AsyncRead + AsyncWrite + Unpin>(
         // Nothing is promised yet: refused like a file that cannot be read.
         let e = StorageError::io("reading", path, std::io::Error::other(e.to_string()));
         tracing::info!(user = %user, path = %path, error = %e, "download refused");
-        ctx.audit("download", Some(path), Outcome::failed(e.code()));
-        return reply_error(conn, e.code(), e.client_message()).await;
+        let (code, message) = wire(&e);
+        ctx.audit("download", Some(path), Outcome::failed(code));
+        return reply_error(conn, code, message).await;
     }
     // The header always fits the room left for it; were it ever longer, it is copied.
     let start = WHOLE_READ_ROOM.checked_sub(header.len());

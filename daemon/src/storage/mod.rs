@@ -19,7 +19,7 @@
 pub mod active;
 pub mod local;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fs::File;
 use std::future::Future;
@@ -33,9 +33,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use xfer_proto::limits::{CHUNK_LEN, MAX_PATH_DEPTH, MAX_PATH_LEN};
 use xfer_proto::path::PathError;
-use xfer_proto::{Digest, Entry, ErrorCode};
+use xfer_proto::{Digest, Entry};
 
-/// Why a storage operation failed. Messages name the remote path, never a server path.
+/// Why a storage operation failed. Messages name the remote path, never a server path;
+/// which wire code each becomes, and what the client is told, is the commands' business
+/// (`cmd::errors`).
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The path is not a valid remote path.
@@ -91,7 +93,8 @@ pub enum StorageError {
         /// Most entries a rename looks at.
         max: u64,
     },
-    /// Anything else; the message is for the server log only.
+    /// Anything else; the message is for the server log only (the client is told only what
+    /// failed, not why).
     #[error("{op} `{path}`: {source}")]
     Io {
         /// What was being done.
@@ -104,37 +107,8 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    /// The wire error code for this failure.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            StorageError::BadPath { .. } => ErrorCode::InvalidPath,
-            StorageError::Symlink(_) => ErrorCode::PermissionDenied,
-            StorageError::NotFound(_) => ErrorCode::NotFound,
-            StorageError::WrongKind(..) => ErrorCode::WrongKind,
-            StorageError::AlreadyExists(_) => ErrorCode::AlreadyExists,
-            StorageError::NotEmpty(_) => ErrorCode::NotEmpty,
-            StorageError::NoSpace => ErrorCode::NoSpace,
-            StorageError::TooLarge(_) => ErrorCode::PermissionDenied,
-            StorageError::TooDeep { .. } | StorageError::TooBigToCheck { .. } => {
-                ErrorCode::InvalidPath
-            }
-            StorageError::Io { source, .. } if source.kind() == ErrorKind::PermissionDenied => {
-                ErrorCode::PermissionDenied
-            }
-            StorageError::Io { .. } => ErrorCode::Internal,
-        }
-    }
-
-    /// The message to send to the client: internal I/O detail stays in the server log.
-    pub fn client_message(&self) -> String {
-        match self {
-            StorageError::Io { op, path, .. } => format!("{op} `{path}` failed on the server"),
-            other => other.to_string(),
-        }
-    }
-
     /// Classifies an I/O error on `path` (a remote path) the one way every operation does.
-    pub(crate) fn io(op: &'static str, path: &str, source: std::io::Error) -> Self {
+    pub fn io(op: &'static str, path: &str, source: std::io::Error) -> Self {
         match source.kind() {
             ErrorKind::NotFound => StorageError::NotFound(path.into()),
             ErrorKind::AlreadyExists => StorageError::AlreadyExists(path.into()),
