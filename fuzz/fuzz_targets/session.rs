@@ -38,7 +38,8 @@ use xfer_proto::limits::{MAX_ENTRIES_PER_FRAME, MAX_PASSWORD_LEN};
 use xfer_proto::{Connection, ErrorCode, PROTOCOL_VERSION, Request, Response, Role};
 use xferd::accounts::UsersFile;
 use xferd::config::Config;
-use xferd::server::{Daemon, State};
+use xferd::server::Daemon;
+use xferd::state::State;
 
 const USER: &str = "fuzz";
 const USER_PW: &str = "fuzz-password";

@@ -14,7 +14,8 @@ use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::{Request, Response, Role};
 use xferd::accounts::UsersFile;
 use xferd::config::Config;
-use xferd::server::{Daemon, State};
+use xferd::server::Daemon;
+use xferd::state::State;
 
 /// Accounts every test server starts with: (name, role, password).
 pub const USERS: [(&str, Role, &str); 3] = [
@@ -153,7 +154,7 @@ impl TestServer {
         let id = xferd::tls::generate(&[]).expect("generate");
         std::fs::write(&config.key, &id.key_pem).unwrap();
         std::fs::write(&config.cert, &id.cert_pem).unwrap();
-        xferd::server::reload(&self.state).expect("reload");
+        self.state.reload().expect("reload");
         self.fingerprint = id.fingerprint.to_string();
         self.fingerprint.clone()
     }

@@ -7,8 +7,8 @@ use xfer_proto::message::SessionInfo;
 use xfer_proto::{Connection, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Response};
 
 use super::reply_error;
+use super::{Auth, Ctx, Flow, Outcome};
 use crate::accounts::VerifyOutcome;
-use crate::handler::{Auth, Ctx, Flow, Outcome};
 
 /// The part of a client-supplied user name that is logged and audited: no valid name is longer
 /// than [`MAX_USER_LEN`], so a longer one is cut there (a guesser's 64 KiB names would otherwise
@@ -151,7 +151,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     match state.accounts.verify(user, password).await {
         VerifyOutcome::Ok { role, generation } => {
             if let Err(why) = ctx.enter_session(user) {
-                return crate::handler::refuse_session(conn, &why).await;
+                return super::refuse_session(conn, &why).await;
             }
             let (token, rec) = state
                 .sessions
@@ -233,7 +233,7 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
     };
     if let Err(why) = ctx.enter_session(&record.user) {
-        return crate::handler::refuse_session(conn, &why).await;
+        return super::refuse_session(conn, &why).await;
     }
     match start_session(ctx, &record.user, role, token.into(), record.expires).await {
         Ok(session) => {

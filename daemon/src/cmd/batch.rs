@@ -22,8 +22,8 @@ use xfer_proto::{Connection, Digest, ErrorCode, Response};
 
 use super::errors::wire;
 use super::transfer::session_ended;
+use super::{Ctx, Flow, Outcome};
 use super::{reply_error, session_valid};
-use crate::handler::{Ctx, Flow, Outcome};
 use crate::storage::{StageCache, StageTask, Staged, StorageError, Tree};
 
 /// Most `Put`s of one connection being staged at once (received, not yet answered).

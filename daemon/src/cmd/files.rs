@@ -7,7 +7,7 @@ use xfer_proto::{Connection, Entry, Response};
 
 use super::errors::wire;
 use super::reply_error;
-use crate::handler::{Ctx, Flow, Outcome};
+use super::{Ctx, Flow, Outcome};
 use crate::storage::{StorageError, Tree};
 
 /// Most bytes an `Entry` takes in a frame besides its name (the name's length varint, kind,

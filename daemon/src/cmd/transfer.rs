@@ -18,9 +18,9 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
 use super::errors::wire;
+use super::{Ctx, Flow, Outcome};
 use super::{reply_error, session_valid};
-use crate::handler::{Ctx, Flow, Outcome};
-use crate::server::State;
+use crate::state::State;
 use crate::storage::active::Holding;
 use crate::storage::{ReadBody, Staging, StorageError, Tree, Upload, WHOLE_READ_ROOM};
 use crate::usage::Slot;

@@ -165,7 +165,7 @@ async fn io_blocking<T: Send + 'static>(
 }
 
 /// One user's tree on the local filesystem: a cheap handle whose operations run on the
-/// blocking pool (see [`TreeFs`] for what they do).
+/// blocking pool (see `TreeFs` for what they do).
 #[derive(Debug, Clone)]
 pub struct LocalTree {
     /// The tree's folders and the work on them.
@@ -340,7 +340,7 @@ impl Drop for StagedFile {
     }
 }
 
-/// The folders a batch has made sure of, open, by canonical path (see [`TreeFs::stage`]).
+/// The folders a batch has made sure of, open, by canonical path (see `TreeFs::stage`).
 pub type OpenDirs = HashMap<String, OwnedFd>;
 
 impl LocalTree {
@@ -389,13 +389,13 @@ impl LocalTree {
         blocking(move || fs.begin_upload(&remote, size, max_bytes, staging)).await
     }
 
-    /// See [`crate::storage::Tree::commit`] and [`TreeFs::commit`].
+    /// See [`crate::storage::Tree::commit`] and `TreeFs::commit`.
     pub async fn commit(&self, upload: PendingUpload, digest: &Digest) -> Result<(), StorageError> {
         let (fs, digest) = (self.fs.clone(), *digest);
         blocking(move || fs.commit(upload, &digest)).await
     }
 
-    /// Starts [`TreeFs::stage`] on the blocking pool.
+    /// Starts `TreeFs::stage` on the blocking pool.
     pub fn stage(
         &self,
         remote: &str,
@@ -409,7 +409,7 @@ impl LocalTree {
         })
     }
 
-    /// See [`crate::storage::Tree::commit_batch`] and [`TreeFs::commit_batch`].
+    /// See [`crate::storage::Tree::commit_batch`] and `TreeFs::commit_batch`.
     pub async fn commit_batch(
         &self,
         files: Vec<StagedFile>,
@@ -734,7 +734,7 @@ impl TreeFs {
     /// `mkdir -p`), refuses a folder or link at the target, and writes `data` to a new
     /// staged file, invisible and not yet synced. `dirs` keeps the folders this batch has
     /// made sure of, open, so a tree upload resolves each folder once (it is cleared when
-    /// it holds [`MAX_OPEN_STAGING_DIRS`]). [`TreeFs::commit_batch`] makes the file
+    /// it holds [`MAX_OPEN_STAGING_DIRS`]). `TreeFs::commit_batch` makes the file
     /// visible, resolving its folder again by path.
     fn stage(
         &self,
