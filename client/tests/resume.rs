@@ -239,7 +239,7 @@ fn expired_partial_uploads_are_deleted() {
     let dir = server
         .config()
         .root
-        .join(xferd::partial::PARTIAL_DIR)
+        .join(xferd::storage::local::partial::PARTIAL_DIR)
         .join("alice");
     let start = std::time::Instant::now();
     while std::fs::read_dir(&dir).unwrap().count() > 0 {

@@ -517,7 +517,7 @@ async fn serve(
     daemon.run(listener, shutdown).await
 }
 
-fn spawn_signal_tasks(state: std::sync::Arc<crate::server::State>) {
+fn spawn_signal_tasks(state: std::sync::Arc<crate::state::State>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut stop = state.shutdown_rx();
     tokio::spawn(async move {
@@ -535,7 +535,7 @@ fn spawn_signal_tasks(state: std::sync::Arc<crate::server::State>) {
                 states.push(now);
             }
             let _ = sd_notify::notify(false, &states);
-            if let Err(e) = crate::server::reload(&state) {
+            if let Err(e) = state.reload() {
                 tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the previous limits, users and certificate");
             }
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

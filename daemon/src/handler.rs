@@ -9,137 +9,10 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use xfer_proto::connection::ConnError;
-use xfer_proto::{Connection, ErrorCode, Request, Response, Role};
+use xfer_proto::{Connection, ErrorCode, Request, Response};
 
-use crate::server::State;
-use crate::storage::UserTree;
-
-/// An authenticated session on this connection.
-pub struct Auth {
-    /// Account name.
-    pub user: String,
-    /// Account role at authentication.
-    pub role: Role,
-    /// The session token, to re-check before each request and to revoke on logout.
-    pub token: String,
-    /// Session expiry, seconds since the epoch.
-    pub expires: i64,
-    /// The user's storage tree.
-    pub tree: UserTree,
-}
-
-/// Per-connection state the commands read and change.
-pub struct Ctx {
-    /// Shared daemon state.
-    pub state: Arc<State>,
-    /// The client's address, for logs.
-    pub peer: SocketAddr,
-    /// Whether the client has sent a valid `Hello`.
-    pub greeted: bool,
-    /// The protocol version agreed in the hello (decides which features the client knows).
-    pub version: u16,
-    /// The session, once authenticated.
-    pub auth: Option<Auth>,
-    /// Failed logins or token checks on this connection.
-    pub failures: u32,
-    /// This connection's place in admission: unauthenticated, then a session of its user.
-    pub ticket: crate::admission::Ticket,
-    /// Files staged by `Put` and not yet committed (protocol 3); deleted if the connection
-    /// ends first.
-    pub(crate) batch: crate::cmd::batch::Batch,
-}
-
-impl Ctx {
-    /// The authenticated session, for commands the dispatcher only runs with one.
-    pub fn session(&self) -> &Auth {
-        self.auth
-            .as_ref()
-            .expect("the dispatcher checked the session")
-    }
-
-    /// Makes this connection one of `user`'s sessions for admission (it leaves the
-    /// unauthenticated pool), or says which session cap is full.
-    pub fn enter_session(&mut self, user: &str) -> Result<(), crate::admission::Refusal> {
-        self.ticket
-            .enter_session(user)
-            .inspect_err(|why| self.state.admission.log_refusal(self.peer.ip(), why))
-    }
-
-    /// Records an operation in the audit trail as the authenticated user.
-    pub fn audit(&self, op: &str, path: Option<&str>, outcome: Outcome<'_>) {
-        let user = self.auth.as_ref().map_or("", |a| a.user.as_str());
-        self.audit_as(user, op, path, outcome);
-    }
-
-    /// Records an operation in the audit trail under `user` (a failed login's name).
-    pub fn audit_as(&self, user: &str, op: &str, path: Option<&str>, outcome: Outcome<'_>) {
-        self.state.audit.record(crate::audit::Event {
-            user,
-            source: self.peer.to_string(),
-            op,
-            path,
-            to: outcome.to,
-            bytes: outcome.bytes,
-            resumed_from: outcome.resumed_from.filter(|&o| o > 0),
-            digest: outcome
-                .digest
-                .map(|d| blake3::Hash::from_bytes(*d).to_hex().to_string()),
-            result: match outcome.error {
-                None => "ok".into(),
-                Some(code) => format!("{code:?}"),
-            },
-            ..Default::default()
-        });
-    }
-}
-
-/// How an audited operation ended, and what it moved.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Outcome<'a> {
-    /// The error code, if it failed.
-    pub error: Option<ErrorCode>,
-    /// Rename target.
-    pub to: Option<&'a str>,
-    /// Bytes that crossed the network.
-    pub bytes: Option<u64>,
-    /// Where a resumed transfer started.
-    pub resumed_from: Option<u64>,
-    /// Digest of the file transferred.
-    pub digest: Option<&'a xfer_proto::Digest>,
-}
-
-impl Outcome<'_> {
-    /// Success with nothing else to say.
-    pub fn ok() -> Self {
-        Outcome::default()
-    }
-    /// Failure with `code`.
-    pub fn failed(code: ErrorCode) -> Self {
-        Outcome {
-            error: Some(code),
-            ..Default::default()
-        }
-    }
-}
-
-/// What the connection loop does after a request.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Flow {
-    /// Read the next request.
-    Continue,
-    /// Close the connection.
-    Close,
-}
-
-/// Answers a refusal at a session cap with `Busy` (the message says which cap) and closes.
-pub async fn refuse_session<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Connection<S>,
-    why: &crate::admission::Refusal,
-) -> Result<Flow, ConnError> {
-    conn.write_frame(&Response::error(ErrorCode::Busy, why.to_string()))
-        .await?;
-    Ok(Flow::Close)
-}
+use crate::cmd::{Ctx, Flow, refuse_session};
+use crate::state::State;
 
 /// Runs one accepted TCP connection, admitted with `ticket`, to completion.
 pub async fn handle_tcp(
@@ -207,16 +80,7 @@ pub async fn serve_admitted<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let mut stop = state.shutdown_rx();
     let limits = state.limits();
     let login_deadline = accepted + ticket.login_timeout();
-    let mut ctx = Ctx {
-        state,
-        peer,
-        greeted: false,
-        version: 0,
-        auth: None,
-        failures: 0,
-        ticket,
-        batch: Default::default(),
-    };
+    let mut ctx = Ctx::new(state, peer, ticket);
     loop {
         let authenticated = ctx.auth.is_some();
         let (wait, phase) = if authenticated {

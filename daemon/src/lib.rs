@@ -11,16 +11,41 @@
 //! - [`tls`]: certificate generation (rcgen), loading, the TLS 1.3 server config and the fingerprint.
 //! - [`beneath`]: filesystem calls confined beneath a directory (from `xfer-proto`, which the
 //!   client's downloads share).
-//! - [`storage`]: the one path resolver and every filesystem operation on a user's tree.
-//! - [`partial`]: interrupted uploads kept invisible for resume, locked, bounded and expiring.
+//! - [`storage`]: the seam between the commands and where files live: [`storage::Store`] (the
+//!   configured backend) and [`storage::Tree`] (one user's view), async, one enum variant per
+//!   backend; [`storage::active`] (the resumable uploads this daemon runs, for takeover).
+//!   - [`storage::local`]: the local filesystem backend: the one path resolver and every
+//!     filesystem operation on a user's tree, with [`storage::local::partial`] (interrupted
+//!     uploads kept invisible for resume, locked, bounded and expiring) and
+//!     [`storage::local::digest_store`] (a big upload's verified digest, kept on the file).
 //! - [`usage`]: each user's transfers and resume checks in progress, against per-user caps.
+//! - [`state`]: the shared state every connection reads (config, limits, accounts, sessions,
+//!   storage, audit, admission), its reload, and the one shutdown signal.
 //! - [`server`]: the accept loop and the one shutdown mechanism.
-//! - [`handler`]: one connection's state machine: hello, authentication, the role check, dispatch.
-//! - [`cmd`]: one module per request kind.
+//! - [`handler`]: one connection's loop: TLS, deadlines, reading requests, shutdown notices.
+//! - [`cmd`]: what a request does: the role check and dispatch, one module per request kind,
+//!   the per-connection context commands are given ([`cmd::Ctx`]), and `cmd::errors`, the
+//!   one mapping from storage failures to wire error codes.
 //! - [`init`]: `xferd init` and the first-run quickstart.
 //! - [`cli`]: the command line.
 //! - [`logging`]: the stderr log, and the one place that escapes and cuts client-supplied text in it.
 //! - [`fsutil`]: atomic file writes.
+//!
+//! Dependencies run one way, from the accept loop down to storage (checked with a grep of
+//! `crate::` paths; `cli` sits above `server`):
+//!
+//! ```text
+//! server ──> handler ──> cmd ──> state ──> storage ──> beneath, fsutil, config
+//!   │           │         │        │
+//!   │           │         │        └──> accounts, sessions, admission, penalty, audit, usage, tls
+//!   │           │         └──> storage, accounts, admission, audit, usage
+//!   │           └──> state, admission
+//!   └──> state, config
+//! ```
+//!
+//! Nothing below `server` names it, nothing below `handler` names it, and `cmd` never names
+//! `handler` or `server`: a command gets what it needs as arguments (the connection's
+//! [`cmd::Ctx`], which holds the shared [`state::State`], and the connection to answer on).
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -30,16 +55,15 @@ pub use xfer_proto::beneath;
 pub mod cli;
 pub mod cmd;
 pub mod config;
-pub mod digest_store;
 pub mod fsutil;
 pub mod handler;
 pub mod init;
 pub mod logging;
-pub mod partial;
 pub mod password;
 pub mod penalty;
 pub mod server;
 pub mod sessions;
+pub mod state;
 pub mod storage;
 pub mod tls;
 pub mod usage;

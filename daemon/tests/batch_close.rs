@@ -32,7 +32,7 @@ fn puts_staging_when_the_connection_ends_are_deleted_before_it_is_done() {
         .enable_all()
         .build()
         .unwrap();
-    let staging_dir = config.root.join(xferd::storage::TMP_DIR);
+    let staging_dir = config.root.join(xferd::storage::local::TMP_DIR);
     // Each round ends the connection right behind a burst of `Put`s, so some are still
     // being staged on the blocking pool when the client's end of the stream closes.
     for round in 0..20u32 {

@@ -189,7 +189,10 @@ async fn the_partial_store_keeps_a_bounded_number_of_bytes_per_user() {
     // The figure a quota would count.
     drop(conn);
     server.released_partial_bytes("alice", Duration::from_secs(20));
-    assert_eq!(server.state.storage.partial_usage("alice").unwrap(), 300);
+    assert_eq!(
+        server.state.storage.partial_usage("alice").await.unwrap(),
+        300
+    );
 }
 
 /// A sparse file of `size` bytes in alice's tree (reads as zeros, costs no disk).
@@ -239,10 +242,12 @@ async fn a_resume_check_stops_hashing_when_its_client_leaves() {
         .user_dir("alice")
         .parent()
         .unwrap()
-        .join(xferd::partial::PARTIAL_DIR)
+        .join(xferd::storage::local::partial::PARTIAL_DIR)
         .join("alice");
     std::fs::create_dir_all(&dir).unwrap();
-    let held = std::fs::File::create(dir.join(xferd::partial::PartialDir::name_for("up"))).unwrap();
+    let held =
+        std::fs::File::create(dir.join(xferd::storage::local::partial::PartialDir::name_for("up")))
+            .unwrap();
     held.set_len(SIZE).unwrap();
     let mut conn = raw_login(&server, "alice").await;
     conn.write_frame(&Request::Upload {

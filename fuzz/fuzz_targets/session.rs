@@ -38,7 +38,8 @@ use xfer_proto::limits::{MAX_ENTRIES_PER_FRAME, MAX_PASSWORD_LEN};
 use xfer_proto::{Connection, ErrorCode, PROTOCOL_VERSION, Request, Response, Role};
 use xferd::accounts::UsersFile;
 use xferd::config::Config;
-use xferd::server::{Daemon, State};
+use xferd::server::Daemon;
+use xferd::state::State;
 
 const USER: &str = "fuzz";
 const USER_PW: &str = "fuzz-password";
@@ -840,14 +841,14 @@ fn check_disk(fx: &Fixture, seen: &Observed) {
     expect_names(
         root,
         &[
-            xferd::storage::TMP_DIR,
-            xferd::partial::PARTIAL_DIR,
+            xferd::storage::local::TMP_DIR,
+            xferd::storage::local::partial::PARTIAL_DIR,
             USER,
             ADMIN,
         ],
     );
     // Interrupted uploads may stay for resume, but only as plain files named by a hash.
-    for (rel, what) in snapshot(&root.join(xferd::partial::PARTIAL_DIR)) {
+    for (rel, what) in snapshot(&root.join(xferd::storage::local::partial::PARTIAL_DIR)) {
         let name = rel.file_name().unwrap().to_string_lossy().into_owned();
         let is_user_dir = rel.components().count() == 1 && what == "dir";
         let is_partial = rel.components().count() == 2
@@ -859,7 +860,7 @@ fn check_disk(fx: &Fixture, seen: &Observed) {
             "unexpected partial entry {rel:?} ({what})"
         );
     }
-    let staged = snapshot(&root.join(xferd::storage::TMP_DIR));
+    let staged = snapshot(&root.join(xferd::storage::local::TMP_DIR));
     assert!(
         staged.is_empty(),
         "staging folder not empty after the session: {staged:?}"

@@ -17,7 +17,8 @@ use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::{Request, Response, Role};
 use xferd::accounts::UsersFile;
 use xferd::config::Config;
-use xferd::server::{Daemon, State};
+use xferd::server::Daemon;
+use xferd::state::State;
 
 /// Accounts every test server starts with: (name, role, password).
 pub const USERS: [(&str, Role, &str); 3] = [
@@ -136,7 +137,7 @@ impl TestServer {
 
     /// The folder where uploads are staged.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join(xferd::storage::TMP_DIR)
+        self.root.join(xferd::storage::local::TMP_DIR)
     }
 
     /// Edits the users file as `xferd user ...` would; the daemon notices on its own.
@@ -156,7 +157,7 @@ impl TestServer {
         let id = xferd::tls::generate(&[]).expect("generate");
         std::fs::write(&config.key, &id.key_pem).unwrap();
         std::fs::write(&config.cert, &id.cert_pem).unwrap();
-        xferd::server::reload(&self.state).expect("reload");
+        self.state.reload().expect("reload");
         self.fingerprint = id.fingerprint.to_string();
         self.fingerprint.clone()
     }
@@ -181,7 +182,10 @@ impl TestServer {
     /// Bytes held in `user`'s partial uploads, once the daemon has let go of them all (an
     /// upload still running holds a lock on its partial); waits up to `timeout`.
     pub fn released_partial_bytes(&self, user: &str, timeout: Duration) -> u64 {
-        let dir = self.root.join(xferd::partial::PARTIAL_DIR).join(user);
+        let dir = self
+            .root
+            .join(xferd::storage::local::partial::PARTIAL_DIR)
+            .join(user);
         let start = std::time::Instant::now();
         'again: loop {
             assert!(start.elapsed() < timeout, "partial uploads still held");

@@ -7,8 +7,8 @@ use xfer_proto::message::SessionInfo;
 use xfer_proto::{Connection, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Response};
 
 use super::reply_error;
+use super::{Auth, Ctx, Flow, Outcome};
 use crate::accounts::VerifyOutcome;
-use crate::handler::{Auth, Ctx, Flow, Outcome};
 
 /// The part of a client-supplied user name that is logged and audited: no valid name is longer
 /// than [`MAX_USER_LEN`], so a longer one is cut there (a guesser's 64 KiB names would otherwise
@@ -101,14 +101,14 @@ pub(super) async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Makes this connection `user`'s: opens their storage (creating it on first login).
-fn start_session(
+async fn start_session(
     ctx: &mut Ctx,
     user: &str,
     role: xfer_proto::Role,
     token: String,
     expires: i64,
 ) -> std::io::Result<SessionInfo> {
-    let tree = ctx.state.storage.user_tree(user)?;
+    let tree = ctx.state.storage.user_tree(user).await?;
     ctx.auth = Some(Auth {
         user: user.into(),
         role,
@@ -151,12 +151,12 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     match state.accounts.verify(user, password).await {
         VerifyOutcome::Ok { role, generation } => {
             if let Err(why) = ctx.enter_session(user) {
-                return crate::handler::refuse_session(conn, &why).await;
+                return super::refuse_session(conn, &why).await;
             }
             let (token, rec) = state
                 .sessions
                 .create(user, generation, &ctx.peer.to_string());
-            match start_session(ctx, user, role, token.clone(), rec.expires) {
+            match start_session(ctx, user, role, token.clone(), rec.expires).await {
                 Ok(session) => {
                     tracing::info!(user = %user, peer = %ctx.peer, %role, "login succeeded");
                     ctx.audit("login", None, Outcome::ok());
@@ -233,9 +233,9 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
     };
     if let Err(why) = ctx.enter_session(&record.user) {
-        return crate::handler::refuse_session(conn, &why).await;
+        return super::refuse_session(conn, &why).await;
     }
-    match start_session(ctx, &record.user, role, token.into(), record.expires) {
+    match start_session(ctx, &record.user, role, token.into(), record.expires).await {
         Ok(session) => {
             tracing::debug!(user = %record.user, peer = %ctx.peer, "token accepted");
             conn.write_frame(&Response::Session(session)).await?;

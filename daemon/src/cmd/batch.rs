@@ -13,20 +13,18 @@
 //! [`MAX_STAGING`] per connection at once. Answers still leave in request order, and are
 //! flushed whenever no more input is waiting (a client waiting for them sends nothing).
 
-use std::collections::{HashMap, VecDeque};
-use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::task::JoinHandle;
 use xfer_proto::connection::ConnError;
 use xfer_proto::limits::MAX_PUT_LEN;
 use xfer_proto::{Connection, Digest, ErrorCode, Response};
 
+use super::errors::wire;
 use super::transfer::session_ended;
-use super::{blocking, reply_error, session_valid};
-use crate::handler::{Ctx, Flow, Outcome};
-use crate::storage::{StagedFile, StorageError, UserTree};
+use super::{Ctx, Flow, Outcome};
+use super::{reply_error, session_valid};
+use crate::storage::{StageCache, StageTask, Staged, StorageError, Tree};
 
 /// Most `Put`s of one connection being staged at once (received, not yet answered).
 pub const MAX_STAGING: usize = 16;
@@ -58,12 +56,12 @@ pub struct Batch {
     failed: u64,
     /// The first failure at a commit since the last answer: reported by the next `Commit`.
     first_failure: Option<(ErrorCode, String)>,
-    /// Folders this connection has created or found, open, so each is resolved once; shared
-    /// with the staging tasks, and kept for one session only.
-    dirs: Arc<Mutex<HashMap<String, OwnedFd>>>,
-    /// The session token `dirs` was filled under: another session (another user, perhaps)
+    /// What storage keeps between this connection's stagings (the local backend: folders
+    /// created or found, open, so each is resolved once), for one session only.
+    cache: StageCache,
+    /// The session token `cache` was filled under: another session (another user, perhaps)
     /// starts with none.
-    dirs_token: String,
+    cache_token: String,
 }
 
 /// The session a batch was staged under.
@@ -73,7 +71,7 @@ struct Owner {
     /// The session token, re-checked before the commit.
     token: String,
     /// The tree the files go into.
-    tree: UserTree,
+    tree: Tree,
 }
 
 /// A `Put` whose staging runs.
@@ -84,14 +82,14 @@ struct Staging {
     size: u64,
     /// Its verified BLAKE3.
     digest: Digest,
-    /// The staging task.
-    task: JoinHandle<Result<StagedFile, StorageError>>,
+    /// The staging under way.
+    task: StageTask,
 }
 
 /// A staged file and what its audit line needs.
 struct StagedFileInfo {
     /// The staged data.
-    file: StagedFile,
+    file: Staged,
     /// Its size.
     size: u64,
     /// Its verified BLAKE3.
@@ -154,10 +152,9 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
             path: path.clone(),
             source,
         };
-        refusal = Some((e.code(), e.client_message()));
+        refusal = Some(wire(&e));
     } else if max > 0 && size > max {
-        let e = StorageError::TooLarge(max);
-        refusal = Some((e.code(), e.client_message()));
+        refusal = Some(wire(&StorageError::TooLarge(max)));
     }
     // The body counts as one of the user's transfers while it is read.
     let slot = match refusal {
@@ -235,16 +232,11 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
             tree: tree.clone(),
         });
     }
-    if batch.dirs_token != token {
-        batch.dirs = Default::default();
-        batch.dirs_token = token;
+    if batch.cache_token != token {
+        batch.cache = Default::default();
+        batch.cache_token = token;
     }
-    let dirs = batch.dirs.clone();
-    let p = path.clone();
-    let task = tokio::task::spawn_blocking(move || {
-        let mut dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
-        tree.stage(&p, &buf, &mut dirs)
-    });
+    let task = tree.stage(&path, buf, &batch.cache);
     batch.staging_bytes += size;
     batch.staging.push_back(Staging {
         path,
@@ -337,14 +329,7 @@ async fn answer_oldest<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     };
     ctx.batch.staging_bytes -= size;
-    let staged = task.await.unwrap_or_else(|e| {
-        Err(StorageError::Io {
-            op: "staging",
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    });
-    match staged {
+    match task.await {
         Ok(file) => {
             let batch = &mut ctx.batch;
             batch.staged.push(StagedFileInfo { file, size, digest });
@@ -354,9 +339,9 @@ async fn answer_oldest<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(e) => {
             tracing::info!(path = %path, error = %e, "Put refused");
-            ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-            conn.queue_frame(&Response::error(e.code(), e.client_message()))
-                .await
+            let (code, message) = wire(&e);
+            ctx.audit("upload", Some(&path), Outcome::failed(code));
+            conn.queue_frame(&Response::error(code, message)).await
         }
     }
 }
@@ -428,7 +413,7 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
         .into_iter()
         .map(|s| ((s.size, s.digest), s.file))
         .unzip();
-    let results = match blocking(move || Ok(tree.commit_batch(files))).await {
+    let results = match tree.commit_batch(files).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(user = %user, error = %e, "batch commit failed");
@@ -460,8 +445,9 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
             }
             Err(e) => {
                 tracing::warn!(user = %user, path = %file.remote(), error = %e, "batched upload commit failed");
-                ctx.audit("upload", Some(file.remote()), Outcome::failed(e.code()));
-                record_failure(ctx, 1, e.code(), e.client_message());
+                let (code, message) = wire(&e);
+                ctx.audit("upload", Some(file.remote()), Outcome::failed(code));
+                record_failure(ctx, 1, code, message);
             }
         }
     }

@@ -5,9 +5,10 @@ use xfer_proto::connection::ConnError;
 use xfer_proto::limits::{MAX_ENTRIES_PER_FRAME, MAX_FRAME_LEN};
 use xfer_proto::{Connection, Entry, Response};
 
-use super::{blocking, reply_error};
-use crate::handler::{Ctx, Flow, Outcome};
-use crate::storage::StorageError;
+use super::errors::wire;
+use super::reply_error;
+use super::{Ctx, Flow, Outcome};
+use crate::storage::{StorageError, Tree};
 
 /// Most bytes an `Entry` takes in a frame besides its name (the name's length varint, kind,
 /// size and time varints), rounded up.
@@ -21,8 +22,9 @@ async fn report<S: AsyncRead + AsyncWrite + Unpin>(
     e: StorageError,
 ) -> Result<Flow, ConnError> {
     tracing::info!(user = %ctx.session().user, op, error = %e, "request failed");
-    ctx.audit(op, Some(path), Outcome::failed(e.code()));
-    reply_error(conn, e.code(), e.client_message()).await
+    let (code, message) = wire(&e);
+    ctx.audit(op, Some(path), Outcome::failed(code));
+    reply_error(conn, code, message).await
 }
 
 pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
@@ -30,51 +32,37 @@ pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
 ) -> Result<Flow, ConnError> {
-    // Entries are read on a blocking thread and sent as each frame fills, in directory
-    // order (the client sorts), so a folder of a million files costs the server a couple of
-    // frames of memory, not the whole listing per connection.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<Entry>, StorageError>>(2);
-    let t = ctx.session().tree.clone();
-    let p = path.clone();
-    let walker = tokio::task::spawn_blocking(move || {
-        let mut batch = Vec::with_capacity(MAX_ENTRIES_PER_FRAME);
-        // A frame is also sent early when its names grow long: a name that is not UTF-8 on
-        // disk comes out up to three times its 255 bytes, and 128 of those would not fit in
-        // one frame (the connection would close instead of listing).
-        let mut bytes = 0;
-        let walked = t.list_each(&p, |e| {
-            bytes += e.name.len() + ENTRY_OVERHEAD;
-            batch.push(e);
-            if batch.len() < MAX_ENTRIES_PER_FRAME && bytes <= MAX_FRAME_LEN / 2 {
-                return true;
-            }
-            bytes = 0;
-            tx.blocking_send(Ok(std::mem::take(&mut batch))).is_ok()
-        });
-        let _ = match walked {
-            Ok(()) if batch.is_empty() => Ok(()),
-            Ok(()) => tx.blocking_send(Ok(batch)),
-            Err(e) => tx.blocking_send(Err(e)),
-        };
-    });
-    // One batch is held back, so the last frame can say `done`.
+    // Entries come from storage in batches, in the order it finds them (the client sorts),
+    // and are sent as each frame fills, so a folder of a million files costs the server a
+    // couple of frames of memory, not the whole listing per connection.
+    let mut listing = ctx.session().tree.list(&path);
+    let mut frame = Vec::with_capacity(MAX_ENTRIES_PER_FRAME);
+    // A frame is also sent early when its names grow long: a name that is not UTF-8 on
+    // disk comes out up to three times its 255 bytes, and 128 of those would not fit in
+    // one frame (the connection would close instead of listing).
+    let mut bytes = 0;
+    // One full frame is held back, so the last frame can say `done`.
     let mut held: Option<Vec<Entry>> = None;
-    while let Some(item) = rx.recv().await {
-        match item {
-            Ok(batch) => {
-                if let Some(prev) = held.replace(batch) {
-                    conn.write_frame(&Response::Entries {
-                        entries: prev,
-                        done: false,
-                    })
-                    .await?;
-                }
-            }
+    while let Some(item) = listing.next().await {
+        let batch = match item {
+            Ok(batch) => batch,
             // Before any frame, this is the whole answer; after some, it ends the listing.
             Err(e) => return report(ctx, conn, "list", &path, e).await,
+        };
+        for e in batch {
+            bytes += e.name.len() + ENTRY_OVERHEAD;
+            frame.push(e);
+            if frame.len() < MAX_ENTRIES_PER_FRAME && bytes <= MAX_FRAME_LEN / 2 {
+                continue;
+            }
+            bytes = 0;
+            let full = std::mem::replace(&mut frame, Vec::with_capacity(MAX_ENTRIES_PER_FRAME));
+            send_held(conn, &mut held, full).await?;
         }
     }
-    let _ = walker.await;
+    if !frame.is_empty() {
+        send_held(conn, &mut held, frame).await?;
+    }
     conn.write_frame(&Response::Entries {
         entries: held.unwrap_or_default(),
         done: true,
@@ -84,9 +72,25 @@ pub(super) async fn list<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Flow::Continue)
 }
 
+/// Holds `frame` back and sends the one held before it, if any, as not the last.
+async fn send_held<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    held: &mut Option<Vec<Entry>>,
+    frame: Vec<Entry>,
+) -> Result<(), ConnError> {
+    if let Some(prev) = held.replace(frame) {
+        conn.write_frame(&Response::Entries {
+            entries: prev,
+            done: false,
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// A change to the tree that answers `Ok`: delete, rename and mkdir. `f` returns where a
 /// rename put the entry (the audit's `to`), `None` for the others.
-async fn change<S, F>(
+async fn change<S, F, Fut>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
     op: &'static str,
@@ -95,13 +99,11 @@ async fn change<S, F>(
 ) -> Result<Flow, ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: FnOnce(&crate::storage::UserTree, &str) -> Result<Option<String>, StorageError>
-        + Send
-        + 'static,
+    F: FnOnce(Tree, String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>, StorageError>>,
 {
     let t = ctx.session().tree.clone();
-    let p = path.clone();
-    match blocking(move || f(&t, &p)).await {
+    match f(t, path.clone()).await {
         Ok(to) => {
             tracing::info!(user = %ctx.session().user, op, path = %path, to = to.as_deref().unwrap_or(""), "done");
             ctx.audit(
@@ -124,7 +126,10 @@ pub(super) async fn delete<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
 ) -> Result<Flow, ConnError> {
-    change(ctx, conn, "delete", path, |t, p| t.delete(p).map(|()| None)).await
+    change(ctx, conn, "delete", path, |t, p| async move {
+        t.delete(&p).await.map(|()| None)
+    })
+    .await
 }
 
 pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
@@ -134,8 +139,8 @@ pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
     to: String,
 ) -> Result<Flow, ConnError> {
     let max_check = ctx.state.limits().max_rename_check_entries;
-    change(ctx, conn, "rename", from, move |t, f| {
-        t.rename(f, &to, max_check).map(Some)
+    change(ctx, conn, "rename", from, |t, f| async move {
+        t.rename(&f, &to, max_check).await.map(Some)
     })
     .await
 }
@@ -145,5 +150,8 @@ pub(super) async fn mkdir<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
 ) -> Result<Flow, ConnError> {
-    change(ctx, conn, "mkdir", path, |t, p| t.mkdir(p).map(|()| None)).await
+    change(ctx, conn, "mkdir", path, |t, p| async move {
+        t.mkdir(&p).await.map(|()| None)
+    })
+    .await
 }

@@ -3,16 +3,19 @@
 
 mod auth;
 pub mod batch;
+mod context;
+mod errors;
 mod files;
 mod shutdown;
 mod transfer;
+
+pub use context::{Auth, Ctx, Flow, Outcome};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, ErrorCode, Request, Response, Role};
 
-use crate::handler::{Ctx, Flow};
-use crate::server::State;
+use crate::state::State;
 
 /// What a request needs before it may run.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,6 +47,16 @@ fn access(req: &Request) -> Access {
         | Request::Put { .. }
         | Request::Commit => Access::Role(Role::User),
     }
+}
+
+/// Answers a refusal at a session cap with `Busy` (the message says which cap) and closes.
+pub async fn refuse_session<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    why: &crate::admission::Refusal,
+) -> Result<Flow, ConnError> {
+    conn.write_frame(&Response::error(ErrorCode::Busy, why.to_string()))
+        .await?;
+    Ok(Flow::Close)
 }
 
 /// Sends an error response and keeps the connection.
@@ -151,11 +164,7 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             } else {
                 "request"
             };
-            ctx.audit(
-                op,
-                None,
-                crate::handler::Outcome::failed(ErrorCode::PermissionDenied),
-            );
+            ctx.audit(op, None, Outcome::failed(ErrorCode::PermissionDenied));
             return reply_error(
                 conn,
                 ErrorCode::PermissionDenied,
@@ -224,17 +233,4 @@ pub(super) fn session_valid(state: &State, token: &str) -> bool {
         .sessions
         .validate(token, |u| state.accounts.lookup(u).map(|(_, g)| g))
         .is_some()
-}
-
-/// Runs a filesystem closure on the blocking pool.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::storage::StorageError> + Send + 'static,
-) -> Result<T, crate::storage::StorageError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
-        Err(crate::storage::StorageError::Io {
-            op: "running",
-            path: String::new(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })
 }

@@ -6,8 +6,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, ErrorCode, Response, Role};
 
+use super::{Ctx, Flow, Outcome};
 use crate::accounts::VerifyOutcome;
-use crate::handler::{Ctx, Flow, Outcome};
 
 pub(super) async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,

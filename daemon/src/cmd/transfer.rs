@@ -12,20 +12,17 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use std::io::Read;
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use xfer_proto::body::{BodyError, hash_prefix, hashing_allowance};
+use xfer_proto::body::{BodyError, hashing_allowance};
 use xfer_proto::connection::ConnError;
-use xfer_proto::limits::CHUNK_LEN;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
-use super::{blocking, reply_error, session_valid};
-use crate::digest_store;
-use crate::handler::{Ctx, Flow, Outcome};
-use crate::partial::Holding;
-use crate::server::State;
-use crate::storage::{PendingUpload, Staging, StorageError, UserTree};
+use super::errors::wire;
+use super::{Ctx, Flow, Outcome};
+use super::{reply_error, session_valid};
+use crate::state::State;
+use crate::storage::active::Holding;
+use crate::storage::{ReadBody, Staging, StorageError, Tree, Upload, WHOLE_READ_ROOM};
 use crate::usage::Slot;
 
 /// How often a running transfer re-checks its session.
@@ -47,14 +44,14 @@ pub(super) async fn session_ended(state: &State, token: &str) {
 /// Ends an upload whose session has ended (`when`: at which stage, for the log). What arrived
 /// is deleted, not kept for whoever logs in next, and the connection forgets the session.
 /// Returns the answer for the client.
-fn upload_session_ended(
+async fn upload_session_ended(
     ctx: &mut Ctx,
-    pending: PendingUpload,
+    pending: Upload,
     user: &str,
     path: &str,
     when: &str,
 ) -> Response {
-    pending.discard();
+    pending.discard().await;
     tracing::info!(user = %user, path = %path, "session ended {when}; nothing saved");
     ctx.audit(
         "upload",
@@ -75,7 +72,7 @@ fn upload_session_ended(
 struct Running {
     _slot: Slot,
     user: String,
-    tree: UserTree,
+    tree: Tree,
     token: String,
 }
 
@@ -127,21 +124,20 @@ async fn unless_client_leaves<S: AsyncRead + AsyncWrite + Unpin, T>(
     }
 }
 
-/// Hashes the first `len` bytes of `file` for a resume check, in one of the user's hashing
-/// slots (waiting for one), stopping if the client leaves: `None` then, and the connection
-/// should close.
+/// Runs `hash`, a prefix hash for a resume check, in one of the user's hashing slots
+/// (waiting for one), stopping if the client leaves: `None` then, and the connection should
+/// close.
 async fn hash_for_resume<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     conn: &mut Connection<S>,
-    file: &std::fs::File,
-    len: u64,
+    hash: impl Future<Output = std::io::Result<blake3::Hasher>>,
 ) -> Option<std::io::Result<blake3::Hasher>> {
     let usage = ctx.state.usage.clone();
     let user = ctx.session().user.clone();
     let max = ctx.state.limits().max_prefix_hashes_per_user;
     let work = async move {
         let _slot = usage.hash_slot(&user, max).await;
-        hash_prefix(file, len).await
+        hash.await
     };
     unless_client_leaves(conn, work).await
 }
@@ -150,10 +146,10 @@ async fn hash_for_resume<S: AsyncRead + AsyncWrite + Unpin>(
 /// body's end would stay in the file. Returns false after answering with an error (close).
 async fn restart<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
-    pending: &mut PendingUpload,
+    pending: &mut Upload,
     path: &str,
 ) -> Result<bool, ConnError> {
-    match pending.restart() {
+    match pending.restart().await {
         Ok(()) => Ok(true),
         Err(e) => {
             tracing::error!(path = %path, error = %e, "cannot reset a partial upload");
@@ -174,12 +170,12 @@ async fn restart<S: AsyncRead + AsyncWrite + Unpin>(
 async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     conn: &mut Connection<S>,
-    pending: &mut PendingUpload,
+    pending: &mut Upload,
     path: &str,
 ) -> Result<Option<(u64, Option<blake3::Hasher>)>, ConnError> {
     let held = pending.held();
     let hasher = if held > 0 {
-        let Some(hashed) = hash_for_resume(ctx, conn, pending.file(), held).await else {
+        let Some(hashed) = hash_for_resume(ctx, conn, pending.prefix_hasher()).await else {
             tracing::info!(path = %path, held, "client left before the resume check finished; hashing stopped");
             return Ok(None);
         };
@@ -285,13 +281,13 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     let deadline = Instant::now() + TAKEOVER_WAIT;
     let mut stopped_one = false;
     let mut pending = loop {
-        let (t, p) = (tree.clone(), path.clone());
-        let pending = match blocking(move || t.begin_upload(&p, size, max, staging)).await {
+        let pending = match tree.begin_upload(&path, size, max, staging).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::info!(user = %user, path = %path, error = %e, "upload refused");
-                ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-                return reply_error(conn, e.code(), e.client_message()).await;
+                let (code, message) = wire(&e);
+                ctx.audit("upload", Some(&path), Outcome::failed(code));
+                return reply_error(conn, code, message).await;
             }
         };
         // Another upload holds the partial. A stalled earlier attempt of this retry is
@@ -352,7 +348,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         _ = session_ended(&state, &token) => {
             // Stop at once. The client is still sending: the connection closes after this
             // answer.
-            let answer = upload_session_ended(ctx, pending, &user, &path, "during the upload body; stopped");
+            let answer = upload_session_ended(ctx, pending, &user, &path, "during the upload body; stopped").await;
             conn.write_frame(&answer).await?;
             return Ok(Flow::Close);
         }
@@ -361,16 +357,17 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         Ok((digest, _)) => digest,
         Err(BodyError::Local { source, in_sync }) => {
             // Deleting the staged data first frees the space; the old version is untouched.
-            pending.discard();
+            pending.discard().await;
             tracing::warn!(user = %user, path = %path, error = %source, "upload failed writing on the server");
             if !in_sync {
                 return Ok(Flow::Close);
             }
             // The client still sends its trailer; read it so the stream stays in step.
             let _ = conn.read_frame::<Request>().await?;
-            let e = crate::storage::StorageError::io("writing", &path, source);
-            ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-            return reply_error(conn, e.code(), e.client_message()).await;
+            let e = StorageError::io("writing", &path, source);
+            let (code, message) = wire(&e);
+            ctx.audit("upload", Some(&path), Outcome::failed(code));
+            return reply_error(conn, code, message).await;
         }
         Err(BodyError::Net(e)) => {
             let kept = if pending.resumable() {
@@ -397,7 +394,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     };
     if claimed != digest {
         // Remove the staged data before answering, so "nothing was saved" is already true.
-        pending.discard();
+        pending.discard().await;
         tracing::warn!(user = %user, path = %path, "upload digest mismatch; discarded");
         ctx.audit(
             "upload",
@@ -413,14 +410,16 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     }
     // The body may have taken long: the session must still hold when the file appears.
     if !session_valid(&ctx.state, &token) {
-        let answer = upload_session_ended(ctx, pending, &user, &path, "before the upload's commit");
+        let answer =
+            upload_session_ended(ctx, pending, &user, &path, "before the upload's commit").await;
         conn.write_frame(&answer).await?;
         return Ok(Flow::Continue);
     }
-    if let Err(e) = blocking(move || tree.commit(pending, &digest)).await {
+    if let Err(e) = tree.commit(pending, &digest).await {
         tracing::warn!(user = %user, path = %path, error = %e, "upload commit failed");
-        ctx.audit("upload", Some(&path), Outcome::failed(e.code()));
-        return reply_error(conn, e.code(), e.client_message()).await;
+        let (code, message) = wire(&e);
+        ctx.audit("upload", Some(&path), Outcome::failed(code));
+        return reply_error(conn, code, message).await;
     }
     let secs = started.elapsed().as_secs_f64();
     let sent = size - start;
@@ -466,25 +465,18 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(running) => running,
         Err(flow) => return Ok(flow),
     };
-    let p = path.clone();
+    // A small file wanted whole comes read already, and goes out in one write.
     let whole = offset == 0 && prefix.is_none();
-    let (file, size, modified, stored) =
-        match blocking(move || open_download(&tree, &p, whole)).await {
-            Ok(Opened::Large {
-                file,
-                size,
-                modified,
-                stored,
-            }) => (file, size, modified, stored),
-            Ok(Opened::Small { wire, size, digest }) => {
-                return send_small(ctx, conn, &path, &user, &token, wire, size, digest).await;
-            }
-            Err(e) => {
-                tracing::info!(user = %user, path = %path, error = %e, "download refused");
-                ctx.audit("download", Some(&path), Outcome::failed(e.code()));
-                return reply_error(conn, e.code(), e.client_message()).await;
-            }
-        };
+    let handle = match tree.open_read(&path, whole).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::info!(user = %user, path = %path, error = %e, "download refused");
+            let (code, message) = wire(&e);
+            ctx.audit("download", Some(&path), Outcome::failed(code));
+            return reply_error(conn, code, message).await;
+        }
+    };
+    let (size, modified, stored) = (handle.size, handle.modified, handle.stored);
     if prefix.is_none() && offset > size {
         return reply_error(
             conn,
@@ -498,7 +490,7 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     // a hashing slot, and stops if the client leaves meanwhile (`offset = size` with a wrong
     // prefix would otherwise hash a whole file for nobody).
     let hashed = if offset > 0 && offset <= size {
-        match hash_for_resume(ctx, conn, &file, offset).await {
+        match hash_for_resume(ctx, conn, handle.prefix_hasher(offset)).await {
             Some(h) => Some(h),
             None => {
                 tracing::info!(user = %user, path = %path, offset, "client left before the resume check finished; hashing stopped");
@@ -536,6 +528,12 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
             .await;
         }
         (None, None) => (offset, None),
+    };
+    let file = match handle.body {
+        ReadBody::File(file) => file,
+        ReadBody::Whole { buf, digest } => {
+            return send_whole(ctx, conn, &path, &user, &token, buf, size, modified, digest).await;
+        }
     };
     conn.write_frame(&Response::DownloadReady {
         size,
@@ -620,90 +618,56 @@ fn downloaded(
     );
 }
 
-/// Largest file a download reads whole on its blocking thread and sends with its
-/// `DownloadReady` and `DownloadEnd` in one write. For many small files the body pipeline's
-/// per-file cost (a second blocking task, buffer handoffs, three writes) was most of the
-/// daemon's time; one pipeline buffer's worth keeps memory where the pipeline bounds it.
-const SMALL_DOWNLOAD: u64 = CHUNK_LEN as u64;
-
-/// A file opened for a download.
-enum Opened {
-    /// Sent through the body pipeline.
-    Large {
-        file: std::fs::File,
-        size: u64,
-        modified: i64,
-        /// The digest its upload stored, still valid, when the whole file is wanted.
-        stored: Option<Digest>,
-    },
-    /// Read already: the whole answer (`DownloadReady`, the body, `DownloadEnd`) as it goes
-    /// on the wire.
-    Small {
-        wire: Vec<u8>,
-        size: u64,
-        digest: Digest,
-    },
-}
-
-/// Opens `path` for a download; when the whole file is wanted and it is small, reads it and
-/// frames the whole answer (on the blocking pool, like the open itself).
-fn open_download(tree: &UserTree, path: &str, whole: bool) -> Result<Opened, StorageError> {
-    let (mut file, size, modified) = tree.open_for_download(path)?;
-    if !whole || size > SMALL_DOWNLOAD {
-        let stored = if whole && size >= digest_store::MIN_SIZE {
-            digest_store::stored(&file)
-        } else {
-            None
-        };
-        return Ok(Opened::Large {
-            file,
-            size,
-            modified,
-            stored,
-        });
-    }
-    let encoding = |e: xfer_proto::frame::FrameError| {
-        StorageError::io("reading", path, std::io::Error::other(e.to_string()))
-    };
-    let mut wire = Vec::with_capacity(size as usize + 128);
-    xfer_proto::frame::encode_frame(
-        &Response::DownloadReady {
-            size,
-            offset: 0,
-            modified,
-        },
-        &mut wire,
-    )
-    .map_err(encoding)?;
-    let body = wire.len();
-    wire.resize(body + size as usize, 0);
-    // Shorter than its size a moment ago: refused before anything is promised.
-    file.read_exact(&mut wire[body..])
-        .map_err(|e| StorageError::io("reading", path, e))?;
-    let digest = *blake3::hash(&wire[body..]).as_bytes();
-    xfer_proto::frame::encode_frame(&Response::DownloadEnd { digest }, &mut wire)
-        .map_err(encoding)?;
-    Ok(Opened::Small { wire, size, digest })
-}
-
-/// Sends a small download's whole answer, framed by [`open_download`], in one write.
+/// Sends a small download read whole (`buf`: [`WHOLE_READ_ROOM`] free bytes, then the file)
+/// with its `DownloadReady` and `DownloadEnd` around it, framed in place, in one write.
 #[allow(clippy::too_many_arguments)]
-async fn send_small<S: AsyncRead + AsyncWrite + Unpin>(
+async fn send_whole<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
     path: &str,
     user: &str,
     token: &str,
-    wire: Vec<u8>,
+    mut buf: Vec<u8>,
     size: u64,
+    modified: i64,
     digest: Digest,
 ) -> Result<Flow, ConnError> {
+    let mut header = Vec::with_capacity(WHOLE_READ_ROOM);
+    let framed = xfer_proto::frame::encode_frame(
+        &Response::DownloadReady {
+            size,
+            offset: 0,
+            modified,
+        },
+        &mut header,
+    )
+    .and_then(|()| xfer_proto::frame::encode_frame(&Response::DownloadEnd { digest }, &mut buf));
+    if let Err(e) = framed {
+        // Nothing is promised yet: refused like a file that cannot be read.
+        let e = StorageError::io("reading", path, std::io::Error::other(e.to_string()));
+        tracing::info!(user = %user, path = %path, error = %e, "download refused");
+        let (code, message) = wire(&e);
+        ctx.audit("download", Some(path), Outcome::failed(code));
+        return reply_error(conn, code, message).await;
+    }
+    // The header always fits the room left for it; were it ever longer, it is copied.
+    let start = WHOLE_READ_ROOM.checked_sub(header.len());
+    let wire = match start {
+        Some(start) => {
+            buf[start..WHOLE_READ_ROOM].copy_from_slice(&header);
+            &buf[start..]
+        }
+        None => {
+            header.extend_from_slice(&buf[WHOLE_READ_ROOM..]);
+            &header[..]
+        }
+    };
     let started = Instant::now();
     let state = ctx.state.clone();
     let limit = state.limits().io_timeout();
     let stream = conn.get_mut();
     let write = tokio::time::timeout(limit, async {
-        stream.write_all(&wire).await?;
+        stream.write_all(wire).await?;
         stream.flush().await
     });
     let sent = tokio::select! {

@@ -1,32 +1,44 @@
-//! Users' storage trees and every filesystem operation on them, all through one resolver.
+//! The local backend: users' trees in folders under the storage root, and every filesystem
+//! operation on them, all through one resolver.
 //!
-//! [`UserTree::resolve`] is the only way from a remote path to a local one: it accepts only
+//! `TreeFs::resolve` is the only way from a remote path to a local one: it accepts only
 //! normal components (via `xfer_proto::path`) and every operation then goes through
 //! [`crate::beneath::Beneath`], which resolves them in the kernel beneath the user's folder
 //! without following any symlink (openat2 `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so a link
 //! planted inside a tree cannot lead any operation outside it, not even by a race. Uploads
 //! land in a partial file under `ROOT/.xfer-partial/USER` (kept for resume, see
-//! [`crate::partial`]) or a temp file under `ROOT/.xfer-tmp` (same filesystem), and become
+//! [`partial`]) or a temp file under `ROOT/.xfer-tmp` (same filesystem), and become
 //! visible only by rename after verification and fsync.
+//!
+//! The seam is async; this backend's work is blocking system calls, so [`LocalStore`] and
+//! [`LocalTree`] are thin handles that run it on the blocking pool (a slow disk then holds a
+//! blocking thread, never a runtime worker), and `TreeFs` does it.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-pub mod object;
+pub mod digest_store;
+pub mod partial;
 
-use crate::partial::{Opened, PartialBudget, PartialDir, Reservation};
+use tokio::task::JoinHandle;
+use xfer_proto::body::hash_prefix;
 
+use self::partial::{Opened, PartialBudget, PartialDir, Reservation};
+use super::{
+    LIST_BATCH, Listing, ReadBody, ReadHandle, Staging, StorageError, WHOLE_READ_MAX,
+    WHOLE_READ_ROOM,
+};
 use crate::beneath::{Beneath, Kind, Meta, Reach};
 
 use xfer_proto::Digest;
 use xfer_proto::limits::{MAX_PATH_DEPTH, MAX_PATH_LEN};
 use xfer_proto::path::{PathError, components, named_components};
-use xfer_proto::{Entry, EntryKind, ErrorCode};
+use xfer_proto::{Entry, EntryKind};
 
 /// Most folders a batched upload keeps open while it stages files into them.
 pub const MAX_OPEN_STAGING_DIRS: usize = 64;
@@ -35,125 +47,9 @@ pub const MAX_OPEN_STAGING_DIRS: usize = 64;
 /// with `.`, so it never collides with a user's tree.
 pub const TMP_DIR: &str = ".xfer-tmp";
 
-/// Why a storage operation failed. Messages name the remote path, never a server path.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    /// The path is not a valid remote path.
-    #[error("refused path `{path}`: {source}")]
-    BadPath {
-        /// The remote path as given.
-        path: String,
-        /// Why.
-        source: PathError,
-    },
-    /// A symlink was met while resolving.
-    #[error("refused path `{0}`: it goes through a symbolic link")]
-    Symlink(String),
-    /// Nothing there.
-    #[error("`{0}` does not exist")]
-    NotFound(String),
-    /// A file where a folder is needed, or the reverse.
-    #[error("`{0}` is {1}")]
-    WrongKind(String, &'static str),
-    /// The target exists.
-    #[error("`{0}` already exists")]
-    AlreadyExists(String),
-    /// A folder to delete has content.
-    #[error("folder `{0}` is not empty")]
-    NotEmpty(String),
-    /// The disk is full.
-    #[error("no space left on the server")]
-    NoSpace,
-    /// The upload is bigger than the configured limit.
-    #[error("file is larger than the server's {0}-byte upload limit")]
-    TooLarge(u64),
-    /// Moving a folder would put something inside it past the path limits.
-    #[error(
-        "moving `{from}` to `{to}` would put an entry inside it {depth} levels deep, in a path of {len} bytes; paths are limited to {MAX_PATH_DEPTH} levels and {MAX_PATH_LEN} bytes: move it less deep, or move what is inside it separately"
-    )]
-    TooDeep {
-        /// The folder being moved.
-        from: String,
-        /// Where it would go.
-        to: String,
-        /// Depth the deepest (or first too long) entry would have.
-        depth: usize,
-        /// Length its path would have.
-        len: usize,
-    },
-    /// A folder too big to check that moving it keeps every path within the limits.
-    #[error(
-        "`{from}` holds more than {max} entries, too many to check that moving it keeps every path within {MAX_PATH_DEPTH} levels and {MAX_PATH_LEN} bytes; move its subfolders separately"
-    )]
-    TooBigToCheck {
-        /// The folder being moved.
-        from: String,
-        /// Most entries a rename looks at.
-        max: u64,
-    },
-    /// Anything else; the message is for the server log only.
-    #[error("{op} `{path}`: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The remote path.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-impl StorageError {
-    /// The wire error code for this failure.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            StorageError::BadPath { .. } => ErrorCode::InvalidPath,
-            StorageError::Symlink(_) => ErrorCode::PermissionDenied,
-            StorageError::NotFound(_) => ErrorCode::NotFound,
-            StorageError::WrongKind(..) => ErrorCode::WrongKind,
-            StorageError::AlreadyExists(_) => ErrorCode::AlreadyExists,
-            StorageError::NotEmpty(_) => ErrorCode::NotEmpty,
-            StorageError::NoSpace => ErrorCode::NoSpace,
-            StorageError::TooLarge(_) => ErrorCode::PermissionDenied,
-            StorageError::TooDeep { .. } | StorageError::TooBigToCheck { .. } => {
-                ErrorCode::InvalidPath
-            }
-            StorageError::Io { source, .. } if source.kind() == ErrorKind::PermissionDenied => {
-                ErrorCode::PermissionDenied
-            }
-            StorageError::Io { .. } => ErrorCode::Internal,
-        }
-    }
-
-    /// The message to send to the client: internal I/O detail stays in the server log.
-    pub fn client_message(&self) -> String {
-        match self {
-            StorageError::Io { op, path, .. } => format!("{op} `{path}` failed on the server"),
-            other => other.to_string(),
-        }
-    }
-
-    /// Classifies an I/O error on `path` (a remote path) the one way every operation does.
-    pub(crate) fn io(op: &'static str, path: &str, source: std::io::Error) -> Self {
-        match source.kind() {
-            ErrorKind::NotFound => StorageError::NotFound(path.into()),
-            ErrorKind::AlreadyExists => StorageError::AlreadyExists(path.into()),
-            ErrorKind::DirectoryNotEmpty => StorageError::NotEmpty(path.into()),
-            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => StorageError::NoSpace,
-            ErrorKind::IsADirectory => StorageError::WrongKind(path.into(), "a folder"),
-            ErrorKind::NotADirectory => StorageError::WrongKind(path.into(), "not a folder"),
-            _ => StorageError::Io {
-                op,
-                path: path.into(),
-                source,
-            },
-        }
-    }
-}
-
 /// The storage root shared by all users.
 #[derive(Debug, Clone)]
-pub struct Storage {
+pub struct LocalStore {
     /// The configured root.
     root: PathBuf,
     /// `root/.xfer-tmp`, where uploads that cannot resume are written before their commit.
@@ -167,14 +63,14 @@ pub struct Storage {
     renames: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
 }
 
-impl Storage {
+impl LocalStore {
     /// Creates the root and temp folder if needed and removes temp files left by uploads that
     /// were interrupted by a crash (they were never visible, so nothing is lost).
-    pub fn open(root: &Path) -> std::io::Result<Storage> {
+    pub fn open(root: &Path) -> std::io::Result<LocalStore> {
         crate::fsutil::create_dir_with_mode(root, 0o700)?;
         let tmp = root.join(TMP_DIR);
         crate::fsutil::create_dir_with_mode(&tmp, 0o700)?;
-        crate::fsutil::create_dir_with_mode(&root.join(crate::partial::PARTIAL_DIR), 0o700)?;
+        crate::fsutil::create_dir_with_mode(&root.join(partial::PARTIAL_DIR), 0o700)?;
         let mut removed = 0;
         for entry in std::fs::read_dir(&tmp)? {
             let entry = entry?;
@@ -188,7 +84,7 @@ impl Storage {
                 "removed temp files of uploads interrupted by an earlier stop"
             );
         }
-        Ok(Storage {
+        Ok(LocalStore {
             root: root.to_path_buf(),
             tmp_dir: Arc::new(File::open(&tmp)?),
             tmp,
@@ -198,12 +94,18 @@ impl Storage {
     }
 
     /// Deletes partial uploads not touched for `ttl`; returns how many.
-    pub fn sweep_partials(&self, ttl: Duration) -> std::io::Result<usize> {
-        crate::partial::sweep(&self.root, ttl)
+    pub async fn sweep_partials(&self, ttl: Duration) -> std::io::Result<usize> {
+        let root = self.root.clone();
+        io_blocking(move || partial::sweep(&root, ttl)).await
     }
 
     /// A user's tree, created on first use.
-    pub fn user_tree(&self, user: &str) -> std::io::Result<UserTree> {
+    pub async fn user_tree(&self, user: &str) -> std::io::Result<LocalTree> {
+        let (store, user) = (self.clone(), user.to_string());
+        io_blocking(move || store.open_tree(&user)).await
+    }
+
+    fn open_tree(&self, user: &str) -> std::io::Result<LocalTree> {
         let dir = self.root.join(user);
         if std::fs::symlink_metadata(&dir).is_err() {
             crate::fsutil::create_dir_with_mode(&dir, 0o700)?;
@@ -219,30 +121,66 @@ impl Storage {
             .entry(user.to_string())
             .or_default()
             .clone();
-        Ok(UserTree {
-            dir,
-            root: Arc::new(root),
-            tmp: self.tmp.clone(),
-            tmp_dir: self.tmp_dir.clone(),
-            partials: PartialDir::new(&self.root, user, self.partials.clone()),
-            rename_lock,
+        Ok(LocalTree {
+            fs: Arc::new(TreeFs {
+                dir,
+                root,
+                tmp: self.tmp.clone(),
+                tmp_dir: self.tmp_dir.clone(),
+                partials: PartialDir::new(&self.root, user, self.partials.clone()),
+                rename_lock,
+            }),
         })
     }
 
     /// Bytes `user`'s partial uploads count against their budget now (see
     /// [`PartialDir::usage`]): what a quota adds to the user's visible files.
-    pub fn partial_usage(&self, user: &str) -> std::io::Result<u64> {
-        PartialDir::new(&self.root, user, self.partials.clone()).usage()
+    pub async fn partial_usage(&self, user: &str) -> std::io::Result<u64> {
+        let partials = PartialDir::new(&self.root, user, self.partials.clone());
+        io_blocking(move || partials.usage()).await
     }
 }
 
-/// One user's view of storage: every path they give is resolved beneath their folder.
+/// Runs filesystem work on the blocking pool, so that a slow disk holds a blocking thread,
+/// never a runtime worker (and the connections it serves).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(StorageError::Io {
+            op: "running",
+            path: String::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+/// [`blocking`] for work that fails with a plain I/O error.
+async fn io_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+}
+
+/// One user's tree on the local filesystem: a cheap handle whose operations run on the
+/// blocking pool (see `TreeFs` for what they do).
 #[derive(Debug, Clone)]
-pub struct UserTree {
-    /// The user's folder, as a path (for messages and tests only; never joined with input).
+pub struct LocalTree {
+    /// The tree's folders and the work on them.
+    fs: Arc<TreeFs>,
+}
+
+/// One user's view of the filesystem, and every blocking operation on it: every path they
+/// give is resolved beneath their folder.
+#[derive(Debug)]
+struct TreeFs {
+    /// The user's folder, as a path (for debugging and tests only; never joined with input).
+    #[cfg_attr(not(test), allow(dead_code))]
     dir: PathBuf,
     /// The user's folder, open: all access goes through it.
-    root: Arc<Beneath>,
+    root: Beneath,
     /// Where uploads that cannot resume are staged.
     tmp: PathBuf,
     /// The same folder, open.
@@ -255,11 +193,11 @@ pub struct UserTree {
 
 /// A remote path resolved beneath the user's folder.
 #[derive(Debug)]
-pub struct Resolved {
+struct Resolved {
     /// The checked components.
-    pub parts: Vec<String>,
+    parts: Vec<String>,
     /// Its metadata (not following links), if it exists.
-    pub meta: Option<Meta>,
+    meta: Option<Meta>,
 }
 
 impl Resolved {
@@ -278,7 +216,7 @@ impl Resolved {
 }
 
 /// An upload in progress: staged data that becomes the target only through
-/// [`UserTree::commit`]. Dropping it (a broken connection, an abort, a shutdown) keeps a
+/// [`LocalTree::commit`]. Dropping it (a broken connection, an abort, a shutdown) keeps a
 /// resumable partial for the next attempt and deletes a plain temp file;
 /// [`PendingUpload::discard`] deletes either.
 #[derive(Debug)]
@@ -332,16 +270,34 @@ impl PendingUpload {
         self.held_elsewhere
     }
 
-    /// Drops what an earlier attempt left, to start from byte 0.
-    pub fn restart(&mut self) -> std::io::Result<()> {
+    /// Drops what an earlier attempt left, to start from byte 0 (on the blocking pool:
+    /// freeing a big partial's blocks takes a while).
+    pub async fn restart(&mut self) -> std::io::Result<()> {
+        let file = self.file.try_clone()?;
+        io_blocking(move || file.set_len(0)).await?;
+        self.held = 0;
+        Ok(())
+    }
+
+    fn restart_blocking(&mut self) -> std::io::Result<()> {
         self.file.set_len(0)?;
         self.held = 0;
         Ok(())
     }
 
     /// Deletes the staged data now (bad digest, failed write): nothing to resume from.
-    pub fn discard(mut self) {
+    /// Done when this returns, so an answer sent after it that says "nothing was saved" is
+    /// already true.
+    pub async fn discard(mut self) {
         self.keep = false;
+        // The unlink runs on the blocking pool: a big file's blocks are freed there.
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+    }
+
+    /// BLAKE3 of the bytes held from an interrupted attempt, as a hasher that can go on with
+    /// the rest (see [`hash_prefix`]): what the resume offer says and the body continues.
+    pub async fn prefix_hasher(&self) -> std::io::Result<blake3::Hasher> {
+        hash_prefix(&self.file, self.held).await
     }
 }
 
@@ -354,7 +310,7 @@ impl Drop for PendingUpload {
 }
 
 /// A file staged by a batched upload (`Put`): its data in a temp file, invisible until
-/// [`UserTree::commit_batch`]; dropped uncommitted, the data is deleted.
+/// [`LocalTree::commit_batch`]; dropped uncommitted, the data is deleted.
 #[derive(Debug)]
 pub struct StagedFile {
     /// The temp folder holding it.
@@ -384,23 +340,106 @@ impl Drop for StagedFile {
     }
 }
 
-/// How an upload may use the partial-upload store.
-#[derive(Debug, Clone, Copy)]
-pub enum Staging {
-    /// A plain temp file, deleted if the upload does not complete (resume is off, or the
-    /// client cannot resume).
-    Temp,
-    /// A partial kept on interruption; `up_to` is the most the client will skip (0: start
-    /// over), `ttl` how long an untouched partial stays usable, `max_bytes` the most all of
-    /// the user's partials may hold.
-    Resumable {
-        /// Largest offset the client accepts.
-        up_to: u64,
-        /// Expiry of untouched partials.
-        ttl: Duration,
-        /// The user's partial budget in bytes.
+/// The folders a batch has made sure of, open, by canonical path (see `TreeFs::stage`).
+pub type OpenDirs = HashMap<String, OwnedFd>;
+
+impl LocalTree {
+    /// The user's folder (for tests that look at what is on disk).
+    #[cfg(test)]
+    pub(crate) fn dir(&self) -> &Path {
+        &self.fs.dir
+    }
+
+    /// See [`crate::storage::Tree::list`]: the walk runs on a blocking thread and hands over
+    /// batches as they fill.
+    pub fn list(&self, remote: &str) -> Listing {
+        let (tx, listing) = Listing::channel();
+        let (fs, remote) = (self.fs.clone(), remote.to_string());
+        tokio::task::spawn_blocking(move || {
+            let mut batch = Vec::with_capacity(LIST_BATCH);
+            let walked = fs.list_each(&remote, |e| {
+                batch.push(e);
+                batch.len() < LIST_BATCH || tx.blocking_send(Ok(std::mem::take(&mut batch))).is_ok()
+            });
+            // The reader may be gone: nothing to tell it then.
+            let _ = match walked {
+                Ok(()) if batch.is_empty() => Ok(()),
+                Ok(()) => tx.blocking_send(Ok(batch)),
+                Err(e) => tx.blocking_send(Err(e)),
+            };
+        });
+        listing
+    }
+
+    /// See [`crate::storage::Tree::open_read`].
+    pub async fn open_read(&self, remote: &str, whole: bool) -> Result<ReadHandle, StorageError> {
+        let (fs, remote) = (self.fs.clone(), remote.to_string());
+        blocking(move || fs.open_read(&remote, whole)).await
+    }
+
+    /// See [`crate::storage::Tree::begin_upload`].
+    pub async fn begin_upload(
+        &self,
+        remote: &str,
+        size: u64,
         max_bytes: u64,
-    },
+        staging: Staging,
+    ) -> Result<PendingUpload, StorageError> {
+        let (fs, remote) = (self.fs.clone(), remote.to_string());
+        blocking(move || fs.begin_upload(&remote, size, max_bytes, staging)).await
+    }
+
+    /// See [`crate::storage::Tree::commit`] and `TreeFs::commit`.
+    pub async fn commit(&self, upload: PendingUpload, digest: &Digest) -> Result<(), StorageError> {
+        let (fs, digest) = (self.fs.clone(), *digest);
+        blocking(move || fs.commit(upload, &digest)).await
+    }
+
+    /// Starts `TreeFs::stage` on the blocking pool.
+    pub fn stage(
+        &self,
+        remote: &str,
+        data: Vec<u8>,
+        dirs: &Arc<Mutex<OpenDirs>>,
+    ) -> JoinHandle<Result<StagedFile, StorageError>> {
+        let (fs, remote, dirs) = (self.fs.clone(), remote.to_string(), dirs.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut dirs = dirs.lock().unwrap_or_else(|e| e.into_inner());
+            fs.stage(&remote, &data, &mut dirs)
+        })
+    }
+
+    /// See [`crate::storage::Tree::commit_batch`] and `TreeFs::commit_batch`.
+    pub async fn commit_batch(
+        &self,
+        files: Vec<StagedFile>,
+    ) -> Result<Vec<(StagedFile, Result<(), StorageError>)>, StorageError> {
+        let fs = self.fs.clone();
+        blocking(move || Ok(fs.commit_batch(files))).await
+    }
+
+    /// See [`crate::storage::Tree::delete`].
+    pub async fn delete(&self, remote: &str) -> Result<(), StorageError> {
+        let (fs, remote) = (self.fs.clone(), remote.to_string());
+        blocking(move || fs.delete(&remote)).await
+    }
+
+    /// See [`crate::storage::Tree::rename`].
+    pub async fn rename(
+        &self,
+        from: &str,
+        to: &str,
+        max_check: u64,
+    ) -> Result<String, StorageError> {
+        let (fs, from, to) = (self.fs.clone(), from.to_string(), to.to_string());
+        blocking(move || fs.rename(&from, &to, max_check)).await
+    }
+
+    /// See [`crate::storage::Tree::mkdir`].
+    pub async fn mkdir(&self, remote: &str) -> Result<(), StorageError> {
+        let (fs, remote) = (self.fs.clone(), remote.to_string());
+        blocking(move || fs.mkdir(&remote)).await
+    }
 }
 
 fn entry_of(name: String, meta: &Meta) -> Entry {
@@ -421,12 +460,7 @@ fn entry_of(name: String, meta: &Meta) -> Entry {
     }
 }
 
-impl UserTree {
-    /// The user's folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
+impl TreeFs {
     fn fail(&self, op: &'static str, remote: &str, e: std::io::Error) -> StorageError {
         if crate::beneath::is_symlink_refusal(&e) {
             StorageError::Symlink(remote.into())
@@ -437,7 +471,7 @@ impl UserTree {
 
     /// Resolves `remote` beneath the user's folder: only normal components, and no symlink
     /// anywhere, including the last component.
-    pub fn resolve(&self, remote: &str, need_name: bool) -> Result<Resolved, StorageError> {
+    fn resolve(&self, remote: &str, need_name: bool) -> Result<Resolved, StorageError> {
         let bad = |source| StorageError::BadPath {
             path: remote.into(),
             source,
@@ -485,20 +519,9 @@ impl UserTree {
         })
     }
 
-    /// Lists a folder (or describes a single file), sorted by name.
-    pub fn list(&self, remote: &str) -> Result<Vec<Entry>, StorageError> {
-        let mut out = Vec::new();
-        self.list_each(remote, |e| {
-            out.push(e);
-            true
-        })?;
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
-    }
-
     /// Hands each entry of a folder (or the one entry of a file) to `f`, in directory order;
     /// `f` returns false to stop early. Memory stays constant whatever the folder's size.
-    pub fn list_each(
+    fn list_each(
         &self,
         remote: &str,
         mut f: impl FnMut(Entry) -> bool,
@@ -520,7 +543,7 @@ impl UserTree {
     }
 
     /// Opens a regular file for download: the file, its size and modification time.
-    pub fn open_for_download(&self, remote: &str) -> Result<(File, u64, i64), StorageError> {
+    fn open_for_download(&self, remote: &str) -> Result<(File, u64, i64), StorageError> {
         let r = self.resolve(remote, true)?;
         let meta = r
             .meta
@@ -549,9 +572,40 @@ impl UserTree {
         Ok((file, meta.len(), modified))
     }
 
+    /// Opens `remote` for reading; when the whole file is wanted, reads a small one at once
+    /// (with its digest) or finds a big one's stored digest (see [`digest_store`]).
+    fn open_read(&self, remote: &str, whole: bool) -> Result<ReadHandle, StorageError> {
+        let (mut file, size, modified) = self.open_for_download(remote)?;
+        if !whole || size > WHOLE_READ_MAX {
+            let stored = if whole && size >= digest_store::MIN_SIZE {
+                digest_store::stored(&file)
+            } else {
+                None
+            };
+            return Ok(ReadHandle {
+                size,
+                modified,
+                stored,
+                body: ReadBody::File(file),
+            });
+        }
+        let mut buf = Vec::with_capacity(WHOLE_READ_ROOM + size as usize + WHOLE_READ_ROOM);
+        buf.resize(WHOLE_READ_ROOM + size as usize, 0);
+        // Shorter than its size a moment ago: refused before anything is promised.
+        file.read_exact(&mut buf[WHOLE_READ_ROOM..])
+            .map_err(|e| StorageError::io("reading", remote, e))?;
+        let digest = *blake3::hash(&buf[WHOLE_READ_ROOM..]).as_bytes();
+        Ok(ReadHandle {
+            size,
+            modified,
+            stored: None,
+            body: ReadBody::Whole { buf, digest },
+        })
+    }
+
     /// Prepares an upload of `size` bytes to `remote`: the parent folder must exist, the
     /// target must not be a folder, and the disk must have room.
-    pub fn begin_upload(
+    fn begin_upload(
         &self,
         remote: &str,
         size: u64,
@@ -603,7 +657,7 @@ impl UserTree {
                     _reservation: Some(p.reservation),
                 };
                 if up.held > up_to.min(size) {
-                    up.restart()
+                    up.restart_blocking()
                         .map_err(|e| StorageError::io("staging", remote, e))?;
                 }
                 up
@@ -648,13 +702,13 @@ impl UserTree {
     }
 
     /// Makes a verified upload visible: record its `digest` on a big file (see
-    /// [`crate::digest_store`]), fsync the data, re-check the target, rename over it (from the
+    /// [`digest_store`]), fsync the data, re-check the target, rename over it (from the
     /// temp folder into the user's tree, by directory handles), fsync the folder. Until the
     /// rename the old version is untouched.
-    pub fn commit(&self, mut upload: PendingUpload, digest: &Digest) -> Result<(), StorageError> {
+    fn commit(&self, mut upload: PendingUpload, digest: &Digest) -> Result<(), StorageError> {
         let remote = upload.remote.clone();
         // Before the fsync, so the record is as durable as the data it describes.
-        crate::digest_store::record(&upload.file, digest);
+        digest_store::record(&upload.file, digest);
         upload
             .file
             .sync_all()
@@ -680,13 +734,13 @@ impl UserTree {
     /// `mkdir -p`), refuses a folder or link at the target, and writes `data` to a new
     /// staged file, invisible and not yet synced. `dirs` keeps the folders this batch has
     /// made sure of, open, so a tree upload resolves each folder once (it is cleared when
-    /// it holds [`MAX_OPEN_STAGING_DIRS`]). [`UserTree::commit_batch`] makes the file
+    /// it holds [`MAX_OPEN_STAGING_DIRS`]). `TreeFs::commit_batch` makes the file
     /// visible, resolving its folder again by path.
-    pub fn stage(
+    fn stage(
         &self,
         remote: &str,
         data: &[u8],
-        dirs: &mut HashMap<String, OwnedFd>,
+        dirs: &mut OpenDirs,
     ) -> Result<StagedFile, StorageError> {
         let parts = named_components(remote).map_err(|source| StorageError::BadPath {
             path: remote.into(),
@@ -805,10 +859,7 @@ impl UserTree {
     /// 0.12 s, one `syncfs` 25-63 ms (measured for the client's group commit, which makes
     /// the same choice; docs/PERFORMANCE.md). It also flushes other dirty data of the same
     /// filesystem, which a dedicated storage filesystem keeps small.
-    pub fn commit_batch(
-        &self,
-        files: Vec<StagedFile>,
-    ) -> Vec<(StagedFile, Result<(), StorageError>)> {
+    fn commit_batch(&self, files: Vec<StagedFile>) -> Vec<(StagedFile, Result<(), StorageError>)> {
         let tmp_dir = &*self.tmp_dir;
         if let Err(e) = rustix::fs::syncfs(tmp_dir) {
             tracing::error!(error = %e, "cannot sync staged uploads");
@@ -855,7 +906,7 @@ impl UserTree {
     }
 
     /// Deletes a file or an empty folder.
-    pub fn delete(&self, remote: &str) -> Result<(), StorageError> {
+    fn delete(&self, remote: &str) -> Result<(), StorageError> {
         let r = self.resolve(remote, true)?;
         let meta = r
             .meta
@@ -873,7 +924,7 @@ impl UserTree {
     /// existing file at the target is replaced (as `mv` does); a folder never is. A folder is
     /// only moved if every path inside it stays within the path limits afterwards (checked by
     /// looking at up to `max_check` entries; a bigger folder moved deeper is refused).
-    pub fn rename(&self, from: &str, to: &str, max_check: u64) -> Result<String, StorageError> {
+    fn rename(&self, from: &str, to: &str, max_check: u64) -> Result<String, StorageError> {
         // Refuse a bad target before saying anything about the source.
         named_components(to).map_err(|source| StorageError::BadPath {
             path: to.into(),
@@ -964,7 +1015,7 @@ impl UserTree {
     }
 
     /// Creates a folder and any missing parents (like `mkdir -p`); an existing folder is fine.
-    pub fn mkdir(&self, remote: &str) -> Result<(), StorageError> {
+    fn mkdir(&self, remote: &str) -> Result<(), StorageError> {
         let parts = named_components(remote).map_err(|source| StorageError::BadPath {
             path: remote.into(),
             source,
@@ -991,44 +1042,28 @@ impl UserTree {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    //! What only this backend can show; everything else is tested through the seam, on
+    //! every backend, in `storage/tests.rs`.
+
     use std::io::Write;
 
-    fn tree() -> (tempfile::TempDir, Storage, UserTree) {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(&dir.path().join("root")).unwrap();
-        let tree = storage.user_tree("alice").unwrap();
-        (dir, storage, tree)
+    use super::*;
+    use crate::storage::tests::{Backend, fixture, put, read};
+    use crate::storage::{StageCache, Tree};
+
+    fn local(t: &Tree) -> &LocalTree {
+        match t {
+            Tree::Local(t) => t,
+        }
     }
 
-    fn put(tree: &UserTree, remote: &str, data: &[u8]) {
-        let up = tree
-            .begin_upload(remote, data.len() as u64, 0, Staging::Temp)
-            .unwrap();
-        up.file().write_all(data).unwrap();
-        tree.commit(up, blake3::hash(data).as_bytes()).unwrap();
+    /// Files in the root's temp folder (uploads in progress or leftovers).
+    fn temp_files(t: &Tree) -> usize {
+        std::fs::read_dir(&local(t).fs.tmp).unwrap().count()
     }
 
-    #[test]
-    fn upload_commit_list_download_delete() {
-        let (_d, _s, t) = tree();
-        put(&t, "a.txt", b"hello");
-        t.mkdir("sub/deeper").unwrap();
-        put(&t, "sub/b", b"");
-        let names: Vec<_> = t.list("").unwrap().into_iter().map(|e| e.name).collect();
-        assert_eq!(names, vec!["a.txt", "sub"]);
-        let (_, size, _) = t.open_for_download("a.txt").unwrap();
-        assert_eq!(size, 5);
-        assert!(matches!(t.delete("sub"), Err(StorageError::NotEmpty(_))));
-        t.delete("a.txt").unwrap();
-        assert!(matches!(
-            t.open_for_download("a.txt"),
-            Err(StorageError::NotFound(_))
-        ));
-    }
-
-    #[test]
-    fn a_committed_big_upload_carries_its_digest_wherever_xattrs_work() {
+    #[tokio::test]
+    async fn a_committed_big_upload_carries_its_digest_wherever_xattrs_work() {
         let data: Vec<u8> = (0..(1usize << 20) + 3).map(|i| (i % 253) as u8).collect();
         let digest = *blake3::hash(&data).as_bytes();
         // The test's own disk, and tmpfs, which may or may not keep user attributes.
@@ -1038,224 +1073,103 @@ mod tests {
             roots.push(tempfile::tempdir_in(shm).unwrap());
         }
         for dir in roots {
-            let storage = Storage::open(&dir.path().join("root")).unwrap();
-            let t = storage.user_tree("alice").unwrap();
-            put(&t, "big", &data);
-            put(&t, "small", b"tiny");
-            let (f, size, _) = t.open_for_download("big").unwrap();
-            assert_eq!(size, data.len() as u64);
+            let storage = LocalStore::open(&dir.path().join("root")).unwrap();
+            let t = Tree::Local(storage.user_tree("alice").await.unwrap());
+            put(&t, "big", &data).await;
+            put(&t, "small", b"tiny").await;
+            let h = t.open_read("big", true).await.unwrap();
+            assert_eq!(h.size, data.len() as u64);
             let probe = File::create(dir.path().join("probe")).unwrap();
             let keeps_xattrs =
                 rustix::fs::fsetxattr(&probe, "user.probe", b"1", rustix::fs::XattrFlags::empty())
                     .is_ok();
             let want = keeps_xattrs.then_some(digest);
-            assert_eq!(crate::digest_store::stored(&f), want, "{:?}", dir.path());
-            let (small, _, _) = t.open_for_download("small").unwrap();
-            assert_eq!(crate::digest_store::stored(&small), None);
+            assert_eq!(h.stored, want, "{:?}", dir.path());
+            let ReadBody::File(f) = h.body else {
+                panic!("a big file is read as a file")
+            };
+            assert_eq!(digest_store::stored(&f), want, "{:?}", dir.path());
+            let small = t.open_read("small", false).await.unwrap();
+            let ReadBody::File(f) = small.body else {
+                panic!("a read from an offset is read as a file")
+            };
+            assert_eq!(digest_store::stored(&f), None);
         }
     }
 
-    #[test]
-    fn an_uncommitted_upload_leaves_the_old_version_and_no_temp() {
-        let (d, _s, t) = tree();
-        put(&t, "f", b"old");
+    #[tokio::test]
+    async fn uploads_that_end_uncommitted_leave_no_temp_file() {
+        let fx = fixture(Backend::Local).await;
+        let t = fx.tree.clone();
+        put(&t, "f", b"old").await;
         {
-            let up = t.begin_upload("f", 3, 0, Staging::Temp).unwrap();
+            let up = t.begin_upload("f", 3, 0, Staging::Temp).await.unwrap();
             up.file().write_all(b"ne").unwrap();
+            assert_eq!(temp_files(&t), 1);
         }
-        assert_eq!(std::fs::read(t.dir().join("f")).unwrap(), b"old");
-        let tmp = d.path().join("root").join(TMP_DIR);
-        assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0);
+        assert_eq!(temp_files(&t), 0);
+        let up = t.begin_upload("f", 3, 0, Staging::Temp).await.unwrap();
+        up.discard().await;
+        assert_eq!(temp_files(&t), 0);
+        let cache = StageCache::default();
+        let staged = t.stage("g", b"1".to_vec(), &cache).await.unwrap();
+        assert_eq!(temp_files(&t), 1);
+        drop(staged);
+        assert_eq!(temp_files(&t), 0);
+        assert_eq!(std::fs::read(local(&t).dir().join("f")).unwrap(), b"old");
     }
 
-    #[test]
-    fn an_interrupted_resumable_upload_is_kept_apart_and_offered_again() {
-        let (d, _s, t) = tree();
-        let resume = |up_to| Staging::Resumable {
-            up_to,
-            ttl: Duration::from_secs(60),
-            max_bytes: 1 << 20,
-        };
-        t.mkdir("d").unwrap();
-        put(&t, "d/f", b"old");
-        {
-            let up = t.begin_upload("d/f", 6, 0, resume(6)).unwrap();
-            assert_eq!(up.held(), 0);
-            up.file().write_all(b"new").unwrap();
-        }
-        // Invisible: the old version is still there and nothing else in the tree.
-        assert_eq!(std::fs::read(t.dir().join("d/f")).unwrap(), b"old");
-        assert_eq!(t.list("d").unwrap().len(), 1);
-        // The same file under another spelling of its path.
-        let mut up = t.begin_upload("d//f", 6, 0, resume(6)).unwrap();
-        assert_eq!(up.held(), 3);
-        use std::io::{Seek, SeekFrom};
-        up.file.seek(SeekFrom::Start(3)).unwrap();
-        up.file().write_all(b"abc").unwrap();
-        t.commit(up, blake3::hash(b"newabc").as_bytes()).unwrap();
-        assert_eq!(std::fs::read(t.dir().join("d/f")).unwrap(), b"newabc");
-        let partials = d
-            .path()
-            .join("root")
-            .join(crate::partial::PARTIAL_DIR)
-            .join("alice");
-        assert_eq!(std::fs::read_dir(&partials).unwrap().count(), 0);
-        // Asking to start over, or a file smaller than what is held, empties it.
-        {
-            let up = t.begin_upload("g", 10, 0, resume(10)).unwrap();
-            up.file().write_all(b"12345").unwrap();
-        }
-        assert_eq!(t.begin_upload("g", 10, 0, resume(0)).unwrap().held(), 0);
-        {
-            let up = t.begin_upload("g", 10, 0, resume(10)).unwrap();
-            up.file().write_all(b"12345").unwrap();
-        }
-        assert_eq!(t.begin_upload("g", 4, 0, resume(4)).unwrap().held(), 0);
-        // A discarded one is gone.
-        {
-            let up = t.begin_upload("h", 10, 0, resume(10)).unwrap();
-            up.file().write_all(b"12345").unwrap();
-            up.discard();
-        }
-        assert_eq!(t.begin_upload("h", 10, 0, resume(10)).unwrap().held(), 0);
-    }
-
-    #[test]
-    fn leftover_temp_files_are_removed_at_open() {
-        let (d, _s, _t) = tree();
-        let tmp = d.path().join("root").join(TMP_DIR);
+    #[tokio::test]
+    async fn leftover_temp_files_are_removed_at_open() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        LocalStore::open(&root).unwrap();
+        let tmp = root.join(TMP_DIR);
         std::fs::write(tmp.join("upload-crashed"), b"partial").unwrap();
-        Storage::open(&d.path().join("root")).unwrap();
+        LocalStore::open(&root).unwrap();
         assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0);
     }
 
-    #[test]
-    fn symlinks_inside_the_tree_lead_nowhere() {
-        let (d, _s, t) = tree();
+    #[tokio::test]
+    async fn symlinks_inside_the_tree_lead_nowhere() {
+        let d = tempfile::tempdir().unwrap();
+        let storage = LocalStore::open(&d.path().join("root")).unwrap();
+        let t = Tree::Local(storage.user_tree("alice").await.unwrap());
+        let dir = local(&t).dir().to_path_buf();
         let outside = d.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         std::fs::write(outside.join("secret"), b"s").unwrap();
-        std::os::unix::fs::symlink(&outside, t.dir().join("link")).unwrap();
-        std::os::unix::fs::symlink(outside.join("secret"), t.dir().join("flink")).unwrap();
-        assert!(matches!(t.list("link"), Err(StorageError::Symlink(_))));
-        let r = t.open_for_download("link/secret");
-        assert!(matches!(r, Err(StorageError::Symlink(_))), "{:?}", r.err());
-        assert!(matches!(
-            t.open_for_download("link/secret"),
-            Err(StorageError::Symlink(_))
-        ));
-        assert!(matches!(
-            t.open_for_download("flink"),
-            Err(StorageError::Symlink(_))
-        ));
-        assert!(t.begin_upload("link/new", 1, 0, Staging::Temp).is_err());
-        assert!(t.begin_upload("flink", 1, 0, Staging::Temp).is_err());
-        assert!(t.delete("link/secret").is_err());
-        assert!(t.rename("flink", "x", 100).is_err());
-        assert!(t.mkdir("link/sub").is_err());
+        std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), dir.join("flink")).unwrap();
+        let r = crate::storage::tests::list(&t, "link").await;
+        assert!(matches!(r, Err(StorageError::Symlink(_))), "{r:?}");
+        for path in ["link/secret", "flink"] {
+            let r = read(&t, path).await;
+            assert!(matches!(r, Err(StorageError::Symlink(_))), "{path}: {r:?}");
+        }
+        let cache = StageCache::default();
+        assert!(
+            t.begin_upload("link/new", 1, 0, Staging::Temp)
+                .await
+                .is_err()
+        );
+        assert!(t.begin_upload("flink", 1, 0, Staging::Temp).await.is_err());
+        assert!(t.stage("link/new", b"1".to_vec(), &cache).await.is_err());
+        assert!(t.stage("flink", b"1".to_vec(), &cache).await.is_err());
+        assert!(t.delete("link/secret").await.is_err());
+        assert!(t.rename("flink", "x", 100).await.is_err());
+        assert!(t.mkdir("link/sub").await.is_err());
         assert!(outside.join("secret").exists());
         assert!(!outside.join("sub").exists());
+        assert!(!outside.join("new").exists());
     }
 
-    #[test]
-    fn rename_moves_into_folders_and_refuses_loops() {
-        let (_d, _s, t) = tree();
-        put(&t, "f", b"1");
-        t.mkdir("d").unwrap();
-        assert_eq!(t.rename("f", "d", 100).unwrap(), "d/f");
-        assert!(t.dir().join("d/f").exists());
-        assert!(t.rename("d", "d/inner", 100).is_err());
-        assert_eq!(t.rename("d/f", "g", 100).unwrap(), "g");
-        assert!(matches!(
-            t.rename("missing", "x", 100),
-            Err(StorageError::NotFound(_))
-        ));
-    }
-
-    /// `name/1/2/.../n`: a folder whose deepest entry is `n` levels below it.
-    fn chain(t: &UserTree, name: &str, n: usize) -> String {
-        let mut path = name.to_string();
-        for i in 1..=n {
-            path.push_str(&format!("/{i}"));
-        }
-        t.mkdir(&path).unwrap();
-        path
-    }
-
-    #[test]
-    fn renames_never_build_paths_past_the_depth_limit() {
-        let (_d, _s, t) = tree();
-        // `deep` reaches 60 levels below the root (depth 1 + 59 below it).
-        chain(&t, "deep", MAX_PATH_DEPTH - 5);
-        let five = chain(&t, "b", 4);
-        // Into a folder 5 levels down: its deepest entry would be 65 levels deep.
-        let err = t.rename("deep", &five, 1000).unwrap_err();
-        assert!(
-            matches!(err, StorageError::TooDeep { depth: 65, .. }),
-            "{err}"
-        );
-        assert_eq!(err.code(), ErrorCode::InvalidPath);
-        assert!(err.to_string().contains("64 levels"), "{err}");
-        assert!(t.dir().join("deep").is_dir(), "nothing moved");
-        // One level less is fine, and so is moving it back up (with no walk).
-        assert_eq!(t.rename("deep", "b/1/2/3", 1000).unwrap(), "b/1/2/3/deep");
-        assert_eq!(t.rename("b/1/2/3/deep", "deep", 1000).unwrap(), "deep");
-    }
-
-    #[test]
-    fn renames_never_build_paths_past_the_length_limit() {
-        let (_d, _s, t) = tree();
-        // 16 levels of 250-byte names: a path of 4,015 bytes, within the 4,096 limit.
-        let names: Vec<String> = (0..16)
-            .map(|i| char::from(b'a' + i).to_string().repeat(250))
-            .collect();
-        t.mkdir(&names.join("/")).unwrap();
-        let q = "q".repeat(250);
-        t.mkdir(&q).unwrap();
-        // Inside `q`, the deepest path would be 251 bytes longer: 4,266.
-        let err = t.rename(&names[0], &q, 1000).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                StorageError::TooDeep {
-                    depth: 17,
-                    len: 4266,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(err.to_string().contains("4096 bytes"), "{err}");
-        // A shorter name at the same level is fine.
-        assert_eq!(t.rename(&names[0], "s", 1000).unwrap(), "s");
-    }
-
-    #[test]
-    fn a_folder_too_big_to_check_is_not_moved_deeper() {
-        let (_d, _s, t) = tree();
-        t.mkdir("big/sub").unwrap();
-        for i in 0..10 {
-            put(&t, &format!("big/sub/f{i}"), b"");
-        }
-        t.mkdir("into").unwrap();
-        let err = t.rename("big", "into", 5).unwrap_err();
-        assert!(
-            matches!(err, StorageError::TooBigToCheck { max: 5, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("subfolders separately"), "{err}");
-        // A move that makes nothing deeper or longer needs no walk at all.
-        assert_eq!(t.rename("big", "bag", 5).unwrap(), "bag");
-        assert_eq!(t.rename("bag", "into", 20).unwrap(), "into/bag");
-    }
-
-    #[test]
-    fn bad_paths_are_refused_with_invalid_path() {
-        let (_d, _s, t) = tree();
-        for bad in ["..", "../x", "/etc/passwd", "a/../../x", "x\0y"] {
-            let err = t.resolve(bad, true).unwrap_err();
-            assert_eq!(err.code(), ErrorCode::InvalidPath, "{bad}");
-        }
-        assert!(t.delete("").is_err(), "the root itself cannot be deleted");
+    #[tokio::test]
+    async fn a_user_folder_that_is_a_symlink_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let storage = LocalStore::open(&d.path().join("root")).unwrap();
+        std::fs::create_dir(d.path().join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("elsewhere"), d.path().join("root/bob")).unwrap();
+        assert!(storage.user_tree("bob").await.is_err());
     }
 }
