@@ -575,3 +575,164 @@ async fn poll(inner: Weak<Inner>, wake: Arc<Notify>, interval: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::shared::token::KEY_LEN;
+
+    fn settings(max_per_user: usize) -> SessionSettings {
+        SessionSettings {
+            ttl_secs: 3600,
+            max_per_user,
+            sync_interval_ms: 50,
+        }
+    }
+
+    /// Two nodes on one (in-memory) bucket, with the same key.
+    async fn two_nodes(max_per_user: usize) -> (SharedSessions, SharedSessions) {
+        let bucket: Arc<dyn object_store::ObjectStore> =
+            Arc::new(object_store::memory::InMemory::new());
+        let node = || async {
+            SharedSessions::open(
+                SharedStore::new(bucket.clone(), "pre/fix"),
+                SessionKey::from_bytes(&[9; KEY_LEN]),
+                &settings(max_per_user),
+            )
+            .await
+            .unwrap()
+        };
+        (node().await, node().await)
+    }
+
+    /// Waits until `cond` holds, failing after a generous deadline (never a fixed sleep).
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_from_one_node_works_on_the_other_until_revoked() {
+        let (a, b) = two_nodes(10).await;
+        let (t, rec) = a.create_registered("alice", 7, "10.0.0.1:5").await.unwrap();
+        let on_b = b.validate(&t, |u| (u == "alice").then_some(7)).unwrap();
+        assert_eq!((on_b.user.as_str(), on_b.expires), ("alice", rec.expires));
+        // The account's generation moved (password or role change), or it is gone.
+        assert!(b.validate(&t, |_| Some(8)).is_none());
+        assert!(b.validate(&t, |_| None).is_none());
+        assert!(
+            b.validate(&t, |_| Some(7)).is_some(),
+            "only refused, not revoked"
+        );
+        // Listed with its source, by either node.
+        let listed = b.list().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].1.source, "10.0.0.1:5");
+        assert_eq!(listed[0].0.len(), 12);
+        // Revoked on A: refused there at once, on B once its poller has read it.
+        assert!(a.revoke(&t));
+        assert!(a.validate(&t, |_| Some(7)).is_none());
+        assert!(!a.revoke(&t), "already revoked");
+        eventually("B refuses the revoked token", || {
+            b.validate(&t, |_| Some(7)).is_none()
+        })
+        .await;
+        b.refresh().await.unwrap();
+        assert!(b.validate(&t, |_| Some(7)).is_none());
+    }
+
+    #[tokio::test]
+    async fn expired_forged_and_foreign_tokens_are_refused() {
+        let (a, _) = two_nodes(10).await;
+        let key = SessionKey::from_bytes(&[9; KEY_LEN]);
+        let t = now();
+        let expired = key.sign(&Claims::new("alice", 1, t - 100, t - 1));
+        assert!(a.validate(&expired, |_| Some(1)).is_none());
+        assert!(!a.revoke(&expired));
+        let live = key.sign(&Claims::new("alice", 1, t, t + 100));
+        assert!(a.validate(&live, |_| Some(1)).is_some());
+        let foreign =
+            SessionKey::from_bytes(&[8; KEY_LEN]).sign(&Claims::new("alice", 1, t, t + 100));
+        assert!(a.validate(&foreign, |_| Some(1)).is_none());
+        assert!(!a.revoke(&foreign), "a forged token revokes nothing");
+    }
+
+    #[tokio::test]
+    async fn the_per_user_limit_holds_across_nodes_oldest_first() {
+        let (a, b) = two_nodes(2).await;
+        let (t1, _) = a.create_registered("alice", 1, "x").await.unwrap();
+        let (t2, _) = b.create_registered("alice", 1, "x").await.unwrap();
+        let (bob, _) = b.create_registered("bob", 1, "x").await.unwrap();
+        let (t3, _) = a.create_registered("alice", 1, "x").await.unwrap();
+        // A evicted t1 at once; B learns it from the store.
+        assert!(a.validate(&t1, |_| Some(1)).is_none());
+        eventually("B refuses the evicted token", || {
+            b.validate(&t1, |_| Some(1)).is_none()
+        })
+        .await;
+        for s in [&a, &b] {
+            for t in [&t2, &t3, &bob] {
+                assert!(s.validate(t, |_| Some(1)).is_some());
+            }
+        }
+        let (t4, _) = b.create_registered("alice", 1, "x").await.unwrap();
+        eventually("A refuses the next evicted token", || {
+            a.validate(&t2, |_| Some(1)).is_none()
+        })
+        .await;
+        assert!(a.validate(&t3, |_| Some(1)).is_some());
+        assert!(a.validate(&t4, |_| Some(1)).is_some());
+        let alice = a
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(_, r)| r.user == "alice")
+            .count();
+        assert_eq!(alice, 2);
+    }
+
+    #[tokio::test]
+    async fn revoke_by_user_or_id_reaches_every_node() {
+        let (a, b) = two_nodes(10).await;
+        let (t1, _) = a.create_registered("alice", 1, "x").await.unwrap();
+        let (t2, _) = b.create_registered("alice", 1, "y").await.unwrap();
+        let (t3, _) = b.create_registered("bob", 1, "z").await.unwrap();
+        // What `xferd session revoke --user alice` does: a registry without the key.
+        let admin = a.registry().clone();
+        assert_eq!(
+            admin
+                .revoke_matching(None, Some("alice"))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        eventually("both nodes refuse alice's tokens", || {
+            [&a, &b].iter().all(|s| {
+                s.validate(&t1, |_| Some(1)).is_none() && s.validate(&t2, |_| Some(1)).is_none()
+            })
+        })
+        .await;
+        assert!(a.validate(&t3, |_| Some(1)).is_some());
+        let listed = admin.list().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        let bob_id = listed[0].0.clone();
+        assert_eq!(a.revoke_matching(Some(&bob_id), None).await.unwrap(), 1);
+        assert!(
+            a.validate(&t3, |_| Some(1)).is_none(),
+            "at once on the revoking node"
+        );
+        eventually("B refuses bob's token", || {
+            b.validate(&t3, |_| Some(1)).is_none()
+        })
+        .await;
+        assert!(admin.list().await.unwrap().is_empty());
+        assert_eq!(admin.sweep().await.unwrap(), 0, "nothing expired yet");
+    }
+}

@@ -148,3 +148,131 @@ impl UsersObject {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use xfer_proto::Role;
+
+    use super::*;
+    use crate::accounts::Accounts;
+
+    fn bucket() -> UsersObject {
+        UsersObject::new(SharedStore::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            "",
+        ))
+    }
+
+    #[tokio::test]
+    async fn edits_create_then_change_the_object_and_a_concurrent_edit_is_not_lost() {
+        let users = bucket();
+        assert!(matches!(
+            users.read(None).await.unwrap(),
+            UsersRead::Missing
+        ));
+        users
+            .edit(|u| u.add("alice", Role::User, "pw1"))
+            .await
+            .unwrap();
+        let UsersRead::Found(first, Some(tag)) = users.read(None).await.unwrap() else {
+            panic!("no users object");
+        };
+        assert!(matches!(
+            users.read(Some(tag.clone())).await.unwrap(),
+            UsersRead::NotModified
+        ));
+        // Another administrator writes while this edit is between its read and its write:
+        // the edit starts over, and both changes stand.
+        let other = users.clone();
+        let mut calls = 0;
+        users
+            .edit(|u| {
+                calls += 1;
+                if calls == 1 {
+                    // On a thread of its own: this closure is synchronous.
+                    std::thread::scope(|s| {
+                        s.spawn(|| {
+                            tokio::runtime::Builder::new_current_thread()
+                                .build()
+                                .unwrap()
+                                .block_on(other.edit(|v| v.add("bob", Role::User, "pw")))
+                                .unwrap()
+                        })
+                        .join()
+                        .unwrap()
+                    });
+                }
+                u.set_role("alice", Role::Superuser)
+            })
+            .await
+            .unwrap();
+        assert_eq!(calls, 2);
+        let UsersRead::Found(now, _) = users.read(Some(tag)).await.unwrap() else {
+            panic!("the object did not change");
+        };
+        assert_eq!(now.users["alice"].role, Role::Superuser);
+        assert_eq!(
+            now.users["alice"].generation,
+            first.users["alice"].generation + 1
+        );
+        assert!(now.users.contains_key("bob"));
+        // A refused change writes nothing.
+        assert!(users.edit(|u| u.remove("nobody")).await.is_err());
+        // Import refuses to replace accounts unless asked.
+        let mut file = UsersFile::default();
+        file.add("carol", Role::User, "pw").unwrap();
+        let err = users.import(&file, false).await.unwrap_err().to_string();
+        assert!(err.contains("--replace"), "{err}");
+        assert_eq!(users.import(&file, true).await.unwrap(), 1);
+        let UsersRead::Found(now, _) = users.read(None).await.unwrap() else {
+            panic!("gone");
+        };
+        assert_eq!(now, file);
+    }
+
+    #[tokio::test]
+    async fn every_node_sees_a_password_change_and_keeps_the_last_good_accounts() {
+        let users = bucket();
+        users
+            .edit(|u| u.add("alice", Role::User, "pw1"))
+            .await
+            .unwrap();
+        let node = || Accounts::from_store(users.clone(), Duration::from_millis(20), 1, 1);
+        let (a, b) = (node().await.unwrap(), node().await.unwrap());
+        let (_, g1) = b.lookup("alice").unwrap();
+        users
+            .edit(|u| u.set_password("alice", "pw2"))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while [&a, &b]
+            .iter()
+            .any(|n| n.lookup("alice") != Some((Role::User, g1 + 1)))
+        {
+            assert!(Instant::now() < deadline, "the change never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A damaged object (a hand edit) is not the truth: the accounts stay.
+        users
+            .store
+            .put(
+                &users.key,
+                b"[users.x\n".to_vec(),
+                object_store::PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
+        b.reload().unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(b.lookup("alice"), Some((Role::User, g1 + 1)));
+        // Nor is a missing one, and a node cannot start without accounts.
+        users.store.delete(&users.key).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(a.lookup("alice"), Some((Role::User, g1 + 1)));
+        let err = node().await.err().unwrap().to_string();
+        assert!(err.contains("xferd user import"), "{err}");
+    }
+}
