@@ -441,3 +441,164 @@ async fn garage_answers_conditional_gets_but_does_not_check_if_match_on_put() {
         "Garage refused a write with a stale If-Match ({stale:?}): conditional writes work now"
     );
 }
+
+/// Runs the real `xferd` with `args`, `stdin` piped in.
+fn xferd(config: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xferd"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xferd_user_and_session_commands_work_on_the_store_in_s3_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let g = garage();
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("s3.toml");
+    std::fs::write(
+        &creds,
+        format!(
+            "access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            g.key_id, g.secret
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path().join("xferd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nkind = \"s3\"\nbucket = \"{}\"\nendpoint = \"{}\"\nregion = \"garage\"\nallow_http = true\nprefix = \"t-cli\"\ncredentials_file = \"s3.toml\"\n",
+            g.bucket, g.endpoint
+        ),
+    )
+    .unwrap();
+    let tls = xferd::tls::generate(&[]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), &tls.cert_pem).unwrap();
+    xferd::fsutil::write_atomic(&dir.path().join("key.pem"), tls.key_pem.as_bytes(), 0o600)
+        .unwrap();
+    // The key every node gets a copy of.
+    ok(&xferd(&config, &["session", "keygen"], ""));
+    let key_file = dir.path().join("session.key");
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = xferd(&config, &["session", "keygen"], "");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    // Nothing in the store yet: `check` says how to put accounts there.
+    let check = xferd(&config, &["check"], "");
+    assert!(!check.status.success());
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(stderr.contains("xferd user import"), "{stderr}");
+    // The local users file goes into the store once.
+    let mut local = xferd::accounts::UsersFile::default();
+    local.add("alice", Role::User, "pw").unwrap();
+    let users_file = dir.path().join("old-users.toml");
+    local.save(&users_file).unwrap();
+    let import = ["user", "import", users_file.to_str().unwrap()];
+    assert!(ok(&xferd(&config, &import, "")).contains("imported 1"));
+    let twice = xferd(&config, &import, "");
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("--replace"));
+    ok(&xferd(
+        &config,
+        &["user", "add", "bob", "--password-stdin"],
+        "pw\n",
+    ));
+    let listed = ok(&xferd(&config, &["user", "list"], ""));
+    assert!(
+        listed.contains("alice\tuser") && listed.contains("bob\tuser"),
+        "{listed}"
+    );
+    assert!(ok(&xferd(&config, &["check"], "")).contains("2 users"));
+    // A node with that key and store: bob logs in; the command line sees the session.
+    let store = shared("t-cli").await;
+    let settings = settings(10);
+    let accounts = Accounts::from_store(
+        UsersObject::new(store.clone()),
+        settings.sync_interval(),
+        1,
+        4,
+    )
+    .await
+    .unwrap();
+    let sessions = SharedSessions::open(store, SessionKey::load(&key_file).unwrap(), &settings)
+        .await
+        .unwrap();
+    let (_, generation) = accounts.lookup("bob").unwrap();
+    let (token, _) = sessions
+        .create_registered("bob", generation, "192.0.2.7:4000")
+        .await
+        .unwrap();
+    let accepts = || {
+        sessions
+            .validate(&token, |u| accounts.lookup(u).map(|(_, g)| g))
+            .is_some()
+    };
+    assert!(accepts());
+    let listed = ok(&xferd(&config, &["session", "list"], ""));
+    assert!(listed.contains("bob\t192.0.2.7:4000"), "{listed}");
+    // `xferd user passwd` on the store ends it on the node within 5 s, and in the registry.
+    let t0 = Instant::now();
+    ok(&xferd(
+        &config,
+        &["user", "passwd", "bob", "--password-stdin"],
+        "new\n",
+    ));
+    within_5s(t0, "the node refuses bob's old token", || !accepts()).await;
+    assert!(
+        ok(&xferd(&config, &["session", "list"], ""))
+            .trim()
+            .is_empty()
+    );
+    // `session revoke --user` and `user del` through the registry too.
+    let (_, generation) = accounts.lookup("bob").unwrap();
+    let (token2, _) = sessions
+        .create_registered("bob", generation, "x")
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    assert!(ok(&xferd(&config, &["session", "revoke", "--user", "bob"], "")).contains("revoked 1"));
+    within_5s(t0, "the node refuses the revoked token", || {
+        sessions
+            .validate(&token2, |u| accounts.lookup(u).map(|(_, g)| g))
+            .is_none()
+    })
+    .await;
+    assert!(ok(&xferd(&config, &["user", "del", "bob"], "")).contains("deleted `bob`"));
+    within_5s(Instant::now(), "bob's account is gone on the node", || {
+        accounts.lookup("bob").is_none()
+    })
+    .await;
+    // A group-readable key is refused.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let check = xferd(&config, &["check"], "");
+    assert!(String::from_utf8_lossy(&check.stderr).contains("chmod 600"));
+}
