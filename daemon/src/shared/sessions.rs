@@ -6,8 +6,8 @@
 //!   `xferd session list`, `revoke --user` and `sessions.max_per_user`: after registering, a
 //!   login lists its user's sessions and revokes the oldest beyond the limit (oldest by the
 //!   store's time of the record, ties by id). Two logins at the limit on two nodes at the same
-//!   moment may both evict, so the limit can briefly cost one session too many, never allow
-//!   one too many for longer than the next login.
+//!   moment may evict one session too many, or leave one too many until the user's next login
+//!   (each lists before or after the other's record appears).
 //! - Revocations: one object per revoked id, `.xfer/revoked/ID`, holding the token's expiry.
 //!   Every node lists `.xfer/revoked/` every `sessions.sync_interval_ms` and keeps the ids in
 //!   memory; the revoking node applies its own at once. The sweeper deletes revocations of
