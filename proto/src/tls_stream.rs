@@ -80,7 +80,7 @@ const ALERT_INTERNAL_ERROR: u8 = 80;
 /// A key update that does not ask for one back.
 const KEY_UPDATE: [u8; 5] = [HS_KEY_UPDATE, 0, 0, 1, 0];
 /// The record that carries it.
-const KEY_UPDATE_RECORD: usize = KEY_UPDATE.len() + OVERHEAD;
+pub(crate) const KEY_UPDATE_RECORD: usize = KEY_UPDATE.len() + OVERHEAD;
 
 fn eof() -> io::Error {
     io::Error::new(
@@ -728,12 +728,12 @@ impl<IO> TlsStream<IO> {
             .ok_or_else(|| invalid("a record buffer partly sent as plaintext"))?;
         let mut at = 0;
         if self.key_update_owed {
-            records.splice(at..at, self.key_update_record()?);
+            splice_in(records, at, &self.key_update_record()?);
             at += KEY_UPDATE_RECORD;
         }
         for len in lens {
             if self.tx.seq >= self.rekey_after {
-                records.splice(at..at, self.key_update_record()?);
+                splice_in(records, at, &self.key_update_record()?);
                 at += KEY_UPDATE_RECORD;
             }
             let end = at + len + OVERHEAD;
@@ -912,6 +912,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         }
         self.write_closed = true;
     }
+}
+
+/// Inserts `record` into `records` at `at`, growing the buffer by the record only: the
+/// buffer goes back round a body's pipeline, and the doubling a `Vec` does when it grows
+/// would leave it twice the size of a chunk for the rest of the body.
+fn splice_in(records: &mut Vec<u8>, at: usize, record: &[u8]) {
+    records.reserve_exact(record.len());
+    records.splice(at..at, record.iter().copied());
 }
 
 /// Writes `bytes[*pos..]` to `io`, counting in `pos` what it took.
