@@ -5,8 +5,10 @@
 //! Why this shape: per-chunk `tokio::fs` calls each hop to the blocking pool and measured at a
 //! third of the speed of large std::fs reads and writes on one blocking thread; hashing on that
 //! thread overlaps it with TLS work on the async side. Memory per transfer is bounded by
-//! `CHUNK_LEN * PIPELINE_DEPTH` (a sender's buffers are that much plus the records' headers
-//! and tags: it reads the file straight into TLS records, see `records`).
+//! `CHUNK_LEN * PIPELINE_DEPTH` for a receiver; a sender reads the file straight into TLS
+//! records (see `records`), so its buffers are that much plus the records' headers and tags,
+//! and on a TLS stream one more such buffer, the chunk the stream is writing (it comes back
+//! to the pipeline when written, and goes at the flush that ends the body).
 
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};

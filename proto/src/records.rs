@@ -265,4 +265,44 @@ mod tests {
         let ((), _) = tokio::join!(send, b.read_to_end(&mut got));
         assert!(got == bytes, "the bytes differ");
     }
+
+    // A key update spliced in between a chunk's records must not let the buffer grow the
+    // way a `Vec` grows (to twice its size): the buffer goes round the pipeline for the
+    // rest of the body, and a peer asks for a key update whenever it likes.
+    #[tokio::test]
+    async fn a_key_update_spliced_into_a_chunk_grows_its_buffer_by_the_record_only() {
+        use crate::limits::CHUNK_LEN;
+        use crate::tls_stream::KEY_UPDATE_RECORD;
+        use crate::tls_stream::testing::{pair, rekey_after};
+        use tokio::io::AsyncReadExt;
+        let (mut client, mut server) = pair().await;
+        let bytes = data(2 * CHUNK_LEN);
+        let mut file = &bytes[..];
+        let mut buf = RecordBuf::new();
+        let send = async {
+            let mut capacities = Vec::new();
+            for _ in 0..2 {
+                // Key updates due in the middle of each chunk.
+                rekey_after(&mut client, 5);
+                buf.fill_from(&mut file, CHUNK_LEN).unwrap();
+                write_records(&mut client, &mut buf).await.unwrap();
+                // What comes back is the buffer of the chunk before, key updates and all.
+                capacities.push((buf.buf.len(), buf.buf.capacity()));
+            }
+            tokio::io::AsyncWriteExt::shutdown(&mut client)
+                .await
+                .unwrap();
+            capacities
+        };
+        let mut got = Vec::new();
+        let (capacities, read) = tokio::join!(send, server.read_to_end(&mut got));
+        read.unwrap();
+        assert!(got == bytes, "the bytes differ");
+        let (len, capacity) = capacities[1];
+        assert!(len > wire_len(CHUNK_LEN), "no key update was spliced in");
+        assert!(
+            capacity <= len + KEY_UPDATE_RECORD,
+            "{len} bytes of records (a chunk and its key updates) in a buffer of {capacity}"
+        );
+    }
 }
