@@ -65,8 +65,7 @@ impl State {
                 "storage.kind = \"s3\" is not served by this version of xferd yet (the object backend is being wired in); use kind = \"local\""
             );
         }
-        let storage = Store::open(&config)
-            .with_context(|| format!("opening storage root `{}`", config.root.display()))?;
+        let storage = Store::open(&config)?;
         let (shutdown, _) = watch::channel(false);
         let limits = RwLock::new(Arc::new(config.limits.clone()));
         for warning in &config.warnings {

@@ -318,7 +318,16 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         None => return Ok(Flow::Close),
     };
     let started = Instant::now();
-    let file = match pending.file().try_clone() {
+    let Some(file) = pending.file() else {
+        // Until the body pipeline takes a sink, only the local backend receives bodies.
+        return reply_error(
+            conn,
+            ErrorCode::Internal,
+            format!("uploading `{path}` is not served by this storage backend yet"),
+        )
+        .await;
+    };
+    let file = match file.try_clone() {
         Ok(f) => f,
         Err(e) => {
             tracing::error!(error = %e, "cannot clone the staged file's handle");
@@ -531,6 +540,15 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let file = match handle.body {
         ReadBody::File(file) => file,
+        ReadBody::Object(_) => {
+            // Until the body pipeline takes a source, only local files are sent as bodies.
+            return reply_error(
+                conn,
+                ErrorCode::Internal,
+                format!("downloading `{path}` is not served by this storage backend yet"),
+            )
+            .await;
+        }
         ReadBody::Whole { buf, digest } => {
             return send_whole(ctx, conn, &path, &user, &token, buf, size, modified, digest).await;
         }
