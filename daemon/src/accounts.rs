@@ -75,6 +75,19 @@ pub enum AccountError {
     /// The threads that check passwords could not be started.
     #[error("starting the password-check threads: {0}")]
     Threads(std::io::Error),
+    /// `xferd user import` would replace the accounts already in the object store.
+    #[error(
+        "the object store already holds {0} account(s); pass --replace to overwrite them with the file's"
+    )]
+    StoreHasUsers(usize),
+    /// The object store could not be read (in s3 mode).
+    #[error("reading the accounts from the object store: {0}")]
+    Store(String),
+    /// The object store has no users object yet (in s3 mode).
+    #[error(
+        "the object store holds no accounts yet: put the local users file there with `xferd user import FILE`, or add one with `xferd user add NAME`"
+    )]
+    NoUsersInStore,
 }
 
 /// One account as stored in the users file.
@@ -248,9 +261,13 @@ impl UsersFile {
             path: path.to_path_buf(),
             source,
         };
-        let body = toml::to_string(self).map_err(|e| io(std::io::Error::other(e)))?;
-        let text = format!("{USERS_HEADER}{body}");
+        let text = self.to_text().map_err(|e| io(std::io::Error::other(e)))?;
         crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(io)
+    }
+
+    /// The file's text: the explaining header, then one table per account.
+    pub fn to_text(&self) -> Result<String, toml::ser::Error> {
+        Ok(format!("{USERS_HEADER}{}", toml::to_string(self)?))
     }
 
     /// Adds an account.
@@ -387,17 +404,34 @@ fn read_users(
     Ok((Some(UsersFile::parse(path, &text)?), seen))
 }
 
-/// The accounts the running daemon serves, reloaded when the users file changes.
+/// The accounts the running daemon serves, reloaded when the users file (or, in s3 mode, the
+/// users object in the store) changes.
 pub struct Accounts {
-    /// Where the users file lives.
-    path: PathBuf,
+    /// Where the accounts come from.
+    origin: Origin,
     /// Current contents; swapped whole on reload so readers never see a half-applied file.
-    current: RwLock<Arc<UsersFile>>,
-    /// What the last look at the file saw, to notice `xferd user ...` edits.
-    seen: Mutex<Seen>,
+    /// Shared with the store's poller in s3 mode.
+    current: Arc<RwLock<Arc<UsersFile>>>,
     /// Runs password checks: one thread and one argon2 buffer per permitted concurrent
     /// check, and a bounded queue, so logins cannot grow memory or CPU use beyond them.
     checks: PasswordPool,
+}
+
+/// Where the accounts come from.
+enum Origin {
+    /// The local users file, looked at (one `stat`) on every lookup.
+    File {
+        /// Where the users file lives.
+        path: PathBuf,
+        /// What the last look at the file saw, to notice `xferd user ...` edits.
+        seen: Mutex<Seen>,
+    },
+    /// The users object in the object store, read again by a background task whenever its
+    /// ETag moves: lookups never wait for the network.
+    Store {
+        /// Wakes the task at once (SIGHUP).
+        wake: Arc<tokio::sync::Notify>,
+    },
 }
 
 impl Accounts {
@@ -413,18 +447,65 @@ impl Accounts {
         let checks =
             PasswordPool::start(max_concurrent, max_queued).map_err(AccountError::Threads)?;
         Ok(Accounts {
-            path: path.to_path_buf(),
-            current: RwLock::new(Arc::new(file)),
-            seen: Mutex::new(seen),
+            origin: Origin::File {
+                path: path.to_path_buf(),
+                seen: Mutex::new(seen),
+            },
+            current: Arc::new(RwLock::new(Arc::new(file))),
             checks,
         })
     }
 
-    /// Re-reads the users file (SIGHUP); on error the old accounts stay in force.
+    /// The accounts of the store's users object (s3 mode): read once now (failing if it is
+    /// missing or invalid), then again by a background task every `interval` when its ETag
+    /// moved. An unreadable or invalid object keeps the accounts in force, and is logged
+    /// once until it reads well again. Must run inside a tokio runtime.
+    pub async fn from_store(
+        users: crate::shared::users::UsersObject,
+        interval: Duration,
+        max_concurrent: usize,
+        max_queued: usize,
+    ) -> Result<Self, AccountError> {
+        use crate::shared::users::UsersRead;
+        let (file, e_tag) = match users.read(None).await {
+            Ok(UsersRead::Found(file, e_tag)) => (file, e_tag),
+            Ok(_) => return Err(AccountError::NoUsersInStore),
+            Err(crate::shared::SharedError::Account(e)) => return Err(e),
+            Err(e) => return Err(AccountError::Store(e.to_string())),
+        };
+        let checks =
+            PasswordPool::start(max_concurrent, max_queued).map_err(AccountError::Threads)?;
+        let current = Arc::new(RwLock::new(Arc::new(file)));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(poll_store(
+            users,
+            e_tag,
+            Arc::downgrade(&current),
+            wake.clone(),
+            interval,
+        ));
+        Ok(Accounts {
+            origin: Origin::Store { wake },
+            current,
+            checks,
+        })
+    }
+
+    /// Re-reads the users file (SIGHUP); on error the old accounts stay in force. In s3 mode
+    /// the background task is asked to read the store's users object now, and the accounts
+    /// in force are counted.
     pub fn reload(&self) -> Result<usize, AccountError> {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        self.read_again(&mut seen)
-            .map(|_| self.current_file().users.len())
+        match &self.origin {
+            Origin::File { path, seen } => {
+                let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                self.read_again(path, &mut seen)
+                    .map(|_| self.current_file().users.len())
+            }
+            Origin::Store { wake } => {
+                wake.notify_one();
+                Ok(self.current_file().users.len())
+            }
+        }
     }
 
     fn current_file(&self) -> Arc<UsersFile> {
@@ -436,8 +517,8 @@ impl Accounts {
 
     /// Reads the file and swaps its accounts in if it is usable and differs from those in
     /// force; `Ok(true)` when it swapped. On error nothing changes but the retry time.
-    fn read_again(&self, seen: &mut Seen) -> Result<bool, AccountError> {
-        match read_users(&self.path, true, Some(seen.digest)) {
+    fn read_again(&self, path: &Path, seen: &mut Seen) -> Result<bool, AccountError> {
+        match read_users(path, true, Some(seen.digest)) {
             Ok((None, fresh)) => {
                 *seen = fresh;
                 Ok(false)
@@ -448,7 +529,7 @@ impl Accounts {
                 Ok(true)
             }
             Err(e) => {
-                seen.stamp = file_stamp(&self.path);
+                seen.stamp = file_stamp(path);
                 seen.recheck_at = Some(Instant::now() + RETRY_UNUSABLE);
                 Err(e)
             }
@@ -463,14 +544,14 @@ impl Accounts {
     /// [`RETRY_UNUSABLE`]; and a file written so recently that a further write could leave its
     /// stamp unchanged is read again after [`RECHECK_RACY`] until it has settled.
     pub fn snapshot(&self) -> Arc<UsersFile> {
-        {
+        if let Origin::File { path, seen } = &self.origin {
             // The per-request `stat`, outside the lock so that requests do not queue behind
             // each other's: a stamp that another thread has since moved past costs one read.
-            let stamp = file_stamp(&self.path);
-            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let stamp = file_stamp(path);
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
             let due = stamp != seen.stamp || seen.recheck_at.is_some_and(|t| Instant::now() >= t);
             if due {
-                match self.read_again(&mut seen) {
+                match self.read_again(path, &mut seen) {
                     Ok(true) => tracing::info!(
                         users = self.current_file().users.len(),
                         "users file changed on disk; reloaded"
@@ -511,6 +592,59 @@ impl Accounts {
             (Checked::Match, Some((role, generation))) => VerifyOutcome::Ok { role, generation },
             (Checked::Busy, _) => VerifyOutcome::Busy,
             _ => VerifyOutcome::Denied,
+        }
+    }
+}
+
+/// The background task of s3 mode: a conditional GET of the users object every `interval`
+/// (or when woken); a changed, valid object replaces the accounts in force. Stops once the
+/// accounts are dropped.
+async fn poll_store(
+    users: crate::shared::users::UsersObject,
+    mut e_tag: Option<String>,
+    current: std::sync::Weak<RwLock<Arc<UsersFile>>>,
+    wake: Arc<tokio::sync::Notify>,
+    interval: Duration,
+) {
+    use crate::shared::users::UsersRead;
+    // The last failure logged, so that each is logged once, and recovery too.
+    let mut failing: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = wake.notified() => {}
+        }
+        let read = users.read(e_tag.clone()).await;
+        let Some(current) = current.upgrade() else {
+            return;
+        };
+        let problem = match read {
+            Ok(UsersRead::NotModified) => None,
+            Ok(UsersRead::Found(file, tag)) => {
+                let n = file.users.len();
+                *current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(file);
+                e_tag = tag;
+                tracing::info!(
+                    users = n,
+                    "users object changed in the object store; reloaded"
+                );
+                None
+            }
+            // Deleted by hand: not the truth for a cluster serving accounts (as an empty local
+            // file is not); keep them until it is put back.
+            Ok(UsersRead::Missing) => Some(AccountError::NoUsersInStore.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        match problem {
+            Some(p) if failing.as_ref() != Some(&p) => {
+                tracing::error!(error = %p, "cannot use the users object in the object store; keeping the previous accounts until it is fixed");
+                failing = Some(p);
+            }
+            Some(_) => {}
+            None if failing.take().is_some() => {
+                tracing::info!("users object in the object store readable again");
+            }
+            None => {}
         }
     }
 }

@@ -9,8 +9,11 @@ use clap::{Parser, Subcommand};
 use xfer_proto::Role;
 
 use crate::accounts::UsersFile;
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, DEFAULT_CONFIG_PATH, StorageKind};
 use crate::init::{InitOptions, init};
+use crate::shared::SharedStore;
+use crate::shared::sessions::SharedRegistry;
+use crate::shared::users::{UsersObject, UsersRead};
 
 /// xferd: the xfer file-transfer daemon.
 #[derive(Debug, Parser)]
@@ -124,6 +127,15 @@ pub enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Put the accounts of a local users file into the object store (`[storage] kind =
+    /// "s3"`), once, when moving to several nodes.
+    Import {
+        /// The users file to copy
+        file: PathBuf,
+        /// Replace the accounts the store holds already
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 /// `xferd session ...`
@@ -148,6 +160,13 @@ pub enum SessionCommand {
         /// Every session
         #[arg(long, conflicts_with_all = ["ids", "user"])]
         all: bool,
+    },
+    /// Make the key that signs session tokens in s3 mode (`session_key_file`, 32 random
+    /// bytes, mode 0600); copy the same file to every node.
+    Keygen {
+        /// Replace an existing key (every token signed with it stops working)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -265,8 +284,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|| PathBuf::from("xferd-data/xferd.toml"));
             quickstart(&config, listen, cli.log_format).await
         }
-        Command::User(cmd) => user_command(&config_path(&cli.config), cmd),
-        Command::Session(cmd) => session_command(&config_path(&cli.config), cmd),
+        Command::User(cmd) => user_command(&config_path(&cli.config), cmd).await,
+        Command::Session(cmd) => session_command(&config_path(&cli.config), cmd).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "xferd", &mut std::io::stdout());
@@ -290,13 +309,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for warning in &config.warnings {
                 eprintln!("xferd: warning: {warning}");
             }
-            let users = UsersFile::load(&config.users_file)?;
             let (_, fp) = crate::tls::server_config(&config.cert, &config.key)?;
-            if config.root.exists() && !config.root.is_dir() {
-                bail!("storage root `{}` is not a folder", config.root.display());
-            }
-            let sessions = crate::sessions::check_file(&config.state_dir)
-                .with_context(|| format!("sessions in `{}`", config.state_dir.display()))?;
+            let (users, sessions) = if config.storage.kind == StorageKind::S3 {
+                crate::shared::token::SessionKey::load(&config.session_key_file)?;
+                let store = SharedStore::from_config(&config)?;
+                let users = match UsersObject::new(store.clone()).read(None).await? {
+                    UsersRead::Found(users, _) => users,
+                    _ => return Err(crate::accounts::AccountError::NoUsersInStore.into()),
+                };
+                let sessions = SharedRegistry::new(store, &config.sessions)
+                    .list()
+                    .await?
+                    .len();
+                (users, sessions)
+            } else {
+                let users = UsersFile::load(&config.users_file)?;
+                if config.root.exists() && !config.root.is_dir() {
+                    bail!("storage root `{}` is not a folder", config.root.display());
+                }
+                let sessions = crate::sessions::check_file(&config.state_dir)
+                    .with_context(|| format!("sessions in `{}`", config.state_dir.display()))?;
+                (users, sessions)
+            };
             if let Some(parent) = config.audit_log.parent()
                 && parent != config.state_dir
                 && !parent.is_dir()
@@ -320,34 +354,134 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Where `xferd session ...` and `xferd user ...` find sessions: the local journal, or the
+/// registry in the object store (s3 mode; the token key is not needed for it).
+enum SessionAdmin {
+    /// The journal in `state_dir`.
+    Local(crate::sessions::SessionStore),
+    /// The registry and revocations in the object store.
+    Shared(SharedRegistry),
+}
+
+impl SessionAdmin {
+    fn open(config: &Config) -> anyhow::Result<SessionAdmin> {
+        if config.storage.kind == StorageKind::S3 {
+            let store = SharedStore::from_config(config)?;
+            return Ok(SessionAdmin::Shared(SharedRegistry::new(
+                store,
+                &config.sessions,
+            )));
+        }
+        crate::sessions::SessionStore::open(&config.state_dir, &config.sessions)
+            .map(SessionAdmin::Local)
+            .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))
+    }
+
+    /// Where the sessions are, for messages.
+    fn place(config: &Config) -> String {
+        if config.storage.kind == StorageKind::S3 {
+            "the object store".into()
+        } else {
+            format!("`{}`", config.state_dir.display())
+        }
+    }
+
+    async fn revoke_matching(
+        &self,
+        id_prefix: Option<&str>,
+        user: Option<&str>,
+    ) -> anyhow::Result<usize> {
+        Ok(match self {
+            SessionAdmin::Local(s) => s.revoke_matching(id_prefix, user).await?,
+            SessionAdmin::Shared(r) => r.revoke_matching(id_prefix, user).await?.len(),
+        })
+    }
+
+    async fn list(&self) -> anyhow::Result<Vec<(String, crate::sessions::SessionRecord)>> {
+        Ok(match self {
+            SessionAdmin::Local(s) => s.list().await?,
+            SessionAdmin::Shared(r) => r.list().await?,
+        })
+    }
+}
+
 /// Revokes every stored session of `name` after a change to the account, so that they are gone
-/// from `xferd session list` and from every daemon sharing the state folder at once, not only
+/// from `xferd session list` and from every daemon sharing the sessions at once, not only
 /// refused. The account change itself already stands, so a failure here is reported with
 /// what to do rather than undoing it.
-fn revoke_sessions_of(config: &Config, name: &str, why: &str) -> anyhow::Result<usize> {
-    crate::sessions::SessionStore::open(&config.state_dir, &config.sessions)
-        .and_then(|store| store.revoke_matching(None, Some(name)))
-        .with_context(|| {
-            format!(
-                "{why}, but revoking the sessions of `{name}` in `{}` failed (they are refused \
-                 anyway); run `xferd session revoke --user {name}` as the daemon's user",
-                config.state_dir.display()
-            )
-        })
+async fn revoke_sessions_of(config: &Config, name: &str, why: &str) -> anyhow::Result<usize> {
+    let result = match SessionAdmin::open(config) {
+        Ok(admin) => admin.revoke_matching(None, Some(name)).await,
+        Err(e) => Err(e),
+    };
+    result.with_context(|| {
+        format!(
+            "{why}, but revoking the sessions of `{name}` in {} failed (they are refused \
+             anyway); run `xferd session revoke --user {name}` as the daemon's user",
+            SessionAdmin::place(config)
+        )
+    })
 }
 
 /// [`revoke_sessions_of`] where the sessions are refused anyway because the account's
 /// generation moved on (or is new): a failure is a warning, not a failed command.
-fn revoke_sessions_or_warn(config: &Config, name: &str, why: &str) {
-    if let Err(e) = revoke_sessions_of(config, name, why) {
+async fn revoke_sessions_or_warn(config: &Config, name: &str, why: &str) {
+    if let Err(e) = revoke_sessions_of(config, name, why).await {
         eprintln!("xferd: warning: {e:#}");
     }
 }
 
-fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
+/// The accounts as `xferd user` edits them: the local users file, or the users object in the
+/// object store (s3 mode).
+enum UsersAdmin {
+    /// The users file.
+    Local(PathBuf),
+    /// The users object.
+    Shared(UsersObject),
+}
+
+impl UsersAdmin {
+    fn open(config: &Config) -> anyhow::Result<UsersAdmin> {
+        if config.storage.kind == StorageKind::S3 {
+            return Ok(UsersAdmin::Shared(UsersObject::new(
+                SharedStore::from_config(config)?,
+            )));
+        }
+        Ok(UsersAdmin::Local(config.users_file.clone()))
+    }
+
+    /// The accounts as they are now.
+    async fn read(&self) -> anyhow::Result<UsersFile> {
+        match self {
+            UsersAdmin::Local(path) => load_users_or_empty(path),
+            UsersAdmin::Shared(object) => Ok(match object.read(None).await? {
+                UsersRead::Found(users, _) => users,
+                _ => UsersFile::default(),
+            }),
+        }
+    }
+
+    /// Reads, changes and writes back the accounts (in the store: again if another writer
+    /// came in between).
+    async fn edit<T>(
+        &self,
+        mut change: impl FnMut(&mut UsersFile) -> Result<T, crate::accounts::AccountError>,
+    ) -> anyhow::Result<T> {
+        match self {
+            UsersAdmin::Local(path) => {
+                let mut users = load_users_or_empty(path)?;
+                let out = change(&mut users)?;
+                users.save(path)?;
+                Ok(out)
+            }
+            UsersAdmin::Shared(object) => Ok(object.edit(change).await?),
+        }
+    }
+}
+
+async fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let path = config.users_file.clone();
-    let mut users = load_users_or_empty(&path)?;
+    let admin = UsersAdmin::open(&config)?;
     match cmd {
         UserCommand::Add {
             name,
@@ -357,17 +491,16 @@ fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             // Checked before the prompt (`add` checks again), so a bad or taken name fails
             // before anyone types a password twice.
             crate::accounts::validate_name(&name)?;
-            if users.users.contains_key(&name) {
+            if admin.read().await?.users.contains_key(&name) {
                 bail!(
                     "user `{name}` already exists; use `xferd user passwd {name}` to change the password"
                 );
             }
             let pw = read_password(password_stdin, &format!("Password for {name}: "), true)?;
-            users.add(&name, role, &pw)?;
-            users.save(&path)?;
+            admin.edit(|users| users.add(&name, role, &pw)).await?;
             // Sessions left from an earlier account of this name (one removed by editing the
             // users file) would be refused anyway, since generations never repeat; they go.
-            revoke_sessions_or_warn(&config, &name, &format!("added {role} `{name}`"));
+            revoke_sessions_or_warn(&config, &name, &format!("added {role} `{name}`")).await;
             println!("added {role} `{name}`");
         }
         UserCommand::Passwd {
@@ -375,29 +508,28 @@ fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
             password_stdin,
         } => {
             // Before the prompt too, for the same reason.
-            if !users.users.contains_key(&name) {
+            if !admin.read().await?.users.contains_key(&name) {
                 return Err(crate::accounts::AccountError::NoSuchUser(name).into());
             }
             let pw = read_password(password_stdin, &format!("New password for {name}: "), true)?;
-            users.set_password(&name, &pw)?;
-            users.save(&path)?;
-            revoke_sessions_or_warn(&config, &name, &format!("changed the password of `{name}`"));
+            admin.edit(|users| users.set_password(&name, &pw)).await?;
+            revoke_sessions_or_warn(&config, &name, &format!("changed the password of `{name}`"))
+                .await;
             println!("password changed for `{name}`; their sessions are revoked");
         }
         UserCommand::Role { name, role } => {
-            users.set_role(&name, role)?;
-            users.save(&path)?;
-            revoke_sessions_or_warn(&config, &name, &format!("made `{name}` {role}"));
+            admin.edit(|users| users.set_role(&name, role)).await?;
+            revoke_sessions_or_warn(&config, &name, &format!("made `{name}` {role}")).await;
             println!("`{name}` is now {role}; their sessions are revoked");
         }
         UserCommand::Del { name } => {
-            users.remove(&name)?;
-            users.save(&path)?;
+            admin.edit(|users| users.remove(&name)).await?;
             // Here the command fails if they cannot be revoked: sessions die with the account.
-            let n = revoke_sessions_of(&config, &name, &format!("deleted `{name}`"))?;
-            println!("deleted `{name}` and revoked {n} session(s) (their files stay on disk)");
+            let n = revoke_sessions_of(&config, &name, &format!("deleted `{name}`")).await?;
+            println!("deleted `{name}` and revoked {n} session(s) (their files stay in storage)");
         }
         UserCommand::List { json } => {
+            let users = admin.read().await?;
             if json {
                 let list: Vec<_> = users
                     .users
@@ -411,14 +543,36 @@ fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        UserCommand::Import { file, replace } => {
+            let UsersAdmin::Shared(object) = &admin else {
+                bail!(
+                    "`xferd user import` puts a users file into the object store; `{}` uses local storage, whose users file is `{}`",
+                    config.path.display(),
+                    config.users_file.display()
+                );
+            };
+            let users = UsersFile::load(&file)?;
+            let n = object.import(&users, replace).await?;
+            println!(
+                "imported {n} account(s) from `{}` into the object store",
+                file.display()
+            );
+        }
     }
     Ok(())
 }
 
-fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
+async fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
     let config = Config::load(config)?;
-    let store = crate::sessions::SessionStore::open(&config.state_dir, &config.sessions)
-        .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))?;
+    if let SessionCommand::Keygen { force } = cmd {
+        crate::shared::token::SessionKey::generate(&config.session_key_file, force)?;
+        println!(
+            "wrote {}; copy it (mode 0600) to every node that shares this object store",
+            config.session_key_file.display()
+        );
+        return Ok(());
+    }
+    let store = SessionAdmin::open(&config)?;
     let time = |secs: i64| {
         humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
@@ -429,6 +583,7 @@ fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
         SessionCommand::List { user, json } => {
             let list: Vec<_> = store
                 .list()
+                .await?
                 .into_iter()
                 .filter(|(_, s)| user.as_deref().is_none_or(|u| s.user == u))
                 .collect();
@@ -458,13 +613,15 @@ fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
                 bail!("name sessions to revoke: IDs, --user NAME or --all");
             }
             let mut n = 0;
-            let revoke = |id: Option<&str>, user: Option<&str>| {
-                store.revoke_matching(id, user).with_context(|| {
-                    format!("recording revocations in `{}`", config.state_dir.display())
-                })
+            let place = SessionAdmin::place(&config);
+            let revoke = async |id: Option<&str>, user: Option<&str>| {
+                store
+                    .revoke_matching(id, user)
+                    .await
+                    .with_context(|| format!("recording revocations in {place}"))
             };
             if all {
-                n += revoke(Some(""), None)?;
+                n += revoke(Some(""), None).await?;
             }
             for id in &ids {
                 if id.len() < 6 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -472,17 +629,18 @@ fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
                         "`{id}` is not a session id (6 or more hex digits from `xferd session list`)"
                     );
                 }
-                let k = revoke(Some(&id.to_ascii_lowercase()), None)?;
+                let k = revoke(Some(&id.to_ascii_lowercase()), None).await?;
                 if k == 0 {
                     bail!("no session with id `{id}`");
                 }
                 n += k;
             }
             if let Some(u) = &user {
-                n += revoke(None, Some(u))?;
+                n += revoke(None, Some(u)).await?;
             }
             println!("revoked {n} session(s)");
         }
+        SessionCommand::Keygen { .. } => {}
     }
     Ok(())
 }

@@ -81,6 +81,10 @@ pub struct ConfigFile {
     /// Where users' files live: the local root or an S3-compatible object store.
     #[serde(default)]
     pub storage: StorageSettings,
+    /// The secret (32 bytes, mode 0600) that signs session tokens in s3 mode, the same file
+    /// on every node.
+    #[serde(default = "default_session_key")]
+    pub session_key_file: PathBuf,
 }
 
 fn default_listen() -> String {
@@ -100,6 +104,9 @@ fn default_key() -> PathBuf {
 }
 fn default_state() -> PathBuf {
     "state".into()
+}
+fn default_session_key() -> PathBuf {
+    "session.key".into()
 }
 
 /// Limits on what clients may do; each key is documented in `config/xferd.toml`.
@@ -244,6 +251,9 @@ pub struct SessionSettings {
     pub ttl_secs: u64,
     /// Most live sessions per account; a login beyond it revokes that account's oldest.
     pub max_per_user: usize,
+    /// In s3 mode, milliseconds between two reads of the shared accounts and revocations:
+    /// a change on one node is in force on every node within twice this.
+    pub sync_interval_ms: u64,
 }
 
 impl Default for SessionSettings {
@@ -251,7 +261,15 @@ impl Default for SessionSettings {
         SessionSettings {
             ttl_secs: 7 * 24 * 3600,
             max_per_user: 100,
+            sync_interval_ms: 2000,
         }
+    }
+}
+
+impl SessionSettings {
+    /// Time between two reads of the shared state (s3 mode).
+    pub fn sync_interval(&self) -> Duration {
+        Duration::from_millis(self.sync_interval_ms)
     }
 }
 
@@ -282,6 +300,8 @@ pub struct Config {
     pub penalties: crate::penalty::PenaltySettings,
     /// Storage backend (`credentials_file` made absolute).
     pub storage: StorageSettings,
+    /// Session token key (s3 mode).
+    pub session_key_file: PathBuf,
     /// Deprecated keys found and what became of them, for the daemon to log.
     pub warnings: Vec<String>,
 }
@@ -366,6 +386,7 @@ impl Config {
             ),
             ("sessions.ttl_secs", file.sessions.ttl_secs),
             ("sessions.max_per_user", file.sessions.max_per_user as u64),
+            ("sessions.sync_interval_ms", file.sessions.sync_interval_ms),
             (
                 "limits.max_transfers_per_user",
                 l.max_transfers_per_user as u64,
@@ -416,6 +437,7 @@ impl Config {
             sessions: file.sessions,
             penalties: file.penalties,
             storage,
+            session_key_file: abs(&file.session_key_file),
             warnings,
         })
     }

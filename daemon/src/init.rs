@@ -38,6 +38,12 @@ state_dir = "{state_dir}"
 # Empty: audit.log in state_dir.
 audit_log = ""
 
+# With [storage] kind = "s3" (several nodes): the secret that signs session tokens, 32 random
+# bytes in a file only its owner can read (made by `xferd init` or `xferd session keygen`).
+# Every node needs the same file, deployed like the TLS key: any node then accepts a token
+# any other issued. Unused with local storage.
+session_key_file = "session.key"
+
 [limits]
 # Most connections at once of any kind, logged in or not: a safety net for file descriptors
 # above the admission caps below (each connection may hold 4). Lowered at start, with a
@@ -124,6 +130,11 @@ ttl_secs = 604800
 # Most live sessions (logins) per account; a login beyond it revokes that account's oldest
 # session. Parallel commands with one login share one session.
 max_per_user = 100
+# With [storage] kind = "s3": milliseconds between two reads, by each node, of the accounts
+# (PREFIX/.xfer/users.toml, read only when its ETag changed) and of the revoked sessions
+# (PREFIX/.xfer/revoked/). A logout, revocation, password or role change on one node is in
+# force on every node within twice this (the default keeps it under 5 s).
+sync_interval_ms = 2000
 
 [penalties]
 # Brute-force defence, per source (limits.per_source_net_block_size). Each failed login, bad token or
@@ -249,6 +260,11 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
     if !config.users_file.exists() {
         UsersFile::default().save(&config.users_file)?;
     }
+    // Kept even with --force: a new one would end every session of a cluster that shares it
+    // (`xferd session keygen --force` does that on purpose).
+    if !config.session_key_file.exists() {
+        crate::shared::token::SessionKey::generate(&config.session_key_file, false)?;
+    }
     crate::fsutil::create_dir_with_mode(&config.root, 0o700)
         .with_context(|| format!("creating storage root `{}`", config.root.display()))?;
     crate::fsutil::create_dir_with_mode(&config.state_dir, 0o700)
@@ -300,6 +316,8 @@ mod tests {
         let config = crate::config::Config::load(&cfg).unwrap();
         assert_eq!(mode_of(&config.key).unwrap(), 0o600);
         assert_eq!(mode_of(&config.users_file).unwrap(), 0o600);
+        assert_eq!(mode_of(&config.session_key_file).unwrap(), 0o600);
+        crate::shared::token::SessionKey::load(&config.session_key_file).unwrap();
         assert!(config.root.is_dir());
         assert_eq!(
             crate::tls::fingerprint_of(&config.cert).unwrap(),

@@ -8,6 +8,7 @@
 //! - [`penalty`]: per-source penalties for failed logins (brute-force defence).
 //! - [`audit`]: the JSON-lines audit trail of every operation.
 //! - [`sessions`]: session tokens, persisted so they survive a restart, revocable and expiring.
+//! - [`shared`]: what several nodes on one object store share: accounts, signed tokens, revocations.
 //! - [`tls`]: certificate generation (rcgen), loading, the TLS 1.3 server config and the fingerprint.
 //! - [`beneath`]: filesystem calls confined beneath a directory (from `xfer-proto`, which the
 //!   client's downloads share).
@@ -63,6 +64,7 @@ pub mod password;
 pub mod penalty;
 pub mod server;
 pub mod sessions;
+pub mod shared;
 pub mod state;
 pub mod storage;
 pub mod tls;

@@ -13,6 +13,9 @@
 //! live ones. A crash can tear only the last line, which is ignored (and terminated before the
 //! next append), never fatal. A `sessions.json` from an older version is read when there is no
 //! journal, and replaced by one at the first change.
+//!
+//! With `[storage] kind = "s3"` sessions are shared by several nodes instead
+//! ([`crate::shared::sessions`]): [`SessionStore`] is either, with one API for the daemon.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, Write};
@@ -199,7 +202,92 @@ impl Loaded {
     }
 }
 
-/// The daemon's sessions.
+/// The daemon's sessions: in the local state folder, or shared with other nodes through the
+/// object store. Checking a token (`validate`) never waits for the network in either.
+#[derive(Debug)]
+pub enum SessionStore {
+    /// The journal in `state_dir` (local mode).
+    Local(LocalSessions),
+    /// Signed tokens, shared registry and revocations (s3 mode).
+    Shared(crate::shared::sessions::SharedSessions),
+}
+
+impl SessionStore {
+    /// Opens the local sessions in `state_dir` (see [`LocalSessions::open`]).
+    pub fn open(state_dir: &Path, settings: &SessionSettings) -> std::io::Result<Self> {
+        LocalSessions::open(state_dir, settings).map(SessionStore::Local)
+    }
+
+    /// Starts a session for `user` and returns its token (the only copy of it) and record;
+    /// the user's oldest sessions beyond `sessions.max_per_user` are revoked (in s3 mode in
+    /// the background: see [`SessionStore::create_registered`]).
+    pub fn create(&self, user: &str, generation: u64, source: &str) -> (String, SessionRecord) {
+        match self {
+            SessionStore::Local(s) => s.create(user, generation, source),
+            SessionStore::Shared(s) => s.create(user, generation, source),
+        }
+    }
+
+    /// [`SessionStore::create`], returning once the session is recorded everywhere it will
+    /// be looked for (in s3 mode: registered in the store, the user's excess revoked).
+    pub async fn create_registered(
+        &self,
+        user: &str,
+        generation: u64,
+        source: &str,
+    ) -> std::io::Result<(String, SessionRecord)> {
+        match self {
+            SessionStore::Local(s) => Ok(s.create(user, generation, source)),
+            SessionStore::Shared(s) => Ok(s.create_registered(user, generation, source).await?),
+        }
+    }
+
+    /// The session for `token` if it is live and its account's current generation (from
+    /// `current_generation`) matches; see [`LocalSessions::validate`] and
+    /// [`crate::shared::sessions::SharedSessions::validate`].
+    pub fn validate(
+        &self,
+        token: &str,
+        current_generation: impl FnOnce(&str) -> Option<u64>,
+    ) -> Option<SessionRecord> {
+        match self {
+            SessionStore::Local(s) => s.validate(token, current_generation),
+            SessionStore::Shared(s) => s.validate(token, current_generation),
+        }
+    }
+
+    /// Ends the session for `token` (at once here; in s3 mode on every node within two
+    /// polls); true if there was one.
+    pub fn revoke(&self, token: &str) -> bool {
+        match self {
+            SessionStore::Local(s) => s.revoke(token),
+            SessionStore::Shared(s) => s.revoke(token),
+        }
+    }
+
+    /// Ends every session whose id starts with `id_prefix` (at least 6 hex digits; `""` for
+    /// all) or, with `user`, every session of that user. Returns how many ended.
+    pub async fn revoke_matching(
+        &self,
+        id_prefix: Option<&str>,
+        user: Option<&str>,
+    ) -> std::io::Result<usize> {
+        match self {
+            SessionStore::Local(s) => s.revoke_matching(id_prefix, user),
+            SessionStore::Shared(s) => Ok(s.revoke_matching(id_prefix, user).await?),
+        }
+    }
+
+    /// Live sessions as `(short id, record)`, oldest first.
+    pub async fn list(&self) -> std::io::Result<Vec<(String, SessionRecord)>> {
+        match self {
+            SessionStore::Local(s) => Ok(s.list()),
+            SessionStore::Shared(s) => Ok(s.list().await?),
+        }
+    }
+}
+
+/// The sessions of a daemon on its own state folder (local mode).
 ///
 /// The journal is shared with `xferd session ...` and `xferd user ...` run by an administrator
 /// while the daemon runs, and with other daemons on the same state folder: every change
@@ -207,7 +295,7 @@ impl Loaded {
 /// appended, then appends. Lookups read new lines (or the whole file after a compaction) when
 /// the journal's size or inode changed, so a revocation from the command line takes effect on
 /// the next request.
-pub struct SessionStore {
+pub struct LocalSessions {
     /// The journal.
     path: PathBuf,
     /// The whole-file store of older versions.
@@ -224,6 +312,14 @@ pub struct SessionStore {
     /// Lines allowed beyond twice the live sessions before compacting ([`COMPACT_SLACK`];
     /// tests lower it to compact often).
     compact_slack: usize,
+}
+
+impl std::fmt::Debug for LocalSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSessions")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Seconds since the Unix epoch.
@@ -400,12 +496,12 @@ pub fn short_id(key: &str) -> &str {
     &key[..key.len().min(12)]
 }
 
-impl SessionStore {
+impl LocalSessions {
     /// Opens the sessions in `state_dir` (creating the folder), reading the journal, or the
     /// legacy file when there is none.
     pub fn open(state_dir: &Path, settings: &SessionSettings) -> std::io::Result<Self> {
         crate::fsutil::create_dir_with_mode(state_dir, 0o700)?;
-        let store = SessionStore {
+        let store = LocalSessions {
             path: state_dir.join(JOURNAL_FILE),
             legacy_path: state_dir.join(LEGACY_FILE),
             lock_path: state_dir.join(LOCK_FILE),
@@ -711,11 +807,12 @@ mod tests {
         SessionSettings {
             ttl_secs: 3600,
             max_per_user,
+            ..Default::default()
         }
     }
 
-    fn open(dir: &Path) -> SessionStore {
-        SessionStore::open(dir, &settings(100)).unwrap()
+    fn open(dir: &Path) -> LocalSessions {
+        LocalSessions::open(dir, &settings(100)).unwrap()
     }
 
     fn journal(dir: &Path) -> String {
@@ -804,9 +901,9 @@ mod tests {
     fn two_daemons_agree_across_appends_and_compactions() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let small = |dir: &Path| SessionStore {
+        let small = |dir: &Path| LocalSessions {
             compact_slack: 8,
-            ..SessionStore::open(dir, &settings(10_000)).unwrap()
+            ..LocalSessions::open(dir, &settings(10_000)).unwrap()
         };
         let a = small(dir.path());
         let b = small(dir.path());
@@ -856,7 +953,7 @@ mod tests {
     #[test]
     fn sessions_per_user_are_capped_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SessionStore::open(dir.path(), &settings(3)).unwrap();
+        let store = LocalSessions::open(dir.path(), &settings(3)).unwrap();
         let tokens: Vec<_> = (0..5).map(|_| store.create("alice", 1, "x").0).collect();
         let (bob, _) = store.create("bob", 1, "x");
         let alive: Vec<_> = tokens
@@ -867,7 +964,7 @@ mod tests {
         assert!(store.validate(&bob, |_| Some(1)).is_some());
         assert_eq!(store.list().len(), 4);
         // Another process agrees on who was evicted.
-        let other = SessionStore::open(dir.path(), &settings(3)).unwrap();
+        let other = LocalSessions::open(dir.path(), &settings(3)).unwrap();
         assert!(other.validate(&tokens[1], |_| Some(1)).is_none());
         assert!(other.validate(&tokens[2], |_| Some(1)).is_some());
         other.create("alice", 1, "y");
@@ -947,7 +1044,7 @@ mod tests {
         // A damaged legacy file stops the start with a message, as before.
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(LEGACY_FILE), b"{ not json").unwrap();
-        let err = SessionStore::open(dir.path(), &settings(1)).err().unwrap();
+        let err = LocalSessions::open(dir.path(), &settings(1)).err().unwrap();
         assert!(err.to_string().contains("delete it"), "{err}");
     }
 
@@ -956,7 +1053,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(JOURNAL_FILE), b"hello\n").unwrap();
         assert!(check_file(dir.path()).is_err());
-        assert!(SessionStore::open(dir.path(), &settings(1)).is_err());
+        assert!(LocalSessions::open(dir.path(), &settings(1)).is_err());
     }
 
     #[test]
@@ -977,7 +1074,7 @@ mod tests {
     fn figures_login_cost_with_10000_sessions() {
         let dir = tempfile::tempdir().unwrap();
         for (label, users) in [("one user", 1), ("100 users", 100)] {
-            let store = SessionStore::open(dir.path(), &settings(10_000)).unwrap();
+            let store = LocalSessions::open(dir.path(), &settings(10_000)).unwrap();
             store.revoke_matching(Some(""), None).unwrap();
             for i in 0..10_000 {
                 store.create(&format!("u{}", i % users), 1, "127.0.0.1:5555");

@@ -175,7 +175,7 @@ async fn a_users_file_rewritten_in_place_never_ends_a_session() {
     let mut alice = Client::connect(&addr, fp, None).await.unwrap();
     assert_eq!(alice.authenticate(&token).await.unwrap().user, "alice");
     alice.list("").await.unwrap();
-    assert_eq!(server.state.sessions.list().len(), 1);
+    assert_eq!(server.state.sessions.list().await.unwrap().len(), 1);
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use xfer_proto::EntryKind;
-use xferd::config::{StorageKind, StorageSettings};
-use xferd::storage::object::{Credentials, ObjectError, ObjectStore, ObjectUpload, Resume};
+use xferd::config::StorageSettings;
+use xferd::storage::object::{ObjectError, ObjectStore, ObjectUpload, Resume};
 
 /// Parts of 64 KiB: Garage accepts parts under S3's 5 MiB, which keeps these tests small.
 const PART: u64 = 64 << 10;
@@ -19,51 +19,19 @@ async fn store(prefix: &str) -> ObjectStore {
     store_with_lease(prefix, 2).await
 }
 
-/// The key prefix of the test named `name` in this run: one per name (the "nodes" of one
-/// test share it), never reused by another run against a kept cluster (XFER_GARAGE_DIR).
-fn unique(name: &str) -> String {
-    static PREFIXES: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
-    let mut known = PREFIXES.lock().unwrap();
-    if let Some((_, unique)) = known.iter().find(|(n, _)| n == name) {
-        return unique.clone();
-    }
-    let unique = xfer_tests::cluster::unique_prefix(name);
-    known.push((name.to_string(), unique.clone()));
-    unique
-}
-
 async fn store_with_lease(prefix: &str, lease_secs: u64) -> ObjectStore {
-    let prefix = unique(prefix);
     let g = xfer_tests::cluster::garage().s3();
     let settings = StorageSettings {
-        kind: StorageKind::S3,
-        bucket: g.bucket.clone(),
-        endpoint: g.endpoint.clone(),
-        region: g.region.clone(),
-        allow_http: true,
-        prefix,
         part_size: PART,
         parts_in_flight: 2,
         upload_lease_secs: lease_secs,
-        ..Default::default()
+        ..g.storage(&unique(prefix))
     };
-    let s = ObjectStore::open(
-        &settings,
-        Credentials::new(g.access_key_id.clone(), g.secret_access_key.clone()),
-    )
-    .unwrap();
-    // The layout may take a moment to reach the S3 endpoint after the cluster starts.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match s.check().await {
-            Ok(()) => return s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("the test bucket never answered: {e}"),
-        }
-    }
+    g.open(&settings).await
+}
+
+fn unique(name: &str) -> String {
+    xfer_tests::cluster::test_prefix(name)
 }
 
 fn data(len: usize, seed: u8) -> Vec<u8> {

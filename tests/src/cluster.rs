@@ -39,6 +39,62 @@ pub struct S3Settings {
     pub secret_access_key: String,
 }
 
+impl S3Settings {
+    /// The `[storage]` settings of a daemon that keeps its files in this bucket under
+    /// `prefix` (small 64 KiB parts are left to the caller).
+    pub fn storage(&self, prefix: &str) -> xferd::config::StorageSettings {
+        xferd::config::StorageSettings {
+            kind: xferd::config::StorageKind::S3,
+            bucket: self.bucket.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            allow_http: true,
+            prefix: prefix.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Opens `settings` with this key, as a node would (a fresh client each call), once the
+    /// bucket answers: the layout may take a moment to reach a node after the cluster starts.
+    pub async fn open(
+        &self,
+        settings: &xferd::config::StorageSettings,
+    ) -> xferd::storage::object::ObjectStore {
+        let store = xferd::storage::object::ObjectStore::open(
+            settings,
+            xferd::storage::object::Credentials::new(
+                self.access_key_id.clone(),
+                self.secret_access_key.clone(),
+            ),
+        )
+        .unwrap_or_else(|e| panic!("opening the test bucket: {e}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match store.check().await {
+                Ok(()) => return store,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the test bucket never answered: {e}"),
+            }
+        }
+    }
+}
+
+/// The key prefix of the test named `name` in this run: the same for every call with that
+/// name (the "nodes" of one test share it), never reused by another run against a kept
+/// cluster ([`GARAGE_DIR_ENV`]).
+pub fn test_prefix(name: &str) -> String {
+    static PREFIXES: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut known = PREFIXES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, unique)) = known.iter().find(|(n, _)| n == name) {
+        return unique.clone();
+    }
+    let unique = unique_prefix(name);
+    known.push((name.to_string(), unique.clone()));
+    unique
+}
+
 impl std::fmt::Debug for S3Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("S3Settings")

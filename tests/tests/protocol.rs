@@ -665,6 +665,7 @@ async fn a_login_on_a_revoked_session_is_allowed() {
             .state
             .sessions
             .revoke_matching(None, Some("alice"))
+            .await
             .unwrap(),
         1
     );

@@ -445,6 +445,15 @@ impl ObjectStore {
     pub fn upload_settings(&self) -> UploadSettings {
         self.inner.uploads
     }
+
+    /// The client and the configured prefix (without its `/`), for the state several nodes
+    /// share under `PREFIX/.xfer/` besides users' files ([`crate::shared`]).
+    pub fn internal(&self) -> (Arc<dyn object_store::ObjectStore>, String) {
+        (
+            Arc::new(self.inner.s3.clone()),
+            self.inner.root.trim_end_matches('/').to_string(),
+        )
+    }
 }
 
 impl Inner {
