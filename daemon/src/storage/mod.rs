@@ -17,6 +17,7 @@
 //! [`active`] is backend-independent bookkeeping: the resumable uploads this daemon runs.
 
 pub mod active;
+pub mod body;
 pub mod local;
 pub mod object;
 #[cfg(test)]
@@ -650,27 +651,28 @@ impl Upload {
         }
     }
 
-    /// BLAKE3 of the held bytes, as a hasher that can go on with the rest (the resume
-    /// offer's digest, and the start of the body's): local backend only (an object upload
-    /// hashes its parts itself and offers [`Upload::held_digest`]).
-    pub async fn prefix_hasher(&self) -> std::io::Result<blake3::Hasher> {
+    /// The resume offer for the held bytes: their BLAKE3, and a hasher that has absorbed
+    /// them when the body's hashing must go on from it. The local backend hashes the partial
+    /// (slow for a big one: run it in a hashing slot) and hands the hasher on to
+    /// [`Upload::sink`]; an object upload rebuilds the digest from its parts' chaining
+    /// values, reading nothing, and needs no hasher (it hashes its parts itself).
+    pub async fn resume_offer(&self) -> std::io::Result<(Digest, Option<blake3::Hasher>)> {
         match self {
-            Upload::Local(u) => u.prefix_hasher().await,
-            Upload::Object(_) => Err(std::io::ErrorKind::Unsupported.into()),
-        }
-    }
-
-    /// BLAKE3 of the held bytes: the resume offer's digest. The local backend hashes the
-    /// partial; an object upload rebuilds it from its parts' chaining values, reading nothing.
-    pub async fn held_digest(&self) -> std::io::Result<Digest> {
-        match self {
-            Upload::Local(u) => Ok(*u.prefix_hasher().await?.finalize().as_bytes()),
+            Upload::Local(u) => {
+                let h = u.prefix_hasher().await?;
+                Ok((*h.finalize().as_bytes(), Some(h)))
+            }
             Upload::Object(u) => match u.held_digest() {
-                Some(d) => Ok(d),
-                None if u.held() == 0 => Ok(*blake3::hash(b"").as_bytes()),
+                Some(d) => Ok((d, None)),
+                None if u.held() == 0 => Ok((*blake3::hash(b"").as_bytes(), None)),
                 None => Err(std::io::Error::other("the held parts' hashes do not fit")),
             },
         }
+    }
+
+    /// BLAKE3 of the held bytes (see [`Upload::resume_offer`]).
+    pub async fn held_digest(&self) -> std::io::Result<Digest> {
+        Ok(self.resume_offer().await?.0)
     }
 
     /// Drops what an earlier attempt left, to start from byte 0. On failure the upload must

@@ -627,6 +627,14 @@ pub struct BlockingReader {
     current: Bytes,
 }
 
+impl fmt::Debug for BlockingReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockingReader")
+            .field("buffered", &self.current.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::io::Read for BlockingReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
