@@ -889,7 +889,7 @@ impl ObjectTree {
         Ok(())
     }
 
-    /// A folder's entries (or the one entry of a file) as pages of at most [`LIST_PAGE`]
+    /// A folder's entries (or the one entry of a file) as pages of at most 1,000
     /// keys, each sorted by name, in key order (name order except that a folder sorts as its
     /// name followed by `/`). Folder markers are not shown; folders show size 0 and time 0.
     pub fn list_pages(&self, remote: &str) -> ObjectListing {
