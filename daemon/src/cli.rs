@@ -659,6 +659,7 @@ async fn serve(
     }
     let addr = config.listen;
     let daemon = crate::server::Daemon::load(config)?;
+    daemon.check_storage().await?;
     let listener = crate::server::bind(addr).await?;
     let state = daemon.state().clone();
     spawn_signal_tasks(state.clone());

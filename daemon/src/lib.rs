@@ -19,6 +19,11 @@
 //!     filesystem operation on a user's tree, with [`storage::local::partial`] (interrupted
 //!     uploads kept invisible for resume, locked, bounded and expiring) and
 //!     [`storage::local::digest_store`] (a big upload's verified digest, kept on the file).
+//!   - [`storage::object`]: the S3-compatible object store backend (multipart uploads verified
+//!     before completion, resume records any node can take over, ranged reads), and
+//!     [`storage::object::handles`], its handles as the seam hands them out.
+//!   - [`storage::body`]: the storage ends of a transfer body (an upload's sink, a download's
+//!     source) for every backend, so the commands have one upload and one download path.
 //! - [`usage`]: each user's transfers and resume checks in progress, against per-user caps.
 //! - [`state`]: the shared state every connection reads (config, limits, accounts, sessions,
 //!   storage, audit, admission), its reload, and the one shutdown signal.

@@ -42,6 +42,12 @@ impl Daemon {
         self.state.shutdown_handle()
     }
 
+    /// Checks that the storage backend answers (see [`crate::storage::Store::check`]); [`Daemon::run`]
+    /// checks it too, this lets `xferd serve` do it before it tells systemd it is ready.
+    pub async fn check_storage(&self) -> anyhow::Result<()> {
+        self.state.storage.check().await
+    }
+
     /// Reloads the config's limits, the users file and the certificate (see
     /// [`State::reload`]).
     pub fn reload(&self) -> anyhow::Result<()> {
@@ -73,6 +79,8 @@ impl Daemon {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let state = self.state;
+        // A store that does not answer fails the start, with what to check.
+        state.storage.check().await?;
         let admission = state.admission.clone();
         let mut tasks = JoinSet::new();
         let mut stop = state.shutdown_rx();

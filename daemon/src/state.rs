@@ -58,15 +58,7 @@ impl State {
         let (tls, fingerprint) = crate::tls::server_config(&config.cert, &config.key)?;
         let sessions = SessionStore::open(&config.state_dir, &config.sessions)
             .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))?;
-        // Until the seam serves the object backend, an s3 config must not quietly store
-        // files on the local disk instead.
-        if config.storage.kind == crate::config::StorageKind::S3 {
-            anyhow::bail!(
-                "storage.kind = \"s3\" is not served by this version of xferd yet (the object backend is being wired in); use kind = \"local\""
-            );
-        }
-        let storage = Store::open(&config)
-            .with_context(|| format!("opening storage root `{}`", config.root.display()))?;
+        let storage = Store::open(&config)?;
         let (shutdown, _) = watch::channel(false);
         let limits = RwLock::new(Arc::new(config.limits.clone()));
         for warning in &config.warnings {

@@ -2,6 +2,12 @@
 //! markers, moved through a small ring of large buffers between the network task and one
 //! blocking thread that does the file I/O and the BLAKE3 hashing with std::fs.
 //!
+//! What is at the far end of that thread is generic: a sent body comes from a
+//! [`BodySource`] (a local file, [`FileSource`], or any reader, [`ReadSource`]), a received
+//! one goes to a [`BodySink`] that also owns the digest ([`FileSink`], [`HashingSink`], or
+//! [`WriteSink`] for a writer that hashes itself, such as an object store upload). Generic,
+//! not `dyn`: a file body makes the same calls it made when this took a `std::fs::File`.
+//!
 //! Why this shape: per-chunk `tokio::fs` calls each hop to the blocking pool and measured at a
 //! third of the speed of large std::fs reads and writes on one blocking thread; hashing on that
 //! thread overlaps it with TLS work on the async side. Memory per transfer is bounded by
@@ -11,7 +17,7 @@
 //! to the pipeline when written, and goes at the flush that ends the body).
 
 use std::future::Future;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -24,8 +30,13 @@ use tokio::time::Instant;
 use crate::connection::ConnError;
 use crate::limits::{CHUNK_LEN, PIPELINE_DEPTH};
 use crate::message::Digest;
-use crate::pagecache::{ReadBehind, WriteBehind};
 use crate::records::{RecordBuf, WriteRecords, write_records};
+
+mod sink;
+mod source;
+
+pub use sink::{BodySink, FileSink, HashingSink, WriteSink};
+pub use source::{BodySource, FileSource, ReadSource};
 
 /// Why a body transfer failed.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +199,28 @@ fn cancel_flag() -> (Arc<AtomicBool>, CancelOnDrop) {
     (flag.clone(), CancelOnDrop(flag))
 }
 
+/// Tells a body's blocking thread that the transfer it serves was dropped: a source or sink
+/// doing long work before the first chunk (hashing a held prefix) checks it between chunks.
+/// Chunks themselves need no check: the next one never comes.
+#[derive(Debug, Clone, Copy)]
+pub struct Cancel<'a>(&'a AtomicBool);
+
+impl Cancel<'_> {
+    /// Whether the transfer was dropped.
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Fails with a "transfer cancelled" error once the transfer was dropped.
+    pub fn check(&self) -> std::io::Result<()> {
+        if self.requested() {
+            Err(cancelled())
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// BLAKE3 of the first `len` bytes of `file`, as a hasher that can go on with the rest: a
 /// resumed transfer compares `finalize()` of it with the other side's prefix digest, then
 /// passes it to the body so the prefix is read once. Runs on the blocking pool; fails with
@@ -344,25 +377,26 @@ async fn write_records_progress<W: WriteRecords + ?Sized>(
     Ok(())
 }
 
-/// How [`send`] hashes what it sends.
+/// How a sent body is hashed, on the blocking thread that reads it.
 // Moved once per body into the reader task, as the `Option<Hasher>` before it was: boxing
 // would add an allocation for nothing.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum SendHash {
+pub enum SendHash {
     /// Goes on from a hasher that has absorbed bytes `0..offset`.
     Prefix(blake3::Hasher),
-    /// Hashes bytes `0..offset` first, then the body.
+    /// Hashes bytes `0..offset` first, then the body: a [`FileSource`] can, a
+    /// [`ReadSource`] only at offset 0 (see [`BodySource::start`]).
     FromStart,
     /// Does not hash: the caller knows the digest already.
     Skip,
 }
 
-/// Sends bytes `offset..size` of `file`; the whole file's digest, unless `hash` is
-/// [`SendHash::Skip`]. The file is read into record-shaped buffers, which a TLS stream
+/// Sends bytes `offset..size` of `source`; the whole file's digest, unless `hash` is
+/// [`SendHash::Skip`]. The source is read into record-shaped buffers, which a TLS stream
 /// seals where they lie (see `records`).
-pub(crate) async fn send<W: WriteRecords + ?Sized>(
+pub(crate) async fn send<W: WriteRecords + ?Sized, B: BodySource>(
     w: &mut W,
-    mut file: std::fs::File,
+    mut source: B,
     offset: u64,
     size: u64,
     hash: SendHash,
@@ -376,39 +410,28 @@ pub(crate) async fn send<W: WriteRecords + ?Sized>(
         let _ = free_tx.try_send(RecordBuf::new());
     }
     // Hashing a prefix here (no hasher given) takes a while before the first chunk.
-    let first_wait = if matches!(hash, SendHash::FromStart) {
+    let from_start = matches!(hash, SendHash::FromStart);
+    let first_wait = if from_start {
         hashing_allowance(offset)
     } else {
         Duration::ZERO
     };
     let (cancel, _stop_reader) = cancel_flag();
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<Option<blake3::Hasher>> {
-        let mut hasher = None;
+        let mut hasher = match hash {
+            SendHash::Prefix(h) => Some(h),
+            SendHash::FromStart => Some(blake3::Hasher::new()),
+            SendHash::Skip => None,
+        };
         let result: std::io::Result<()> = (|| {
-            match hash {
-                SendHash::Prefix(h) => {
-                    hasher = Some(h);
-                    file.seek(SeekFrom::Start(offset))?;
-                }
-                SendHash::FromStart => hash_prefix_into(
-                    &mut file,
-                    offset,
-                    hasher.insert(blake3::Hasher::new()),
-                    &cancel,
-                )?,
-                SendHash::Skip => {
-                    file.seek(SeekFrom::Start(offset))?;
-                }
-            }
-            let mut behind = ReadBehind::new(&file, offset, total);
+            let prefix = if from_start { hasher.as_mut() } else { None };
+            source.start(offset, total, prefix, &Cancel(&cancel))?;
             let mut left = total;
             while left > 0 {
                 let mut buf = free_rx.recv().map_err(|_| cancelled())?;
                 let n = (CHUNK_LEN as u64).min(left) as usize;
-                buf.fill_from(&mut file, n)?;
-                if let Some(b) = &mut behind {
-                    b.read(&file, n);
-                }
+                buf.fill_from(&mut source, n)?;
+                source.consumed(n);
                 if let Some(h) = &mut hasher {
                     for slot in buf.slots() {
                         h.update(slot);
@@ -482,45 +505,40 @@ pub(crate) async fn send<W: WriteRecords + ?Sized>(
     Ok(hasher.map(|h| *h.finalize().as_bytes()))
 }
 
-pub(crate) async fn recv<R: AsyncRead + Unpin>(
+/// Receives a body of `size - offset` bytes into `sink`, which was handed the `offset` bytes
+/// held before it (a resumed transfer) and gives the whole file's digest at the end. On a
+/// local failure the rest of the body is read and dropped, so the stream stays in step; on
+/// a network failure the sink gets every byte that arrived first.
+pub(crate) async fn recv<R: AsyncRead + Unpin, K: BodySink>(
     r: &mut R,
-    mut file: std::fs::File,
+    mut sink: K,
     offset: u64,
     size: u64,
-    prefix: Option<blake3::Hasher>,
     pacing: Pacing,
     progress: &mut (dyn FnMut(u64) + Send),
-) -> Result<(Digest, std::fs::File), BodyError> {
+) -> Result<(Digest, K::Done), BodyError> {
     let total = size.saturating_sub(offset);
     let (full_tx, full_rx) = std_mpsc::sync_channel::<Vec<u8>>(PIPELINE_DEPTH);
     let (free_tx, mut free_rx) = mpsc::channel::<Vec<u8>>(PIPELINE_DEPTH);
-    let first_wait = if prefix.is_none() {
-        hashing_allowance(offset)
-    } else {
-        Duration::ZERO
-    };
+    let first_wait = sink.start_allowance(offset);
     let (cancel, _stop_writer) = cancel_flag();
-    let writer = tokio::task::spawn_blocking(
-        move || -> std::io::Result<(blake3::Hasher, std::fs::File)> {
-            let mut hasher = match prefix {
-                Some(h) => h,
-                None => hash_prefix_blocking(&mut file, offset, &cancel)?,
-            };
-            file.seek(SeekFrom::Start(offset))?;
-            let mut behind = WriteBehind::new(offset, total);
+    let writer =
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(Digest, K::Done)>> {
+            sink.start(offset, total, &Cancel(&cancel))?;
+            let mut written = 0u64;
             while let Ok(buf) = full_rx.recv() {
-                hasher.update(&buf);
-                file.write_all(&buf)?;
-                if let Some(b) = &mut behind {
-                    b.wrote(&file, buf.len());
-                }
+                sink.write(&buf)?;
+                written += buf.len() as u64;
                 if free_tx.blocking_send(buf).is_err() {
                     return Err(cancelled());
                 }
             }
-            Ok((hasher, file))
-        },
-    );
+            if written < total {
+                // Cut short: the sink has every byte that arrived, and is dropped here.
+                return Ok(None);
+            }
+            sink.finish().map(Some)
+        });
 
     let mut floor = Floor::new(pacing, total);
     let mut pool: Vec<Vec<u8>> = (0..PIPELINE_DEPTH).map(|_| Vec::new()).collect();
@@ -602,15 +620,24 @@ pub(crate) async fn recv<R: AsyncRead + Unpin>(
             source: std::io::Error::other(e.to_string()),
             in_sync: true,
         })?;
-    let (hasher, file) = joined.map_err(|e| BodyError::Local {
-        source: e,
-        in_sync: true,
-    })?;
-    Ok((*hasher.finalize().as_bytes(), file))
+    match joined {
+        Ok(Some(done)) => Ok(done),
+        // Not reached: the body completed, so every byte was handed over.
+        Ok(None) => Err(BodyError::Local {
+            source: cancelled(),
+            in_sync: true,
+        }),
+        Err(e) => Err(BodyError::Local {
+            source: e,
+            in_sync: true,
+        }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
     use crate::connection::Connection;
 

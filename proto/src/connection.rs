@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::body::{BodyError, BodySink, BodySource, FileSink, FileSource, SendHash};
 use crate::frame::{self, FrameError, HEADER_LEN};
 use crate::message::Digest;
 use crate::records::{Plain, WriteRecords};
@@ -171,12 +172,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         size: u64,
         prefix: Option<blake3::Hasher>,
         progress: &mut (dyn FnMut(u64) + Send),
-    ) -> Result<Digest, crate::body::BodyError> {
+    ) -> Result<Digest, BodyError> {
         let hash = match prefix {
-            Some(h) => crate::body::SendHash::Prefix(h),
-            None => crate::body::SendHash::FromStart,
+            Some(h) => SendHash::Prefix(h),
+            None => SendHash::FromStart,
         };
-        let digest = self.send(file, offset, size, hash, progress).await?;
+        let digest = self
+            .send_body_from(FileSource::new(file), offset, size, hash, progress)
+            .await?;
         // Hashing was asked for, so there is a digest.
         Ok(digest.unwrap_or_default())
     }
@@ -188,30 +191,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         file: std::fs::File,
         size: u64,
         progress: &mut (dyn FnMut(u64) + Send),
-    ) -> Result<(), crate::body::BodyError> {
-        self.send(file, 0, size, crate::body::SendHash::Skip, progress)
+    ) -> Result<(), BodyError> {
+        self.send_body_from(FileSource::new(file), 0, size, SendHash::Skip, progress)
             .await?;
         Ok(())
     }
 
-    /// [`crate::body::send`] on the stream's record path if it has one.
-    async fn send(
+    /// Streams bytes `offset..size` from `source` as a raw body (a [`FileSource`] seeks to
+    /// `offset` itself; a [`crate::body::ReadSource`] must be there already), on the
+    /// stream's record path if it has one. Returns the whole file's digest, hashed as
+    /// `hash` says: `None` only for [`SendHash::Skip`].
+    pub async fn send_body_from<B: BodySource>(
         &mut self,
-        file: std::fs::File,
+        source: B,
         offset: u64,
         size: u64,
-        hash: crate::body::SendHash,
+        hash: SendHash,
         progress: &mut (dyn FnMut(u64) + Send),
-    ) -> Result<Option<Digest>, crate::body::BodyError> {
+    ) -> Result<Option<Digest>, BodyError> {
         let pacing = self.pacing();
         match self.records {
             Some(records) => {
                 let w = records(&mut self.stream);
-                crate::body::send(w, file, offset, size, hash, pacing, progress).await
+                crate::body::send(w, source, offset, size, hash, pacing, progress).await
             }
             None => {
                 let mut w = Plain(&mut self.stream);
-                crate::body::send(&mut w, file, offset, size, hash, pacing, progress).await
+                crate::body::send(&mut w, source, offset, size, hash, pacing, progress).await
             }
         }
     }
@@ -227,18 +233,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         size: u64,
         prefix: Option<blake3::Hasher>,
         progress: &mut (dyn FnMut(u64) + Send),
-    ) -> Result<(Digest, std::fs::File), crate::body::BodyError> {
+    ) -> Result<(Digest, std::fs::File), BodyError> {
+        self.recv_body_into(FileSink::new(file, prefix), offset, size, progress)
+            .await
+    }
+
+    /// Receives a raw body of `size - offset` bytes into `sink`, which holds the first
+    /// `offset` bytes already, and returns the whole file's digest as the sink computed it
+    /// and what the sink leaves. On a local failure ([`BodyError::Local`] with `in_sync`) the
+    /// rest of the body is read and discarded, so the connection stays usable; on a network
+    /// failure the sink was given every byte that arrived (see [`BodySink`]).
+    pub async fn recv_body_into<K: BodySink>(
+        &mut self,
+        sink: K,
+        offset: u64,
+        size: u64,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(Digest, K::Done), BodyError> {
         let pacing = self.pacing();
-        crate::body::recv(
-            &mut self.stream,
-            file,
-            offset,
-            size,
-            prefix,
-            pacing,
-            progress,
-        )
-        .await
+        crate::body::recv(&mut self.stream, sink, offset, size, pacing, progress).await
     }
 }
 

@@ -5,7 +5,8 @@
 //! - [`message`]: the request and response enums, carried one per frame.
 //! - [`frame`]: the size-prefixed frame codec (u32 length + postcard body), pure and allocation-checked.
 //! - [`connection`]: a stream that reads and writes frames and file bodies with deadlines.
-//! - [`body`]: streaming a file body of known size through a bounded buffer pipeline with a BLAKE3 digest.
+//! - [`body`]: streaming a file body of known size through a bounded buffer pipeline with a BLAKE3 digest,
+//!   from a source (a local file, any reader) and into a sink (a local file, any writer) on one blocking thread.
 //! - `records`: body chunks read from the file straight into the slots of TLS records, which
 //!   the TLS stream seals in place and sends without a copy.
 //! - [`pagecache`]: write-behind and drop-behind, so big bodies do not fill the page cache.

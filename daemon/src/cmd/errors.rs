@@ -27,9 +27,12 @@ pub(crate) fn wire(e: &StorageError) -> (ErrorCode, String) {
             ErrorCode::PermissionDenied
         }
         StorageError::Io { .. } => ErrorCode::Internal,
+        StorageError::Corrupted(_) => ErrorCode::VerificationFailed,
+        StorageError::Service { .. } => ErrorCode::Internal,
     };
     let message = match e {
         StorageError::Io { op, path, .. } => format!("{op} `{path}` failed on the server"),
+        StorageError::Service { message, .. } => message.clone(),
         other => other.to_string(),
     };
     (code, message)
@@ -81,6 +84,37 @@ mod tests {
         let (code, message) = wire(&StorageError::Symlink("l/x".into()));
         assert_eq!(code, ErrorCode::PermissionDenied);
         assert!(message.contains("`l/x`"), "{message}");
+    }
+
+    #[test]
+    fn object_store_failures_tell_the_client_what_failed_not_why() {
+        use crate::storage::object::ObjectError;
+        let outage = object_store::Error::Generic {
+            store: "S3",
+            source: "connection refused to http://10.0.0.9:3900/bucket/alice/f".into(),
+        };
+        let e = StorageError::from(ObjectError::Store {
+            op: "storing",
+            path: "f".into(),
+            source: outage,
+        });
+        let (code, message) = wire(&e);
+        assert_eq!(code, ErrorCode::Internal);
+        assert_eq!(message, "storing `f` failed on the server's storage");
+        // The detail stays for the server log.
+        assert!(e.to_string().contains("connection refused"), "{e}");
+        // A body that does not match its digest is refused as on the local backend.
+        let (code, message) = wire(&ObjectError::DigestMismatch("f".into()).into());
+        assert_eq!(code, ErrorCode::VerificationFailed);
+        assert_eq!(
+            message,
+            "`f` arrived corrupted (digest mismatch); nothing was saved"
+        );
+        let (code, message) = wire(&ObjectError::NotEmpty("d".into()).into());
+        assert_eq!(
+            (code, message.as_str()),
+            (ErrorCode::NotEmpty, "folder `d` is not empty")
+        );
     }
 
     #[tokio::test]

@@ -1,5 +1,9 @@
 //! Upload and download: size-prefixed raw bodies, verified by BLAKE3 before anything is
-//! committed, with the upload staged in a temp file that only a verified rename makes visible.
+//! committed, with the upload staged where only a verified commit makes it visible (a temp
+//! file and a rename, or a multipart upload completed on the object store). One upload
+//! function and one download function for every backend: the body goes to the upload's
+//! sink and comes from the file's source (`storage::body`), and the resume offer comes from
+//! the upload itself.
 //!
 //! What one user's transfers may cost is bounded here: at most
 //! `limits.max_transfers_per_user` at once (more are answered `Busy`), bodies that move at
@@ -13,7 +17,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use xfer_proto::body::{BodyError, hashing_allowance};
+use xfer_proto::body::{BodyError, SendHash, hashing_allowance};
 use xfer_proto::connection::ConnError;
 use xfer_proto::{Connection, Digest, ErrorCode, Request, Response};
 
@@ -127,11 +131,11 @@ async fn unless_client_leaves<S: AsyncRead + AsyncWrite + Unpin, T>(
 /// Runs `hash`, a prefix hash for a resume check, in one of the user's hashing slots
 /// (waiting for one), stopping if the client leaves: `None` then, and the connection should
 /// close.
-async fn hash_for_resume<S: AsyncRead + AsyncWrite + Unpin>(
+async fn hash_for_resume<S: AsyncRead + AsyncWrite + Unpin, T>(
     ctx: &Ctx,
     conn: &mut Connection<S>,
-    hash: impl Future<Output = std::io::Result<blake3::Hasher>>,
-) -> Option<std::io::Result<blake3::Hasher>> {
+    hash: impl Future<Output = std::io::Result<T>>,
+) -> Option<std::io::Result<T>> {
     let usage = ctx.state.usage.clone();
     let user = ctx.session().user.clone();
     let max = ctx.state.limits().max_prefix_hashes_per_user;
@@ -165,8 +169,9 @@ async fn restart<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Tells the client where to start: `UploadReady { 0 }` when nothing is held, else
 /// `UploadResume` with the digest of what is held, and reads the client's `UploadFrom`.
-/// Returns the agreed offset and a hasher over the bytes before it, or `None` when the client
-/// broke the protocol (already answered; close).
+/// Returns the agreed offset and, when the body's hashing must go on from one, a hasher over
+/// the bytes before it (see [`Upload::resume_offer`]), or `None` when the client broke the
+/// protocol (already answered; close).
 async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Ctx,
     conn: &mut Connection<S>,
@@ -174,13 +179,13 @@ async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
     path: &str,
 ) -> Result<Option<(u64, Option<blake3::Hasher>)>, ConnError> {
     let held = pending.held();
-    let hasher = if held > 0 {
-        let Some(hashed) = hash_for_resume(ctx, conn, pending.prefix_hasher()).await else {
+    let offer = if held > 0 {
+        let Some(hashed) = hash_for_resume(ctx, conn, pending.resume_offer()).await else {
             tracing::info!(path = %path, held, "client left before the resume check finished; hashing stopped");
             return Ok(None);
         };
         match hashed {
-            Ok(h) => Some(h),
+            Ok(offer) => Some(offer),
             Err(e) => {
                 // Unreadable or shorter than it was: not worth resuming from.
                 tracing::warn!(path = %path, error = %e, "partial upload unreadable; starting over");
@@ -193,14 +198,14 @@ async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         None
     };
-    let Some(hasher) = hasher else {
+    let Some((prefix, hasher)) = offer else {
         conn.write_frame(&Response::UploadReady { offset: 0 })
             .await?;
         return Ok(Some((0, None)));
     };
     conn.write_frame(&Response::UploadResume {
         offset: held,
-        prefix: *hasher.finalize().as_bytes(),
+        prefix,
     })
     .await?;
     // The client hashes its own prefix before it answers, which takes a while for big files.
@@ -209,7 +214,7 @@ async fn offer_resume<S: AsyncRead + AsyncWrite + Unpin>(
         .read_frame_within::<Request>(wait, "waiting for UploadFrom")
         .await?
     {
-        Request::UploadFrom { offset } if offset == held => Ok(Some((held, Some(hasher)))),
+        Request::UploadFrom { offset } if offset == held => Ok(Some((held, hasher))),
         Request::UploadFrom { offset: 0 } => {
             tracing::info!(path = %path, held, "client's file differs from the partial upload; starting over");
             Ok(restart(conn, pending, path).await?.then_some((0, None)))
@@ -318,10 +323,10 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         None => return Ok(Flow::Close),
     };
     let started = Instant::now();
-    let file = match pending.file().try_clone() {
-        Ok(f) => f,
+    let sink = match pending.sink(prefix) {
+        Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot clone the staged file's handle");
+            tracing::error!(error = %e, "cannot open the upload's sink");
             return Ok(Flow::Close);
         }
     };
@@ -338,7 +343,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let state = ctx.state.clone();
     let received = tokio::select! {
-        r = conn.recv_body(file, start, size, prefix, &mut progressed) => r,
+        r = conn.recv_body_into(sink, start, size, &mut progressed) => r,
         _ = taken_over => {
             // A retry of this upload has taken over; this connection is presumed dead.
             tracing::info!(user = %user, path = %path, "upload taken over by a newer attempt");
@@ -377,6 +382,9 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             };
             tracing::info!(user = %user, path = %path, error = %e, "upload interrupted; {kept}");
             audit_interrupted(ctx, &path, start);
+            // Kept (or deleted) before the connection ends, so a retry through any node finds
+            // it free at once.
+            pending.interrupt().await;
             return Err(e);
         }
         Err(BodyError::SourceChanged) => return Ok(Flow::Close),
@@ -529,11 +537,19 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
         }
         (None, None) => (offset, None),
     };
-    let file = match handle.body {
-        ReadBody::File(file) => file,
+    let source = match handle.body {
         ReadBody::Whole { buf, digest } => {
             return send_whole(ctx, conn, &path, &user, &token, buf, size, modified, digest).await;
         }
+        body => match body.source(offset).await {
+            Ok(source) => source,
+            Err(e) => {
+                tracing::warn!(user = %user, path = %path, error = %e, "download refused");
+                let (code, message) = wire(&e);
+                ctx.audit("download", Some(&path), Outcome::failed(code));
+                return reply_error(conn, code, message).await;
+            }
+        },
     };
     conn.write_frame(&Response::DownloadReady {
         size,
@@ -546,17 +562,15 @@ pub(super) async fn download<S: AsyncRead + AsyncWrite + Unpin>(
     let mut no_progress = |_| {};
     // A whole big file whose upload left its verified digest needs no hashing: the client
     // verifies what arrives against the stored digest all the same.
+    let hash = match (stored, hasher) {
+        (Some(_), _) => SendHash::Skip,
+        (None, Some(h)) => SendHash::Prefix(h),
+        (None, None) => SendHash::FromStart,
+    };
     let send = async {
-        match stored {
-            Some(d) => conn
-                .send_body_unhashed(file, size, &mut no_progress)
-                .await
-                .map(|()| d),
-            None => {
-                conn.send_body(file, offset, size, hasher, &mut no_progress)
-                    .await
-            }
-        }
+        conn.send_body_from(source, offset, size, hash, &mut no_progress)
+            .await
+            .map(|hashed| hashed.or(stored).unwrap_or_default())
     };
     let sent = tokio::select! {
         r = send => r,

@@ -9,14 +9,15 @@
 //! whose work blocks (the [`local`] filesystem) moves it onto the blocking pool itself.
 //!
 //! Backends live in folders of their own beneath this one ([`local`]: folders under the
-//! storage root, confined by openat2). What is shared lives here: [`StorageError`], which
-//! knows nothing of the wire (the commands map it to an error code in one place), the
-//! staging choice, and the handles a download reads from and an upload writes into. Those
-//! data-path handles are still local files until the body pipeline takes a source and a sink.
+//! storage root, confined by openat2; [`object`]: an S3-compatible bucket that several
+//! daemons share). What is shared lives here: [`StorageError`], which knows nothing of the
+//! wire (the commands map it to an error code in one place), the staging choice, and the
+//! handles a download reads from and an upload writes into.
 //!
 //! [`active`] is backend-independent bookkeeping: the resumable uploads this daemon runs.
 
 pub mod active;
+pub mod body;
 pub mod local;
 pub mod object;
 #[cfg(test)]
@@ -94,6 +95,18 @@ pub enum StorageError {
         /// Most entries a rename looks at.
         max: u64,
     },
+    /// The data does not hash to the digest it came with: nothing was saved.
+    #[error("`{0}` arrived corrupted (digest mismatch); nothing was saved")]
+    Corrupted(String),
+    /// The storage service failed or refused (an object store that cannot be reached, a
+    /// damaged resume record, an upload another attempt took over).
+    #[error("{detail}")]
+    Service {
+        /// What the client is told: the operation and its path, never the store's details.
+        message: String,
+        /// For the server log only (never a credential: the store's errors hold none).
+        detail: String,
+    },
     /// Anything else; the message is for the server log only (the client is told only what
     /// failed, not why).
     #[error("{op} `{path}`: {source}")]
@@ -121,6 +134,51 @@ impl StorageError {
                 op,
                 path: path.into(),
                 source,
+            },
+        }
+    }
+}
+
+impl StorageError {
+    /// A handle of one backend given to another: a bug, answered as an internal error
+    /// rather than a panic.
+    fn mismatched(what: &str) -> Self {
+        StorageError::Service {
+            message: "the server's storage failed".into(),
+            detail: format!("{what}: a handle of one storage backend was given to another"),
+        }
+    }
+}
+
+impl From<object::ObjectError> for StorageError {
+    fn from(e: object::ObjectError) -> Self {
+        use object::ObjectError as O;
+        match e {
+            O::BadPath { path, source } => StorageError::BadPath { path, source },
+            O::NotFound(p) => StorageError::NotFound(p),
+            O::WrongKind(p, what) => StorageError::WrongKind(p, what),
+            O::AlreadyExists(p) => StorageError::AlreadyExists(p),
+            O::NotEmpty(p) => StorageError::NotEmpty(p),
+            O::TooLarge(n) => StorageError::TooLarge(n),
+            O::TooDeep {
+                from,
+                to,
+                depth,
+                len,
+            } => StorageError::TooDeep {
+                from,
+                to,
+                depth,
+                len,
+            },
+            O::TooBigToCheck { from, max } => StorageError::TooBigToCheck { from, max },
+            O::DigestMismatch(p) => StorageError::Corrupted(p),
+            other @ (O::SizeMismatch { .. }
+            | O::TakenOver(_)
+            | O::Store { .. }
+            | O::Record { .. }) => StorageError::Service {
+                message: other.client_message(),
+                detail: other.to_string(),
             },
         }
     }
@@ -164,34 +222,72 @@ pub const LIST_BATCH: usize = 128;
 pub enum Store {
     /// Folders under a local storage root.
     Local(local::LocalStore),
+    /// A bucket on an S3-compatible object store.
+    Object(object::ObjectStore),
 }
 
 impl Store {
-    /// Opens the backend `config` names (today always the local root `config.root`),
-    /// creating what it needs and clearing what an earlier crash left.
-    pub fn open(config: &crate::config::Config) -> std::io::Result<Store> {
-        Ok(Store::Local(local::LocalStore::open(&config.root)?))
+    /// Opens the backend `config.storage.kind` names: the local root `config.root` (created
+    /// if needed, with what an earlier crash left cleared) or the bucket `[storage]`
+    /// describes, with credentials from `storage.credentials_file` or the environment. Makes
+    /// no request to a bucket: [`Store::check`] does.
+    pub fn open(config: &crate::config::Config) -> anyhow::Result<Store> {
+        use anyhow::Context;
+        match config.storage.kind {
+            crate::config::StorageKind::Local => Ok(Store::Local(
+                local::LocalStore::open(&config.root)
+                    .with_context(|| format!("opening storage root `{}`", config.root.display()))?,
+            )),
+            crate::config::StorageKind::S3 => {
+                let creds = object::Credentials::load(&config.storage)?;
+                Ok(Store::Object(object::ObjectStore::open(
+                    &config.storage,
+                    creds,
+                )?))
+            }
+        }
     }
 
-    /// `user`'s tree, created on first use.
+    /// Checks that the backend answers (a bucket that exists, at an endpoint that can be
+    /// reached, with credentials it accepts): the daemon checks it before it serves, so a
+    /// wrong `[storage]` fails at start with what to check, not at the first upload.
+    pub async fn check(&self) -> anyhow::Result<()> {
+        match self {
+            Store::Local(_) => Ok(()),
+            Store::Object(s) => s.check().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "the object store does not answer: {e}; check that storage.endpoint can be reached from this host, that the bucket storage.bucket exists, that storage.region is the store's, and that the credentials (storage.credentials_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) are valid for that bucket"
+                )
+            }),
+        }
+    }
+
+    /// `user`'s tree, created on first use (an object store's tree exists once something
+    /// is stored in it).
     pub async fn user_tree(&self, user: &str) -> std::io::Result<Tree> {
         match self {
             Store::Local(s) => Ok(Tree::Local(s.user_tree(user).await?)),
+            Store::Object(s) => Ok(Tree::Object(s.user_tree(user))),
         }
     }
 
     /// Deletes partial uploads not touched for `ttl` that no upload holds; returns how many.
+    /// (Object store: aborts their multipart uploads and deletes their resume records,
+    /// whichever node started them.)
     pub async fn sweep_partials(&self, ttl: Duration) -> std::io::Result<usize> {
         match self {
             Store::Local(s) => s.sweep_partials(ttl).await,
+            Store::Object(s) => s.sweep_partials(ttl).await.map_err(std::io::Error::other),
         }
     }
 
-    /// Bytes `user`'s partial uploads count against their budget now (kept ones at their
-    /// size, running ones at their declared size): what a quota adds to their visible files.
+    /// Bytes `user`'s partial uploads count against their budget now: what a quota adds to
+    /// their visible files. Local: kept ones at their size, running ones at their declared
+    /// size; object store: the parts each interrupted or running upload has stored.
     pub async fn partial_usage(&self, user: &str) -> std::io::Result<u64> {
         match self {
             Store::Local(s) => s.partial_usage(user).await,
+            Store::Object(s) => s.partial_usage(user).await.map_err(std::io::Error::other),
         }
     }
 }
@@ -202,6 +298,8 @@ impl Store {
 pub enum Tree {
     /// A folder under the local storage root.
     Local(local::LocalTree),
+    /// The keys under `PREFIX/USER/` in the bucket.
+    Object(object::ObjectTree),
 }
 
 impl Tree {
@@ -211,6 +309,32 @@ impl Tree {
     pub fn list(&self, remote: &str) -> Listing {
         match self {
             Tree::Local(t) => t.list(remote),
+            Tree::Object(t) => {
+                let (tx, listing) = Listing::channel();
+                let mut pages = t.list_pages(remote);
+                tokio::spawn(async move {
+                    while let Some(page) = pages.next_page().await {
+                        let mut entries = match page {
+                            Ok(entries) => entries.into_iter(),
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        };
+                        loop {
+                            let batch: Vec<Entry> = entries.by_ref().take(LIST_BATCH).collect();
+                            // A reader that went away stops the walk.
+                            if batch.is_empty() || tx.send(Ok(batch)).await.is_err() {
+                                break;
+                            }
+                        }
+                        if tx.is_closed() {
+                            return;
+                        }
+                    }
+                });
+                listing
+            }
         }
     }
 
@@ -220,6 +344,18 @@ impl Tree {
     pub async fn open_read(&self, remote: &str, whole: bool) -> Result<ReadHandle, StorageError> {
         match self {
             Tree::Local(t) => t.open_read(remote, whole).await,
+            Tree::Object(t) => {
+                let head = t.head(remote).await?;
+                if whole && head.size <= WHOLE_READ_MAX {
+                    return read_whole_object(t, &head).await;
+                }
+                Ok(ReadHandle {
+                    size: head.size,
+                    modified: head.modified,
+                    stored: if whole { head.stored } else { None },
+                    body: ReadBody::Object(object::ObjectBody::new(t.clone(), head)),
+                })
+            }
         }
     }
 
@@ -238,6 +374,28 @@ impl Tree {
             Tree::Local(t) => Ok(Upload::Local(
                 t.begin_upload(remote, size, max_bytes, staging).await?,
             )),
+            Tree::Object(t) => {
+                let resume = match staging {
+                    Staging::Temp => None,
+                    // A file of one part is stored in one PUT at the commit: nothing to keep.
+                    Staging::Resumable { up_to, ttl, .. } if size <= t.part_size_for(size) => {
+                        Some(object::Resume { up_to, ttl })
+                    }
+                    // The partial budget as the local backend keeps it: the user's other
+                    // interrupted uploads, plus this one at its full size.
+                    Staging::Resumable {
+                        up_to,
+                        ttl,
+                        max_bytes,
+                    } => {
+                        let used = t.partial_usage_except(remote).await?;
+                        (used.saturating_add(size) <= max_bytes)
+                            .then_some(object::Resume { up_to, ttl })
+                    }
+                };
+                let up = t.begin_upload(remote, size, max_bytes, resume).await?;
+                Ok(Upload::Object(object::ObjectPending::new(up)))
+            }
         }
     }
 
@@ -247,6 +405,17 @@ impl Tree {
     pub async fn commit(&self, upload: Upload, digest: &Digest) -> Result<(), StorageError> {
         match (self, upload) {
             (Tree::Local(t), Upload::Local(u)) => t.commit(u, digest).await,
+            (Tree::Object(t), Upload::Object(u)) => {
+                let key = u.key().to_string();
+                let Some(up) = u.take().await else {
+                    return Err(object::ObjectError::TakenOver(key).into());
+                };
+                Ok(t.commit(up, digest).await?)
+            }
+            (_, upload) => {
+                upload.discard().await;
+                Err(StorageError::mismatched("committing an upload"))
+            }
         }
     }
 
@@ -257,6 +426,12 @@ impl Tree {
     pub fn stage(&self, remote: &str, data: Vec<u8>, cache: &StageCache) -> StageTask {
         let task = match self {
             Tree::Local(t) => StageWork::Local(t.stage(remote, data, &cache.local)),
+            Tree::Object(t) => {
+                let (t, remote) = (t.clone(), remote.to_string());
+                StageWork::Object(tokio::spawn(async move {
+                    Ok(object::ObjectStaged::stage(&t, &remote, data).await?)
+                }))
+            }
         };
         StageTask {
             remote: remote.into(),
@@ -271,17 +446,32 @@ impl Tree {
     pub async fn commit_batch(&self, staged: Vec<Staged>) -> Result<Committed, StorageError> {
         match self {
             Tree::Local(t) => {
-                let files = staged
-                    .into_iter()
-                    .map(|s| match s {
-                        Staged::Local(f) => f,
-                    })
-                    .collect();
+                let mut files = Vec::with_capacity(staged.len());
+                for s in staged {
+                    match s {
+                        Staged::Local(f) => files.push(f),
+                        Staged::Object(_) => {
+                            return Err(StorageError::mismatched("committing a batch"));
+                        }
+                    }
+                }
                 let done = t.commit_batch(files).await?;
                 Ok(done
                     .into_iter()
                     .map(|(f, r)| (Staged::Local(f), r))
                     .collect())
+            }
+            // One PUT per file, in order: each is atomic on its own (old or new, complete).
+            Tree::Object(t) => {
+                let mut done = Vec::with_capacity(staged.len());
+                for s in staged {
+                    let r = match &s {
+                        Staged::Object(o) => o.commit(t).await.map_err(StorageError::from),
+                        Staged::Local(_) => Err(StorageError::mismatched("committing a batch")),
+                    };
+                    done.push((s, r));
+                }
+                Ok(done)
             }
         }
     }
@@ -290,13 +480,15 @@ impl Tree {
     pub async fn delete(&self, remote: &str) -> Result<(), StorageError> {
         match self {
             Tree::Local(t) => t.delete(remote).await,
+            Tree::Object(t) => Ok(t.delete(remote).await?),
         }
     }
 
     /// Renames `from` to `to`; if `to` is an existing folder, moves `from` into it. An
     /// existing file at the target is replaced (as `mv` does); a folder never is. A folder is
     /// only moved if every path inside it stays within the path limits afterwards (checked
-    /// by looking at up to `max_check` entries). Returns where the entry now is.
+    /// by looking at up to `max_check` entries). Returns where the entry now is. Atomic on
+    /// the local backend; a copy then a delete on an object store (see [`object`]).
     pub async fn rename(
         &self,
         from: &str,
@@ -305,6 +497,7 @@ impl Tree {
     ) -> Result<String, StorageError> {
         match self {
             Tree::Local(t) => t.rename(from, to, max_check).await,
+            Tree::Object(t) => Ok(t.rename(from, to, max_check).await?),
         }
     }
 
@@ -312,6 +505,7 @@ impl Tree {
     pub async fn mkdir(&self, remote: &str) -> Result<(), StorageError> {
         match self {
             Tree::Local(t) => t.mkdir(remote).await,
+            Tree::Object(t) => Ok(t.mkdir(remote).await?),
         }
     }
 }
@@ -356,6 +550,8 @@ pub struct ReadHandle {
 pub enum ReadBody {
     /// A local file, read from any offset.
     File(File),
+    /// An object, read with ranged GETs of the version opened.
+    Object(object::ObjectBody),
     /// The whole file, read already: its bytes are `buf[WHOLE_READ_ROOM..]`, with
     /// [`WHOLE_READ_ROOM`] bytes free before them and spare capacity after, and `digest` is
     /// their BLAKE3.
@@ -374,6 +570,7 @@ impl ReadHandle {
     pub async fn prefix_hasher(&self, len: u64) -> std::io::Result<blake3::Hasher> {
         match &self.body {
             ReadBody::File(f) => xfer_proto::body::hash_prefix(f, len).await,
+            ReadBody::Object(o) => o.prefix_hasher(len).await,
             ReadBody::Whole { buf, .. } => {
                 let data = &buf[WHOLE_READ_ROOM..];
                 let len = usize::try_from(len)
@@ -395,14 +592,29 @@ impl ReadHandle {
 pub enum Upload {
     /// Staged in a partial or temp file under the local root.
     Local(local::PendingUpload),
+    /// A multipart upload to the final key (or, for one part, held for one PUT).
+    Object(object::ObjectPending),
 }
 
 impl Upload {
-    /// The staged file the body is written into (a local file until the body pipeline takes
-    /// a sink).
-    pub fn file(&self) -> &File {
+    /// The staged file the body is written into, on the local backend.
+    pub fn file(&self) -> Option<&File> {
         match self {
-            Upload::Local(u) => u.file(),
+            Upload::Local(u) => Some(u.file()),
+            Upload::Object(_) => None,
+        }
+    }
+
+    /// A blocking writer that appends to the staged data after the held bytes (use it on a
+    /// blocking thread only: an object store's writer waits there for parts in flight).
+    pub fn writer(&self) -> std::io::Result<UploadWriter> {
+        match self {
+            Upload::Local(u) => {
+                let mut f = u.file().try_clone()?;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(u.held()))?;
+                Ok(UploadWriter::Local(f))
+            }
+            Upload::Object(u) => Ok(UploadWriter::Object(u.writer())),
         }
     }
 
@@ -410,6 +622,7 @@ impl Upload {
     pub fn key(&self) -> &str {
         match self {
             Upload::Local(u) => u.key(),
+            Upload::Object(u) => u.key(),
         }
     }
 
@@ -417,6 +630,7 @@ impl Upload {
     pub fn held(&self) -> u64 {
         match self {
             Upload::Local(u) => u.held(),
+            Upload::Object(u) => u.held(),
         }
     }
 
@@ -424,6 +638,7 @@ impl Upload {
     pub fn resumable(&self) -> bool {
         match self {
             Upload::Local(u) => u.resumable(),
+            Upload::Object(u) => u.resumable(),
         }
     }
 
@@ -432,15 +647,32 @@ impl Upload {
     pub fn held_elsewhere(&self) -> bool {
         match self {
             Upload::Local(u) => u.held_elsewhere(),
+            Upload::Object(u) => u.held_elsewhere(),
         }
     }
 
-    /// BLAKE3 of the held bytes, as a hasher that can go on with the rest (the resume
-    /// offer's digest, and the start of the body's).
-    pub async fn prefix_hasher(&self) -> std::io::Result<blake3::Hasher> {
+    /// The resume offer for the held bytes: their BLAKE3, and a hasher that has absorbed
+    /// them when the body's hashing must go on from it. The local backend hashes the partial
+    /// (slow for a big one: run it in a hashing slot) and hands the hasher on to
+    /// [`Upload::sink`]; an object upload rebuilds the digest from its parts' chaining
+    /// values, reading nothing, and needs no hasher (it hashes its parts itself).
+    pub async fn resume_offer(&self) -> std::io::Result<(Digest, Option<blake3::Hasher>)> {
         match self {
-            Upload::Local(u) => u.prefix_hasher().await,
+            Upload::Local(u) => {
+                let h = u.prefix_hasher().await?;
+                Ok((*h.finalize().as_bytes(), Some(h)))
+            }
+            Upload::Object(u) => match u.held_digest() {
+                Some(d) => Ok((d, None)),
+                None if u.held() == 0 => Ok((*blake3::hash(b"").as_bytes(), None)),
+                None => Err(std::io::Error::other("the held parts' hashes do not fit")),
+            },
         }
+    }
+
+    /// BLAKE3 of the held bytes (see [`Upload::resume_offer`]).
+    pub async fn held_digest(&self) -> std::io::Result<Digest> {
+        Ok(self.resume_offer().await?.0)
     }
 
     /// Drops what an earlier attempt left, to start from byte 0. On failure the upload must
@@ -448,6 +680,7 @@ impl Upload {
     pub async fn restart(&mut self) -> std::io::Result<()> {
         match self {
             Upload::Local(u) => u.restart().await,
+            Upload::Object(u) => u.restart().await.map_err(std::io::Error::other),
         }
     }
 
@@ -456,6 +689,42 @@ impl Upload {
     pub async fn discard(self) {
         match self {
             Upload::Local(u) => u.discard().await,
+            Upload::Object(u) => u.discard().await,
+        }
+    }
+
+    /// Stops it as a broken connection would: what can be resumed is kept (an object
+    /// upload's claim on its record is released, so any node may resume it at once), the
+    /// rest deleted. Done when this returns.
+    pub async fn interrupt(self) {
+        match self {
+            Upload::Local(u) => drop(u),
+            Upload::Object(u) => u.interrupt().await,
+        }
+    }
+}
+
+/// The blocking writer of an upload's body (see [`Upload::writer`]).
+#[derive(Debug)]
+pub enum UploadWriter {
+    /// The staged file, at the end of the held bytes.
+    Local(File),
+    /// Parts cut and sent as they fill.
+    Object(object::ObjectWriter),
+}
+
+impl std::io::Write for UploadWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            UploadWriter::Local(f) => f.write(buf),
+            UploadWriter::Object(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            UploadWriter::Local(f) => f.flush(),
+            UploadWriter::Object(w) => w.flush(),
         }
     }
 }
@@ -474,6 +743,8 @@ pub struct StageCache {
 pub enum Staged {
     /// A temp file under the local root.
     Local(local::StagedFile),
+    /// Held in memory until its PUT.
+    Object(object::ObjectStaged),
 }
 
 impl Staged {
@@ -481,6 +752,7 @@ impl Staged {
     pub fn remote(&self) -> &str {
         match self {
             Staged::Local(f) => f.remote(),
+            Staged::Object(f) => f.remote(),
         }
     }
 }
@@ -503,6 +775,8 @@ pub struct StageTask {
 enum StageWork {
     /// On the blocking pool.
     Local(JoinHandle<Result<local::StagedFile, StorageError>>),
+    /// Checks and folders on the object store, as a task.
+    Object(JoinHandle<Result<object::ObjectStaged, StorageError>>),
 }
 
 impl StageTask {
@@ -510,6 +784,7 @@ impl StageTask {
     pub fn is_finished(&self) -> bool {
         match &self.task {
             StageWork::Local(h) => h.is_finished(),
+            StageWork::Object(h) => h.is_finished(),
         }
     }
 }
@@ -529,6 +804,45 @@ impl Future for StageTask {
                 Ok(staged) => staged.map(Staged::Local),
                 Err(e) => Err(failed(e, &this.remote)),
             }),
+            StageWork::Object(h) => Pin::new(h).poll(cx).map(|r| match r {
+                Ok(staged) => staged.map(Staged::Object),
+                Err(e) => Err(failed(e, &this.remote)),
+            }),
         }
     }
+}
+
+/// Reads a small object whole, as [`Tree::open_read`] hands it over: [`WHOLE_READ_ROOM`] free
+/// bytes, then the data, with room after it, and the data's BLAKE3.
+async fn read_whole_object(
+    t: &object::ObjectTree,
+    head: &object::ObjectHead,
+) -> Result<ReadHandle, StorageError> {
+    use futures::StreamExt;
+    let mut stream = t.read(head, 0, None).await?.into_stream();
+    // `head.size` is at most WHOLE_READ_MAX, so this is bounded.
+    let mut buf = Vec::with_capacity(head.size as usize + 2 * WHOLE_READ_ROOM);
+    buf.resize(WHOLE_READ_ROOM, 0);
+    while let Some(piece) = stream.next().await {
+        let piece = piece?;
+        if (buf.len() - WHOLE_READ_ROOM + piece.len()) as u64 > head.size {
+            break;
+        }
+        buf.extend_from_slice(&piece);
+    }
+    if (buf.len() - WHOLE_READ_ROOM) as u64 != head.size {
+        return Err(object::ObjectError::SizeMismatch {
+            path: head.remote().into(),
+            declared: head.size,
+            got: (buf.len() - WHOLE_READ_ROOM) as u64,
+        }
+        .into());
+    }
+    let digest = *blake3::hash(&buf[WHOLE_READ_ROOM..]).as_bytes();
+    Ok(ReadHandle {
+        size: head.size,
+        modified: head.modified,
+        stored: None,
+        body: ReadBody::Whole { buf, digest },
+    })
 }

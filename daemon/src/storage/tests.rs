@@ -1,9 +1,12 @@
 //! Storage tests written against the seam ([`Tree`], [`Store`]), so that each runs on every
-//! backend in [`BACKENDS`]. What only one backend can show (symlinks planted on disk, temp
-//! files left by a crash) is tested beside that backend.
+//! backend in [`BACKENDS`]: the local filesystem, and the object store on the real 3-node
+//! Garage cluster of `xfer_tests::cluster` (which fails, never skips, when Garage is missing).
+//! What only one backend can show (symlinks planted on disk, temp files left by a crash,
+//! resume records read by another node) is tested beside that backend. Where the backends
+//! differ by design, the test says so and asserts each one's behaviour.
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
 
 use xfer_proto::limits::MAX_PATH_DEPTH;
 use xfer_proto::{Entry, EntryKind};
@@ -15,10 +18,16 @@ use super::*;
 pub(crate) enum Backend {
     /// Folders under a temp storage root.
     Local,
+    /// A fresh prefix of the test bucket on the Garage cluster, with small parts.
+    Object,
 }
 
 /// Every backend the tests run against.
-pub(crate) const BACKENDS: &[Backend] = &[Backend::Local];
+pub(crate) const BACKENDS: &[Backend] = &[Backend::Local, Backend::Object];
+
+/// Part size of the object fixture: small, so that multipart uploads and resume show with
+/// little data (Garage accepts parts under S3's 5 MiB).
+const PART: u64 = 64 << 10;
 
 /// A store and one user's tree on `backend`, alive as long as this is.
 pub(crate) struct Fixture {
@@ -28,20 +37,77 @@ pub(crate) struct Fixture {
     pub store: Store,
     /// The tree of `alice`.
     pub tree: Tree,
+    /// What an interrupted upload keeps for resume is a multiple of this: any byte on the
+    /// local backend (1), whole parts on the object store (by design: a part is stored
+    /// only once complete).
+    pub unit: u64,
 }
 
 /// Builds a fresh, empty store on `backend` and opens `alice`'s tree in it.
 pub(crate) async fn fixture(backend: Backend) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = match backend {
-        Backend::Local => Store::Local(local::LocalStore::open(&dir.path().join("root")).unwrap()),
+    let (store, unit) = match backend {
+        Backend::Local => (
+            Store::Local(local::LocalStore::open(&dir.path().join("root")).unwrap()),
+            1,
+        ),
+        Backend::Object => (Store::Object(object_store_fixture().await), PART),
     };
     let tree = store.user_tree("alice").await.unwrap();
     Fixture {
         _dir: dir,
         store,
         tree,
+        unit,
     }
+}
+
+/// An object store on the test cluster under a prefix no other test uses, answering.
+async fn object_store_fixture() -> object::ObjectStore {
+    let g = xfer_tests::cluster::garage().s3();
+    let settings = crate::config::StorageSettings {
+        kind: crate::config::StorageKind::S3,
+        bucket: g.bucket.clone(),
+        endpoint: g.endpoint.clone(),
+        region: g.region.clone(),
+        allow_http: true,
+        prefix: xfer_tests::cluster::unique_prefix("seam"),
+        part_size: PART,
+        upload_lease_secs: 5,
+        ..Default::default()
+    };
+    let creds = object::Credentials::new(g.access_key_id.clone(), g.secret_access_key.clone());
+    let s = object::ObjectStore::open(&settings, creds).unwrap();
+    // The layout may take a moment to reach the S3 endpoint after the cluster starts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match s.check().await {
+            Ok(()) => return s,
+            Err(e) if Instant::now() >= deadline => panic!("the test bucket never answered: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// `len` bytes that differ with `seed`.
+fn bytes(len: u64, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)
+        .collect()
+}
+
+/// Writes `data` after what `up` holds, on a blocking thread, as the body pipeline does.
+pub(crate) async fn write(up: &Upload, data: &[u8]) {
+    let mut w = up.writer().unwrap();
+    let data = data.to_vec();
+    tokio::task::spawn_blocking(move || {
+        // Uneven pieces, as TLS records arrive.
+        for piece in data.chunks(10_000) {
+            w.write_all(piece).unwrap();
+        }
+    })
+    .await
+    .unwrap();
 }
 
 /// Uploads `data` to `remote` in one go.
@@ -50,10 +116,18 @@ pub(crate) async fn put(tree: &Tree, remote: &str, data: &[u8]) {
         .begin_upload(remote, data.len() as u64, 0, Staging::Temp)
         .await
         .unwrap();
-    up.file().write_all(data).unwrap();
+    write(&up, data).await;
     tree.commit(up, blake3::hash(data).as_bytes())
         .await
         .unwrap();
+}
+
+/// Whether `body` is the streamed kind `backend` hands out (not read whole).
+fn streamed(backend: Backend, body: &ReadBody) -> bool {
+    matches!(
+        (backend, body),
+        (Backend::Local, ReadBody::File(_)) | (Backend::Object, ReadBody::Object(_))
+    )
 }
 
 /// The whole content of `remote`, read through the seam.
@@ -64,6 +138,16 @@ pub(crate) async fn read(tree: &Tree, remote: &str) -> Result<Vec<u8>, StorageEr
             let mut data = Vec::new();
             f.read_to_end(&mut data).unwrap();
             data
+        }
+        ReadBody::Object(o) => {
+            let mut r = o.reader(0).await?;
+            tokio::task::spawn_blocking(move || {
+                let mut data = Vec::new();
+                r.read_to_end(&mut data).unwrap();
+                data
+            })
+            .await
+            .unwrap()
         }
         ReadBody::Whole { buf, digest } => {
             let data = buf[WHOLE_READ_ROOM..].to_vec();
@@ -194,10 +278,10 @@ async fn whole_reads_come_read_and_partial_reads_from_an_offset() {
             other => panic!("{b:?}: a small whole read came as {other:?}"),
         }
         let h = t.open_read("big", true).await.unwrap();
-        assert!(matches!(h.body, ReadBody::File(_)), "{b:?}");
+        assert!(streamed(b, &h.body), "{b:?}: {:?}", h.body);
         // From an offset: the prefix hasher covers exactly the bytes before it.
         let h = t.open_read("small", false).await.unwrap();
-        assert!(matches!(h.body, ReadBody::File(_)), "{b:?}");
+        assert!(streamed(b, &h.body), "{b:?}: {:?}", h.body);
         assert_eq!(h.stored, None);
         let prefix = h.prefix_hasher(1000).await.unwrap();
         assert_eq!(prefix.finalize(), blake3::hash(&small[..1000]), "{b:?}");
@@ -215,7 +299,11 @@ async fn a_committed_big_upload_keeps_its_digest_for_whole_reads() {
         put(&t, "big", &data).await;
         let h = t.open_read("big", true).await.unwrap();
         // The local backend keeps it in an extended attribute, which the test's own disk
-        // may refuse: then there is no digest, never a wrong one.
+        // may refuse: then there is no digest, never a wrong one. The object store keeps it
+        // beside the object, always.
+        if matches!(b, Backend::Object) {
+            assert!(h.stored.is_some(), "{b:?}: no stored digest");
+        }
         if let Some(d) = h.stored {
             assert_eq!(d, *blake3::hash(&data).as_bytes(), "{b:?}");
         }
@@ -232,11 +320,11 @@ async fn an_uncommitted_upload_leaves_the_old_version() {
         put(&t, "f", b"old").await;
         {
             let up = t.begin_upload("f", 3, 0, Staging::Temp).await.unwrap();
-            up.file().write_all(b"ne").unwrap();
+            write(&up, b"ne").await;
         }
         assert_eq!(read(&t, "f").await.unwrap(), b"old", "{b:?}");
         let up = t.begin_upload("f", 3, 0, Staging::Temp).await.unwrap();
-        up.file().write_all(b"new").unwrap();
+        write(&up, b"new").await;
         up.discard().await;
         assert_eq!(read(&t, "f").await.unwrap(), b"old", "{b:?}");
         assert_eq!(names(&t, "").await, vec!["f"], "{b:?}");
@@ -260,7 +348,7 @@ async fn uploads_are_refused_where_they_cannot_land() {
         assert!(matches!(r, Err(StorageError::TooLarge(10))), "{b:?}: {r:?}");
         // A folder put in the way during the transfer is found at the commit.
         let up = t.begin_upload("late", 1, 0, Staging::Temp).await.unwrap();
-        up.file().write_all(b"1").unwrap();
+        write(&up, b"1").await;
         t.mkdir("late").await.unwrap();
         let r = t.commit(up, blake3::hash(b"1").as_bytes()).await;
         assert!(
@@ -275,65 +363,99 @@ async fn an_interrupted_resumable_upload_is_kept_apart_and_offered_again() {
     for &b in BACKENDS {
         let fx = fixture(b).await;
         let t = &fx.tree;
+        // Sizes in units of what a backend keeps (see `Fixture::unit`): on the local
+        // backend these are the bytes themselves.
+        let u = fx.unit;
+        let (new, abc) = (bytes(3 * u, 1), bytes(3 * u, 2));
+        let whole = [new.clone(), abc.clone()].concat();
         t.mkdir("d").await.unwrap();
         put(t, "d/f", b"old").await;
         {
-            let up = t.begin_upload("d/f", 6, 0, resumable(6)).await.unwrap();
+            let up = t
+                .begin_upload("d/f", 6 * u, 0, resumable(6 * u))
+                .await
+                .unwrap();
             assert_eq!(up.held(), 0);
             assert!(up.resumable() && !up.held_elsewhere(), "{b:?}");
-            up.file().write_all(b"new").unwrap();
+            write(&up, &new).await;
+            // As a broken connection leaves it (the object store writes its record then).
+            up.interrupt().await;
         }
         // Invisible: the old version is still there and nothing else in the tree.
         assert_eq!(read(t, "d/f").await.unwrap(), b"old", "{b:?}");
         assert_eq!(names(t, "d").await, vec!["f"], "{b:?}");
-        assert_eq!(fx.store.partial_usage("alice").await.unwrap(), 3, "{b:?}");
+        assert_eq!(
+            fx.store.partial_usage("alice").await.unwrap(),
+            3 * u,
+            "{b:?}"
+        );
         // The same file under another spelling of its path.
-        let up = t.begin_upload("d//f", 6, 0, resumable(6)).await.unwrap();
-        assert_eq!((up.held(), up.key()), (3, "d/f"), "{b:?}");
-        // While it runs, it counts at its declared size, and a second upload of the same
-        // path is staged apart.
-        assert_eq!(fx.store.partial_usage("alice").await.unwrap(), 6, "{b:?}");
-        let other = t.begin_upload("d/f", 6, 0, resumable(6)).await.unwrap();
-        assert!(other.held_elsewhere() && !other.resumable(), "{b:?}");
-        assert_eq!(other.held(), 0);
-        drop(other);
-        let prefix = up.prefix_hasher().await.unwrap();
-        assert_eq!(prefix.finalize(), blake3::hash(b"new"), "{b:?}");
-        let mut f = up.file();
-        f.seek(SeekFrom::Start(3)).unwrap();
-        f.write_all(b"abc").unwrap();
-        t.commit(up, blake3::hash(b"newabc").as_bytes())
+        let up = t
+            .begin_upload("d//f", 6 * u, 0, resumable(6 * u))
             .await
             .unwrap();
-        assert_eq!(read(t, "d/f").await.unwrap(), b"newabc", "{b:?}");
+        assert_eq!((up.held(), up.key()), (3 * u, "d/f"), "{b:?}");
+        // While it runs, the local backend counts it at its declared size; the object store
+        // counts what its parts hold (its budget check adds the declared size at the start).
+        let running = match b {
+            Backend::Local => 6 * u,
+            Backend::Object => 3 * u,
+        };
+        assert_eq!(
+            fx.store.partial_usage("alice").await.unwrap(),
+            running,
+            "{b:?}"
+        );
+        // A second upload of the same path is staged apart.
+        let other = t
+            .begin_upload("d/f", 6 * u, 0, resumable(6 * u))
+            .await
+            .unwrap();
+        assert!(other.held_elsewhere() && !other.resumable(), "{b:?}");
+        assert_eq!(other.held(), 0);
+        other.discard().await;
+        assert_eq!(
+            up.held_digest().await.unwrap(),
+            *blake3::hash(&new).as_bytes(),
+            "{b:?}"
+        );
+        write(&up, &abc).await;
+        t.commit(up, blake3::hash(&whole).as_bytes()).await.unwrap();
+        assert!(read(t, "d/f").await.unwrap() == whole, "{b:?}");
         assert_eq!(fx.store.partial_usage("alice").await.unwrap(), 0, "{b:?}");
         // Asking to start over, or a file smaller than what is held, empties it.
         let interrupt = |remote: &'static str| async move {
-            let up = t.begin_upload(remote, 10, 0, resumable(10)).await.unwrap();
-            up.file().write_all(b"12345").unwrap();
+            let up = t
+                .begin_upload(remote, 10 * u, 0, resumable(10 * u))
+                .await
+                .unwrap();
+            write(&up, &bytes(5 * u, 3)).await;
+            up.interrupt().await;
         };
         interrupt("g").await;
-        let up = t.begin_upload("g", 10, 0, resumable(0)).await.unwrap();
+        let up = t.begin_upload("g", 10 * u, 0, resumable(0)).await.unwrap();
         assert_eq!(up.held(), 0, "{b:?}");
-        drop(up);
+        up.interrupt().await;
         interrupt("g").await;
-        assert_eq!(
-            t.begin_upload("g", 4, 0, resumable(4))
-                .await
-                .unwrap()
-                .held(),
-            0
-        );
+        let up = t
+            .begin_upload("g", 4 * u, 0, resumable(4 * u))
+            .await
+            .unwrap();
+        assert_eq!(up.held(), 0, "{b:?}");
+        up.interrupt().await;
         // A restarted one holds nothing; a discarded one is gone.
         interrupt("h").await;
-        let mut up = t.begin_upload("h", 10, 0, resumable(10)).await.unwrap();
-        assert_eq!(up.held(), 5);
+        let mut up = t
+            .begin_upload("h", 10 * u, 0, resumable(10 * u))
+            .await
+            .unwrap();
+        assert_eq!(up.held(), 5 * u, "{b:?}");
         up.restart().await.unwrap();
         assert_eq!(up.held(), 0);
-        up.file().write_all(b"12345").unwrap();
+        write(&up, &bytes(5 * u, 4)).await;
         up.discard().await;
         assert_eq!(
-            t.begin_upload("h", 10, 0, resumable(10))
+            t.begin_upload("h", 10 * u, 0, resumable(10 * u))
                 .await
                 .unwrap()
                 .held(),
@@ -349,10 +471,13 @@ async fn partials_expire_and_are_swept() {
     for &b in BACKENDS {
         let fx = fixture(b).await;
         let t = &fx.tree;
-        {
-            let up = t.begin_upload("f", 10, 0, resumable(10)).await.unwrap();
-            up.file().write_all(b"12345").unwrap();
-        }
+        let u = fx.unit;
+        let up = t
+            .begin_upload("f", 10 * u, 0, resumable(10 * u))
+            .await
+            .unwrap();
+        write(&up, &bytes(5 * u, 1)).await;
+        up.interrupt().await;
         assert_eq!(
             fx.store
                 .sweep_partials(Duration::from_secs(3600))
@@ -370,7 +495,7 @@ async fn partials_expire_and_are_swept() {
         );
         assert_eq!(fx.store.partial_usage("alice").await.unwrap(), 0, "{b:?}");
         assert_eq!(
-            t.begin_upload("f", 10, 0, resumable(10))
+            t.begin_upload("f", 10 * u, 0, resumable(10 * u))
                 .await
                 .unwrap()
                 .held(),

@@ -1054,6 +1054,7 @@ mod tests {
     fn local(t: &Tree) -> &LocalTree {
         match t {
             Tree::Local(t) => t,
+            other => panic!("not a local tree: {other:?}"),
         }
     }
 
@@ -1104,7 +1105,7 @@ mod tests {
         put(&t, "f", b"old").await;
         {
             let up = t.begin_upload("f", 3, 0, Staging::Temp).await.unwrap();
-            up.file().write_all(b"ne").unwrap();
+            up.file().unwrap().write_all(b"ne").unwrap();
             assert_eq!(temp_files(&t), 1);
         }
         assert_eq!(temp_files(&t), 0);

@@ -17,6 +17,7 @@
 //! object, then deletes the old ones), and checks then changes across nodes (two nodes may
 //! both pass the "target is not a folder" check of concurrent operations).
 
+pub mod handles;
 pub mod tree_hash;
 pub mod upload;
 
@@ -40,6 +41,7 @@ use xfer_proto::{Digest, Entry, EntryKind};
 
 use crate::config::StorageSettings;
 
+pub use handles::{ObjectBody, ObjectPending, ObjectStaged, ObjectWriter};
 pub use upload::{ObjectUpload, Resume};
 
 /// Name of the zero-byte object that keeps an empty folder in existence. The backslash makes
@@ -436,7 +438,7 @@ impl ObjectStore {
 
     /// Bytes `user`'s interrupted uploads hold in the store (their parts done), for a quota.
     pub async fn partial_usage(&self, user: &str) -> Result<u64, ObjectError> {
-        upload::usage(&self.inner, user).await
+        upload::usage(&self.inner, user, None).await
     }
 
     /// The part size, parallelism and lease uploads use.
@@ -563,6 +565,31 @@ pub struct ObjectRead {
     stream: BoxStream<'static, Result<Bytes, ObjectError>>,
 }
 
+/// A file about to be read (see [`ObjectTree::head`]): what a download announces, and the
+/// version its reads must match.
+#[derive(Debug, Clone)]
+pub struct ObjectHead {
+    /// Size of the whole object.
+    pub size: u64,
+    /// Modification time, seconds since the Unix epoch.
+    pub modified: i64,
+    /// The whole-file BLAKE3 recorded at upload, if any.
+    pub stored: Option<Digest>,
+    /// The remote path, for messages.
+    remote: String,
+    /// Its key.
+    key: Key,
+    /// The version read; `None` if the store gave none (then reads are not pinned).
+    e_tag: Option<String>,
+}
+
+impl ObjectHead {
+    /// The remote path it was opened as.
+    pub fn remote(&self) -> &str {
+        &self.remote
+    }
+}
+
 impl fmt::Debug for ObjectRead {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ObjectRead")
@@ -600,6 +627,14 @@ pub struct BlockingReader {
     current: Bytes,
 }
 
+impl fmt::Debug for BlockingReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockingReader")
+            .field("buffered", &self.current.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::io::Read for BlockingReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
@@ -612,6 +647,130 @@ impl std::io::Read for BlockingReader {
         let n = buf.len().min(self.current.len());
         buf[..n].copy_from_slice(&self.current.split_to(n));
         Ok(n)
+    }
+}
+
+/// A listing read page by page (see [`ObjectTree::list_pages`]).
+#[derive(Debug)]
+pub struct ObjectListing {
+    /// Whose tree.
+    tree: ObjectTree,
+    /// The remote path listed.
+    remote: String,
+    /// Where the walk is.
+    state: ListState,
+    /// Whether anything was found under the folder (the user's root always exists).
+    seen_any: bool,
+}
+
+/// Where an [`ObjectListing`] is.
+#[derive(Debug)]
+enum ListState {
+    /// Nothing asked yet.
+    Start,
+    /// Reading the folder `prefix`; `token` names the next page, if any was announced.
+    Pages {
+        /// The checked path.
+        resolved: Resolved,
+        /// The next page's token (`None`: the first page).
+        token: Option<String>,
+    },
+    /// Complete, or ended by an error.
+    Done,
+}
+
+impl ObjectListing {
+    /// The next page of entries (possibly empty); `None` once the listing is complete.
+    /// After an error, nothing follows.
+    pub async fn next_page(&mut self) -> Option<Result<Vec<Entry>, ObjectError>> {
+        let r = self.step().await;
+        if matches!(r, Some(Err(_))) {
+            self.state = ListState::Done;
+        }
+        r
+    }
+
+    async fn step(&mut self) -> Option<Result<Vec<Entry>, ObjectError>> {
+        match std::mem::replace(&mut self.state, ListState::Done) {
+            ListState::Done => None,
+            ListState::Start => {
+                let r = match self.tree.resolve(&self.remote, false) {
+                    Ok(r) => r,
+                    Err(e) => return Some(Err(e)),
+                };
+                match self.tree.file_meta(&r).await {
+                    Err(e) => return Some(Err(e)),
+                    Ok(Some(meta)) => {
+                        return Some(Ok(vec![Entry {
+                            name: r.parts.last().cloned().unwrap_or_default(),
+                            kind: EntryKind::File,
+                            size: meta.size,
+                            modified: meta.last_modified.timestamp(),
+                        }]));
+                    }
+                    Ok(None) => {}
+                }
+                self.seen_any = r.parts.is_empty();
+                self.page(r, None).await
+            }
+            ListState::Pages { resolved, token } => self.page(resolved, token).await,
+        }
+    }
+
+    /// Reads the page `token` of the folder `r` and notes where the next one is.
+    async fn page(
+        &mut self,
+        r: Resolved,
+        token: Option<String>,
+    ) -> Option<Result<Vec<Entry>, ObjectError>> {
+        let page = match self
+            .tree
+            .inner
+            .list_page(&r.dir_prefix(), token, LIST_PAGE)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => return Some(Err(ObjectError::store("listing", &r.canonical, e))),
+        };
+        let mut entries: Vec<Entry> =
+            Vec::with_capacity(page.result.objects.len() + page.result.common_prefixes.len());
+        for dir in &page.result.common_prefixes {
+            self.seen_any = true;
+            if let Some(name) = dir.filename() {
+                entries.push(Entry {
+                    name: name.to_string(),
+                    kind: EntryKind::Dir,
+                    size: 0,
+                    modified: 0,
+                });
+            }
+        }
+        for obj in &page.result.objects {
+            self.seen_any = true;
+            match obj.location.filename() {
+                Some(FOLDER_MARKER) | None => {}
+                Some(name) => entries.push(Entry {
+                    name: name.to_string(),
+                    kind: EntryKind::File,
+                    size: obj.size,
+                    modified: obj.last_modified.timestamp(),
+                }),
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        match page.page_token {
+            Some(t) => {
+                self.state = ListState::Pages {
+                    resolved: r,
+                    token: Some(t),
+                }
+            }
+            None if !self.seen_any => {
+                return Some(Err(ObjectError::NotFound(self.remote.clone())));
+            }
+            None => {}
+        }
+        Some(Ok(entries))
     }
 }
 
@@ -713,73 +872,33 @@ impl ObjectTree {
     }
 
     /// Hands each entry of a folder (or the one entry of a file) to `each`, page by page
-    /// (at most [`LIST_PAGE`] keys held at once), in key order, which is name order except
-    /// that a folder sorts as its name followed by `/`; `each` returns false to stop early.
-    /// Folder markers are not shown; folders show size 0 and time 0.
+    /// (see [`ObjectTree::list_pages`]); `each` returns false to stop early.
     pub async fn list_each(
         &self,
         remote: &str,
         mut each: impl FnMut(Entry) -> bool + Send,
     ) -> Result<(), ObjectError> {
-        let r = self.resolve(remote, false)?;
-        if let Some(meta) = self.file_meta(&r).await? {
-            each(Entry {
-                name: r.parts.last().cloned().unwrap_or_default(),
-                kind: EntryKind::File,
-                size: meta.size,
-                modified: meta.last_modified.timestamp(),
-            });
-            return Ok(());
-        }
-        let prefix = r.dir_prefix();
-        let mut token = None;
-        let mut seen_any = r.parts.is_empty();
-        loop {
-            let page = self
-                .inner
-                .list_page(&prefix, token.take(), LIST_PAGE)
-                .await
-                .map_err(|e| ObjectError::store("listing", &r.canonical, e))?;
-            let mut entries: Vec<Entry> =
-                Vec::with_capacity(page.result.objects.len() + page.result.common_prefixes.len());
-            for dir in &page.result.common_prefixes {
-                seen_any = true;
-                if let Some(name) = dir.filename() {
-                    entries.push(Entry {
-                        name: name.to_string(),
-                        kind: EntryKind::Dir,
-                        size: 0,
-                        modified: 0,
-                    });
-                }
-            }
-            for obj in &page.result.objects {
-                seen_any = true;
-                match obj.location.filename() {
-                    Some(FOLDER_MARKER) | None => {}
-                    Some(name) => entries.push(Entry {
-                        name: name.to_string(),
-                        kind: EntryKind::File,
-                        size: obj.size,
-                        modified: obj.last_modified.timestamp(),
-                    }),
-                }
-            }
-            entries.sort_by(|a, b| a.name.cmp(&b.name));
-            for e in entries {
+        let mut pages = self.list_pages(remote);
+        while let Some(page) = pages.next_page().await {
+            for e in page? {
                 if !each(e) {
                     return Ok(());
                 }
             }
-            match page.page_token {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
-        if !seen_any {
-            return Err(ObjectError::NotFound(remote.into()));
         }
         Ok(())
+    }
+
+    /// A folder's entries (or the one entry of a file) as pages of at most 1,000
+    /// keys, each sorted by name, in key order (name order except that a folder sorts as its
+    /// name followed by `/`). Folder markers are not shown; folders show size 0 and time 0.
+    pub fn list_pages(&self, remote: &str) -> ObjectListing {
+        ObjectListing {
+            tree: self.clone(),
+            remote: remote.into(),
+            state: ListState::Start,
+            seen_any: false,
+        }
     }
 
     /// Lists a folder (or describes a single file), sorted by name, at most `max` entries
@@ -809,6 +928,13 @@ impl ObjectTree {
     /// Opens a file for reading from byte `offset`: one HEAD (size, time, stored digest) and
     /// one ranged GET of that very version.
     pub async fn open_read(&self, remote: &str, offset: u64) -> Result<ObjectRead, ObjectError> {
+        let head = self.head(remote).await?;
+        self.read(&head, offset, None).await
+    }
+
+    /// What a download needs to know before it reads: size, time, stored digest, and the
+    /// version (ETag) every later [`ObjectTree::read`] of it must match.
+    pub async fn head(&self, remote: &str) -> Result<ObjectHead, ObjectError> {
         let r = self.resolve(remote, true)?;
         let key = self.key(&r)?;
         let head = match self
@@ -846,38 +972,58 @@ impl ObjectTree {
             stored = upload::stored_digest(&self.inner, &self.user, &r.canonical, e_tag.as_deref())
                 .await;
         }
-        if offset > size {
+        Ok(ObjectHead {
+            size,
+            modified,
+            stored,
+            remote: remote.into(),
+            key,
+            e_tag,
+        })
+    }
+
+    /// Bytes `offset..end` (`None`: to the end) of the version `head` describes, streamed; a
+    /// file replaced since fails the read (`If-Match`), never mixes versions.
+    pub async fn read(
+        &self,
+        head: &ObjectHead,
+        offset: u64,
+        end: Option<u64>,
+    ) -> Result<ObjectRead, ObjectError> {
+        let size = head.size;
+        let end = end.unwrap_or(size);
+        if offset > size || end > size || offset > end {
             return Err(ObjectError::SizeMismatch {
-                path: remote.into(),
+                path: head.remote.clone(),
                 declared: size,
-                got: offset,
+                got: offset.max(end),
             });
         }
-        let stream = if offset == size {
+        let stream = if offset == end {
             futures::stream::empty().boxed()
         } else {
             let got = self
                 .inner
                 .s3
                 .get_opts(
-                    &key,
+                    &head.key,
                     GetOptions {
-                        range: Some(GetRange::Offset(offset)),
-                        if_match: e_tag,
+                        range: Some(GetRange::Bounded(offset..end)),
+                        if_match: head.e_tag.clone(),
                         ..Default::default()
                     },
                 )
                 .await
-                .map_err(|e| ObjectError::store("reading", remote, e))?;
-            let path = remote.to_string();
+                .map_err(|e| ObjectError::store("reading", &head.remote, e))?;
+            let path = head.remote.clone();
             got.into_stream()
                 .map_err(move |e| ObjectError::store("reading", &path, e))
                 .boxed()
         };
         Ok(ObjectRead {
             size,
-            modified,
-            stored,
+            modified: head.modified,
+            stored: head.stored,
             stream,
         })
     }
@@ -1114,6 +1260,19 @@ impl ObjectTree {
         Ok(())
     }
 
+    /// Bytes this user's interrupted uploads hold in the store, except a resumable upload of
+    /// `remote` (which an upload of it about to begin would take over): for the partial budget.
+    pub async fn partial_usage_except(&self, remote: &str) -> Result<u64, ObjectError> {
+        let r = self.resolve(remote, true)?;
+        upload::usage(&self.inner, &self.user, Some(&r.canonical)).await
+    }
+
+    /// The part size an upload of `size` bytes uses: files of at most this much are stored in
+    /// one PUT at the commit, not resumable.
+    pub fn part_size_for(&self, size: u64) -> u64 {
+        self.inner.uploads.part_size_for(size)
+    }
+
     /// Starts (or resumes) an upload of `size` bytes to `remote`; see [`upload`].
     pub async fn begin_upload(
         &self,
@@ -1164,6 +1323,19 @@ impl ObjectTree {
             return Err(ObjectError::WrongKind(remote, "a folder"));
         }
         upload.commit(digest).await
+    }
+
+    /// Checks that a batched file can be stored at `remote` later: its missing folders are
+    /// created now (like `mkdir -p`) and the target must not be a folder.
+    pub async fn check_stage(&self, remote: &str) -> Result<(), ObjectError> {
+        let r = self.resolve(remote, true)?;
+        if r.parts.len() > 1 {
+            self.mkdir(&r.parts[..r.parts.len() - 1].join("/")).await?;
+        }
+        if self.is_dir(&r).await? {
+            return Err(ObjectError::WrongKind(remote.into(), "a folder"));
+        }
+        Ok(())
     }
 
     /// Stores a small file in one PUT (atomic per object), with its digest as metadata:

@@ -181,6 +181,8 @@ struct Multi {
     claim: String,
     /// Parts an earlier attempt finished (the resume offer).
     held: Vec<DonePart>,
+    /// The hash of every part so far, held ones first: the body's digest at the end.
+    hashes: Vec<PartHash>,
     /// Whether an interruption keeps it for resume.
     resumable: bool,
     /// Another attempt holds the path's record: this one runs apart, not resumable.
@@ -364,6 +366,7 @@ impl Multi {
             buf: Vec::new(),
             hasher: PartHasher::new(next_index as u64 * part_size),
             next_index,
+            hashes: held.iter().map(|p| p.hash).collect(),
             held,
             permits: Arc::new(Semaphore::new(up.inner.uploads.parts_in_flight.max(1))),
             tx: None,
@@ -475,6 +478,19 @@ impl ObjectUpload {
         tree_hash::digest(m.part_size, self.held(), &hashes).ok()
     }
 
+    /// The BLAKE3 of the whole file once all its bytes were written (`None` before): for a
+    /// multipart upload the root of the tree over its parts' chaining values, computed as the
+    /// parts were cut, so the body is hashed once. [`ObjectUpload::commit`] checks it again.
+    pub fn digest(&self) -> Option<Digest> {
+        if self.written != self.size {
+            return None;
+        }
+        match &self.body {
+            Body::Single(data) => Some(*blake3::hash(data).as_bytes()),
+            Body::Multi(m) => tree_hash::digest(m.part_size, self.size, &m.hashes).ok(),
+        }
+    }
+
     /// Whether an interruption now would leave parts to resume from.
     pub fn resumable(&self) -> bool {
         matches!(&self.body, Body::Multi(m) if m.resumable)
@@ -560,6 +576,7 @@ impl ObjectUpload {
                 }
                 let full = Bytes::from(std::mem::take(&mut m.buf));
                 let hash = m.hasher.finish();
+                m.hashes.push(hash);
                 m.next_index += 1;
                 m.hasher = PartHasher::new(m.next_index as u64 * m.part_size);
                 Ok((n, Some((index, full, hash))))
@@ -1065,8 +1082,14 @@ pub(super) async fn sweep(inner: &Inner, ttl: Duration) -> Result<usize, ObjectE
     Ok(swept)
 }
 
-/// Bytes `user`'s interrupted uploads hold in the store.
-pub(super) async fn usage(inner: &Inner, user: &str) -> Result<u64, ObjectError> {
+/// Bytes `user`'s interrupted uploads hold in the store, not counting the resumable upload
+/// of the canonical path `except` (one about to be resumed).
+pub(super) async fn usage(
+    inner: &Inner,
+    user: &str,
+    except: Option<&str>,
+) -> Result<u64, ObjectError> {
+    let skip = except.map(|c| inner.internal_key("partial", user, c, ""));
     let prefix = format!("{}{INTERNAL}/partial/{user}/", inner.root);
     let mut token = None;
     let mut total = 0u64;
@@ -1076,6 +1099,9 @@ pub(super) async fn usage(inner: &Inner, user: &str) -> Result<u64, ObjectError>
             .await
             .map_err(|e| ObjectError::store("listing", "resume records", e))?;
         for obj in &page.result.objects {
+            if skip.as_ref() == Some(&obj.location) {
+                continue;
+            }
             if let Some(r) = read_record(inner, &obj.location, "a resume record").await? {
                 total = total.saturating_add((r.parts.len() as u64 * r.part_size).min(r.size));
             }

@@ -1,0 +1,360 @@
+//! The real `xferd` on `[storage] kind = "s3"` against the 3-node Garage cluster of
+//! [`xfer_tests::cluster`] (which fails, never skips, when Garage is missing): every command
+//! end to end, resume after a killed client, two daemons sharing one bucket (one of them
+//! killed mid-upload and the upload resumed through the other), and a Garage node stopped
+//! while an upload and a download run.
+//!
+//! Sessions are still per node (the shared sessions land separately): a client logs in to
+//! each node on its own. Each test works under a key prefix of its own in the shared bucket.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Serving, set_config, setup, stalled_upload};
+use xfer::conn::{Client, Hooks};
+use xfer::part::Dest;
+use xfer::put::{PutFile, put_batch};
+use xfer_proto::EntryKind;
+
+/// The smallest part size the config accepts: a file past it is a multipart upload.
+const PART: u64 = 8 << 20;
+
+/// Seconds a claim on a resume record lasts: a node that died holds its upload this long.
+const LEASE_SECS: u64 = 3;
+
+/// A daemon's config folder, on `prefix` of the test bucket.
+struct Node {
+    /// The folder (config, users, key, certificate, state).
+    dir: PathBuf,
+    /// Its config file.
+    config: PathBuf,
+}
+
+/// A first node's folder: `xferd init`, users `root` and `alice`, storage on the bucket.
+fn first_node(prefix: &str) -> (tempfile::TempDir, Node) {
+    let (tmp, config) = setup(5);
+    let s3 = xfer_tests::cluster::garage().s3();
+    set_config(
+        &config,
+        &[
+            ("kind", "\"s3\""),
+            ("bucket", &format!("\"{}\"", s3.bucket)),
+            ("endpoint", &format!("\"{}\"", s3.endpoint)),
+            ("region", &format!("\"{}\"", s3.region)),
+            ("allow_http", "true"),
+            ("prefix", &format!("\"{prefix}\"")),
+            ("upload_lease_secs", &LEASE_SECS.to_string()),
+        ],
+    );
+    let dir = tmp.path().to_path_buf();
+    (tmp, Node { dir, config })
+}
+
+/// Another node of the same cluster: the same config, users file, key and certificate (so
+/// the client's pin holds), its own state folder.
+fn another_node(first: &Node) -> (tempfile::TempDir, Node) {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["xferd.toml", "users.toml", "cert.pem", "key.pem"] {
+        std::fs::copy(first.dir.join(f), tmp.path().join(f)).unwrap();
+    }
+    let dir = tmp.path().to_path_buf();
+    let config = dir.join("xferd.toml");
+    (tmp, Node { dir, config })
+}
+
+/// `xferd serve` on `node`, with the bucket's credentials in its environment.
+fn serve(node: &Node) -> Serving {
+    let s3 = xfer_tests::cluster::garage().s3();
+    let (id, secret) = (
+        PathBuf::from(&s3.access_key_id),
+        PathBuf::from(&s3.secret_access_key),
+    );
+    Serving::start_with_env(
+        &node.config,
+        &[
+            ("AWS_ACCESS_KEY_ID", id.as_path()),
+            ("AWS_SECRET_ACCESS_KEY", secret.as_path()),
+        ],
+    )
+}
+
+fn data(len: u64, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 13) as u8)
+        .collect()
+}
+
+/// Writes `contents` to `dir/name` and returns its path.
+fn local_file(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+/// Downloads `remote` into `dir` and returns its bytes.
+async fn fetch(c: &mut Client, dir: &Path, remote: &str) -> Vec<u8> {
+    let name = format!("got-{}", remote.replace('/', "_"));
+    let _ = std::fs::remove_file(dir.join(&name));
+    let to = Dest::new(dir, &name).unwrap();
+    c.download(remote, &to, true, Hooks::default())
+        .await
+        .unwrap_or_else(|e| panic!("downloading {remote}: {e}"));
+    std::fs::read(dir.join(&name)).unwrap()
+}
+
+async fn names(c: &mut Client, dir: &str) -> Vec<String> {
+    let mut n: Vec<String> = c
+        .list(dir)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    n.sort();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_works_on_the_object_store() {
+    let prefix = xfer_tests::cluster::unique_prefix("e2e-commands");
+    let (_tmp, node) = first_node(&prefix);
+    let serving = serve(&node);
+    let mut c = serving.client("alice", "alice-pw").await;
+    let work = tempfile::tempdir().unwrap();
+
+    c.mkdir("docs/deep").await.unwrap();
+    // Small files go as one batch of Puts, each stored in one PUT at the commit.
+    let smalls: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (format!("docs/s{i}"), data(1000 * i + 1, i as u8)))
+        .collect();
+    let files: Vec<PutFile> = smalls
+        .iter()
+        .map(|(remote, bytes)| PutFile {
+            local: local_file(work.path(), &remote.replace('/', "_"), bytes),
+            remote: remote.clone(),
+        })
+        .collect();
+    let committed = put_batch(&mut c, &files, &mut |i, r| {
+        r.unwrap_or_else(|e| panic!("put {i}: {e}"));
+    })
+    .await
+    .unwrap();
+    assert_eq!(committed, 5);
+    // A big one as a multipart upload (three parts), and an empty one.
+    let big = data(2 * PART + 12_345, 7);
+    let local = local_file(work.path(), "big", &big);
+    let sent = c.upload(&local, "docs/big", true, Hooks::default()).await;
+    assert_eq!(sent.unwrap().resumed_from, 0);
+    let empty = local_file(work.path(), "empty", b"");
+    c.upload(&empty, "empty", true, Hooks::default())
+        .await
+        .unwrap();
+
+    let listed = c.list("docs").await.unwrap();
+    let big_entry = listed.iter().find(|e| e.name == "big").unwrap();
+    assert_eq!(
+        (big_entry.kind, big_entry.size),
+        (EntryKind::File, big.len() as u64)
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|e| e.name == "deep" && e.kind == EntryKind::Dir)
+    );
+    assert_eq!(listed.len(), 7, "{listed:?}");
+    for (remote, bytes) in &smalls {
+        assert!(
+            fetch(&mut c, work.path(), remote).await == *bytes,
+            "{remote}"
+        );
+    }
+    assert!(fetch(&mut c, work.path(), "docs/big").await == big);
+    assert!(fetch(&mut c, work.path(), "empty").await.is_empty());
+
+    // Rename a file, then a folder (copy + delete of each object under it).
+    c.rename("docs/s0", "docs/deep/moved").await.unwrap();
+    c.rename("docs", "papers").await.unwrap();
+    assert_eq!(names(&mut c, "").await, vec!["empty", "papers"]);
+    assert!(fetch(&mut c, work.path(), "papers/deep/moved").await == smalls[0].1);
+    assert!(fetch(&mut c, work.path(), "papers/big").await == big);
+    // Delete: a folder only when empty.
+    assert!(c.delete("papers/deep").await.is_err());
+    c.delete("papers/deep/moved").await.unwrap();
+    c.delete("papers/deep").await.unwrap();
+    c.delete("empty").await.unwrap();
+    assert_eq!(
+        names(&mut c, "papers").await,
+        vec!["big", "s1", "s2", "s3", "s4"]
+    );
+    let gone = Dest::new(work.path(), "gone").unwrap();
+    assert!(
+        c.download("empty", &gone, true, Hooks::default())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_resumes_after_a_killed_client() {
+    let prefix = xfer_tests::cluster::unique_prefix("e2e-resume");
+    let (_tmp, node) = first_node(&prefix);
+    let serving = serve(&node);
+    let work = tempfile::tempdir().unwrap();
+    // The first attempt sends 0xAB bytes (see `stalled_upload`): the file starts with them.
+    let sent_first = 2 * PART + 4096;
+    let mut contents = vec![0xAB; sent_first as usize];
+    contents.extend(data(PART + 777, 3));
+    let size = contents.len() as u64;
+    let conn = stalled_upload(&serving, "f", size, sent_first as usize).await;
+    // Wait until the parts it sent are stored, then kill the client.
+    let store = object_store(&prefix).await;
+    wait_until("two parts stored", Duration::from_secs(60), || async {
+        store.partial_usage("alice").await.unwrap() >= 2 * PART
+    })
+    .await;
+    drop(conn);
+
+    let mut c = serving.client("alice", "alice-pw").await;
+    let local = local_file(work.path(), "f", &contents);
+    let done = c.upload(&local, "f", true, Hooks::default()).await.unwrap();
+    // Only the missing bytes travelled: the whole parts stored before were kept.
+    assert_eq!(done.resumed_from, 2 * PART);
+    assert_eq!(done.digest, *blake3::hash(&contents).as_bytes());
+    assert!(fetch(&mut c, work.path(), "f").await == contents);
+    assert_eq!(store.partial_usage("alice").await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_serve_the_same_files() {
+    let prefix = xfer_tests::cluster::unique_prefix("e2e-two-nodes");
+    let (_ta, a) = first_node(&prefix);
+    let (_tb, b) = another_node(&a);
+    let (node_a, node_b) = (serve(&a), serve(&b));
+    assert_eq!(node_a.fingerprint, node_b.fingerprint);
+    let work = tempfile::tempdir().unwrap();
+    // Sessions are per node for now: one login on each.
+    let mut on_a = node_a.client("alice", "alice-pw").await;
+    let mut on_b = node_b.client("alice", "alice-pw").await;
+    let big = data(PART + 99, 5);
+    let small = data(300, 6);
+    on_a.upload(
+        &local_file(work.path(), "big", &big),
+        "big",
+        true,
+        Hooks::default(),
+    )
+    .await
+    .unwrap();
+    on_a.upload(
+        &local_file(work.path(), "small", &small),
+        "small",
+        true,
+        Hooks::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(names(&mut on_b, "").await, vec!["big", "small"]);
+    assert!(fetch(&mut on_b, work.path(), "big").await == big);
+    assert!(fetch(&mut on_b, work.path(), "small").await == small);
+    // And back: a change through B is what A sees.
+    on_b.rename("small", "renamed").await.unwrap();
+    assert_eq!(names(&mut on_a, "").await, vec!["big", "renamed"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_to_a_node_killed_midway_resumes_on_another() {
+    let prefix = xfer_tests::cluster::unique_prefix("e2e-takeover");
+    let (_ta, a) = first_node(&prefix);
+    let (_tb, b) = another_node(&a);
+    let mut node_a = serve(&a);
+    let node_b = serve(&b);
+    let work = tempfile::tempdir().unwrap();
+    let sent_first = 2 * PART + 100;
+    let mut contents = vec![0xAB; sent_first as usize];
+    contents.extend(data(PART / 2, 9));
+    let size = contents.len() as u64;
+    let _conn = stalled_upload(&node_a, "big", size, sent_first as usize).await;
+    let store = object_store(&prefix).await;
+    wait_until(
+        "two parts stored through A",
+        Duration::from_secs(60),
+        || async { store.partial_usage("alice").await.unwrap() >= 2 * PART },
+    )
+    .await;
+    // kill -9: A writes nothing more; its claim on the upload runs out after the lease.
+    node_a.child.kill().unwrap();
+    node_a.wait_exit(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(LEASE_SECS + 1)).await;
+
+    let mut on_b = node_b.client("alice", "alice-pw").await;
+    let local = local_file(work.path(), "big", &contents);
+    let done = on_b
+        .upload(&local, "big", true, Hooks::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        done.resumed_from,
+        2 * PART,
+        "only the missing bytes are sent"
+    );
+    assert_eq!(done.digest, *blake3::hash(&contents).as_bytes());
+    assert!(fetch(&mut on_b, work.path(), "big").await == contents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_go_on_while_a_garage_node_is_down() {
+    let garage = xfer_tests::cluster::garage();
+    let prefix = xfer_tests::cluster::unique_prefix("e2e-quorum");
+    let (_tmp, node) = first_node(&prefix);
+    let serving = serve(&node);
+    let work = tempfile::tempdir().unwrap();
+    let contents = data(3 * PART + 5, 11);
+    let local = local_file(work.path(), "f", &contents);
+
+    // The node stops once the upload is under way.
+    let progress = Arc::new(AtomicU64::new(0));
+    let seen = progress.clone();
+    let mut c = serving.client("alice", "alice-pw").await;
+    let upload = tokio::spawn(async move {
+        let hooks = Hooks {
+            on_progress: Box::new(move |n| seen.store(n, Ordering::Relaxed)),
+            ..Hooks::default()
+        };
+        let r = c.upload(&local, "f", true, hooks).await.map(|_| ());
+        (c, r)
+    });
+    wait_until("the upload under way", Duration::from_secs(60), || async {
+        progress.load(Ordering::Relaxed) >= PART
+    })
+    .await;
+    let down = tokio::task::block_in_place(|| garage.stop_node(3));
+    let (mut c, uploaded) = upload.await.unwrap();
+    uploaded.expect("the upload succeeds with one Garage node down");
+    // A download while it is still down reads the same bytes.
+    assert!(fetch(&mut c, work.path(), "f").await == contents);
+    tokio::task::block_in_place(|| down.start());
+    assert!(fetch(&mut c, work.path(), "f").await == contents);
+}
+
+/// The object store the daemons of a test use, for looking at its resume records.
+async fn object_store(prefix: &str) -> xferd::storage::object::ObjectStore {
+    let s3 = xfer_tests::cluster::garage().s3();
+    s3.open(&s3.storage(prefix)).await
+}
+
+/// Polls `done` until it holds, failing the test after `limit`.
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> F,
+) {
+    let start = Instant::now();
+    while !done().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
