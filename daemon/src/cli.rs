@@ -658,7 +658,7 @@ async fn serve(
             .with_context(|| format!("--listen `{l}` is not an ADDRESS:PORT"))?;
     }
     let addr = config.listen;
-    let daemon = crate::server::Daemon::load(config)?;
+    let daemon = crate::server::Daemon::load(config).await?;
     daemon.check_storage().await?;
     let listener = crate::server::bind(addr).await?;
     let state = daemon.state().clone();

@@ -26,9 +26,9 @@ pub struct Daemon {
 
 impl Daemon {
     /// Loads users, certificate, sessions and storage; fails with a message naming the problem.
-    pub fn load(config: Config) -> anyhow::Result<Daemon> {
+    pub async fn load(config: Config) -> anyhow::Result<Daemon> {
         Ok(Daemon {
-            state: Arc::new(State::load(config)?),
+            state: Arc::new(State::load(config).await?),
         })
     }
 
@@ -150,7 +150,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    Daemon::load(config)?.run(listener, shutdown).await
+    Daemon::load(config).await?.run(listener, shutdown).await
 }
 
 /// Binds the configured (or overridden) address.

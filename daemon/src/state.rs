@@ -49,15 +49,28 @@ pub struct State {
 impl State {
     /// Loads users, certificate, sessions and storage; fails with a message naming the
     /// problem.
-    pub fn load(config: Config) -> anyhow::Result<State> {
-        let accounts = Accounts::load(
-            &config.users_file,
-            config.limits.max_concurrent_logins,
-            config.limits.max_queued_logins,
-        )?;
+    ///
+    /// With `[storage] kind = "s3"`, accounts and sessions are the ones every node on the
+    /// store shares ([`crate::shared::open`]); otherwise the users file and the session
+    /// journal in `state_dir`.
+    pub async fn load(config: Config) -> anyhow::Result<State> {
+        let (accounts, sessions) = if config.storage.kind == crate::config::StorageKind::S3 {
+            // No session journal here, but the audit trail still defaults to this folder.
+            crate::fsutil::create_dir_with_mode(&config.state_dir, 0o700).with_context(|| {
+                format!("creating the state folder `{}`", config.state_dir.display())
+            })?;
+            crate::shared::open(&config).await?
+        } else {
+            let accounts = Accounts::load(
+                &config.users_file,
+                config.limits.max_concurrent_logins,
+                config.limits.max_queued_logins,
+            )?;
+            let sessions = SessionStore::open(&config.state_dir, &config.sessions)
+                .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))?;
+            (accounts, sessions)
+        };
         let (tls, fingerprint) = crate::tls::server_config(&config.cert, &config.key)?;
-        let sessions = SessionStore::open(&config.state_dir, &config.sessions)
-            .with_context(|| format!("opening sessions in `{}`", config.state_dir.display()))?;
         let storage = Store::open(&config)?;
         let (shutdown, _) = watch::channel(false);
         let limits = RwLock::new(Arc::new(config.limits.clone()));

@@ -36,7 +36,11 @@ fn puts_staging_when_the_connection_ends_are_deleted_before_it_is_done() {
     // Each round ends the connection right behind a burst of `Put`s, so some are still
     // being staged on the blocking pool when the client's end of the stream closes.
     for round in 0..20u32 {
-        let state = Daemon::load(config.clone()).unwrap().state().clone();
+        let state = rt
+            .block_on(Daemon::load(config.clone()))
+            .unwrap()
+            .state()
+            .clone();
         let (_, generation) = state.accounts.lookup("alice").unwrap();
         let token = state.sessions.create("alice", generation, "test").0;
         let mut wire = Vec::new();

@@ -4,8 +4,9 @@
 //! killed mid-upload and the upload resumed through the other), and a Garage node stopped
 //! while an upload and a download run.
 //!
-//! Sessions are still per node (the shared sessions land separately): a client logs in to
-//! each node on its own. Each test works under a key prefix of its own in the shared bucket.
+//! Accounts and sessions are the store's (imported once with `xferd user import`), so a token
+//! from one node works on the other, and a logout on one is refused on the other within 5 s.
+//! Each test works under a key prefix of its own in the shared bucket.
 
 mod common;
 
@@ -51,14 +52,39 @@ fn first_node(prefix: &str) -> (tempfile::TempDir, Node) {
         ],
     );
     let dir = tmp.path().to_path_buf();
-    (tmp, Node { dir, config })
+    let node = Node { dir, config };
+    let users = node.dir.join("users.toml");
+    with_bucket(&node, &["user", "import", users.to_str().unwrap()]);
+    (tmp, node)
 }
 
-/// Another node of the same cluster: the same config, users file, key and certificate (so
-/// the client's pin holds), its own state folder.
+/// Runs `xferd ARGS` on `node`'s config with the bucket's credentials in its environment.
+fn with_bucket(node: &Node, args: &[&str]) -> String {
+    let s3 = xfer_tests::cluster::garage().s3();
+    let out = std::process::Command::new(common::XFERD)
+        .arg("--config")
+        .arg(&node.config)
+        .args(args)
+        .env_remove("XFERD_CONFIG")
+        .env("AWS_ACCESS_KEY_ID", &s3.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_access_key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "xferd {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Another node of the same cluster: the same config, TLS key and certificate (so the
+/// client's pin holds) and session key (so it accepts the first node's tokens), its own state
+/// folder.
 fn another_node(first: &Node) -> (tempfile::TempDir, Node) {
     let tmp = tempfile::tempdir().unwrap();
-    for f in ["xferd.toml", "users.toml", "cert.pem", "key.pem"] {
+    for f in ["xferd.toml", "cert.pem", "key.pem", "session.key"] {
         std::fs::copy(first.dir.join(f), tmp.path().join(f)).unwrap();
     }
     let dir = tmp.path().to_path_buf();
@@ -236,9 +262,15 @@ async fn two_nodes_serve_the_same_files() {
     let (node_a, node_b) = (serve(&a), serve(&b));
     assert_eq!(node_a.fingerprint, node_b.fingerprint);
     let work = tempfile::tempdir().unwrap();
-    // Sessions are per node for now: one login on each.
-    let mut on_a = node_a.client("alice", "alice-pw").await;
-    let mut on_b = node_b.client("alice", "alice-pw").await;
+    // One login, on A; B takes its token.
+    let mut on_a = Client::connect(&node_a.addr, node_a.fingerprint, None)
+        .await
+        .unwrap();
+    let (token, _) = on_a.login("alice", "alice-pw").await.unwrap();
+    let mut on_b = Client::connect(&node_b.addr, node_b.fingerprint, None)
+        .await
+        .unwrap();
+    on_b.authenticate(&token).await.unwrap();
     let big = data(PART + 99, 5);
     let small = data(300, 6);
     on_a.upload(
@@ -263,6 +295,58 @@ async fn two_nodes_serve_the_same_files() {
     // And back: a change through B is what A sees.
     on_b.rename("small", "renamed").await.unwrap();
     assert_eq!(names(&mut on_a, "").await, vec!["big", "renamed"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_on_one_node_ends_the_session_on_the_other_within_5_s() {
+    let prefix = xfer_tests::cluster::unique_prefix("e2e-revoke");
+    let (_ta, a) = first_node(&prefix);
+    let (_tb, b) = another_node(&a);
+    let (node_a, node_b) = (serve(&a), serve(&b));
+    let mut on_a = Client::connect(&node_a.addr, node_a.fingerprint, None)
+        .await
+        .unwrap();
+    let (token, _) = on_a.login("alice", "alice-pw").await.unwrap();
+    let b_accepts = || async {
+        let mut c = Client::connect(&node_b.addr, node_b.fingerprint, None)
+            .await
+            .unwrap();
+        c.authenticate(&token).await.is_ok()
+    };
+    assert!(b_accepts().await, "B refused a token A issued");
+    let logged_out = Instant::now();
+    on_a.logout().await.unwrap();
+    wait_until("B to refuse the token", Duration::from_secs(5), || async {
+        !b_accepts().await
+    })
+    .await;
+    eprintln!(
+        "refused on B {:?} after the logout on A",
+        logged_out.elapsed()
+    );
+    // A password change through the store ends every session too, on every node.
+    let (token, _) = Client::connect(&node_b.addr, node_b.fingerprint, None)
+        .await
+        .unwrap()
+        .login("alice", "alice-pw")
+        .await
+        .unwrap();
+    let mut on_a = Client::connect(&node_a.addr, node_a.fingerprint, None)
+        .await
+        .unwrap();
+    on_a.authenticate(&token).await.unwrap();
+    with_bucket(&a, &["user", "del", "alice"]);
+    wait_until(
+        "A to refuse a deleted account's token",
+        Duration::from_secs(5),
+        || async {
+            let mut c = Client::connect(&node_a.addr, node_a.fingerprint, None)
+                .await
+                .unwrap();
+            c.authenticate(&token).await.is_err()
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,15 +88,17 @@ impl TestServer {
                 .expect("bind");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("addr");
-        let daemon = Daemon::load(config).expect("daemon loads");
+        // Loaded on the runtime that serves it: a shared store's background tasks live there.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let daemon = rt.block_on(Daemon::load(config)).expect("daemon loads");
         let state = daemon.state().clone();
         let fingerprint = state.fingerprint().to_string();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
             let result = rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener)?;
                 daemon

@@ -153,9 +153,24 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
             if let Err(why) = ctx.enter_session(user) {
                 return super::refuse_session(conn, &why).await;
             }
-            let (token, rec) = state
+            // Registered before the token is handed out, so that with several nodes the
+            // session is listed, and counted against max_per_user, by the time it is used.
+            let created = state
                 .sessions
-                .create(user, generation, &ctx.peer.to_string());
+                .create_registered(user, generation, &ctx.peer.to_string())
+                .await;
+            let (token, rec) = match created {
+                Ok(created) => created,
+                Err(e) => {
+                    tracing::error!(user = %user, error = %e, "cannot record a new session; no session started");
+                    return reply_error(
+                        conn,
+                        ErrorCode::Internal,
+                        "cannot record the session on the server; try again in a moment",
+                    )
+                    .await;
+                }
+            };
             match start_session(ctx, user, role, token.clone(), rec.expires).await {
                 Ok(session) => {
                     tracing::info!(user = %user, peer = %ctx.peer, %role, "login succeeded");

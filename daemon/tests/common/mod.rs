@@ -136,7 +136,14 @@ impl Serving {
         });
         let addr = rx
             .recv_timeout(Duration::from_secs(20))
-            .expect("daemon logs its listen address");
+            .unwrap_or_else(|e| {
+                // Give the reader a moment to collect the last lines of a daemon that quit.
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "the daemon did not log its listen address ({e}); it said:\n{}",
+                    log.lock().unwrap()
+                )
+            });
         Serving {
             child,
             addr: ServerAddr::parse(&addr).unwrap(),
