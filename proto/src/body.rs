@@ -41,8 +41,9 @@ pub use source::{BodySource, FileSource, ReadSource};
 /// Why a body transfer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
-    /// The local file could not be read or written. `in_sync` tells whether the connection is
-    /// still at a frame boundary (the receiver drained the body) or must be closed.
+    /// The local side (the file, or whatever the source or sink stands for) could not be read
+    /// or written. `in_sync` tells whether the connection is still at a frame boundary (the
+    /// receiver drained the body) or must be closed.
     #[error("{source}")]
     Local {
         /// The file error.
@@ -50,7 +51,7 @@ pub enum BodyError {
         /// Whether the connection can carry further frames.
         in_sync: bool,
     },
-    /// The file being sent ended before its announced size (it was truncated while sending).
+    /// The source ended before its announced size (a file truncated while sending).
     #[error("the file shrank while it was being sent")]
     SourceChanged,
     /// The connection failed mid-body.

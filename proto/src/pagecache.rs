@@ -275,7 +275,10 @@ mod tests {
     fn small_bodies_get_no_advice() {
         let (_dir, file) = uncached_file(4096);
         assert!(ReadBehind::new(&file, 0, STREAM_MIN).is_none());
-        assert!(ReadBehind::new(&file, 0, STREAM_MIN + 1).is_some());
+        // Past the size, only the cache decides; under a busy suite the "uncached" page is
+        // sometimes read back in by the time this runs (seen once), so ask the cache too.
+        let cached = is_cached(&file, 0);
+        assert_eq!(ReadBehind::new(&file, 0, STREAM_MIN + 1).is_some(), !cached);
         assert!(WriteBehind::new(0, STREAM_MIN).is_none());
         assert!(WriteBehind::new(0, STREAM_MIN + 1).is_some());
     }

@@ -88,18 +88,24 @@ impl TestServer {
                 .expect("bind");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("addr");
-        // Loaded on the runtime that serves it: a shared store's background tasks live there.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let daemon = rt.block_on(Daemon::load(config)).expect("daemon loads");
-        let state = daemon.state().clone();
-        let fingerprint = state.fingerprint().to_string();
+        // Loaded on the runtime that serves it (a shared store's background tasks live
+        // there), which runs on a thread of its own: the caller may be inside a runtime.
+        let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             let result = rt.block_on(async move {
+                let daemon = match Daemon::load(config).await {
+                    Ok(daemon) => daemon,
+                    Err(e) => {
+                        let _ = loaded_tx.send(Err(format!("{e:#}")));
+                        return Err(e);
+                    }
+                };
+                let _ = loaded_tx.send(Ok(daemon.state().clone()));
                 let listener = tokio::net::TcpListener::from_std(std_listener)?;
                 daemon
                     .run(listener, async move {
@@ -110,6 +116,12 @@ impl TestServer {
             rt.shutdown_timeout(Duration::from_secs(5));
             result
         });
+        let state = match loaded_rx.recv() {
+            Ok(Ok(state)) => state,
+            Ok(Err(e)) => panic!("daemon loads: {e}"),
+            Err(_) => panic!("daemon loads: the daemon's thread ended first"),
+        };
+        let fingerprint = state.fingerprint().to_string();
         TestServer {
             dir,
             config_path,
