@@ -385,11 +385,13 @@ impl Fixture {
             .enable_all()
             .build()
             .unwrap();
-        let state = Daemon::load(config.clone())
+        let state = rt
+            .block_on(Daemon::load(config.clone()))
             .expect("daemon loads")
             .state()
             .clone();
-        let stopped = Daemon::load(config.clone())
+        let stopped = rt
+            .block_on(Daemon::load(config.clone()))
             .expect("daemon loads")
             .state()
             .clone();
@@ -425,7 +427,9 @@ impl Fixture {
     fn reset(&mut self) {
         if self.state.shutdown_handle().is_triggered() {
             // An input shut the daemon down: start a new one on the same folder.
-            self.state = Daemon::load(self.config.clone())
+            self.state = self
+                .rt
+                .block_on(Daemon::load(self.config.clone()))
                 .expect("daemon reloads")
                 .state()
                 .clone();
