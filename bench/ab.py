@@ -41,7 +41,11 @@ def drop_caches():
 
 
 class Build:
-    def __init__(self, name, bindir, work):
+    """A daemon of the build in BINDIR with user `bench` logged in. `edit(config_path)` runs
+    after `xferd init` (bench/object.py points the storage at a bucket there); `daemon_env`
+    is added to the environment of every `xferd` command (the store's credentials)."""
+
+    def __init__(self, name, bindir, work, edit=None, daemon_env=None):
         self.name = name
         self.xferd = os.path.join(bindir, "xferd")
         self.xfer = os.path.join(bindir, "xfer")
@@ -49,14 +53,17 @@ class Build:
         os.makedirs(self.dir)
         self.config = os.path.join(self.dir, "etc", "xferd.toml")
         self.env = dict(os.environ, XFER_CONFIG_DIR=os.path.join(self.dir, "client"))
+        denv = dict(os.environ, **(daemon_env or {}))
         subprocess.run([self.xferd, "--config", self.config, "init", "--listen", "127.0.0.1:0"],
                        check=True, stdout=subprocess.DEVNULL)
+        if edit:
+            edit(self.config)
         subprocess.run([self.xferd, "--config", self.config, "user", "add", "bench",
                         "--password-stdin"], input=b"bench-pw\n", check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, env=denv)
         self.log = open(os.path.join(self.dir, "daemon.log"), "w+")
         self.daemon = subprocess.Popen([self.xferd, "--config", self.config, "serve"],
-                                       stderr=self.log, env=dict(os.environ, XFERD_LOG="info"))
+                                       stderr=self.log, env=dict(denv, XFERD_LOG="info"))
         addr = None
         for _ in range(200):
             self.log.seek(0)

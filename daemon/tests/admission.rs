@@ -7,43 +7,15 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use common::{Out, Serving, proc_kib, set_config, setup, wait_for};
+use common::{Out, Serving, proc_kib, set_config, setup, wait_for, xfer_bin};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
-
-/// The `xfer` binary, built once for this test run (a test of the `xferd` package cannot
-/// name another package's binary; `cargo build` is a no-op when it is up to date).
-fn xfer_bin() -> &'static Path {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        // Same profile as the xferd under test, so that the binary lands beside it.
-        let dir = Path::new(common::XFERD).parent().expect("bin folder");
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev",
-            Some(other) => other,
-        };
-        let out = Command::new(cargo)
-            .args(["build", "-p", "xfer", "--bin", "xfer", "--profile", profile])
-            .stdout(Stdio::null())
-            .output()
-            .expect("run cargo build -p xfer");
-        assert!(
-            out.status.success(),
-            "building xfer failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = Path::new(common::XFERD).with_file_name("xfer");
-        assert!(bin.exists(), "no xfer binary at {}", bin.display());
-        bin
-    })
-}
 
 /// Runs `xfer --config-dir HOME/config ARGS` with `stdin`.
 fn xfer<A: AsRef<std::ffi::OsStr>>(home: &Path, args: &[A], stdin: &str) -> Out {

@@ -6,20 +6,25 @@
 //!
 //! Accounts and sessions are the store's (imported once with `xferd user import`), so a token
 //! from one node works on the other, and a logout on one is refused on the other within 5 s.
+//! And as a user would run it: the real `xfer` binary through HAProxy (TCP, round robin) in
+//! front of two nodes, one login then a batch of commands, each on whichever node answers.
 //! Each test works under a key prefix of its own in the shared bucket.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Serving, set_config, setup, stalled_upload};
+use common::{Serving, set_config, setup, stalled_upload, xfer_bin};
 use xfer::conn::{Client, Hooks};
 use xfer::part::Dest;
 use xfer::put::{PutFile, put_batch};
 use xfer_proto::EntryKind;
+use xfer_tests::cluster::HaProxy;
+use xfer_tests::{ClientHome, noise, tricky_bytes, write_file};
 
 /// The smallest part size the config accepts: a file past it is a multipart upload.
 const PART: u64 = 8 << 20;
@@ -422,6 +427,164 @@ async fn transfers_go_on_while_a_garage_node_is_down() {
     assert!(fetch(&mut c, work.path(), "f").await == contents);
     tokio::task::block_in_place(|| down.start());
     assert!(fetch(&mut c, work.path(), "f").await == contents);
+}
+
+/// Every file under `dir` by relative path, with its bytes, and every folder.
+fn tree_of(dir: &Path) -> (BTreeMap<String, Vec<u8>>, Vec<String>) {
+    let (mut files, mut dirs) = (BTreeMap::new(), Vec::new());
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            if p.is_dir() {
+                dirs.push(rel);
+                stack.push(p);
+            } else {
+                files.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    dirs.sort();
+    (files, dirs)
+}
+
+/// The `name`s of `xfer list [DIR] --json`, sorted.
+fn listed(home: &ClientHome, dir: &str) -> Vec<String> {
+    let mut args = vec!["list", "--json"];
+    if !dir.is_empty() {
+        args.insert(1, dir);
+    }
+    let out = home.run(&args).expect_code(0).stdout;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let mut n: Vec<String> = v
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {out}"))
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    n.sort();
+    n
+}
+
+/// The audit log of `node` as (op, result) pairs.
+fn audited(node: &Node) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(node.dir.join("state/audit.log")).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            (field("op"), field("result"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_xfer_binary_through_haproxy_round_robin_over_two_nodes() {
+    let prefix = xfer_tests::cluster::unique_prefix("e2e-haproxy");
+    let (_ta, a) = first_node(&prefix);
+    let (_tb, b) = another_node(&a);
+    let (node_a, node_b) = (serve(&a), serve(&b));
+    let backend = |s: &Serving| -> std::net::SocketAddr { s.addr.to_string().parse().unwrap() };
+    let lb = HaProxy::start(&[backend(&node_a), backend(&node_b)]);
+    let home = ClientHome::new(xfer_bin());
+    let fp = node_a.fingerprint.to_string();
+
+    // One login, through the balancer: one pin and one token, whichever node answers later.
+    let target = format!("alice@{}", lb.addr);
+    home.run_with_stdin(
+        &["login", &target, "--password-stdin", "--fingerprint", &fp],
+        "alice-pw\n",
+    )
+    .expect_code(0);
+    // Each command below is a new connection: round robin alternates the nodes.
+    home.run(&["whoami"]).expect_code(0);
+
+    // A folder: every byte value, noise past one part (a multipart upload), an empty file, an
+    // empty folder, nesting.
+    write_file(&home.path("tree/a.txt"), b"a");
+    write_file(&home.path("tree/sub/tricky"), &tricky_bytes());
+    write_file(
+        &home.path("tree/sub/noise"),
+        &noise(PART as usize + 4321, 1),
+    );
+    write_file(&home.path("tree/sub/deeper/empty"), b"");
+    std::fs::create_dir_all(home.path("tree/hollow")).unwrap();
+    home.run(&["upload", "-r", "tree"]).expect_code(0);
+    assert_eq!(listed(&home, ""), vec!["tree"]);
+    assert_eq!(listed(&home, "tree"), vec!["a.txt", "hollow", "sub"]);
+    assert_eq!(listed(&home, "tree/sub"), vec!["deeper", "noise", "tricky"]);
+    std::fs::create_dir(home.path("back")).unwrap();
+    home.run(&["download", "-r", "tree", "--to", "back"])
+        .expect_code(0);
+    assert!(
+        tree_of(&home.path("back/tree")) == tree_of(&home.path("tree")),
+        "the folder came back different"
+    );
+
+    // Tree changes, each checked through the next command (on the other node).
+    home.run(&["mkdir", "tree/made/deep"]).expect_code(0);
+    home.run(&["rename", "tree/a.txt", "tree/made/a.txt"])
+        .expect_code(0);
+    home.run(&["rename", "tree/sub", "moved"]).expect_code(0);
+    home.run(&["delete", "moved/deeper/empty", "moved/deeper"])
+        .expect_code(0);
+    assert_eq!(listed(&home, ""), vec!["moved", "tree"]);
+    assert_eq!(listed(&home, "tree"), vec!["hollow", "made"]);
+    assert_eq!(listed(&home, "tree/made"), vec!["a.txt", "deep"]);
+    assert_eq!(listed(&home, "moved"), vec!["noise", "tricky"]);
+    home.run(&[
+        "download",
+        "moved/tricky",
+        "tree/made/a.txt",
+        "--to",
+        "back",
+    ])
+    .expect_code(0);
+    assert!(std::fs::read(home.path("back/tricky")).unwrap() == tricky_bytes());
+    assert_eq!(std::fs::read(home.path("back/a.txt")).unwrap(), b"a");
+    home.run(&["download", "moved/deeper/empty"]).expect_code(5);
+
+    // A big file, several parts, up and down.
+    let big = noise(3 * PART as usize + 12_345, 2);
+    write_file(&home.path("big.bin"), &big);
+    home.run(&["upload", "big.bin", "--to", "moved"])
+        .expect_code(0);
+    home.run(&["download", "moved/big.bin", "--to", "big.back"])
+        .expect_code(0);
+    assert!(std::fs::read(home.path("big.back")).unwrap() == big);
+    home.run(&["delete", "moved/big.bin"]).expect_code(0);
+    assert_eq!(listed(&home, "moved"), vec!["noise", "tricky"]);
+
+    // Both nodes served, and every operation audited succeeded but the one download of a
+    // deleted file. A node audits just after it answered: let the last line land (the count
+    // stays the same over two reads).
+    let (mut on_a, mut on_b) = (audited(&a), audited(&b));
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (now_a, now_b) = (audited(&a), audited(&b));
+        let settled = (now_a.len(), now_b.len()) == (on_a.len(), on_b.len());
+        (on_a, on_b) = (now_a, now_b);
+        if settled {
+            break;
+        }
+    }
+    eprintln!("node A audited {on_a:?}\nnode B audited {on_b:?}");
+    let failed: Vec<_> = on_a
+        .iter()
+        .chain(&on_b)
+        .filter(|(_, r)| r != "ok")
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, "download");
+    for (node, ops) in [("A", &on_a), ("B", &on_b)] {
+        for op in ["list", "download"] {
+            assert!(
+                ops.iter().any(|(o, r)| o == op && r == "ok"),
+                "node {node} served no {op}: {ops:?}"
+            );
+        }
+    }
 }
 
 /// The object store the daemons of a test use, for looking at its resume records.

@@ -57,6 +57,34 @@ pub fn xferd_of(bin: &Path, config: &Path, args: &[&str], stdin: &str) -> Out {
     }
 }
 
+/// The `xfer` binary, built once for this test run (a test of the `xferd` package cannot
+/// name another package's binary; `cargo build` is a no-op when it is up to date).
+pub fn xfer_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // Same profile as the xferd under test, so that the binary lands beside it.
+        let dir = Path::new(XFERD).parent().expect("bin folder");
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
+        let out = Command::new(cargo)
+            .args(["build", "-p", "xfer", "--bin", "xfer", "--profile", profile])
+            .stdout(Stdio::null())
+            .output()
+            .expect("run cargo build -p xfer");
+        assert!(
+            out.status.success(),
+            "building xfer failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = Path::new(XFERD).with_file_name("xfer");
+        assert!(bin.exists(), "no xfer binary at {}", bin.display());
+        bin
+    })
+}
+
 /// A config folder with users `root` (superuser) and `alice`, added through the CLI.
 pub fn setup(grace_secs: u64) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
