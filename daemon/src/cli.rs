@@ -161,8 +161,9 @@ pub enum SessionCommand {
         #[arg(long, conflicts_with_all = ["ids", "user"])]
         all: bool,
     },
-    /// Make the key that signs session tokens in s3 mode (`session_key_file`, 32 random
-    /// bytes, mode 0600); copy the same file to every node.
+    /// Make a key of its own to sign session tokens in s3 mode (`session_key_file`, 32
+    /// random bytes, mode 0600) instead of one derived from the TLS key; copy the same file
+    /// to every node.
     Keygen {
         /// Replace an existing key (every token signed with it stops working)
         #[arg(long)]
@@ -311,7 +312,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let (_, fp) = crate::tls::server_config(&config.cert, &config.key)?;
             let (users, sessions) = if config.storage.kind == StorageKind::S3 {
-                crate::shared::token::SessionKey::load(&config.session_key_file)?;
+                crate::shared::token::SessionKey::for_daemon(
+                    &config.session_key_file,
+                    &config.key,
+                )?;
                 let store = SharedStore::from_config(&config)?;
                 let users = match UsersObject::new(store.clone()).read(None).await? {
                     UsersRead::Found(users, _) => users,
@@ -567,7 +571,7 @@ async fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<(
     if let SessionCommand::Keygen { force } = cmd {
         crate::shared::token::SessionKey::generate(&config.session_key_file, force)?;
         println!(
-            "wrote {}; copy it (mode 0600) to every node that shares this object store",
+            "wrote {}; copy it (mode 0600) to every node that shares this object store, then restart them: tokens signed before stop working",
             config.session_key_file.display()
         );
         return Ok(());

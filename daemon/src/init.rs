@@ -38,10 +38,12 @@ state_dir = "{state_dir}"
 # Empty: audit.log in state_dir.
 audit_log = ""
 
-# With [storage] kind = "s3" (several nodes): the secret that signs session tokens, 32 random
-# bytes in a file only its owner can read (made by `xferd init` or `xferd session keygen`).
-# Every node needs the same file, deployed like the TLS key: any node then accepts a token
-# any other issued. Unused with local storage.
+# With [storage] kind = "s3" (several nodes): a file of 32 random bytes, readable only by its
+# owner (`xferd session keygen` makes one), that signs session tokens. While it does not
+# exist, tokens are signed with a key derived from the TLS private key, which every node
+# already shares, so any node accepts a token any other issued. With the file, every node
+# needs the same one (deployed like the TLS key), and tokens can be rotated on their own.
+# Unused with local storage.
 session_key_file = "session.key"
 
 [limits]
@@ -260,11 +262,6 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
     if !config.users_file.exists() {
         UsersFile::default().save(&config.users_file)?;
     }
-    // Kept even with --force: a new one would end every session of a cluster that shares it
-    // (`xferd session keygen --force` does that on purpose).
-    if !config.session_key_file.exists() {
-        crate::shared::token::SessionKey::generate(&config.session_key_file, false)?;
-    }
     crate::fsutil::create_dir_with_mode(&config.root, 0o700)
         .with_context(|| format!("creating storage root `{}`", config.root.display()))?;
     crate::fsutil::create_dir_with_mode(&config.state_dir, 0o700)
@@ -316,8 +313,11 @@ mod tests {
         let config = crate::config::Config::load(&cfg).unwrap();
         assert_eq!(mode_of(&config.key).unwrap(), 0o600);
         assert_eq!(mode_of(&config.users_file).unwrap(), 0o600);
-        assert_eq!(mode_of(&config.session_key_file).unwrap(), 0o600);
-        crate::shared::token::SessionKey::load(&config.session_key_file).unwrap();
+        // No token key of its own: nodes made by separate inits sign alike once they share the
+        // TLS key (the config's `session_key_file` is for rotating tokens apart from it).
+        assert!(!config.session_key_file.exists());
+        crate::shared::token::SessionKey::for_daemon(&config.session_key_file, &config.key)
+            .unwrap();
         assert!(config.root.is_dir());
         assert_eq!(
             crate::tls::fingerprint_of(&config.cert).unwrap(),

@@ -4,8 +4,9 @@
 //! killed mid-upload and the upload resumed through the other), and a Garage node stopped
 //! while an upload and a download run.
 //!
-//! Accounts and sessions are the store's (imported once with `xferd user import`), so a token
-//! from one node works on the other, and a logout on one is refused on the other within 5 s.
+//! Accounts and sessions are the store's (the first daemon puts its users file there), so a
+//! token from one node works on the other, and a logout on one is refused on the other within
+//! 5 s.
 //! And as a user would run it: the real `xfer` binary through HAProxy (TCP, round robin) in
 //! front of two nodes, one login then a batch of commands, each on whichever node answers.
 //! Each test works under a key prefix of its own in the shared bucket.
@@ -57,10 +58,8 @@ fn first_node(prefix: &str) -> (tempfile::TempDir, Node) {
         ],
     );
     let dir = tmp.path().to_path_buf();
-    let node = Node { dir, config };
-    let users = node.dir.join("users.toml");
-    with_bucket(&node, &["user", "import", users.to_str().unwrap()]);
-    (tmp, node)
+    // No `xferd user import`: the first daemon to start puts its users file in the bucket.
+    (tmp, Node { dir, config })
 }
 
 /// Runs `xferd ARGS` on `node`'s config with the bucket's credentials in its environment.
@@ -84,12 +83,11 @@ fn with_bucket(node: &Node, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Another node of the same cluster: the same config, TLS key and certificate (so the
-/// client's pin holds) and session key (so it accepts the first node's tokens), its own state
-/// folder.
+/// Another node of the same cluster: the same config, users file, TLS key and certificate
+/// (so the client's pin holds, and tokens are signed alike), its own state folder.
 fn another_node(first: &Node) -> (tempfile::TempDir, Node) {
     let tmp = tempfile::tempdir().unwrap();
-    for f in ["xferd.toml", "cert.pem", "key.pem", "session.key"] {
+    for f in ["xferd.toml", "users.toml", "cert.pem", "key.pem"] {
         std::fs::copy(first.dir.join(f), tmp.path().join(f)).unwrap();
     }
     let dir = tmp.path().to_path_buf();

@@ -17,6 +17,7 @@ pub mod sessions;
 pub mod token;
 pub mod users;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -316,10 +317,12 @@ pub async fn open(
 ) -> anyhow::Result<(crate::accounts::Accounts, crate::sessions::SessionStore)> {
     use anyhow::Context;
     let store = SharedStore::from_config(config)?;
-    let key = token::SessionKey::load(&config.session_key_file)?;
+    let key = token::SessionKey::for_daemon(&config.session_key_file, &config.key)?;
     let interval = config.sessions.sync_interval();
+    let users = users::UsersObject::new(store.clone());
+    seed_accounts(&users, &config.users_file).await?;
     let accounts = crate::accounts::Accounts::from_store(
-        users::UsersObject::new(store.clone()),
+        users,
         interval,
         config.limits.max_concurrent_logins,
         config.limits.max_queued_logins,
@@ -329,6 +332,30 @@ pub async fn open(
         .await
         .context("reading the revoked sessions from the object store")?;
     Ok((accounts, crate::sessions::SessionStore::Shared(sessions)))
+}
+
+/// Puts the local users file in the store when the store has no accounts yet, so that
+/// daemons started with the same users file (as a first deployment has) serve those users
+/// with no `xferd user import` step. Once the store holds accounts they are the ones in force
+/// and the local file is not read again.
+async fn seed_accounts(users: &users::UsersObject, users_file: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if !matches!(users.read(None).await?, users::UsersRead::Missing) || !users_file.exists() {
+        return Ok(());
+    }
+    let local = crate::accounts::UsersFile::load(users_file)?;
+    if local.users.is_empty() {
+        return Ok(());
+    }
+    match users.import(&local, false).await {
+        Ok(n) => {
+            tracing::info!(accounts = n, file = %users_file.display(), "the object store had no accounts: seeded them from the users file");
+            Ok(())
+        }
+        // Another node seeded it first: its accounts stand.
+        Err(SharedError::Account(crate::accounts::AccountError::StoreHasUsers(_))) => Ok(()),
+        Err(e) => Err(e).context("seeding the object store's accounts from the users file"),
+    }
 }
 
 /// Lower-case hex.

@@ -26,6 +26,9 @@ const MAC_LEN: usize = 32;
 
 /// The context the MAC key is derived under, so the file's bytes are used for nothing else.
 const KEY_CONTEXT: &str = "xfer 2025-06 session token MAC v1";
+/// BLAKE3 key-derivation context of a token key derived from the TLS private key (see
+/// [`SessionKey::for_daemon`]): distinct from every other use of that key.
+const TLS_KEY_CONTEXT: &str = "xfer 2026-12-03 session tokens from the TLS private key";
 
 /// Payload bytes besides the user name: its length, generation, created, expires, id.
 const FIXED: usize = 1 + 8 + 8 + 8 + ID_LEN;
@@ -145,6 +148,23 @@ impl SessionKey {
         SessionKey {
             mac: blake3::derive_key(KEY_CONTEXT, secret),
         }
+    }
+
+    /// The key a daemon signs with: `session_key_file` when it exists, else one derived from
+    /// the TLS private key (`key`), which every node of a cluster already shares, so several
+    /// daemons with the same key and certificate accept each other's tokens with nothing more
+    /// to deploy. A key file of its own lets the tokens be rotated apart from the TLS key.
+    pub fn for_daemon(session_key_file: &Path, tls_key: &Path) -> Result<SessionKey, KeyError> {
+        if session_key_file.exists() {
+            return SessionKey::load(session_key_file);
+        }
+        let pem = std::fs::read(tls_key).map_err(|source| KeyError::Read {
+            path: tls_key.to_path_buf(),
+            source,
+        })?;
+        Ok(SessionKey {
+            mac: blake3::derive_key(TLS_KEY_CONTEXT, &pem),
+        })
     }
 
     /// Loads the key file: 32 raw bytes, or 64 hex digits (and optional whitespace) for
@@ -314,6 +334,56 @@ mod tests {
         );
         assert!(k.verify("").is_none());
         assert!(k.verify(&"xfer1_".repeat(100)).is_none());
+    }
+
+    #[test]
+    fn without_a_key_file_nodes_sharing_the_tls_key_sign_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, other) = (
+            dir.path().join("a.pem"),
+            dir.path().join("b.pem"),
+            dir.path().join("other.pem"),
+        );
+        std::fs::write(
+            &a,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        std::fs::copy(&a, &b).unwrap();
+        std::fs::write(
+            &other,
+            "-----BEGIN PRIVATE KEY-----\nBBBB\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let missing = dir.path().join("session.key");
+        let on_a = SessionKey::for_daemon(&missing, &a).unwrap();
+        let t = on_a.sign(&Claims::new("alice", 1, 10, 20));
+        assert!(
+            SessionKey::for_daemon(&missing, &b)
+                .unwrap()
+                .verify(&t)
+                .is_some()
+        );
+        assert!(
+            SessionKey::for_daemon(&missing, &other)
+                .unwrap()
+                .verify(&t)
+                .is_none()
+        );
+        // Not the key a file of the same bytes would give: the two are never confused.
+        let mut pem = [0u8; KEY_LEN];
+        pem.copy_from_slice(&std::fs::read(&a).unwrap()[..KEY_LEN]);
+        assert!(SessionKey::from_bytes(&pem).verify(&t).is_none());
+        // A key file, once there, is what signs.
+        SessionKey::generate(&missing, false).unwrap();
+        let with_file = SessionKey::for_daemon(&missing, &a).unwrap();
+        assert!(with_file.verify(&t).is_none());
+        assert!(
+            SessionKey::load(&missing)
+                .unwrap()
+                .verify(&with_file.sign(&Claims::new("bob", 1, 1, 2)))
+                .is_some()
+        );
     }
 
     #[test]
