@@ -65,15 +65,10 @@ fn first_node(prefix: &str) -> (tempfile::TempDir, Node) {
 /// Runs `xferd ARGS` on `node`'s config with the bucket's credentials in its environment.
 fn with_bucket(node: &Node, args: &[&str]) -> String {
     let s3 = xfer_tests::cluster::garage().s3();
-    let out = std::process::Command::new(common::XFERD)
-        .arg("--config")
-        .arg(&node.config)
-        .args(args)
-        .env_remove("XFERD_CONFIG")
-        .env("AWS_ACCESS_KEY_ID", &s3.access_key_id)
-        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_access_key)
-        .output()
-        .unwrap();
+    let out = common::run_xferd(Path::new(common::XFERD), &node.config, args, "", |c| {
+        c.env("AWS_ACCESS_KEY_ID", &s3.access_key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &s3.secret_access_key);
+    });
     assert!(
         out.status.success(),
         "xferd {args:?}: {}{}",

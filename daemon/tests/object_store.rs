@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use xfer_proto::EntryKind;
 use xferd::config::StorageSettings;
+use xferd::storage::StorageError;
 use xferd::storage::object::{ObjectError, ObjectStore, ObjectUpload, Resume};
 
 /// Parts of 64 KiB: Garage accepts parts under S3's 5 MiB, which keeps these tests small.
@@ -145,7 +146,7 @@ async fn an_upload_in_parts_downloads_byte_identical_from_any_offset() {
     // Another user sees none of it.
     assert!(matches!(
         s.user_tree("bob").open_read("big.bin", 0).await,
-        Err(ObjectError::NotFound(_))
+        Err(ObjectError::Tree(StorageError::NotFound(_)))
     ));
 }
 
@@ -340,31 +341,31 @@ async fn list_mkdir_rename_and_delete_behave_like_the_local_tree() {
     assert_eq!((one[0].name.as_str(), one[0].size), ("a.txt", 5));
     assert!(matches!(
         t.list("nope", 100).await,
-        Err(ObjectError::NotFound(_))
+        Err(ObjectError::Tree(StorageError::NotFound(_)))
     ));
     // A file in the way of a folder and the reverse.
     assert!(matches!(
         t.mkdir("a.txt/x").await,
-        Err(ObjectError::WrongKind(..))
+        Err(ObjectError::Tree(StorageError::WrongKind(..)))
     ));
     assert!(matches!(
         t.begin_upload("sub", 1, 0, None).await,
-        Err(ObjectError::WrongKind(..))
+        Err(ObjectError::Tree(StorageError::WrongKind(..)))
     ));
     assert!(matches!(
         t.begin_upload("missing/f", 1, 0, None).await,
-        Err(ObjectError::NotFound(_))
+        Err(ObjectError::Tree(StorageError::NotFound(_)))
     ));
     // Delete: a file; a folder only when empty.
     assert!(matches!(
         t.delete("sub").await,
-        Err(ObjectError::NotEmpty(_))
+        Err(ObjectError::Tree(StorageError::NotEmpty(_)))
     ));
     t.delete("sub/deeper").await.unwrap();
     assert!(t.stat("sub/deeper").await.unwrap().is_none());
     assert!(matches!(
         t.delete("sub/deeper").await,
-        Err(ObjectError::NotFound(_))
+        Err(ObjectError::Tree(StorageError::NotFound(_)))
     ));
     // Rename: into a folder, a file over a file, refusals as local.
     assert_eq!(t.rename("a.txt", "sub", 100).await.unwrap(), "sub/a.txt");
@@ -372,20 +373,20 @@ async fn list_mkdir_rename_and_delete_behave_like_the_local_tree() {
     assert!(t.stat("a.txt").await.unwrap().is_none());
     assert!(matches!(
         t.rename("sub", "sub/inner", 100).await,
-        Err(ObjectError::WrongKind(..))
+        Err(ObjectError::Tree(StorageError::WrongKind(..)))
     ));
     assert!(matches!(
         t.rename("missing", "x", 100).await,
-        Err(ObjectError::NotFound(_))
+        Err(ObjectError::Tree(StorageError::NotFound(_)))
     ));
     assert!(matches!(
         t.rename("sub/a.txt", "nowhere/x", 100).await,
-        Err(ObjectError::NotFound(_))
+        Err(ObjectError::Tree(StorageError::NotFound(_)))
     ));
     put(&s, "alice", "other", b"x").await;
     assert!(matches!(
         t.rename("sub", "other", 100).await,
-        Err(ObjectError::WrongKind(..))
+        Err(ObjectError::Tree(StorageError::WrongKind(..)))
     ));
     // A big file keeps its stored digest through a rename.
     let bytes = data((2 * PART + 1) as usize, 5);
@@ -409,7 +410,7 @@ async fn list_mkdir_rename_and_delete_behave_like_the_local_tree() {
     t.mkdir("into").await.unwrap();
     assert!(matches!(
         t.rename("moved", "into", 2).await,
-        Err(ObjectError::TooBigToCheck { .. })
+        Err(ObjectError::Tree(StorageError::TooBigToCheck { .. }))
     ));
     assert!(t.stat("moved/b").await.unwrap().is_some());
 }

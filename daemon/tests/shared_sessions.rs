@@ -3,8 +3,9 @@
 //! (never skips). Each "node" is its own client, accounts and session store on the same
 //! bucket and prefix, as two daemons would have; each test has a prefix of its own.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use xfer_proto::Role;
@@ -259,27 +260,13 @@ async fn garage_answers_conditional_gets_but_does_not_check_if_match_on_put() {
     );
 }
 
-/// Runs the real `xferd` with `args`, `stdin` piped in.
+/// Runs the real `xferd` with `args`, `stdin` piped in, and no store credentials in its
+/// environment (the config's credentials file is what it must use).
 fn xferd(config: &Path, args: &[&str], stdin: &str) -> std::process::Output {
-    use std::io::Write as _;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xferd"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    common::run_xferd(Path::new(common::XFERD), config, args, stdin, |c| {
+        c.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY");
+    })
 }
 
 fn ok(out: &std::process::Output) -> String {

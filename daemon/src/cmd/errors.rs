@@ -110,7 +110,7 @@ mod tests {
             message,
             "`f` arrived corrupted (digest mismatch); nothing was saved"
         );
-        let (code, message) = wire(&ObjectError::NotEmpty("d".into()).into());
+        let (code, message) = wire(&ObjectError::Tree(StorageError::NotEmpty("d".into())).into());
         assert_eq!(
             (code, message.as_str()),
             (ErrorCode::NotEmpty, "folder `d` is not empty")

@@ -150,28 +150,26 @@ impl StorageError {
     }
 }
 
+/// The components of `remote` under the path rules every backend shares (see
+/// [`xfer_proto::path`]); `need_name` refuses the root. Both backends check a path here before
+/// they touch anything.
+pub(crate) fn checked_parts(remote: &str, need_name: bool) -> Result<Vec<&str>, StorageError> {
+    let parts = if need_name {
+        xfer_proto::path::named_components(remote)
+    } else {
+        xfer_proto::path::components(remote)
+    };
+    parts.map_err(|source| StorageError::BadPath {
+        path: remote.into(),
+        source,
+    })
+}
+
 impl From<object::ObjectError> for StorageError {
     fn from(e: object::ObjectError) -> Self {
         use object::ObjectError as O;
         match e {
-            O::BadPath { path, source } => StorageError::BadPath { path, source },
-            O::NotFound(p) => StorageError::NotFound(p),
-            O::WrongKind(p, what) => StorageError::WrongKind(p, what),
-            O::AlreadyExists(p) => StorageError::AlreadyExists(p),
-            O::NotEmpty(p) => StorageError::NotEmpty(p),
-            O::TooLarge(n) => StorageError::TooLarge(n),
-            O::TooDeep {
-                from,
-                to,
-                depth,
-                len,
-            } => StorageError::TooDeep {
-                from,
-                to,
-                depth,
-                len,
-            },
-            O::TooBigToCheck { from, max } => StorageError::TooBigToCheck { from, max },
+            O::Tree(e) => e,
             O::DigestMismatch(p) => StorageError::Corrupted(p),
             other @ (O::SizeMismatch { .. }
             | O::TakenOver(_)

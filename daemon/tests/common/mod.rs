@@ -33,28 +33,42 @@ pub fn binary() -> PathBuf {
 
 /// Runs the xferd binary `bin` with `--config config ARGS`, feeding `stdin`.
 pub fn xferd_of(bin: &Path, config: &Path, args: &[&str], stdin: &str) -> Out {
-    let mut child = Command::new(bin)
+    let out = run_xferd(bin, config, args, stdin, |_| {});
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The one way these tests run an `xferd` command: `bin --config config ARGS` with `stdin`
+/// piped in, `XFERD_CONFIG` unset, and `env` to add or remove anything else (a store's
+/// credentials).
+pub fn run_xferd(
+    bin: &Path,
+    config: &Path,
+    args: &[&str],
+    stdin: &str,
+    env: impl FnOnce(&mut Command),
+) -> std::process::Output {
+    let mut command = Command::new(bin);
+    command
         .arg("--config")
         .arg(config)
         .args(args)
         .env_remove("XFERD_CONFIG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn xferd");
+        .stderr(Stdio::piped());
+    env(&mut command);
+    let mut child = command.spawn().expect("spawn xferd");
     child
         .stdin
         .take()
         .unwrap()
         .write_all(stdin.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    child.wait_with_output().unwrap()
 }
 
 /// The `xfer` binary, built once for this test run (a test of the `xferd` package cannot

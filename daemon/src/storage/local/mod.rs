@@ -37,7 +37,7 @@ use crate::beneath::{Beneath, Kind, Meta, Reach};
 
 use xfer_proto::Digest;
 use xfer_proto::limits::{MAX_PATH_DEPTH, MAX_PATH_LEN};
-use xfer_proto::path::{PathError, components, named_components};
+use xfer_proto::path::{PathError, named_components};
 use xfer_proto::{Entry, EntryKind};
 
 /// Most folders a batched upload keeps open while it stages files into them.
@@ -472,15 +472,7 @@ impl TreeFs {
     /// Resolves `remote` beneath the user's folder: only normal components, and no symlink
     /// anywhere, including the last component.
     fn resolve(&self, remote: &str, need_name: bool) -> Result<Resolved, StorageError> {
-        let bad = |source| StorageError::BadPath {
-            path: remote.into(),
-            source,
-        };
-        let parts = if need_name {
-            named_components(remote).map_err(bad)?
-        } else {
-            components(remote).map_err(bad)?
-        };
+        let parts = super::checked_parts(remote, need_name)?;
         let meta = match self.root.stat(&parts) {
             Ok(m) => m,
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => {

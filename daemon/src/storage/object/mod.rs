@@ -36,10 +36,11 @@ use object_store::{
 };
 use serde::{Deserialize, Serialize};
 use xfer_proto::limits::{MAX_PATH_DEPTH, MAX_PATH_LEN};
-use xfer_proto::path::{PathError, components, named_components};
+use xfer_proto::path::{PathError, named_components};
 use xfer_proto::{Digest, Entry, EntryKind};
 
 use crate::config::StorageSettings;
+use crate::storage::StorageError;
 
 pub use handles::{ObjectBody, ObjectPending, ObjectStaged, ObjectWriter};
 pub use upload::{ObjectUpload, Resume};
@@ -64,53 +65,10 @@ const LIST_PAGE: usize = 1000;
 /// endpoint or a credential.
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
-    /// The path is not a valid remote path.
-    #[error("refused path `{path}`: {source}")]
-    BadPath {
-        /// The remote path as given.
-        path: String,
-        /// Why.
-        source: PathError,
-    },
-    /// Nothing there.
-    #[error("`{0}` does not exist")]
-    NotFound(String),
-    /// A file where a folder is needed, or the reverse.
-    #[error("`{0}` is {1}")]
-    WrongKind(String, &'static str),
-    /// The target exists.
-    #[error("`{0}` already exists")]
-    AlreadyExists(String),
-    /// A folder to delete has content.
-    #[error("folder `{0}` is not empty")]
-    NotEmpty(String),
-    /// The upload is bigger than the configured limit.
-    #[error("file is larger than the server's {0}-byte upload limit")]
-    TooLarge(u64),
-    /// Moving a folder would put something inside it past the path limits.
-    #[error(
-        "moving `{from}` to `{to}` would put an entry inside it {depth} levels deep, in a path of {len} bytes; paths are limited to {MAX_PATH_DEPTH} levels and {MAX_PATH_LEN} bytes: move it less deep, or move what is inside it separately"
-    )]
-    TooDeep {
-        /// The folder being moved.
-        from: String,
-        /// Where it would go.
-        to: String,
-        /// Depth the deepest (or first too long) entry would have.
-        depth: usize,
-        /// Length its path would have.
-        len: usize,
-    },
-    /// A folder too big to check that moving it keeps every path within the limits.
-    #[error(
-        "`{from}` holds more than {max} entries, too many to check that moving it keeps every path within {MAX_PATH_DEPTH} levels and {MAX_PATH_LEN} bytes; move its subfolders separately"
-    )]
-    TooBigToCheck {
-        /// The folder being moved.
-        from: String,
-        /// Most entries a rename looks at.
-        max: u64,
-    },
+    /// A refusal the local backend gives too (a bad path, nothing there, the wrong kind, a
+    /// move past the path limits...), in the seam's own terms and words.
+    #[error(transparent)]
+    Tree(#[from] StorageError),
     /// The body does not hash to the digest the client gave: nothing was made visible.
     #[error("the data received for `{0}` does not match its digest")]
     DigestMismatch(String),
@@ -164,7 +122,9 @@ impl ObjectError {
     /// Classifies a store error on `path` the one way every operation does.
     fn store(op: &'static str, path: &str, source: object_store::Error) -> ObjectError {
         match source {
-            object_store::Error::NotFound { .. } => ObjectError::NotFound(path.into()),
+            object_store::Error::NotFound { .. } => {
+                ObjectError::Tree(StorageError::NotFound(path.into()))
+            }
             source => ObjectError::Store {
                 op,
                 path: path.into(),
@@ -498,9 +458,11 @@ impl Inner {
 
     /// A key from its text.
     fn key(&self, path: &str, text: String) -> Result<Key, ObjectError> {
-        Key::parse(text).map_err(|_| ObjectError::BadPath {
-            path: path.into(),
-            source: PathError::ForbiddenChar('/'),
+        Key::parse(text).map_err(|_| {
+            ObjectError::Tree(StorageError::BadPath {
+                path: path.into(),
+                source: PathError::ForbiddenChar('/'),
+            })
         })
     }
 
@@ -766,7 +728,9 @@ impl ObjectListing {
                 }
             }
             None if !self.seen_any => {
-                return Some(Err(ObjectError::NotFound(self.remote.clone())));
+                return Some(Err(ObjectError::Tree(StorageError::NotFound(
+                    self.remote.clone(),
+                ))));
             }
             None => {}
         }
@@ -795,15 +759,7 @@ impl fmt::Debug for ObjectTree {
 impl ObjectTree {
     /// Checks `remote` with the path rules and builds its key; `need_name` refuses the root.
     fn resolve(&self, remote: &str, need_name: bool) -> Result<Resolved, ObjectError> {
-        let bad = |source| ObjectError::BadPath {
-            path: remote.into(),
-            source,
-        };
-        let parts = if need_name {
-            named_components(remote).map_err(bad)?
-        } else {
-            components(remote).map_err(bad)?
-        };
+        let parts = super::checked_parts(remote, need_name)?;
         let canonical = parts.join("/");
         let mut key_text = format!("{}{}", self.inner.root, self.user);
         if !canonical.is_empty() {
@@ -916,10 +872,10 @@ impl ObjectTree {
         })
         .await?;
         if over {
-            return Err(ObjectError::TooBigToCheck {
+            return Err(ObjectError::Tree(StorageError::TooBigToCheck {
                 from: remote.into(),
                 max: max as u64,
-            });
+            }));
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -952,9 +908,9 @@ impl ObjectTree {
             Ok(h) => h,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(if self.is_dir(&r).await? {
-                    ObjectError::WrongKind(remote.into(), "a folder")
+                    ObjectError::Tree(StorageError::WrongKind(remote.into(), "a folder"))
                 } else {
-                    ObjectError::NotFound(remote.into())
+                    ObjectError::Tree(StorageError::NotFound(remote.into()))
                 });
             }
             Err(e) => return Err(ObjectError::store("opening", remote, e)),
@@ -1047,13 +1003,13 @@ impl ObjectTree {
             .map_err(|e| ObjectError::store("deleting", remote, e))?;
         let res = &page.result;
         if res.objects.is_empty() && res.common_prefixes.is_empty() {
-            return Err(ObjectError::NotFound(remote.into()));
+            return Err(ObjectError::Tree(StorageError::NotFound(remote.into())));
         }
         let only_marker = res.common_prefixes.is_empty()
             && res.objects.len() == 1
             && res.objects[0].location.filename() == Some(FOLDER_MARKER);
         if !only_marker {
-            return Err(ObjectError::NotEmpty(remote.into()));
+            return Err(ObjectError::Tree(StorageError::NotEmpty(remote.into())));
         }
         self.inner
             .s3
@@ -1069,7 +1025,10 @@ impl ObjectTree {
         for depth in 1..=r.parts.len() {
             let sub = self.resolve(&r.parts[..depth].join("/"), true)?;
             if self.file_meta(&sub).await?.is_some() {
-                return Err(ObjectError::WrongKind(sub.canonical, "a file"));
+                return Err(ObjectError::Tree(StorageError::WrongKind(
+                    sub.canonical,
+                    "a file",
+                )));
             }
             let marker = self.marker_key(&sub)?;
             match self.inner.s3.head(&marker).await {
@@ -1097,13 +1056,15 @@ impl ObjectTree {
         to: &str,
         max_check: u64,
     ) -> Result<String, ObjectError> {
-        named_components(to).map_err(|source| ObjectError::BadPath {
-            path: to.into(),
-            source,
+        named_components(to).map_err(|source| {
+            ObjectError::Tree(StorageError::BadPath {
+                path: to.into(),
+                source,
+            })
         })?;
         let src = self.resolve(from, true)?;
         let Some(src_stat) = self.stat_resolved(&src).await? else {
-            return Err(ObjectError::NotFound(from.into()));
+            return Err(ObjectError::Tree(StorageError::NotFound(from.into())));
         };
         let mut to_remote = to.trim_end_matches('/').to_string();
         let mut dst = self.resolve(&to_remote, true)?;
@@ -1118,28 +1079,31 @@ impl ObjectTree {
             return Ok(to_remote);
         }
         if dst_stat == Some(Stat::Dir) {
-            return Err(ObjectError::AlreadyExists(to_remote));
+            return Err(ObjectError::Tree(StorageError::AlreadyExists(to_remote)));
         }
         if src_stat == Stat::Dir && dst_stat.is_some() {
-            return Err(ObjectError::WrongKind(
+            return Err(ObjectError::Tree(StorageError::WrongKind(
                 to_remote,
                 "a file; a folder cannot replace it",
-            ));
+            )));
         }
         if dst.parts.starts_with(&src.parts) {
-            return Err(ObjectError::WrongKind(
+            return Err(ObjectError::Tree(StorageError::WrongKind(
                 to_remote,
                 "inside the folder being moved",
-            ));
+            )));
         }
         // The target's folder must exist, as for a local rename.
         let parent = self.resolve(&dst.parts[..dst.parts.len() - 1].join("/"), false)?;
         match self.stat_resolved(&parent).await? {
             Some(Stat::Dir) => {}
             Some(Stat::File { .. }) => {
-                return Err(ObjectError::WrongKind(parent.canonical, "not a folder"));
+                return Err(ObjectError::Tree(StorageError::WrongKind(
+                    parent.canonical,
+                    "not a folder",
+                )));
             }
-            None => return Err(ObjectError::NotFound(parent.canonical)),
+            None => return Err(ObjectError::Tree(StorageError::NotFound(parent.canonical))),
         }
         match src_stat {
             Stat::File { .. } => {
@@ -1201,10 +1165,10 @@ impl ObjectTree {
                 for obj in &page.result.objects {
                     seen += 1;
                     if seen > max_check {
-                        return Err(ObjectError::TooBigToCheck {
+                        return Err(ObjectError::Tree(StorageError::TooBigToCheck {
                             from: from.into(),
                             max: max_check,
-                        });
+                        }));
                     }
                     let inner = &obj.location.as_ref()[src_prefix.len()..];
                     let mut below: Vec<&str> = inner.split('/').collect();
@@ -1214,12 +1178,12 @@ impl ObjectTree {
                     let new_depth = depth(dst) + below.len();
                     let new_len = len(dst) + below.iter().map(|p| p.len() + 1).sum::<usize>();
                     if new_depth > MAX_PATH_DEPTH || new_len > MAX_PATH_LEN {
-                        return Err(ObjectError::TooDeep {
+                        return Err(ObjectError::Tree(StorageError::TooDeep {
                             from: from.into(),
                             to: to.into(),
                             depth: new_depth,
                             len: new_len,
-                        });
+                        }));
                     }
                 }
                 match page.page_token {
@@ -1282,7 +1246,7 @@ impl ObjectTree {
         resume: Option<Resume>,
     ) -> Result<ObjectUpload, ObjectError> {
         if max_bytes > 0 && size > max_bytes {
-            return Err(ObjectError::TooLarge(max_bytes));
+            return Err(ObjectError::Tree(StorageError::TooLarge(max_bytes)));
         }
         let r = self.resolve(remote, true)?;
         self.check_upload_target(remote, &r).await?;
@@ -1301,14 +1265,20 @@ impl ObjectTree {
     /// The target of an upload must not be a folder, and its folder must exist.
     async fn check_upload_target(&self, remote: &str, r: &Resolved) -> Result<(), ObjectError> {
         if self.is_dir(r).await? {
-            return Err(ObjectError::WrongKind(remote.into(), "a folder"));
+            return Err(ObjectError::Tree(StorageError::WrongKind(
+                remote.into(),
+                "a folder",
+            )));
         }
         let parent = self.resolve(&r.parts[..r.parts.len() - 1].join("/"), false)?;
         if self.file_meta(&parent).await?.is_some() {
-            return Err(ObjectError::WrongKind(parent.canonical, "not a folder"));
+            return Err(ObjectError::Tree(StorageError::WrongKind(
+                parent.canonical,
+                "not a folder",
+            )));
         }
         if !self.is_dir(&parent).await? {
-            return Err(ObjectError::NotFound(parent.canonical));
+            return Err(ObjectError::Tree(StorageError::NotFound(parent.canonical)));
         }
         Ok(())
     }
@@ -1320,7 +1290,9 @@ impl ObjectTree {
         if self.is_dir(&r).await? {
             let remote = upload.remote().to_string();
             upload.discard().await;
-            return Err(ObjectError::WrongKind(remote, "a folder"));
+            return Err(ObjectError::Tree(StorageError::WrongKind(
+                remote, "a folder",
+            )));
         }
         upload.commit(digest).await
     }
@@ -1333,7 +1305,10 @@ impl ObjectTree {
             self.mkdir(&r.parts[..r.parts.len() - 1].join("/")).await?;
         }
         if self.is_dir(&r).await? {
-            return Err(ObjectError::WrongKind(remote.into(), "a folder"));
+            return Err(ObjectError::Tree(StorageError::WrongKind(
+                remote.into(),
+                "a folder",
+            )));
         }
         Ok(())
     }
@@ -1352,7 +1327,10 @@ impl ObjectTree {
             self.mkdir(&r.parts[..r.parts.len() - 1].join("/")).await?;
         }
         if self.is_dir(&r).await? {
-            return Err(ObjectError::WrongKind(remote.into(), "a folder"));
+            return Err(ObjectError::Tree(StorageError::WrongKind(
+                remote.into(),
+                "a folder",
+            )));
         }
         let mut attributes = Attributes::new();
         attributes.insert(

@@ -4,6 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 use crate::config::{Config, StorageKind};
+use xfer_proto::path::components;
 
 const SECRET: &str = "s3cr3t-never-shown-0123456789";
 
@@ -42,13 +43,16 @@ fn paths_follow_the_local_rules_before_any_key_is_built() {
         "a/./b",
     ] {
         assert!(
-            matches!(t.resolve(bad, false), Err(ObjectError::BadPath { .. })),
+            matches!(
+                t.resolve(bad, false),
+                Err(ObjectError::Tree(StorageError::BadPath { .. }))
+            ),
             "{bad:?}"
         );
     }
     assert!(matches!(
         t.resolve("", true),
-        Err(ObjectError::BadPath { .. })
+        Err(ObjectError::Tree(StorageError::BadPath { .. }))
     ));
 }
 
