@@ -929,24 +929,42 @@ impl Driver {
     }
 }
 
+/// Most bytes of a resume record read back: 10,000 parts of an ETag and a chaining value each
+/// fit in well under 2 MiB.
+const MAX_RECORD_BYTES: u64 = 4 << 20;
+/// Most bytes of a stored-digest record read back.
+const MAX_DIGEST_RECORD_BYTES: u64 = 4 << 10;
+
+/// The bytes of the small internal object at `key`, `None` if it is missing or larger than
+/// `max` (damaged: it is checked before its body is read, so it costs nothing).
+async fn read_small(
+    inner: &Inner,
+    key: &Key,
+    max: u64,
+) -> Result<Option<Bytes>, object_store::Error> {
+    let got = match inner.s3.get(key).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if got.meta.size > max {
+        tracing::warn!(key = %key, size = got.meta.size, max, "internal record too large; ignored as damaged");
+        return Ok(None);
+    }
+    let bytes = got.bytes().await?;
+    Ok((bytes.len() as u64 <= max).then_some(bytes))
+}
+
 async fn read_record(
     inner: &Inner,
     key: &Key,
     remote: &str,
 ) -> Result<Option<Record>, ObjectError> {
-    let bytes = match inner.s3.get(key).await {
-        Ok(got) => got
-            .bytes()
-            .await
-            .map_err(|e| ObjectError::store("reading the resume record of", remote, e))?,
-        Err(object_store::Error::NotFound { .. }) => return Ok(None),
-        Err(e) => {
-            return Err(ObjectError::store(
-                "reading the resume record of",
-                remote,
-                e,
-            ));
-        }
+    let Some(bytes) = read_small(inner, key, MAX_RECORD_BYTES)
+        .await
+        .map_err(|e| ObjectError::store("reading the resume record of", remote, e))?
+    else {
+        return Ok(None);
     };
     // A damaged record is as good as none: it is replaced (and its upload swept later).
     Ok(serde_json::from_slice(&bytes).ok())
@@ -1011,7 +1029,9 @@ pub(super) async fn stored_digest(
     e_tag: Option<&str>,
 ) -> Option<Digest> {
     let key = inner.internal_key("digest", user, canonical, "");
-    let bytes = inner.s3.get(&key).await.ok()?.bytes().await.ok()?;
+    let bytes = read_small(inner, &key, MAX_DIGEST_RECORD_BYTES)
+        .await
+        .ok()??;
     let record: StoredDigest = serde_json::from_slice(&bytes).ok()?;
     (Some(record.e_tag.as_str()) == e_tag)
         .then(|| super::parse_digest(&record.blake3))
@@ -1026,7 +1046,7 @@ pub(super) async fn forget_digest(inner: &Inner, user: &str, canonical: &str) {
 /// Carries the digest of `from` over to its copy at `to` (whose ETag a copy may change).
 pub(super) async fn move_digest(inner: &Inner, user: &str, from: &str, to: &str, to_key: &Key) {
     let key = inner.internal_key("digest", user, from, "");
-    let Some(record) = async { inner.s3.get(&key).await.ok()?.bytes().await.ok() }.await else {
+    let Ok(Some(record)) = read_small(inner, &key, MAX_DIGEST_RECORD_BYTES).await else {
         forget_digest(inner, user, to).await;
         return;
     };
