@@ -1,5 +1,5 @@
 //! What each user's work in progress costs the daemon right now, counted against per-user
-//! caps: transfers running (each holds a blocking thread and up to `CHUNK_LEN *
+//! caps: transfers running (each holds a blocking thread and up to `RECV_CHUNK_LEN *
 //! PIPELINE_DEPTH` bytes of buffers) and prefix hashes running (each reads and hashes up to a
 //! whole file before the client gets an answer).
 //!

@@ -11,7 +11,7 @@
 //! Why this shape: per-chunk `tokio::fs` calls each hop to the blocking pool and measured at a
 //! third of the speed of large std::fs reads and writes on one blocking thread; hashing on that
 //! thread overlaps it with TLS work on the async side. Memory per transfer is bounded by
-//! `CHUNK_LEN * PIPELINE_DEPTH` for a receiver; a sender reads the file straight into TLS
+//! `RECV_CHUNK_LEN * PIPELINE_DEPTH` for a receiver; a sender reads the file straight into TLS
 //! records (see `records`), so its buffers are that much plus the records' headers and tags,
 //! and on a TLS stream one more such buffer, the chunk the stream is writing (it comes back
 //! to the pipeline when written, and goes at the flush that ends the body).
@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::connection::ConnError;
-use crate::limits::{CHUNK_LEN, PIPELINE_DEPTH};
+use crate::limits::{CHUNK_LEN, PIPELINE_DEPTH, RECV_CHUNK_LEN};
 use crate::message::Digest;
 use crate::records::{RecordBuf, WriteRecords, write_records};
 
@@ -547,7 +547,7 @@ pub(crate) async fn recv<R: AsyncRead + Unpin, K: BodySink>(
     let mut writer_alive = true;
     let mut waits = 0u64;
     while received < total {
-        let n = (CHUNK_LEN as u64).min(total - received) as usize;
+        let n = (RECV_CHUNK_LEN as u64).min(total - received) as usize;
         let mut buf = match pool.pop() {
             Some(buf) => buf,
             None if writer_alive => {

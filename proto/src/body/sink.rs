@@ -195,7 +195,7 @@ mod tests {
     use super::*;
     use crate::body::BodyError;
     use crate::connection::{ConnError, Connection};
-    use crate::limits::CHUNK_LEN;
+    use crate::limits::{CHUNK_LEN, RECV_CHUNK_LEN};
     use crate::message::Request;
 
     fn data(len: usize) -> Vec<u8> {
@@ -339,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sink_failing_mid_body_leaves_the_stream_in_step() {
-        let body = data(3 * CHUNK_LEN + 9);
+        let body = data(3 * RECV_CHUNK_LEN + 9);
         let size = body.len() as u64;
         let (mut a, mut b) = pipes();
         let (sink, seen) = recorder(Some(2));
@@ -364,7 +364,7 @@ mod tests {
         // The rest of the body was read and dropped: the next frame is the next thing read.
         assert_eq!(b.read_frame::<Request>().await.unwrap(), Request::Ping);
         let seen = seen.lock().unwrap();
-        assert!(seen.bytes == body[..CHUNK_LEN]);
+        assert!(seen.bytes == body[..RECV_CHUNK_LEN]);
         assert!(!seen.finished && seen.dropped);
     }
 
