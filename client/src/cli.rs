@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::{Entry, EntryKind, ErrorCode, Role};
+use xfer_util::{format_time, read_password};
 
 use crate::addr::ServerAddr;
 use crate::conn::{Client, connect_tls};
@@ -415,29 +416,6 @@ impl Ctx {
     }
 }
 
-/// Reads a password: first line of stdin with `--password-stdin`, else a no-echo prompt on the
-/// terminal, else a clear usage error.
-fn read_password(from_stdin: bool, prompt: &str) -> Result<String> {
-    if from_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .map_err(|e| ClientError::local("reading the password from standard input", e))?;
-        let pw = line
-            .strip_suffix('\n')
-            .map(|l| l.strip_suffix('\r').unwrap_or(l))
-            .unwrap_or(&line);
-        return Ok(pw.to_string());
-    }
-    if !std::io::stdin().is_terminal() {
-        return Err(ClientError::Usage(
-            "no terminal to ask for the password on; pass --password-stdin and pipe it in".into(),
-        ));
-    }
-    rpassword::prompt_password(prompt).map_err(|e| ClientError::local("reading the password", e))
-}
-
 fn ask_yes_no(question: &str) -> Result<bool> {
     eprint!("{question}");
     let _ = std::io::stderr().flush();
@@ -497,7 +475,11 @@ async fn login(
         ctx.state.save_known_servers(&known)?;
         ctx.status(format_args!("Pinned {key} with key {seen}."));
     }
-    let password = read_password(password_stdin, &format!("Password for {user}@{key}: "))?;
+    let password = read_password(
+        password_stdin,
+        &format!("Password for {user}@{key}: "),
+        false,
+    )?;
     // Second connection, pinned to the key just checked: prompts may have outlasted the
     // server's login deadline on the first one.
     let mut client = Client::connect(&server, seen, ctx.bind)
@@ -555,11 +537,6 @@ async fn logout(ctx: &Ctx) -> Result<()> {
             "removed the local session for {key}, but could not revoke it on the server ({e})"
         ))),
     }
-}
-
-fn format_time(secs: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 async fn whoami(ctx: &Ctx) -> Result<()> {
@@ -651,6 +628,7 @@ async fn shutdown(ctx: &Ctx, password_stdin: bool) -> Result<()> {
     let password = read_password(
         password_stdin,
         &format!("Password for {}@{key} (to confirm shutdown): ", stored.user),
+        false,
     )?;
     client.shutdown(&password).await?;
     ctx.status(format_args!("{key} is shutting down."));

@@ -198,6 +198,18 @@ impl ClientError {
     }
 }
 
+/// No terminal to prompt on is a usage error (exit 2), as a missing argument is.
+impl From<xfer_util::PasswordError> for ClientError {
+    fn from(e: xfer_util::PasswordError) -> Self {
+        use xfer_util::PasswordError;
+        match e {
+            PasswordError::Read { context, source } => ClientError::local(context, source),
+            PasswordError::NoTerminal => ClientError::Usage(e.to_string()),
+            PasswordError::Mismatch => ClientError::Other(e.to_string()),
+        }
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 

@@ -1,12 +1,12 @@
 //! The `xferd` command line: parsing, logging setup, and each subcommand.
 
-use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use xfer_proto::Role;
+use xfer_util::read_password;
 
 use crate::accounts::UsersFile;
 use crate::config::{Config, DEFAULT_CONFIG_PATH, StorageKind};
@@ -211,36 +211,6 @@ fn config_path(cli: &Option<PathBuf>) -> PathBuf {
 /// Sets up tracing to stderr (see [`crate::logging`]: client-supplied text is made safe there).
 pub fn init_logging(format: LogFormat) {
     crate::logging::init(format);
-}
-
-/// Reads a password: the first line of stdin with `--password-stdin`, else a no-echo prompt on
-/// the terminal (asked twice when `confirm`), else a clear error.
-pub fn read_password(from_stdin: bool, prompt: &str, confirm: bool) -> anyhow::Result<String> {
-    if from_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("reading the password from standard input")?;
-        let pw = line
-            .strip_suffix('\n')
-            .map(|l| l.strip_suffix('\r').unwrap_or(l))
-            .unwrap_or(&line)
-            .to_string();
-        return Ok(pw);
-    }
-    if !std::io::stdin().is_terminal() {
-        bail!("no terminal to ask for the password on; pass --password-stdin and pipe it in");
-    }
-    let pw = rpassword::prompt_password(prompt).context("reading the password")?;
-    if confirm {
-        let again =
-            rpassword::prompt_password("Retype password: ").context("reading the password")?;
-        if again != pw {
-            bail!("the passwords do not match; nothing was changed");
-        }
-    }
-    Ok(pw)
 }
 
 fn load_users_or_empty(path: &Path) -> anyhow::Result<UsersFile> {
@@ -577,12 +547,7 @@ async fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<(
         return Ok(());
     }
     let store = SessionAdmin::open(&config)?;
-    let time = |secs: i64| {
-        humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
-        )
-        .to_string()
-    };
+    let time = xfer_util::format_time;
     match cmd {
         SessionCommand::List { user, json } => {
             let list: Vec<_> = store

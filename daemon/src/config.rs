@@ -325,7 +325,7 @@ impl Config {
                     .map(|s| format!(" (at line {})", line_of(text, s.start)))
                     .unwrap_or_default(),
         })?;
-        let base = crate::fsutil::parent_dir(path);
+        let base = xfer_util::fs::parent_dir(path);
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
         let invalid = |key, problem: String| ConfigError::Invalid {
             path: path.to_path_buf(),

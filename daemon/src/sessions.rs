@@ -26,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use xfer_util::fs::{Mode, write_atomic};
 
 use crate::config::SessionSettings;
 use crate::fsutil::{FileStamp, file_stamp};
@@ -629,7 +630,7 @@ impl LocalSessions {
             bytes.extend_from_slice(&Entry::create(id, &l.record).line());
         }
         let existed = self.path.exists();
-        crate::fsutil::write_atomic(&self.path, &bytes, 0o600)?;
+        write_atomic(&self.path, &bytes, Mode::KeepOr(0o600))?;
         let file = std::fs::File::open(&self.path)?;
         if !existed {
             give_to_folder_owner(&file, &self.path);
@@ -642,7 +643,7 @@ impl LocalSessions {
             lines: live.len() + 1,
         });
         match std::fs::remove_file(&self.legacy_path) {
-            Ok(()) => crate::fsutil::sync_dir(crate::fsutil::parent_dir(&self.path))?,
+            Ok(()) => xfer_util::fs::sync_dir(xfer_util::fs::parent_dir(&self.path))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             // The journal wins over it from now on; a leftover only takes space.
             Err(e) => {
@@ -794,7 +795,7 @@ impl LocalSessions {
 /// already right.
 fn give_to_folder_owner(file: &std::fs::File, path: &Path) {
     use std::os::unix::fs::MetadataExt;
-    if let Ok(dir) = std::fs::metadata(crate::fsutil::parent_dir(path)) {
+    if let Ok(dir) = std::fs::metadata(xfer_util::fs::parent_dir(path)) {
         let _ = std::os::unix::fs::fchown(file, Some(dir.uid()), Some(dir.gid()));
     }
 }

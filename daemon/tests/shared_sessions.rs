@@ -306,8 +306,12 @@ async fn xferd_user_and_session_commands_work_on_the_store_in_s3_mode() {
     .unwrap();
     let tls = xferd::tls::generate(&[]).unwrap();
     std::fs::write(dir.path().join("cert.pem"), &tls.cert_pem).unwrap();
-    xferd::fsutil::write_atomic(&dir.path().join("key.pem"), tls.key_pem.as_bytes(), 0o600)
-        .unwrap();
+    xfer_util::fs::write_atomic(
+        &dir.path().join("key.pem"),
+        tls.key_pem.as_bytes(),
+        xfer_util::fs::Mode::KeepOr(0o600),
+    )
+    .unwrap();
     // The key every node gets a copy of.
     ok(&xferd(&config, &["session", "keygen"], ""));
     let key_file = dir.path().join("session.key");

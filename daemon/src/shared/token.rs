@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use base64::Engine;
 use xfer_proto::limits::MAX_USER_LEN;
+use xfer_util::fs::{Mode, write_atomic};
 
 use crate::sessions::TOKEN_PREFIX;
 
@@ -224,7 +225,7 @@ impl SessionKey {
         }
         let mut secret = [0u8; KEY_LEN];
         OsRng.fill_bytes(&mut secret);
-        crate::fsutil::write_atomic(path, &secret, 0o600).map_err(|source| KeyError::Write {
+        write_atomic(path, &secret, Mode::KeepOr(0o600)).map_err(|source| KeyError::Write {
             path: path.to_path_buf(),
             source,
         })
@@ -422,10 +423,10 @@ mod tests {
         // Hex text serves too, and names the same key as its bytes.
         let secret = std::fs::read(&p).unwrap();
         let hex_path = dir.path().join("hex.key");
-        crate::fsutil::write_atomic(
+        write_atomic(
             &hex_path,
             format!("{}\n", super::super::hex(&secret)).as_bytes(),
-            0o600,
+            Mode::KeepOr(0o600),
         )
         .unwrap();
         let t = SessionKey::load(&p)
@@ -433,7 +434,7 @@ mod tests {
             .sign(&Claims::new("bob", 1, 1, 2));
         assert!(SessionKey::load(&hex_path).unwrap().verify(&t).is_some());
         for bad in [&b"short"[..], &[0u8; 33][..], &[b'g'; 64][..]] {
-            crate::fsutil::write_atomic(&hex_path, bad, 0o600).unwrap();
+            write_atomic(&hex_path, bad, Mode::KeepOr(0o600)).unwrap();
             assert!(matches!(
                 SessionKey::load(&hex_path),
                 Err(KeyError::Malformed { .. })
