@@ -213,6 +213,15 @@ impl From<xfer_util::PasswordError> for ClientError {
 /// Result alias.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
+/// An error that has already been printed, carrying the exit code.
+pub struct Reported(pub u8);
+
+/// Prints `e` as the one line a failure gets and keeps its exit code.
+pub(crate) fn report(e: &ClientError) -> Reported {
+    eprintln!("xfer: error: {e}");
+    Reported(e.exit_code())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

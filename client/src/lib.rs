@@ -21,6 +21,7 @@
 pub mod addr;
 pub mod cli;
 pub mod conn;
+mod context;
 pub mod error;
 pub mod part;
 pub mod progress;

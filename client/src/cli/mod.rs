@@ -13,11 +13,14 @@ use xfer_util::{format_time, read_password};
 
 use crate::addr::ServerAddr;
 use crate::conn::{Client, connect_tls};
-use crate::error::{ClientError, Result, printable};
-use crate::progress::Progress;
+use crate::context::Ctx;
+use crate::error::{ClientError, Result, printable, report};
 use crate::shell::ShellInput;
-use crate::state::{KnownServers, StateDir, StoredSession};
+use crate::state::StoredSession;
 use crate::transfer::BatchCommand;
+
+pub use crate::error::Reported;
+pub use crate::transfer::{DeleteArgs, DownloadArgs, UploadArgs};
 
 /// xfer: secure file transfer with an xferd server.
 #[derive(Debug, Parser)]
@@ -110,48 +113,6 @@ pub enum Command {
     Man,
 }
 
-/// Arguments of `upload`, shared by the command line and `xfer shell`.
-#[derive(Debug, clap::Args)]
-pub struct UploadArgs {
-    /// Local files
-    #[arg(required = true)]
-    pub local: Vec<PathBuf>,
-    /// Remote folder to upload into [default: your root]
-    #[arg(long, value_name = "REMOTE_DIR")]
-    pub to: Option<String>,
-    /// Upload folders and everything in them
-    #[arg(short, long)]
-    pub recursive: bool,
-    /// Send every file whole, even if the server kept part of it from an interrupted upload
-    #[arg(long)]
-    pub no_resume: bool,
-}
-
-/// Arguments of `download`, shared by the command line and `xfer shell`.
-#[derive(Debug, clap::Args)]
-pub struct DownloadArgs {
-    /// Remote files
-    #[arg(required = true)]
-    pub remote: Vec<String>,
-    /// Local folder to download into [default: the current folder]
-    #[arg(long, value_name = "LOCAL_DIR")]
-    pub to: Option<PathBuf>,
-    /// Download folders and everything in them
-    #[arg(short, long)]
-    pub recursive: bool,
-    /// Fetch every file whole, even if a NAME.part from an interrupted download is there
-    #[arg(long)]
-    pub no_resume: bool,
-}
-
-/// Arguments of `delete`.
-#[derive(Debug, clap::Args)]
-pub struct DeleteArgs {
-    /// Remote paths
-    #[arg(required = true)]
-    pub remote: Vec<String>,
-}
-
 /// Arguments of `rename`.
 #[derive(Debug, clap::Args)]
 pub struct RenameArgs {
@@ -208,14 +169,6 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
-/// An error that has already been printed, carrying the exit code.
-pub struct Reported(pub u8);
-
-pub(crate) fn report(e: &ClientError) -> Reported {
-    eprintln!("xfer: error: {e}");
-    Reported(e.exit_code())
-}
-
 /// Runs a parsed command line; errors are printed here, once.
 pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
     // These need no state folder and no server.
@@ -233,7 +186,13 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         }
         _ => {}
     }
-    let ctx = match Ctx::new(&cli) {
+    let ctx = match Ctx::new(
+        cli.config_dir.as_deref(),
+        cli.server.as_deref(),
+        cli.bind,
+        cli.json,
+        cli.quiet,
+    ) {
         Ok(c) => c,
         Err(e) => return Err(report(&e)),
     };
@@ -272,148 +231,6 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         Command::Completions { .. } | Command::Man => unreachable!("handled before Ctx"),
     };
     result.map_err(|e| report(&e))
-}
-
-/// What every command needs: the state folder and the global flags.
-/// How long [`Ctx::connect_extra`] tries.
-const EXTRA_CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-pub(crate) struct Ctx {
-    state: StateDir,
-    server: Option<String>,
-    bind: Option<IpAddr>,
-    /// `--json`: print data as JSON.
-    pub(crate) json: bool,
-    quiet: bool,
-    /// Progress bars (drawn only on a terminal).
-    pub(crate) progress: Progress,
-}
-
-impl Ctx {
-    fn new(cli: &Cli) -> Result<Ctx> {
-        let dir = match &cli.config_dir {
-            Some(d) => d.clone(),
-            None => crate::state::default_dir().ok_or_else(|| {
-                ClientError::Usage(
-                    "cannot find a config folder: set HOME or XFER_CONFIG_DIR, or pass --config-dir".into(),
-                )
-            })?,
-        };
-        let server = cli
-            .server
-            .as_deref()
-            .map(|s| ServerAddr::parse(s).map(|a| a.to_string()))
-            .transpose()?;
-        Ok(Ctx {
-            state: StateDir::open(&dir)?,
-            server,
-            bind: cli.bind,
-            json: cli.json,
-            quiet: cli.quiet,
-            progress: Progress::new(cli.quiet),
-        })
-    }
-
-    /// Prints a status line on stderr unless `-q`.
-    pub(crate) fn status(&self, msg: impl std::fmt::Display) {
-        if !self.quiet {
-            eprintln!("{msg}");
-        }
-    }
-
-    /// Connects to the selected server with its pin and authenticates with the stored token.
-    pub(crate) async fn connect(&self) -> Result<(Client, String, StoredSession)> {
-        let (key, stored) = self.state.sessions()?.select(self.server.as_deref())?;
-        let client = self.connect_as(&key, &stored).await?;
-        Ok((client, key, stored))
-    }
-
-    /// Another connection on the same session, for a command that spreads its work over
-    /// several: one attempt (a refusal at a server limit is not retried) within
-    /// [`EXTRA_CONNECT_WAIT`], and `None` on any failure, since the first connection can do
-    /// the work alone.
-    pub(crate) async fn connect_extra(&self) -> Option<Client> {
-        let (key, stored) = self
-            .state
-            .sessions()
-            .ok()?
-            .select(self.server.as_deref())
-            .ok()?;
-        let server = ServerAddr::parse(&key).ok()?;
-        let pin = self.state.known_servers().ok()?.get(&key)?;
-        let attempt = async {
-            let (tls, seen) = crate::conn::connect_tls_once(&server, Some(pin), self.bind)
-                .await
-                .ok()?;
-            let mut client = Client::greet(tls, server.clone(), seen).await.ok()?;
-            client.authenticate(&stored.token).await.ok()?;
-            Some(client)
-        };
-        tokio::time::timeout(EXTRA_CONNECT_WAIT, attempt)
-            .await
-            .ok()
-            .flatten()
-    }
-
-    /// [`Ctx::connect`] for a session the caller has already read, so that a command which
-    /// also rewrites `sessions.toml` reads it once.
-    async fn connect_as(&self, key: &str, stored: &StoredSession) -> Result<Client> {
-        let server = ServerAddr::parse(key)?;
-        let known = self.state.known_servers()?;
-        let pin = known.get(key).ok_or_else(|| {
-            ClientError::Other(format!(
-                "no pinned key for {key} in `{}` - run `xfer login {}@{key}`",
-                self.state.known_servers_path().display(),
-                stored.user
-            ))
-        })?;
-        let mut client = Client::connect(&server, pin, self.bind)
-            .await
-            .inspect_err(|e| self.warn_key_changed(e, &known))?;
-        match client.authenticate(&stored.token).await {
-            Ok(_) => Ok(client),
-            Err(ClientError::Server {
-                code: ErrorCode::SessionExpired | ErrorCode::NotAuthenticated,
-                ..
-            }) => Err(ClientError::Server {
-                code: ErrorCode::SessionExpired,
-                message: format!(
-                    "session for {key} expired or was revoked - run `xfer login {}@{key}`",
-                    stored.user
-                ),
-            }),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The OpenSSH-style warning for a changed key; `known` is the pin file as just read.
-    fn warn_key_changed(&self, e: &ClientError, known: &KnownServers) {
-        if let ClientError::KeyChanged {
-            server,
-            pinned,
-            seen,
-        } = e
-        {
-            let path = self.state.known_servers_path();
-            let line = known
-                .line_of(server)
-                .map(|l| format!(":{l}"))
-                .unwrap_or_default();
-            eprintln!(
-                "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
-                 @    WARNING: SERVER IDENTIFICATION HAS CHANGED!          @\n\
-                 @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
-                 IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n\
-                 Someone could be eavesdropping on you right now (man-in-the-middle attack)!\n\
-                 It is also possible that the server's key has just been replaced.\n\
-                 The key pinned for {server} is\n    {pinned}\n\
-                 The server now presents\n    {seen}\n\
-                 The pin is in {}{line}. Nothing was sent to the server.\n\
-                 If you know the key was replaced on purpose, remove the old pin with:\n    xfer forget {server}",
-                path.display()
-            );
-        }
-    }
 }
 
 fn ask_yes_no(question: &str) -> Result<bool> {
