@@ -26,7 +26,6 @@ pub mod error;
 pub mod part;
 pub mod progress;
 pub mod put;
-mod shell;
 pub mod state;
 mod transfer;
 pub mod verifier;
