@@ -5,7 +5,7 @@
 //! - [`fs`]: atomic file replacement (temp file in the same folder, fsync, rename, fsync the
 //!   folder) and the folder helpers it rests on.
 //! - [`password`]: reading a password: one line of stdin, or a no-echo prompt on the terminal.
-//! - [`format`]: how times and byte counts are shown to people.
+//! - [`format`](mod@format): how times and byte counts are shown to people.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
