@@ -40,6 +40,14 @@ pub struct Cli {
     /// Print more about what is happening (repeat for more)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Use the token in this file (from `xfer token create`) instead of a stored session;
+    /// needs --server. The XFER_TOKEN environment variable does the same.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The server's key fingerprint (SHA256:..., from `xferd fingerprint`): checked on first
+    /// contact by `login`, and with a token for a server not pinned yet
+    #[arg(long, global = true, value_name = "FP")]
+    pub fingerprint: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -55,9 +63,6 @@ pub enum Command {
         /// Read the password from the first line of standard input
         #[arg(long)]
         password_stdin: bool,
-        /// Expected server key fingerprint (SHA256:...), from `xferd fingerprint`
-        #[arg(long, value_name = "FP")]
-        fingerprint: Option<String>,
         /// Trust and pin the key of a server seen for the first time
         #[arg(long)]
         accept_new: bool,
@@ -100,6 +105,12 @@ pub enum Command {
     /// An interactive session over one connection (the menu of old): list, upload, download,
     /// delete, rename, mkdir, whoami, help, quit. Reads commands from a pipe too, one per line.
     Shell,
+    /// Make, list and revoke long-lived tokens for scripts (`xfer token create --help`).
+    Token {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        command: crate::tokens::TokenCommand,
+    },
     /// Print a shell completion script (e.g. `xfer completions bash > /etc/bash_completion.d/xfer`).
     Completions {
         /// The shell
@@ -236,11 +247,11 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         Ok(c) => c,
         Err(e) => return Err(report(&e)),
     };
+    let fingerprint = cli.fingerprint.clone();
     let result = match cli.command {
         Command::Login {
             target,
             password_stdin,
-            fingerprint,
             accept_new,
         } => {
             login(
@@ -268,6 +279,7 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         Command::Shutdown { password_stdin } => shutdown(&ctx, password_stdin).await,
         Command::Forget { server } => forget(&ctx, &server),
         Command::Shell => return shell(&ctx).await,
+        Command::Token { command } => crate::tokens::run(&ctx, command).await,
         Command::Completions { .. } | Command::Man => unreachable!("handled before Ctx"),
     };
     result.map_err(|e| report(&e))
@@ -286,6 +298,8 @@ pub(crate) struct Ctx {
     quiet: bool,
     /// Progress bars (drawn only on a terminal).
     pub(crate) progress: Progress,
+    /// `--token-file` and `--fingerprint`: a token to use instead of the stored session.
+    tokens: crate::tokens::TokenOptions,
 }
 
 impl Ctx {
@@ -310,7 +324,21 @@ impl Ctx {
             json: cli.json,
             quiet: cli.quiet,
             progress: Progress::new(cli.quiet),
+            tokens: crate::tokens::TokenOptions {
+                token_file: cli.token_file.clone(),
+                fingerprint: cli.fingerprint.clone(),
+            },
         })
+    }
+
+    /// The token `--token-file` or `XFER_TOKEN` gives, if any (see [`crate::tokens::resolve`]).
+    fn token(&self) -> Result<Option<crate::tokens::TokenAuth>> {
+        crate::tokens::resolve(
+            &self.state,
+            self.server.as_deref(),
+            self.tokens.token_file.as_deref(),
+            self.tokens.fingerprint.as_deref(),
+        )
     }
 
     /// Prints a status line on stderr unless `-q`.
@@ -322,6 +350,9 @@ impl Ctx {
 
     /// Connects to the selected server with its pin and authenticates with the stored token.
     pub(crate) async fn connect(&self) -> Result<(Client, String, StoredSession)> {
+        if let Some(auth) = self.token()? {
+            return crate::tokens::connect(&auth, self.bind).await;
+        }
         let (key, stored) = self.state.sessions()?.select(self.server.as_deref())?;
         let client = self.connect_as(&key, &stored).await?;
         Ok((client, key, stored))
@@ -332,6 +363,9 @@ impl Ctx {
     /// [`EXTRA_CONNECT_WAIT`], and `None` on any failure, since the first connection can do
     /// the work alone.
     pub(crate) async fn connect_extra(&self) -> Option<Client> {
+        if let Some(auth) = self.token().ok()? {
+            return crate::tokens::connect_extra(&auth, self.bind, EXTRA_CONNECT_WAIT).await;
+        }
         let (key, stored) = self
             .state
             .sessions()

@@ -14,6 +14,8 @@
 //! - [`progress`]: progress bars on a terminal, silence elsewhere.
 //! - `transfer`: multi-file upload, download and delete: plan, run, report, summarize.
 //! - [`cli`]: the command line.
+//! - [`tokens`]: `xfer token ...`, and a token (`XFER_TOKEN`, `--token-file`) used instead of
+//!   a stored session.
 //! - `shell`: where `xfer shell` reads its lines: a line editor with history on a terminal,
 //!   plain lines from a pipe.
 #![forbid(unsafe_code)]
@@ -27,6 +29,7 @@ pub mod progress;
 pub mod put;
 mod shell;
 pub mod state;
+pub mod tokens;
 mod transfer;
 pub mod verifier;
 

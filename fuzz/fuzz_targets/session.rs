@@ -752,6 +752,17 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
             Response::Committed { .. } => {
                 assert!(authenticated, "a commit before any authentication")
             }
+            Response::TokenCreated { token, info } => {
+                assert!(authenticated, "a token before any authentication");
+                assert!(token.starts_with(xferd::sessions::TOKEN_PREFIX));
+                assert!(!info.id.is_empty());
+                seen.tokens.push(token);
+            }
+            Response::Tokens { tokens, .. } => {
+                assert!(authenticated, "a token listing before any authentication");
+                assert!(tokens.len() <= xfer_proto::limits::MAX_TOKENS_PER_FRAME);
+            }
+            Response::KeyChallengeReserved => panic!("a key challenge from a server without key login"),
             Response::UploadResume { offset, .. } => {
                 assert!(authenticated, "a resume offer before any authentication");
                 assert!(offset > 0, "a resume offer of nothing");
