@@ -357,3 +357,19 @@ fn a_token_needs_a_server_a_checked_key_and_a_readable_file() {
     .expect_code(2);
     assert!(!run.stderr.contains("hunter2"), "{run:#?}");
 }
+
+#[test]
+fn a_password_change_ends_tokens_and_the_cap_says_what_to_do() {
+    let server = TestServer::start_with(|c| c.sessions.max_tokens_per_user = 1);
+    let h = logged_in(&server, "alice");
+    let token = create(&h, &[]);
+    let run = h.run(&["token", "create"]).expect_code(7);
+    assert!(
+        run.stderr.contains("xfer token revoke") && run.stderr.contains("max_tokens_per_user"),
+        "{run:#?}"
+    );
+    let script = Script::new(&server);
+    script.run(&token, &["list"]).expect_code(0);
+    server.edit_users(|u| u.set_password("alice", "new-pw").unwrap());
+    script.run(&token, &["list"]).expect_code(3);
+}
