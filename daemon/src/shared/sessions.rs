@@ -77,6 +77,9 @@ pub struct SharedRegistry {
     store: SharedStore,
     /// `sessions.ttl_secs`: a record older than this is of an expired session.
     ttl_secs: u64,
+    /// `sessions.token_max_days` in seconds: a token's record older than this is of an
+    /// expired token (so the sweeper does not read every token's record every time).
+    token_ttl_secs: u64,
 }
 
 impl SharedRegistry {
@@ -85,6 +88,7 @@ impl SharedRegistry {
         SharedRegistry {
             store,
             ttl_secs: settings.ttl_secs,
+            token_ttl_secs: settings.token_max_secs(),
         }
     }
 
@@ -252,7 +256,11 @@ impl SharedRegistry {
                 .list(&self.store.key(&[folder]), MAX_LISTED)
                 .await?;
             for meta in listed {
-                if !self.surely_expired(&meta, t) {
+                let old = match folder {
+                    TOKENS => meta.last_modified.timestamp() + self.token_ttl_secs as i64 + 60 < t,
+                    _ => self.surely_expired(&meta, t),
+                };
+                if !old {
                     // Registry records may still be of expired sessions when the ttl was
                     // shortened; they are read only past the ttl they were written under.
                     continue;
