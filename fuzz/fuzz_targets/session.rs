@@ -125,6 +125,14 @@ enum Op {
         trailer: Trailer,
     },
     Commit,
+    /// A long-lived token (protocol 3), with any scope and lifetime.
+    TokenCreate {
+        read_only: bool,
+        path: FPath,
+        expires_secs: u64,
+    },
+    TokenList,
+    TokenRevoke(String),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -654,6 +662,18 @@ impl Script<'_> {
                 return;
             }
             Op::Commit => Request::Commit,
+            Op::TokenCreate {
+                read_only,
+                path,
+                expires_secs,
+            } => Request::TokenCreate {
+                name: "fuzz".into(),
+                expires_secs: *expires_secs,
+                read_only: *read_only,
+                path: path.text(),
+            },
+            Op::TokenList => Request::TokenList,
+            Op::TokenRevoke(id) => Request::TokenRevoke { id: id.clone() },
         };
         self.frame(&req);
     }
@@ -762,7 +782,9 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
                 assert!(authenticated, "a token listing before any authentication");
                 assert!(tokens.len() <= xfer_proto::limits::MAX_TOKENS_PER_FRAME);
             }
-            Response::KeyChallengeReserved => panic!("a key challenge from a server without key login"),
+            Response::KeyChallengeReserved => {
+                panic!("a key challenge from a server without key login")
+            }
             Response::UploadResume { offset, .. } => {
                 assert!(authenticated, "a resume offer before any authentication");
                 assert!(offset > 0, "a resume offer of nothing");
