@@ -31,6 +31,8 @@ pub(crate) struct Ctx {
     pub(crate) quiet: bool,
     /// Progress bars (drawn only on a terminal).
     pub(crate) progress: Progress,
+    /// `--token-file` and `--fingerprint`: a token to use instead of the stored session.
+    tokens: crate::tokens::TokenOptions,
 }
 
 impl Ctx {
@@ -41,6 +43,7 @@ impl Ctx {
         bind: Option<IpAddr>,
         json: bool,
         quiet: bool,
+        tokens: crate::tokens::TokenOptions,
     ) -> Result<Ctx> {
         let dir = match config_dir {
             Some(d) => d.to_path_buf(),
@@ -60,7 +63,18 @@ impl Ctx {
             json,
             quiet,
             progress: Progress::new(quiet),
+            tokens,
         })
+    }
+
+    /// The token `--token-file` or `XFER_TOKEN` gives, if any (see [`crate::tokens::resolve`]).
+    fn token(&self) -> Result<Option<crate::tokens::TokenAuth>> {
+        crate::tokens::resolve(
+            &self.state,
+            self.server.as_deref(),
+            self.tokens.token_file.as_deref(),
+            self.tokens.fingerprint.as_deref(),
+        )
     }
 
     /// Prints a status line on stderr unless `-q`.
@@ -72,6 +86,9 @@ impl Ctx {
 
     /// Connects to the selected server with its pin and authenticates with the stored token.
     pub(crate) async fn connect(&self) -> Result<(Client, String, StoredSession)> {
+        if let Some(auth) = self.token()? {
+            return crate::tokens::connect(&auth, self.bind).await;
+        }
         let (key, stored) = self.state.sessions()?.select(self.server.as_deref())?;
         let client = self.connect_as(&key, &stored).await?;
         Ok((client, key, stored))
@@ -82,6 +99,9 @@ impl Ctx {
     /// [`EXTRA_CONNECT_WAIT`], and `None` on any failure, since the first connection can do
     /// the work alone.
     pub(crate) async fn connect_extra(&self) -> Option<Client> {
+        if let Some(auth) = self.token().ok()? {
+            return crate::tokens::connect_extra(&auth, self.bind, EXTRA_CONNECT_WAIT).await;
+        }
         let (key, stored) = self
             .state
             .sessions()

@@ -58,6 +58,15 @@ pub enum ClientError {
         /// Its key.
         seen: Fingerprint,
     },
+    /// A token (`XFER_TOKEN`, `--token-file`) for a server whose key is neither pinned nor
+    /// given: it is never sent unchecked (exit 6).
+    #[error(
+        "{server} is not a known server, and a token is only sent to a server whose key is checked: pass --fingerprint FP (from `xferd fingerprint` on the server), or log in to it once with `xfer login USER@{server}` to pin it"
+    )]
+    UnpinnedForToken {
+        /// The server.
+        server: String,
+    },
     /// The user answered no to the first-contact question (exit 6).
     #[error("server identity not confirmed; nothing was sent")]
     NotConfirmed,
@@ -158,6 +167,7 @@ impl ClientError {
             ClientError::KeyChanged { .. }
             | ClientError::FingerprintMismatch { .. }
             | ClientError::UnknownServer { .. }
+            | ClientError::UnpinnedForToken { .. }
             | ClientError::NotConfirmed => 6,
             ClientError::Connect { .. }
             | ClientError::Refused { .. }

@@ -21,6 +21,8 @@
 //!   (`cli/account.rs`: login, logout, whoami, shutdown, forget), and `xfer shell`
 //!   (`cli/shell.rs`: its grammar and loop; `cli/shell/input.rs`: a line editor with history
 //!   on a terminal, plain lines from a pipe).
+//! - [`tokens`]: `xfer token ...`, and a token (`XFER_TOKEN`, `--token-file`) used instead of
+//!   a stored session.
 //!
 //! Dependencies run one way: `cli` ──> `transfer` ──> `context` ──> `conn`, `state`; `cli`
 //! also uses `context` directly. `transfer` and `context` never name `cli`.
@@ -35,6 +37,7 @@ pub mod part;
 pub mod progress;
 pub mod put;
 pub mod state;
+pub mod tokens;
 mod transfer;
 pub mod verifier;
 

@@ -141,7 +141,8 @@ pub enum UserCommand {
 /// `xferd session ...`
 #[derive(Debug, Subcommand)]
 pub enum SessionCommand {
-    /// List live sessions: id, user, source, created, expires.
+    /// List live sessions and tokens: id, user, source, created, expires, kind (login or
+    /// token) and a token's name and scope.
     List {
         /// Only this user's sessions
         #[arg(long)]
@@ -150,7 +151,7 @@ pub enum SessionCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke sessions by id (as `session list` shows it), by user, or all.
+    /// Revoke sessions and tokens by id (as `session list` shows it), by user, or all.
     Revoke {
         /// Session ids (at least 6 characters of one)
         ids: Vec<String>,
@@ -560,19 +561,40 @@ async fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<(
                 let v: Vec<_> = list
                     .iter()
                     .map(|(id, s)| {
-                        serde_json::json!({"id": id, "user": s.user, "source": s.source,
-                            "created": time(s.created), "expires": time(s.expires)})
+                        let mut v = serde_json::json!({"id": id, "user": s.user,
+                            "source": s.source, "created": time(s.created),
+                            "expires": time(s.expires), "kind": s.kind()});
+                        if let Some(t) = &s.token {
+                            v["name"] = t.name.clone().into();
+                            v["read_only"] = t.read_only.into();
+                            v["path"] = t.path.clone().into();
+                        }
+                        v
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for (id, s) in &list {
+                    // A token's name has no control characters (checked at creation).
+                    let scope = s.token.as_ref().map_or(String::new(), |t| {
+                        format!(
+                            " name={} {} path={}",
+                            if t.name.is_empty() { "-" } else { &t.name },
+                            if t.read_only {
+                                "read-only"
+                            } else {
+                                "read-write"
+                            },
+                            if t.path.is_empty() { "/" } else { &t.path }
+                        )
+                    });
                     println!(
-                        "{id}\t{}\t{}\tcreated {}\texpires {}",
+                        "{id}\t{}\t{}\tcreated {}\texpires {}\t{}{scope}",
                         s.user,
                         s.source,
                         time(s.created),
-                        time(s.expires)
+                        time(s.expires),
+                        s.kind()
                     );
                 }
             }

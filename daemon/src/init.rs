@@ -138,6 +138,12 @@ max_per_user = 100
 # (PREFIX/.xfer/revoked/). A logout, revocation, password or role change on one node is in
 # force on every node within twice this (the default keeps it under 5 s).
 sync_interval_ms = 2000
+# Longest life of a long-lived token (`xfer token create --expires`), in days. A token made
+# without --expires lives 90 days, or this if it is shorter.
+token_max_days = 365
+# Most live tokens per account (they do not count against max_per_user, and a login never
+# ends one); making one more is refused until one is revoked (`xfer token revoke ID`).
+max_tokens_per_user = 32
 
 [penalties]
 # Brute-force defence, per source (limits.per_source_net_block_size). Each failed login, bad token or

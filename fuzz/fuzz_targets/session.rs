@@ -125,6 +125,14 @@ enum Op {
         trailer: Trailer,
     },
     Commit,
+    /// A long-lived token (protocol 3), with any scope and lifetime.
+    TokenCreate {
+        read_only: bool,
+        path: FPath,
+        expires_secs: u64,
+    },
+    TokenList,
+    TokenRevoke(String),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -654,6 +662,18 @@ impl Script<'_> {
                 return;
             }
             Op::Commit => Request::Commit,
+            Op::TokenCreate {
+                read_only,
+                path,
+                expires_secs,
+            } => Request::TokenCreate {
+                name: "fuzz".into(),
+                expires_secs: *expires_secs,
+                read_only: *read_only,
+                path: path.text(),
+            },
+            Op::TokenList => Request::TokenList,
+            Op::TokenRevoke(id) => Request::TokenRevoke { id: id.clone() },
         };
         self.frame(&req);
     }
@@ -751,6 +771,19 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
             Response::UploadDone { .. } => assert!(authenticated),
             Response::Committed { .. } => {
                 assert!(authenticated, "a commit before any authentication")
+            }
+            Response::TokenCreated { token, info } => {
+                assert!(authenticated, "a token before any authentication");
+                assert!(token.starts_with(xferd::sessions::TOKEN_PREFIX));
+                assert!(!info.id.is_empty());
+                seen.tokens.push(token);
+            }
+            Response::Tokens { tokens, .. } => {
+                assert!(authenticated, "a token listing before any authentication");
+                assert!(tokens.len() <= xfer_proto::limits::MAX_TOKENS_PER_FRAME);
+            }
+            Response::KeyChallengeReserved => {
+                panic!("a key challenge from a server without key login")
             }
             Response::UploadResume { offset, .. } => {
                 assert!(authenticated, "a resume offer before any authentication");

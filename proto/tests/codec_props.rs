@@ -167,7 +167,41 @@ fn request() -> impl Strategy<Value = Request> {
             digest
         }),
         Just(Request::Commit),
+        // Key login's tags (18, 19): placeholders until its variants are merged.
+        Just(Request::KeyLoginReserved),
+        Just(Request::KeyProofReserved),
+        (text(64), u64_any(), any::<bool>(), text(300)).prop_map(
+            |(name, expires_secs, read_only, path)| Request::TokenCreate {
+                name,
+                expires_secs,
+                read_only,
+                path
+            }
+        ),
+        Just(Request::TokenList),
+        text(40).prop_map(|id| Request::TokenRevoke { id }),
     ]
+}
+
+fn token_info() -> impl Strategy<Value = xfer_proto::TokenInfo> {
+    (
+        text(20),
+        text(64),
+        i64_any(),
+        i64_any(),
+        any::<bool>(),
+        text(300),
+    )
+        .prop_map(
+            |(id, name, created, expires, read_only, path)| xfer_proto::TokenInfo {
+                id,
+                name,
+                created,
+                expires,
+                read_only,
+                path,
+            },
+        )
 }
 
 fn response() -> impl Strategy<Value = Response> {
@@ -193,6 +227,10 @@ fn response() -> impl Strategy<Value = Response> {
         (u64_any(), digest())
             .prop_map(|(offset, prefix)| Response::UploadResume { offset, prefix }),
         u64_any().prop_map(|files| Response::Committed { files }),
+        Just(Response::KeyChallengeReserved),
+        (text(300), token_info()).prop_map(|(token, info)| Response::TokenCreated { token, info }),
+        (vec(token_info(), 0..4), any::<bool>())
+            .prop_map(|(tokens, done)| Response::Tokens { tokens, done }),
     ]
 }
 

@@ -45,6 +45,14 @@ pub struct Cli {
     /// Print more about what is happening (repeat for more)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Use the token in this file (from `xfer token create`) instead of a stored session;
+    /// needs --server. The XFER_TOKEN environment variable does the same.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The server's key fingerprint (SHA256:..., from `xferd fingerprint`): checked on first
+    /// contact by `login`, and with a token for a server not pinned yet
+    #[arg(long, global = true, value_name = "FP")]
+    pub fingerprint: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -60,9 +68,6 @@ pub enum Command {
         /// Read the password from the first line of standard input
         #[arg(long)]
         password_stdin: bool,
-        /// Expected server key fingerprint (SHA256:...), from `xferd fingerprint`
-        #[arg(long, value_name = "FP")]
-        fingerprint: Option<String>,
         /// Trust and pin the key of a server seen for the first time
         #[arg(long)]
         accept_new: bool,
@@ -105,6 +110,12 @@ pub enum Command {
     /// An interactive session over one connection (the menu of old): list, upload, download,
     /// delete, rename, mkdir, whoami, help, quit. Reads commands from a pipe too, one per line.
     Shell,
+    /// Make, list and revoke long-lived tokens for scripts (`xfer token create --help`).
+    Token {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        command: crate::tokens::TokenCommand,
+    },
     /// Print a shell completion script (e.g. `xfer completions bash > /etc/bash_completion.d/xfer`).
     Completions {
         /// The shell
@@ -193,15 +204,19 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         cli.bind,
         cli.json,
         cli.quiet,
+        crate::tokens::TokenOptions {
+            token_file: cli.token_file.clone(),
+            fingerprint: cli.fingerprint.clone(),
+        },
     ) {
         Ok(c) => c,
         Err(e) => return Err(report(&e)),
     };
+    let fingerprint = cli.fingerprint.clone();
     let result = match cli.command {
         Command::Login {
             target,
             password_stdin,
-            fingerprint,
             accept_new,
         } => {
             login(
@@ -229,6 +244,7 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
         Command::Shutdown { password_stdin } => shutdown(&ctx, password_stdin).await,
         Command::Forget { server } => forget(&ctx, &server),
         Command::Shell => return shell(&ctx).await,
+        Command::Token { command } => crate::tokens::run(&ctx, command).await,
         Command::Completions { .. } | Command::Man => unreachable!("handled before Ctx"),
     };
     result.map_err(|e| report(&e))
