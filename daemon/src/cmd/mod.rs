@@ -1,6 +1,7 @@
 //! Request dispatch: the one place that checks a request is allowed in this state and for this
 //! role, then hands it to the module that implements it.
 
+mod account;
 mod auth;
 pub mod batch;
 mod context;
@@ -35,12 +36,13 @@ fn access(req: &Request) -> Access {
         Request::Shutdown { .. } => Access::Role(Role::Superuser),
         Request::Logout
         | Request::WhoAmI
+        | Request::Account
         | Request::List { .. }
-        | Request::Upload { .. }
+        | Request::Download { .. }
+        | Request::DownloadFrom { .. } => Access::Role(Role::Reader),
+        Request::Upload { .. }
         | Request::UploadEnd { .. }
         | Request::UploadFrom { .. }
-        | Request::Download { .. }
-        | Request::DownloadFrom { .. }
         | Request::Delete { .. }
         | Request::Rename { .. }
         | Request::Mkdir { .. }
@@ -98,11 +100,16 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .await?;
         return Ok(Flow::Close);
     }
-    if ctx.version < 3 && matches!(req, Request::Put { .. } | Request::Commit) {
+    if ctx.version < 3
+        && matches!(
+            req,
+            Request::Put { .. } | Request::Commit | Request::Account
+        )
+    {
         conn.write_frame(&Response::error(
             ErrorCode::BadRequest,
             format!(
-                "Put and Commit need protocol version 3; this connection speaks version {}",
+                "Put, Commit and Account need protocol version 3; this connection speaks version {}",
                 ctx.version
             ),
         ))
@@ -159,10 +166,13 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
             let auth = ctx.session();
             tracing::warn!(user = %auth.user, peer = %ctx.peer, needed = %role, "permission denied");
-            let op = if role == Role::Superuser {
-                "shutdown"
-            } else {
-                "request"
+            let op = match &req {
+                Request::Shutdown { .. } => "shutdown",
+                Request::Upload { .. } | Request::Put { .. } | Request::Commit => "upload",
+                Request::Delete { .. } => "delete",
+                Request::Rename { .. } => "rename",
+                Request::Mkdir { .. } => "mkdir",
+                _ => "request",
             };
             ctx.audit(op, None, Outcome::failed(ErrorCode::PermissionDenied));
             return reply_error(
@@ -179,6 +189,7 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Request::Authenticate { token } => auth::authenticate(ctx, conn, &token).await,
         Request::Logout => auth::logout(ctx, conn).await,
         Request::WhoAmI => auth::whoami(ctx, conn).await,
+        Request::Account => account::account(ctx, conn).await,
         Request::Ping => {
             conn.write_frame(&Response::Ok).await?;
             Ok(Flow::Continue)
