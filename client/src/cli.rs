@@ -64,7 +64,7 @@ pub enum Command {
     },
     /// End the session: revoke the token on the server and forget it here.
     Logout,
-    /// Show user, role and server of the current session.
+    /// Show user, role and server of the current session, and the account's usage.
     Whoami,
     /// List files: name, size, modification time, kind.
     #[command(visible_alias = "ls")]
@@ -557,31 +557,16 @@ async fn logout(ctx: &Ctx) -> Result<()> {
     }
 }
 
-fn format_time(secs: i64) -> String {
+pub(crate) fn format_time(secs: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
 async fn whoami(ctx: &Ctx) -> Result<()> {
     let (mut client, key, _) = ctx.connect().await?;
-    let info = client.whoami().await?;
+    let account = client.account().await?;
     client.close().await;
-    if ctx.json {
-        let v = serde_json::json!({
-            "user": printable(&info.user),
-            "role": info.role,
-            "server": key,
-            "expires": format_time(info.expires),
-        });
-        println!("{v}");
-    } else {
-        println!(
-            "{} ({}) on {key}; session expires {}",
-            printable(&info.user),
-            info.role,
-            format_time(info.expires)
-        );
-    }
+    crate::account::print_whoami(&account, &key, ctx.json);
     Ok(())
 }
 

@@ -13,11 +13,13 @@
 //! - [`part`]: the `.part` file a download is staged in and resumed from.
 //! - [`progress`]: progress bars on a terminal, silence elsewhere.
 //! - `transfer`: multi-file upload, download and delete: plan, run, report, summarize.
+//! - [`account`]: the account's usage against its quotas, and `xfer whoami`'s output.
 //! - [`cli`]: the command line.
 //! - `shell`: where `xfer shell` reads its lines: a line editor with history on a terminal,
 //!   plain lines from a pipe.
 #![forbid(unsafe_code)]
 
+pub mod account;
 pub mod addr;
 pub mod cli;
 pub mod conn;

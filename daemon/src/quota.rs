@@ -89,9 +89,13 @@ pub enum Refusal {
     },
 }
 
-/// Bytes in binary units, one decimal ("9.8 GiB").
+/// Bytes in binary units, one decimal where it says something ("9.8 GiB", "10 GiB").
 pub fn human(bytes: u64) -> String {
-    bytesize::ByteSize(bytes).display().iec().to_string()
+    bytesize::ByteSize(bytes)
+        .display()
+        .iec()
+        .to_string()
+        .replacen(".0 ", " ", 1)
 }
 
 /// One user's counts.
@@ -744,7 +748,7 @@ mod tests {
     #[test]
     fn sizes_read_as_people_write_them() {
         assert_eq!(human(0), "0 B");
-        assert_eq!(human(10 << 30), "10.0 GiB");
+        assert_eq!(human(10 << 30), "10 GiB");
         assert_eq!(human(9_800_000_000), "9.1 GiB");
     }
 }
