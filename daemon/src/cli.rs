@@ -136,11 +136,11 @@ pub enum UserCommand {
         /// Bytes the account may store: a size like 10GiB, 500MB or 1048576; `none` for no
         /// limit; `default` for the config's `[quota] default_bytes`
         #[arg(long, value_name = "SIZE|none|default", value_parser = parse_quota_bytes)]
-        bytes: Option<Option<QuotaSetting>>,
+        bytes: Option<QuotaArg>,
         /// Files the account may store; `none` for no limit; `default` for the config's
         /// `[quota] default_files`
         #[arg(long, value_name = "N|none|default", value_parser = parse_quota_files)]
-        files: Option<Option<QuotaSetting>>,
+        files: Option<QuotaArg>,
     },
     /// Show an account's usage and quotas.
     Usage {
@@ -202,14 +202,18 @@ fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
 }
 
-/// `--bytes` of `xferd user quota`: `Some(None)` is `default`.
-fn parse_quota_bytes(s: &str) -> Result<Option<QuotaSetting>, String> {
+/// A quota as `xferd user quota` takes it: a setting, or back to the config's default.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaArg(Option<QuotaSetting>);
+
+/// `--bytes` of `xferd user quota`.
+fn parse_quota_bytes(s: &str) -> Result<QuotaArg, String> {
     match s {
-        "none" => Ok(Some(QuotaSetting::Unlimited)),
-        "default" => Ok(None),
+        "none" => Ok(QuotaArg(Some(QuotaSetting::Unlimited))),
+        "default" => Ok(QuotaArg(None)),
         size => size
             .parse::<bytesize::ByteSize>()
-            .map(|b| Some(QuotaSetting::Limit(b.0)))
+            .map(|b| QuotaArg(Some(QuotaSetting::Limit(b.0))))
             .map_err(|_| {
                 format!(
                     "`{size}` is not a size (like 10GiB, 500MB or 1048576), `none` or `default`"
@@ -218,14 +222,14 @@ fn parse_quota_bytes(s: &str) -> Result<Option<QuotaSetting>, String> {
     }
 }
 
-/// `--files` of `xferd user quota`: `Some(None)` is `default`.
-fn parse_quota_files(s: &str) -> Result<Option<QuotaSetting>, String> {
+/// `--files` of `xferd user quota`.
+fn parse_quota_files(s: &str) -> Result<QuotaArg, String> {
     match s {
-        "none" => Ok(Some(QuotaSetting::Unlimited)),
-        "default" => Ok(None),
+        "none" => Ok(QuotaArg(Some(QuotaSetting::Unlimited))),
+        "default" => Ok(QuotaArg(None)),
         n => n
             .parse::<u64>()
-            .map(|n| Some(QuotaSetting::Limit(n)))
+            .map(|n| QuotaArg(Some(QuotaSetting::Limit(n))))
             .map_err(|_| format!("`{n}` is not a number of files, `none` or `default`")),
     }
 }
@@ -612,7 +616,7 @@ async fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()
         }
         UserCommand::Quota { name, bytes, files } => {
             admin
-                .edit(|users| users.set_quota(&name, bytes, files))
+                .edit(|users| users.set_quota(&name, bytes.map(|q| q.0), files.map(|q| q.0)))
                 .await?;
             let users = admin.read().await?;
             let used = crate::quota::admin_usage(&config, &users, &name, false).await?;

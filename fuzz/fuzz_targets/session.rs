@@ -752,6 +752,10 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
             Response::Committed { .. } => {
                 assert!(authenticated, "a commit before any authentication")
             }
+            Response::Account { session, .. } => {
+                assert!(authenticated, "an account before any authentication");
+                seen.users.insert(session.user);
+            }
             Response::UploadResume { offset, .. } => {
                 assert!(authenticated, "a resume offer before any authentication");
                 assert!(offset > 0, "a resume offer of nothing");
