@@ -122,8 +122,8 @@ pub struct Quotas {
     recount: Duration,
     /// Counts by user; only users seen since the start have one.
     users: Mutex<HashMap<String, Counted>>,
-    /// One scan at a time: a scan is a whole tree's walk.
-    scans: tokio::sync::Mutex<()>,
+    /// One scan at a time per user (a scan is a whole tree's walk): by user, while one runs.
+    scans: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Bytes and a file reserved for one upload in progress; given back on drop unless
@@ -201,7 +201,7 @@ impl Quotas {
             dir,
             recount,
             users: Mutex::new(HashMap::new()),
-            scans: tokio::sync::Mutex::new(()),
+            scans: Mutex::new(HashMap::new()),
         })
     }
 
@@ -237,7 +237,27 @@ impl Quotas {
         if let Some(stored) = self.trusted(user) {
             return Ok(stored);
         }
-        let _one = self.scans.lock().await;
+        let gate = self
+            .scans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(user.to_string())
+            .or_default()
+            .clone();
+        let counted = {
+            let _one = gate.lock().await;
+            self.count(user, tree).await
+        };
+        let mut scans = self.scans.lock().unwrap_or_else(|e| e.into_inner());
+        // The last one out removes the gate (the map holds one reference, `gate` another).
+        if Arc::strong_count(&gate) <= 2 {
+            scans.remove(user);
+        }
+        counted
+    }
+
+    /// [`Quotas::ensure`] once this task is the only one counting `user`.
+    async fn count(&self, user: &str, tree: &Tree) -> Result<Record, StorageError> {
         // Another task may have counted meanwhile.
         if let Some(stored) = self.trusted(user) {
             return Ok(stored);
@@ -378,17 +398,29 @@ impl Quotas {
     /// Turns `reservation` into usage: a file of `size` bytes now stored, replacing one of
     /// `replaced` bytes (`None`: a new file).
     pub fn commit(&self, reservation: Reservation, size: u64, replaced: Option<u64>) {
-        self.changed(&reservation.user, |r| {
-            r.bytes = r
-                .bytes
-                .saturating_add(size)
-                .saturating_sub(replaced.unwrap_or(0));
-            if replaced.is_none() {
-                r.files += 1;
+        self.commit_all(vec![(reservation, size, replaced)]);
+    }
+
+    /// [`Quotas::commit`] for the files of one batch (all of one user), with one write of
+    /// their record.
+    pub fn commit_all(&self, done: Vec<(Reservation, u64, Option<u64>)>) {
+        let Some((first, _, _)) = done.first() else {
+            return;
+        };
+        let user = first.user.clone();
+        self.changed(&user, |r| {
+            for (_, size, replaced) in &done {
+                r.bytes = r
+                    .bytes
+                    .saturating_add(*size)
+                    .saturating_sub(replaced.unwrap_or(0));
+                if replaced.is_none() {
+                    r.files += 1;
+                }
             }
         });
         // Dropped after the change, so the room is never counted twice nor free twice.
-        drop(reservation);
+        drop(done);
     }
 
     /// A file of `size` bytes of `user`'s is gone (deleted, or replaced by a rename).
@@ -743,6 +775,66 @@ mod tests {
             })
         );
         assert_eq!(q.over("alice", Quota::default()), None);
+    }
+
+    /// Stores `data` at `remote` in `tree` as a batch of one.
+    async fn put(tree: &Tree, remote: &str, data: &[u8]) {
+        let cache = crate::storage::StageCache::default();
+        let staged = tree.stage(remote, data.to_vec(), &cache).await.unwrap();
+        for (_, r) in tree.commit_batch(vec![staged]).await.unwrap() {
+            r.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_count_is_made_once_then_kept_and_made_again_when_its_record_goes() {
+        use crate::storage::tests::{BACKENDS, fixture};
+        for &b in BACKENDS {
+            let fx = fixture(b).await;
+            let t = &fx.tree;
+            put(t, "a", &[1; 100]).await;
+            put(t, "d/e/b", &[2; 20]).await;
+            t.mkdir("empty").await.unwrap();
+            assert_eq!(t.scan_usage().await.unwrap(), (120, 2), "{b:?}");
+            assert_eq!(t.file_size("d/e/b").await.unwrap(), Some(20), "{b:?}");
+            assert_eq!(t.file_size("d").await.unwrap(), None, "{b:?}");
+            assert_eq!(t.file_size("nothing").await.unwrap(), None, "{b:?}");
+            assert_eq!(
+                t.file_sizes(vec!["a".into(), "zz/y".into()]).await,
+                vec![Some(100), None],
+                "{b:?}"
+            );
+            let state = tempfile::tempdir().unwrap();
+            let q = Quotas::open(Some(state.path()), Duration::from_secs(300)).unwrap();
+            let first = q.ensure("alice", t).await.unwrap();
+            assert_eq!(
+                first,
+                Record {
+                    bytes: 120,
+                    files: 2
+                },
+                "{b:?}"
+            );
+            // Kept: a file added behind the daemon's back is not seen...
+            put(t, "c", &[3; 5]).await;
+            assert_eq!(q.ensure("alice", t).await.unwrap(), first, "{b:?}");
+            // ...until the record goes (or is rewritten, as `--rescan` does).
+            std::fs::remove_file(Quotas::record_path(&state.path().join(USAGE_DIR), "alice"))
+                .unwrap();
+            assert_eq!(
+                q.ensure("alice", t).await.unwrap(),
+                Record {
+                    bytes: 125,
+                    files: 3
+                },
+                "{b:?}"
+            );
+            // s3 mode keeps nothing on disk and counts again after `recount`.
+            let q = Quotas::open(None, Duration::ZERO).unwrap();
+            assert_eq!(q.ensure("alice", t).await.unwrap().files, 3, "{b:?}");
+            put(t, "f", &[4; 1]).await;
+            assert_eq!(q.ensure("alice", t).await.unwrap().files, 4, "{b:?}");
+        }
     }
 
     #[test]

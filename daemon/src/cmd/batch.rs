@@ -458,12 +458,13 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
         }
     };
     let (mut ok, mut bytes) = (0u64, 0u64);
+    let mut counted = Vec::with_capacity(infos.len());
     for ((file, result), (size, digest, reservation, replaced)) in results.into_iter().zip(infos) {
         match result {
             Ok(()) => {
                 ok += 1;
                 bytes += size;
-                ctx.state.quotas.commit(reservation, size, replaced);
+                counted.push((reservation, size, replaced));
                 ctx.audit(
                     "upload",
                     Some(file.remote()),
@@ -482,6 +483,7 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
             }
         }
     }
+    ctx.state.quotas.commit_all(counted);
     ctx.batch.committed += ok;
     tracing::info!(
         user = %user,
