@@ -369,14 +369,16 @@ impl Quotas {
     }
 
     /// Whether `user` is now over `quota` with their files and the uploads in progress (the
-    /// quota was lowered, or files came another way): a running upload re-checks this, and
-    /// stops.
-    pub fn over(&self, user: &str, quota: Quota) -> Option<Refusal> {
+    /// quota was lowered, or files came another way), in a way the upload holding `held`
+    /// adds to: a running upload re-checks this, and stops. One that adds nothing (a
+    /// replacement no bigger than its file) is let finish, as it was let start.
+    pub fn over(&self, user: &str, quota: Quota, held: &Reservation) -> Option<Refusal> {
         let users = self.lock();
         let c = users.get(user)?;
         let bytes = c.stored.bytes.saturating_add(c.reserved_bytes);
         let files = c.stored.files.saturating_add(c.reserved_files);
         if let Some(max) = quota.bytes
+            && held.bytes > 0
             && bytes > max
         {
             return Some(Refusal::Bytes {
@@ -385,6 +387,7 @@ impl Quotas {
             });
         }
         if let Some(max) = quota.files
+            && held.files > 0
             && files > max
         {
             return Some(Refusal::Files {
@@ -752,7 +755,7 @@ mod tests {
                 files: 1,
             },
         );
-        let _r = q
+        let r = q
             .reserve(
                 "alice",
                 Quota::default(),
@@ -768,13 +771,26 @@ mod tests {
             files: None,
         };
         assert_eq!(
-            q.over("alice", lowered),
+            q.over("alice", lowered, &r),
             Some(Refusal::Bytes {
                 used: 60,
                 quota: 40
             })
         );
-        assert_eq!(q.over("alice", Quota::default()), None);
+        assert_eq!(q.over("alice", Quota::default(), &r), None);
+        // A replacement that adds nothing goes on.
+        let same = q
+            .reserve(
+                "alice",
+                lowered,
+                Ask {
+                    size: 5,
+                    replaces: Some(5),
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(q.over("alice", lowered, &same), None);
     }
 
     /// Stores `data` at `remote` in `tree` as a batch of one.

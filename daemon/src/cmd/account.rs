@@ -108,14 +108,15 @@ pub(super) fn refused(path: &str, why: &Refusal) -> (ErrorCode, String) {
     )
 }
 
-/// Completes once `user` is over their quota as it is now set (re-checked every
-/// [`SESSION_RECHECK`]), with what is used of what: a running upload stops then.
-pub(super) async fn quota_passed(state: &State, user: &str) -> Refusal {
+/// Completes once `user` is over their quota as it is now set, in a way the upload holding
+/// `held` adds to (re-checked every [`SESSION_RECHECK`]), with what is used of what: a
+/// running upload stops then.
+pub(super) async fn quota_passed(state: &State, user: &str, held: &Reservation) -> Refusal {
     let mut tick = tokio::time::interval(SESSION_RECHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Some(over) = state.quotas.over(user, state.quota_of(user)) {
+        if let Some(over) = state.quotas.over(user, state.quota_of(user), held) {
             return over;
         }
     }

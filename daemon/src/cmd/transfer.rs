@@ -376,7 +376,7 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             conn.write_frame(&answer).await?;
             return Ok(Flow::Close);
         }
-        why = super::account::quota_passed(&state, &user) => {
+        why = super::account::quota_passed(&state, &user, &reservation) => {
             // The quota was lowered below what the account holds: this upload would pass it.
             // Nothing is kept (a retry would be refused), and the connection closes after the
             // answer, as the client is still sending.
