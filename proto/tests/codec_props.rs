@@ -167,6 +167,7 @@ fn request() -> impl Strategy<Value = Request> {
             digest
         }),
         Just(Request::Commit),
+        Just(Request::Account),
     ]
 }
 
@@ -193,6 +194,24 @@ fn response() -> impl Strategy<Value = Response> {
         (u64_any(), digest())
             .prop_map(|(offset, prefix)| Response::UploadResume { offset, prefix }),
         u64_any().prop_map(|files| Response::Committed { files }),
+        (
+            session_info(),
+            u64_any(),
+            u64_any(),
+            prop::option::of(u64_any()),
+            prop::option::of(u64_any())
+        )
+            .prop_map(
+                |(session, used_bytes, used_files, quota_bytes, quota_files)| {
+                    Response::Account {
+                        session,
+                        used_bytes,
+                        used_files,
+                        quota_bytes,
+                        quota_files,
+                    }
+                }
+            ),
     ]
 }
 
@@ -457,7 +476,7 @@ fn the_strategies_cover_every_variant() {
     // A new variant fails here until a strategy for it is added.
     assert_eq!(built_tags(request()), known_tags::<Request>());
     assert_eq!(built_tags(response()), known_tags::<Response>());
-    assert!(all_unit_variants::<ErrorCode>().len() >= 16);
-    assert_eq!(all_unit_variants::<Role>().len(), 2);
+    assert!(all_unit_variants::<ErrorCode>().len() >= 18);
+    assert_eq!(all_unit_variants::<Role>().len(), 3);
     assert_eq!(all_unit_variants::<EntryKind>().len(), 3);
 }
