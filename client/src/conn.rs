@@ -424,7 +424,7 @@ impl Client {
         }
     }
 
-    async fn call(&mut self, req: &Request) -> Result<Response> {
+    pub(crate) async fn call(&mut self, req: &Request) -> Result<Response> {
         self.call_within(req, IO_TIMEOUT).await
     }
 

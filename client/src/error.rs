@@ -287,6 +287,10 @@ mod tests {
             ),
             (ClientError::server(ErrorCode::Busy, "too many sessions"), 7),
             (ClientError::Verification("x".into()), 8),
+            (
+                ClientError::server(ErrorCode::QuotaExceeded, "quota exceeded: 1 B of 1 B used"),
+                9,
+            ),
             (ClientError::Other("x".into()), 1),
         ];
         for (err, code) in cases {

@@ -21,6 +21,7 @@
 //!   (`cli/account.rs`: login, logout, whoami, shutdown, forget), and `xfer shell`
 //!   (`cli/shell.rs`: its grammar and loop; `cli/shell/input.rs`: a line editor with history
 //!   on a terminal, plain lines from a pipe).
+//! - [`usage`]: the account's usage against its quotas (`Account`), and `xfer whoami`'s output.
 //! - [`tokens`]: `xfer token ...`, and a token (`XFER_TOKEN`, `--token-file`) used instead of
 //!   a stored session.
 //!
@@ -39,6 +40,7 @@ pub mod put;
 pub mod state;
 pub mod tokens;
 mod transfer;
+pub mod usage;
 pub mod verifier;
 
 pub use error::ClientError;

@@ -105,6 +105,60 @@ pub struct UserRecord {
     /// account of the same name.
     #[serde(default)]
     pub generation: u64,
+    /// Bytes this account may store, replacing `[quota] default_bytes` (absent: the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<QuotaSetting>,
+    /// Files this account may store, replacing `[quota] default_files` (absent: the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_files: Option<QuotaSetting>,
+}
+
+/// A quota as the users file states it for one account: a number, or `"none"` for no limit
+/// even when the config sets a default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaSetting {
+    /// At most this many (bytes or files).
+    Limit(u64),
+    /// No limit.
+    Unlimited,
+}
+
+impl QuotaSetting {
+    /// The limit in force for an account with this setting (or none) under `default`.
+    pub fn effective(setting: Option<QuotaSetting>, default: Option<u64>) -> Option<u64> {
+        match setting {
+            Some(QuotaSetting::Limit(n)) => Some(n),
+            Some(QuotaSetting::Unlimited) => None,
+            None => default,
+        }
+    }
+}
+
+impl Serialize for QuotaSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            QuotaSetting::Limit(n) => s.serialize_u64(*n),
+            QuotaSetting::Unlimited => s.serialize_str("none"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for QuotaSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(QuotaSetting::Limit(n)),
+            Raw::Word(w) if w == "none" => Ok(QuotaSetting::Unlimited),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "quota `{w}` is neither a number nor \"none\""
+            ))),
+        }
+    }
 }
 
 /// The whole users file.
@@ -119,7 +173,9 @@ pub struct UsersFile {
 const USERS_HEADER: &str = "\
 # xferd users file: one [users.NAME] table per account.
 # Edit with `xferd user add|passwd|del`; the daemon picks up changes on its own (and on SIGHUP).
-# hash: argon2id PHC string (m=19456,t=2,p=1 or stronger); role: \"user\" or \"superuser\".
+# hash: argon2id PHC string (m=19456,t=2,p=1 or stronger); role: \"reader\", \"user\" or
+# \"superuser\"; quota_bytes / quota_files (optional): a number, or \"none\" for no limit
+# (`xferd user quota NAME`); absent, the config's [quota] defaults apply.
 
 ";
 
@@ -284,6 +340,8 @@ impl UsersFile {
                 role,
                 hash,
                 generation: first_generation(),
+                quota_bytes: None,
+                quota_files: None,
             },
         );
         Ok(())
@@ -299,6 +357,28 @@ impl UsersFile {
     /// Changes a role, bumping the generation so existing sessions are revoked.
     pub fn set_role(&mut self, name: &str, role: Role) -> Result<(), AccountError> {
         self.next_generation(name)?.role = role;
+        Ok(())
+    }
+
+    /// Changes an account's quotas: `Some(x)` sets that one to `x` (`None` inside: back to the
+    /// config's default), `None` leaves it. Sessions stay: a quota applies to the next upload,
+    /// and to those running (they stop if the account is then over it).
+    pub fn set_quota(
+        &mut self,
+        name: &str,
+        bytes: Option<Option<QuotaSetting>>,
+        files: Option<Option<QuotaSetting>>,
+    ) -> Result<(), AccountError> {
+        let rec = self
+            .users
+            .get_mut(name)
+            .ok_or_else(|| AccountError::NoSuchUser(name.into()))?;
+        if let Some(b) = bytes {
+            rec.quota_bytes = b;
+        }
+        if let Some(f) = files {
+            rec.quota_files = f;
+        }
         Ok(())
     }
 
@@ -578,6 +658,14 @@ impl Accounts {
             .map(|r| (r.role, r.generation))
     }
 
+    /// An account's own quota settings (bytes, files), `None` for an unknown account.
+    pub fn quota(&self, name: &str) -> Option<(Option<QuotaSetting>, Option<QuotaSetting>)> {
+        self.snapshot()
+            .users
+            .get(name)
+            .map(|r| (r.quota_bytes, r.quota_files))
+    }
+
     /// Verifies a password on the password-check pool; `Busy` at once if its queue is full.
     pub async fn verify(&self, name: &str, password: &str) -> VerifyOutcome {
         if password.len() > MAX_PASSWORD_LEN || name.len() > MAX_USER_LEN {
@@ -732,6 +820,43 @@ mod tests {
         assert!(verify_blocking(&g.users["alice"].hash, "pw2"));
         g.remove("alice").unwrap();
         assert!(g.users.is_empty());
+    }
+
+    #[test]
+    fn quotas_round_trip_through_the_file_and_keep_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        let mut f = UsersFile::default();
+        f.add("alice", Role::Reader, "pw").unwrap();
+        let generation = f.users["alice"].generation;
+        f.set_quota(
+            "alice",
+            Some(Some(QuotaSetting::Limit(10 << 30))),
+            Some(Some(QuotaSetting::Unlimited)),
+        )
+        .unwrap();
+        assert_eq!(f.users["alice"].generation, generation, "sessions stay");
+        f.save(&p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("role = \"reader\""), "{text}");
+        assert!(text.contains("quota_bytes = 10737418240"), "{text}");
+        assert!(text.contains("quota_files = \"none\""), "{text}");
+        let g = UsersFile::load(&p).unwrap();
+        assert_eq!(g, f);
+        let rec = &g.users["alice"];
+        assert_eq!(
+            QuotaSetting::effective(rec.quota_bytes, Some(5)),
+            Some(10 << 30)
+        );
+        assert_eq!(QuotaSetting::effective(rec.quota_files, Some(5)), None);
+        assert_eq!(QuotaSetting::effective(None, Some(5)), Some(5));
+        // Back to the default: the key goes.
+        let mut h = g.clone();
+        h.set_quota("alice", Some(None), None).unwrap();
+        assert!(!h.to_text().unwrap().contains("quota_bytes ="));
+        let bad = text.replace("\"none\"", "\"lots\"");
+        let err = UsersFile::parse(&p, &bad).unwrap_err().to_string();
+        assert!(err.contains("lots"), "{err}");
     }
 
     #[test]

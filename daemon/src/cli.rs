@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use xfer_proto::Role;
 use xfer_util::read_password;
 
-use crate::accounts::UsersFile;
+use crate::accounts::{QuotaSetting, UsersFile};
 use crate::config::{Config, DEFAULT_CONFIG_PATH, StorageKind};
 use crate::init::{InitOptions, init};
 use crate::shared::SharedStore;
@@ -121,11 +121,38 @@ pub enum UserCommand {
         /// Account name
         name: String,
     },
-    /// List accounts and roles.
+    /// List accounts, roles, usage and quotas.
     List {
         /// Print JSON
         #[arg(long)]
         json: bool,
+    },
+    /// Set an account's quotas (sessions stay; uploads over the new quota are refused, and
+    /// running ones stop).
+    #[command(arg_required_else_help = true)]
+    Quota {
+        /// Account name
+        name: String,
+        /// Bytes the account may store: a size like 10GiB, 500MB or 1048576; `none` for no
+        /// limit; `default` for the config's `[quota] default_bytes`
+        #[arg(long, value_name = "SIZE|none|default", value_parser = parse_quota_bytes)]
+        bytes: Option<QuotaArg>,
+        /// Files the account may store; `none` for no limit; `default` for the config's
+        /// `[quota] default_files`
+        #[arg(long, value_name = "N|none|default", value_parser = parse_quota_files)]
+        files: Option<QuotaArg>,
+    },
+    /// Show an account's usage and quotas.
+    Usage {
+        /// Account name
+        name: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        /// Count the account's files again (local storage: the running daemon takes the new
+        /// count at its next look)
+        #[arg(long)]
+        rescan: bool,
     },
     /// Put the accounts of a local users file into the object store (`[storage] kind =
     /// "s3"`), once, when moving to several nodes.
@@ -174,6 +201,38 @@ pub enum SessionCommand {
 
 fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
+}
+
+/// A quota as `xferd user quota` takes it: a setting, or back to the config's default.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaArg(Option<QuotaSetting>);
+
+/// `--bytes` of `xferd user quota`.
+fn parse_quota_bytes(s: &str) -> Result<QuotaArg, String> {
+    match s {
+        "none" => Ok(QuotaArg(Some(QuotaSetting::Unlimited))),
+        "default" => Ok(QuotaArg(None)),
+        size => size
+            .parse::<bytesize::ByteSize>()
+            .map(|b| QuotaArg(Some(QuotaSetting::Limit(b.0))))
+            .map_err(|_| {
+                format!(
+                    "`{size}` is not a size (like 10GiB, 500MB or 1048576), `none` or `default`"
+                )
+            }),
+    }
+}
+
+/// `--files` of `xferd user quota`.
+fn parse_quota_files(s: &str) -> Result<QuotaArg, String> {
+    match s {
+        "none" => Ok(QuotaArg(Some(QuotaSetting::Unlimited))),
+        "default" => Ok(QuotaArg(None)),
+        n => n
+            .parse::<u64>()
+            .map(|n| QuotaArg(Some(QuotaSetting::Limit(n))))
+            .map_err(|_| format!("`{n}` is not a number of files, `none` or `default`")),
+    }
 }
 
 /// Parses arguments and runs; the binary's whole `main`.
@@ -505,17 +564,45 @@ async fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()
         }
         UserCommand::List { json } => {
             let users = admin.read().await?;
+            let mut list = Vec::new();
+            for (name, rec) in &users.users {
+                let used = crate::quota::admin_usage(&config, &users, name, false).await?;
+                list.push((name, rec, used));
+            }
             if json {
-                let list: Vec<_> = users
-                    .users
+                let list: Vec<_> = list
                     .iter()
-                    .map(|(n, r)| serde_json::json!({"name": n, "role": r.role}))
+                    .map(|(n, r, used)| {
+                        let mut v = used.to_json(n);
+                        v["role"] = serde_json::json!(r.role);
+                        v
+                    })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                for (name, rec) in &users.users {
-                    println!("{name}\t{}", rec.role);
+                for (name, rec, used) in &list {
+                    println!("{name}\t{}\t{}", rec.role, used.text());
                 }
+            }
+        }
+        UserCommand::Quota { name, bytes, files } => {
+            admin
+                .edit(|users| users.set_quota(&name, bytes.map(|q| q.0), files.map(|q| q.0)))
+                .await?;
+            let users = admin.read().await?;
+            let used = crate::quota::admin_usage(&config, &users, &name, false).await?;
+            println!("`{name}`: {}", used.text());
+        }
+        UserCommand::Usage { name, json, rescan } => {
+            let users = admin.read().await?;
+            if !users.users.contains_key(&name) {
+                return Err(crate::accounts::AccountError::NoSuchUser(name).into());
+            }
+            let used = crate::quota::admin_usage(&config, &users, &name, rescan).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&used.to_json(&name))?);
+            } else {
+                println!("{name}: {}", used.text());
             }
         }
         UserCommand::Import { file, replace } => {

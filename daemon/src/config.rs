@@ -85,6 +85,33 @@ pub struct ConfigFile {
     /// on every node.
     #[serde(default = "default_session_key")]
     pub session_key_file: PathBuf,
+    /// Default quotas, and how often s3 mode counts usage again.
+    #[serde(default)]
+    pub quota: QuotaSettings,
+}
+
+/// The `[quota]` section; each key is documented in `config/xferd.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaSettings {
+    /// Bytes every account may store unless its record says otherwise (absent: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_bytes: Option<u64>,
+    /// Files every account may store unless its record says otherwise (absent: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_files: Option<u64>,
+    /// s3 mode: seconds after which a node counts a user's files again from a listing.
+    pub recount_secs: u64,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        QuotaSettings {
+            default_bytes: None,
+            default_files: None,
+            recount_secs: 300,
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -319,6 +346,8 @@ pub struct Config {
     pub storage: StorageSettings,
     /// Session token key (s3 mode).
     pub session_key_file: PathBuf,
+    /// Default quotas.
+    pub quota: QuotaSettings,
     /// Deprecated keys found and what became of them, for the daemon to log.
     pub warnings: Vec<String>,
 }
@@ -423,6 +452,7 @@ impl Config {
             ),
             ("limits.max_batch_files", l.max_batch_files as u64),
             ("limits.max_batch_bytes", l.max_batch_bytes),
+            ("quota.recount_secs", file.quota.recount_secs),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));
@@ -460,6 +490,7 @@ impl Config {
             penalties: file.penalties,
             storage,
             session_key_file: abs(&file.session_key_file),
+            quota: file.quota,
             warnings,
         })
     }

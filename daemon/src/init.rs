@@ -193,6 +193,20 @@ max_retries = 3
 # Seconds an upload's claim on its resume record lasts unless renewed (it is renewed while the
 # upload runs): another node finding a fresher claim does not take the upload over.
 upload_lease_secs = 10
+
+[quota]
+# Default quotas of every account; a user's own `quota_bytes` / `quota_files` in the users file
+# (`xferd user quota NAME`) replaces them. Absent: unlimited. Counted: the bytes and number of
+# the user's files, plus uploads in progress (at their declared size, net of the file each
+# replaces) and interrupted uploads kept for resume. An upload that would pass a quota is
+# refused before its body (`xfer` exits 9). Usage is kept in STATE_DIR/usage and survives
+# restarts; `xferd user usage NAME --rescan` counts a user's files again.
+# default_bytes = 10737418240
+# default_files = 100000
+# With [storage] kind = "s3": seconds after which a node counts a user's files again from a
+# listing of the store (other nodes' changes show up then; each node reserves its own uploads
+# in progress). Unused with local storage.
+recount_secs = 300
 "#;
 
 /// Options for `xferd init`.

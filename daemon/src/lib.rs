@@ -24,6 +24,8 @@
 //!     [`storage::object::handles`], its handles as the seam hands them out.
 //!   - [`storage::body`]: the storage ends of a transfer body (an upload's sink, a download's
 //!     source) for every backend, so the commands have one upload and one download path.
+//! - [`quota`]: per-user byte and file quotas: usage kept across restarts, reservations of
+//!   uploads in progress, the one check every upload path makes.
 //! - [`usage`]: each user's transfers and resume checks in progress, against per-user caps.
 //! - [`state`]: the shared state every connection reads (config, limits, accounts, sessions,
 //!   storage, audit, admission), its reload, and the one shutdown signal.
@@ -68,6 +70,7 @@ pub mod init;
 pub mod logging;
 pub mod password;
 pub mod penalty;
+pub mod quota;
 pub mod server;
 pub mod sessions;
 pub mod shared;

@@ -785,6 +785,10 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
             Response::KeyChallengeReserved => {
                 panic!("a key challenge from a server without key login")
             }
+            Response::Account { session, .. } => {
+                assert!(authenticated, "an account before any authentication");
+                seen.users.insert(session.user);
+            }
             Response::UploadResume { offset, .. } => {
                 assert!(authenticated, "a resume offer before any authentication");
                 assert!(offset > 0, "a resume offer of nothing");

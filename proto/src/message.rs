@@ -153,6 +153,9 @@ pub enum Request {
         /// The token's id (at least 6 of its hex digits).
         id: String,
     },
+    /// Ask for this session's account: who, and how much of the quota is used (protocol 3);
+    /// answered by `Account`.
+    Account,
 }
 
 /// What the server answers.
@@ -254,6 +257,21 @@ pub enum Response {
         /// True on the final frame.
         done: bool,
     },
+    /// Answer to `Account` (protocol 3): the session, and the account's usage against its
+    /// quota (see the spec's section 10).
+    Account {
+        /// Who the session belongs to.
+        session: SessionInfo,
+        /// Bytes of the user's files, plus what their uploads in progress and kept partial
+        /// uploads hold.
+        used_bytes: u64,
+        /// Files the user has, plus uploads in progress that will add one.
+        used_files: u64,
+        /// The byte quota, `None` for unlimited.
+        quota_bytes: Option<u64>,
+        /// The file-count quota, `None` for unlimited.
+        quota_files: Option<u64>,
+    },
 }
 
 /// A long-lived token as `TokenCreated` and `Tokens` describe it (never the token itself).
@@ -284,10 +302,10 @@ pub struct SessionInfo {
     pub expires: i64,
 }
 
-/// Account roles, ordered so that a permission check is a comparison.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+/// Account roles, ordered so that a permission check is a comparison: `Reader < User <
+/// Superuser`. The order is by [`Role::rank`], not by declaration: the declaration order is
+/// the wire tag (`Reader` came last, as variant 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// May manage files in their own tree.
@@ -295,6 +313,9 @@ pub enum Role {
     User,
     /// May also shut the daemon down.
     Superuser,
+    /// May only list and download their own files (protocol 3; reported as `User` to older
+    /// clients, which cannot decode it).
+    Reader,
 }
 
 impl Role {
@@ -303,7 +324,29 @@ impl Role {
         match self {
             Role::User => "user",
             Role::Superuser => "superuser",
+            Role::Reader => "reader",
         }
+    }
+
+    /// Place in the order of privilege: what `Ord` compares.
+    pub fn rank(self) -> u8 {
+        match self {
+            Role::Reader => 0,
+            Role::User => 1,
+            Role::Superuser => 2,
+        }
+    }
+}
+
+impl PartialOrd for Role {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Role {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank().cmp(&other.rank())
     }
 }
 
@@ -317,10 +360,11 @@ impl std::str::FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "reader" => Ok(Role::Reader),
             "user" => Ok(Role::User),
             "superuser" => Ok(Role::Superuser),
             other => Err(format!(
-                "unknown role `{other}` (expected `user` or `superuser`)"
+                "unknown role `{other}` (expected `reader`, `user` or `superuser`)"
             )),
         }
     }
@@ -400,6 +444,10 @@ pub enum ErrorCode {
     Internal,
     /// Too many failed logins from this address; refused until its penalty expires (exit 3).
     RateLimited,
+    /// The upload would take the account past its byte or file quota, or its quota was
+    /// lowered below what it holds during the upload; the message says how much of how much
+    /// is used (exit 9).
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -414,6 +462,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 5,
             ErrorCode::ShuttingDown | ErrorCode::Busy => 7,
             ErrorCode::VerificationFailed => 8,
+            ErrorCode::QuotaExceeded => 9,
             ErrorCode::BadRequest
             | ErrorCode::VersionMismatch
             | ErrorCode::AlreadyExists
@@ -489,7 +538,8 @@ mod tests {
         }
     }
 
-    /// The wire tags of the token messages are fixed by the spec (proto/README.md §3, §9).
+    /// The wire tags of the token and account messages are fixed by the spec (proto/README.md
+    /// §3, §9, §10).
     #[test]
     fn token_messages_have_their_spec_tags() {
         let tag = |bytes: Vec<u8>| bytes[0];
@@ -507,6 +557,7 @@ mod tests {
         );
         assert_eq!(req(&Request::TokenList), 21);
         assert_eq!(req(&Request::TokenRevoke { id: String::new() }), 22);
+        assert_eq!(req(&Request::Account), 23);
         assert_eq!(resp(&Response::Committed { files: 0 }), 12);
         let info = TokenInfo {
             id: String::new(),
@@ -529,6 +580,43 @@ mod tests {
                 done: true
             }),
             15
+        );
+        let session = SessionInfo {
+            user: String::new(),
+            role: Role::User,
+            expires: 0,
+        };
+        assert_eq!(
+            resp(&Response::Account {
+                session,
+                used_bytes: 0,
+                used_files: 0,
+                quota_bytes: None,
+                quota_files: None
+            }),
+            16
+        );
+    }
+
+    #[test]
+    fn roles_order_by_privilege_and_keep_their_wire_tags() {
+        assert!(Role::Reader < Role::User && Role::User < Role::Superuser);
+        let mut all = [Role::Superuser, Role::Reader, Role::User];
+        all.sort();
+        assert_eq!(all, [Role::Reader, Role::User, Role::Superuser]);
+        // The tags older peers know stay where they were; `Reader` is the new tag 2.
+        for (role, tag) in [(Role::User, 0u8), (Role::Superuser, 1), (Role::Reader, 2)] {
+            assert_eq!(postcard::to_allocvec(&role).unwrap(), [tag]);
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
+        }
+    }
+
+    #[test]
+    fn a_quota_refusal_exits_9_and_keeps_its_new_tag() {
+        assert_eq!(ErrorCode::QuotaExceeded.exit_code(), 9);
+        assert_eq!(
+            postcard::to_allocvec(&ErrorCode::QuotaExceeded).unwrap(),
+            [17]
         );
     }
 

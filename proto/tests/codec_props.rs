@@ -180,6 +180,7 @@ fn request() -> impl Strategy<Value = Request> {
         ),
         Just(Request::TokenList),
         text(40).prop_map(|id| Request::TokenRevoke { id }),
+        Just(Request::Account),
     ]
 }
 
@@ -231,6 +232,24 @@ fn response() -> impl Strategy<Value = Response> {
         (text(300), token_info()).prop_map(|(token, info)| Response::TokenCreated { token, info }),
         (vec(token_info(), 0..4), any::<bool>())
             .prop_map(|(tokens, done)| Response::Tokens { tokens, done }),
+        (
+            session_info(),
+            u64_any(),
+            u64_any(),
+            prop::option::of(u64_any()),
+            prop::option::of(u64_any())
+        )
+            .prop_map(
+                |(session, used_bytes, used_files, quota_bytes, quota_files)| {
+                    Response::Account {
+                        session,
+                        used_bytes,
+                        used_files,
+                        quota_bytes,
+                        quota_files,
+                    }
+                }
+            ),
     ]
 }
 
@@ -495,7 +514,7 @@ fn the_strategies_cover_every_variant() {
     // A new variant fails here until a strategy for it is added.
     assert_eq!(built_tags(request()), known_tags::<Request>());
     assert_eq!(built_tags(response()), known_tags::<Response>());
-    assert!(all_unit_variants::<ErrorCode>().len() >= 16);
-    assert_eq!(all_unit_variants::<Role>().len(), 2);
+    assert!(all_unit_variants::<ErrorCode>().len() >= 18);
+    assert_eq!(all_unit_variants::<Role>().len(), 3);
     assert_eq!(all_unit_variants::<EntryKind>().len(), 3);
 }

@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use xfer_proto::fingerprint::Fingerprint;
 use xfer_proto::{ErrorCode, Role};
-use xfer_util::{format_time, read_password};
+use xfer_util::read_password;
 
 use crate::addr::ServerAddr;
 use crate::conn::{Client, connect_tls};
@@ -144,24 +144,9 @@ pub(super) async fn logout(ctx: &Ctx) -> Result<()> {
 /// `xfer whoami`: the server's view of the current session.
 pub(super) async fn whoami(ctx: &Ctx) -> Result<()> {
     let (mut client, key, _) = ctx.connect().await?;
-    let info = client.whoami().await?;
+    let account = client.account().await?;
     client.close().await;
-    if ctx.json {
-        let v = serde_json::json!({
-            "user": printable(&info.user),
-            "role": info.role,
-            "server": key,
-            "expires": format_time(info.expires),
-        });
-        println!("{v}");
-    } else {
-        println!(
-            "{} ({}) on {key}; session expires {}",
-            printable(&info.user),
-            info.role,
-            format_time(info.expires)
-        );
-    }
+    crate::usage::print_whoami(&account, &key, ctx.json);
     Ok(())
 }
 

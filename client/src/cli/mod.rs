@@ -74,7 +74,7 @@ pub enum Command {
     },
     /// End the session: revoke the token on the server and forget it here.
     Logout,
-    /// Show user, role and server of the current session.
+    /// Show user, role and server of the current session, and the account's usage.
     Whoami,
     /// List files: name, size, modification time, kind.
     #[command(visible_alias = "ls")]

@@ -120,9 +120,20 @@ async fn start_session(
     });
     Ok(SessionInfo {
         user: user.into(),
-        role,
+        role: wire_role(ctx.version, role),
         expires,
     })
+}
+
+/// The role as a peer speaking `version` is told it: a version 1 or 2 client cannot decode
+/// `Reader` (tag 2), so a reader shows as `User` there. Only the display differs: the
+/// dispatcher enforces the real role.
+pub(super) fn wire_role(version: u16, role: xfer_proto::Role) -> xfer_proto::Role {
+    if version < 3 && role == xfer_proto::Role::Reader {
+        xfer_proto::Role::User
+    } else {
+        role
+    }
 }
 
 /// Answers a login or token that checked out but whose storage cannot be opened.
@@ -283,7 +294,7 @@ pub(super) async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(
     let auth = ctx.session();
     conn.write_frame(&Response::Session(SessionInfo {
         user: auth.user.clone(),
-        role: auth.role,
+        role: wire_role(ctx.version, auth.role),
         expires: auth.expires,
     }))
     .await?;
@@ -293,6 +304,15 @@ pub(super) async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reader_shows_as_a_user_to_clients_that_cannot_decode_it() {
+        use xfer_proto::Role;
+        assert_eq!(wire_role(2, Role::Reader), Role::User);
+        assert_eq!(wire_role(1, Role::Reader), Role::User);
+        assert_eq!(wire_role(3, Role::Reader), Role::Reader);
+        assert_eq!(wire_role(2, Role::Superuser), Role::Superuser);
+    }
 
     #[test]
     fn tried_names_are_cut_at_the_longest_valid_name_on_a_character() {

@@ -1,6 +1,7 @@
 //! Request dispatch: the one place that checks a request is allowed in this state, for this
 //! role and within this session's token scope, then hands it to the module that implements it.
 
+mod account;
 mod auth;
 pub mod batch;
 mod context;
@@ -56,7 +57,7 @@ impl<'a> Access<'a> {
     fn reads(path: &'a str) -> Self {
         Access {
             paths: [Some(path), None],
-            ..Access::new(Need::Role(Role::User))
+            ..Access::new(Need::Role(Role::Reader))
         }
     }
     fn writes(paths: [Option<&'a str>; 2]) -> Self {
@@ -80,7 +81,9 @@ fn access(req: &Request) -> Access<'_> {
             writes: true,
             ..Access::new(Need::Role(Role::Superuser))
         },
-        Request::Logout | Request::WhoAmI => Access::new(Need::Role(Role::User)),
+        Request::Logout | Request::WhoAmI | Request::Account => {
+            Access::new(Need::Role(Role::Reader))
+        }
         Request::List { path }
         | Request::Download { path, .. }
         | Request::DownloadFrom { path, .. } => Access::reads(path),
@@ -92,9 +95,10 @@ fn access(req: &Request) -> Access<'_> {
         Request::UploadEnd { .. } | Request::UploadFrom { .. } | Request::Commit => {
             Access::writes([None, None])
         }
+        // A reader's tokens can do no more than the reader: the role is checked on each use.
         Request::TokenCreate { .. } | Request::TokenList | Request::TokenRevoke { .. } => Access {
             manages_tokens: true,
-            ..Access::new(Need::Role(Role::User))
+            ..Access::new(Need::Role(Role::Reader))
         },
     }
 }
@@ -182,6 +186,7 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             req,
             Request::Put { .. }
                 | Request::Commit
+                | Request::Account
                 | Request::TokenCreate { .. }
                 | Request::TokenList
                 | Request::TokenRevoke { .. }
@@ -190,7 +195,7 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         conn.write_frame(&Response::error(
             ErrorCode::BadRequest,
             format!(
-                "Put, Commit and the token requests need protocol version 3; this connection speaks version {}",
+                "Put, Commit, Account and the token requests need protocol version 3; this connection speaks version {}",
                 ctx.version
             ),
         ))
@@ -247,10 +252,13 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
             }
             let auth = ctx.session();
             tracing::warn!(user = %auth.user, peer = %ctx.peer, needed = %role, "permission denied");
-            let op = if role == Role::Superuser {
-                "shutdown"
-            } else {
-                "request"
+            let op = match &req {
+                Request::Shutdown { .. } => "shutdown",
+                Request::Upload { .. } | Request::Put { .. } | Request::Commit => "upload",
+                Request::Delete { .. } => "delete",
+                Request::Rename { .. } => "rename",
+                Request::Mkdir { .. } => "mkdir",
+                _ => "request",
             };
             ctx.audit(op, None, Outcome::failed(ErrorCode::PermissionDenied));
             return reply_error(
@@ -288,6 +296,7 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Request::Authenticate { token } => auth::authenticate(ctx, conn, &token).await,
         Request::Logout => auth::logout(ctx, conn).await,
         Request::WhoAmI => auth::whoami(ctx, conn).await,
+        Request::Account => account::account(ctx, conn).await,
         Request::Ping => {
             conn.write_frame(&Response::Ok).await?;
             Ok(Flow::Continue)
@@ -471,7 +480,7 @@ mod tests {
         ] {
             assert!(refused(&scope(false, ""), &req), "{req:?}");
             assert!(access(&req).manages_tokens);
-            assert_eq!(access(&req).need, Need::Role(Role::User));
+            assert_eq!(access(&req).need, Need::Role(Role::Reader));
         }
     }
 }
