@@ -88,6 +88,25 @@ pub enum AccountError {
         "the object store holds no accounts yet: put the local users file there with `xferd user import FILE`, or add one with `xferd user add NAME`"
     )]
     NoUsersInStore,
+    /// A public key that cannot be a login key.
+    #[error("bad public key: {0}")]
+    BadKey(String),
+    /// The account has this key already.
+    #[error("user `{user}` already has key {id}")]
+    KeyExists {
+        /// The account.
+        user: String,
+        /// The key's fingerprint.
+        id: String,
+    },
+    /// The account has no key with this ID.
+    #[error("user `{user}` has no key {id} (`xferd user key list {user}` shows them)")]
+    NoSuchKey {
+        /// The account.
+        user: String,
+        /// The ID asked for.
+        id: String,
+    },
 }
 
 /// One account as stored in the users file.
@@ -104,6 +123,10 @@ pub struct UserRecord {
     /// account of the same name.
     #[serde(default)]
     pub generation: u64,
+    /// Public keys that may log in as this account (`xferd user key add`); absent in files
+    /// written before key login, which load as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<crate::keys::KeyRecord>,
 }
 
 /// The whole users file.
@@ -119,6 +142,7 @@ const USERS_HEADER: &str = "\
 # xferd users file: one [users.NAME] table per account.
 # Edit with `xferd user add|passwd|del`; the daemon picks up changes on its own (and on SIGHUP).
 # hash: argon2id PHC string (m=19456,t=2,p=1 or stronger); role: \"user\" or \"superuser\".
+# keys: login keys (`xferd user key add|list|del`), OpenSSH ssh-ed25519 public key lines.
 
 ";
 
@@ -251,6 +275,7 @@ impl UsersFile {
             };
             validate_name(name).map_err(|e| bad(e.to_string()))?;
             check_hash(&rec.hash).map_err(bad)?;
+            crate::keys::check_keys(&rec.keys).map_err(bad)?;
         }
         Ok(file)
     }
@@ -283,6 +308,7 @@ impl UsersFile {
                 role,
                 hash,
                 generation: first_generation(),
+                keys: Vec::new(),
             },
         );
         Ok(())
@@ -303,7 +329,7 @@ impl UsersFile {
 
     /// The account about to change, its generation already moved on: every change to an
     /// account goes through here so that none can leave its old sessions valid.
-    fn next_generation(&mut self, name: &str) -> Result<&mut UserRecord, AccountError> {
+    pub(crate) fn next_generation(&mut self, name: &str) -> Result<&mut UserRecord, AccountError> {
         let rec = self
             .users
             .get_mut(name)

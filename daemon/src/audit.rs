@@ -19,7 +19,7 @@ pub struct Event<'a> {
     pub user: &'a str,
     /// Client address.
     pub source: String,
-    /// What was done: login, logout, list, upload, download, delete, rename, mkdir, shutdown.
+    /// What was done: login, keylogin, logout, list, upload, download, delete, rename, mkdir, shutdown.
     pub op: &'a str,
     /// Remote path, if any.
     #[serde(skip_serializing_if = "Option::is_none")]

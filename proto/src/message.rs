@@ -126,6 +126,20 @@ pub enum Request {
     /// Make every file this connection staged with `Put` durable and visible (protocol 3);
     /// answered by `Committed` or an `Error`.
     Commit,
+    /// Start a key login (protocol 3): the server answers `KeyChallenge` whether or not the
+    /// user or the key exists, and the client answers that with `KeyProof` (spec §8).
+    KeyLogin {
+        /// Account name.
+        user: String,
+        /// The raw 32-byte Ed25519 public key the client will sign with.
+        public_key: [u8; 32],
+    },
+    /// The Ed25519 signature of [`crate::key_login::signed_message`] for the `KeyChallenge`
+    /// just received (protocol 3); answered by `LoggedIn` or `Error{AuthFailed}`.
+    KeyProof {
+        /// 64 bytes.
+        signature: Vec<u8>,
+    },
 }
 
 /// What the server answers.
@@ -209,6 +223,11 @@ pub enum Response {
         /// How many files were made visible since the previous `Committed` on this
         /// connection (including those the server committed by itself at its batch limits).
         files: u64,
+    },
+    /// Answer to `KeyLogin` (protocol 3): the nonce the client signs, fresh for each.
+    KeyChallenge {
+        /// 32 random bytes.
+        nonce: [u8; 32],
     },
 }
 

@@ -167,6 +167,8 @@ fn request() -> impl Strategy<Value = Request> {
             digest
         }),
         Just(Request::Commit),
+        (text(70), digest()).prop_map(|(user, public_key)| Request::KeyLogin { user, public_key }),
+        vec(any::<u8>(), 0..=80).prop_map(|signature| Request::KeyProof { signature }),
     ]
 }
 
@@ -193,6 +195,7 @@ fn response() -> impl Strategy<Value = Response> {
         (u64_any(), digest())
             .prop_map(|(offset, prefix)| Response::UploadResume { offset, prefix }),
         u64_any().prop_map(|files| Response::Committed { files }),
+        digest().prop_map(|nonce| Response::KeyChallenge { nonce }),
     ]
 }
 

@@ -6,6 +6,7 @@ pub mod batch;
 mod context;
 mod errors;
 mod files;
+mod keys;
 mod shutdown;
 mod transfer;
 
@@ -31,7 +32,11 @@ enum Access {
 fn access(req: &Request) -> Access {
     match req {
         Request::Hello { .. } => Access::Hello,
-        Request::Login { .. } | Request::Authenticate { .. } | Request::Ping => Access::Greeted,
+        Request::Login { .. }
+        | Request::Authenticate { .. }
+        | Request::Ping
+        | Request::KeyLogin { .. }
+        | Request::KeyProof { .. } => Access::Greeted,
         Request::Shutdown { .. } => Access::Role(Role::Superuser),
         Request::Logout
         | Request::WhoAmI
@@ -109,6 +114,19 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .await?;
         return Ok(Flow::Close);
     }
+    if ctx.version < 3 && matches!(req, Request::KeyLogin { .. } | Request::KeyProof { .. }) {
+        conn.write_frame(&Response::error(
+            ErrorCode::BadRequest,
+            format!(
+                "KeyLogin and KeyProof need protocol version 3; this connection speaks version {}",
+                ctx.version
+            ),
+        ))
+        .await?;
+        return Ok(Flow::Close);
+    }
+    // A key challenge is good for the one request right after it, whatever that is.
+    let challenge = ctx.key_challenge.take();
     // Any other request first commits a pending batch, so what it sees (a listing, a
     // download, a rename) includes every file put before it.
     if ctx.batch.pending() && !matches!(req, Request::Put { .. } | Request::Commit) {
@@ -118,8 +136,10 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // One session per connection, as in SSH: a second login would leave the first session's
     // token live but unreachable, and whose connection this is ambiguous. After Logout (or
     // once the session is revoked) the connection may log in again.
-    if matches!(req, Request::Login { .. } | Request::Authenticate { .. })
-        && session_alive(ctx)
+    if matches!(
+        req,
+        Request::Login { .. } | Request::Authenticate { .. } | Request::KeyLogin { .. }
+    ) && session_alive(ctx)
         && let Some(auth) = &ctx.auth
     {
         return reply_error(
@@ -209,6 +229,10 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         Request::Shutdown { password } => shutdown::shutdown(ctx, conn, &password).await,
         Request::Put { path, size, digest } => batch::put(ctx, conn, path, size, digest).await,
         Request::Commit => batch::commit(ctx, conn).await,
+        Request::KeyLogin { user, public_key } => {
+            keys::key_login(ctx, conn, user, public_key).await
+        }
+        Request::KeyProof { signature } => keys::key_proof(ctx, conn, challenge, &signature).await,
     }
 }
 
