@@ -13,6 +13,7 @@ use xfer_proto::{Entry, EntryKind, ErrorCode, Role};
 use crate::addr::ServerAddr;
 use crate::conn::{Client, connect_tls};
 use crate::error::{ClientError, Result, printable};
+use crate::keys::Credential;
 use crate::progress::Progress;
 use crate::shell::ShellInput;
 use crate::state::{KnownServers, StateDir, StoredSession};
@@ -61,6 +62,22 @@ pub enum Command {
         /// Trust and pin the key of a server seen for the first time
         #[arg(long)]
         accept_new: bool,
+        /// Log in with this private key (from `xfer keygen`, or an OpenSSH ed25519 key)
+        #[arg(long, value_name = "FILE", conflicts_with = "password_stdin")]
+        key: Option<PathBuf>,
+        /// Read the key's passphrase from the first line of standard input
+        #[arg(long, requires = "key")]
+        passphrase_stdin: bool,
+    },
+    /// Make an Ed25519 key pair for `xfer login --key`: FILE (0600) and FILE.pub.
+    Keygen {
+        /// The private key file [default: id_ed25519 in the config folder]
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Read the passphrase from the first line of standard input (else asked on a
+        /// terminal; none without one)
+        #[arg(long)]
+        passphrase_stdin: bool,
     },
     /// End the session: revoke the token on the server and forget it here.
     Logout,
@@ -242,16 +259,24 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
             password_stdin,
             fingerprint,
             accept_new,
+            key,
+            passphrase_stdin,
         } => {
+            let key = key.as_deref().map(|k| (k, passphrase_stdin));
             login(
                 &ctx,
                 &target,
                 password_stdin,
                 fingerprint.as_deref(),
                 accept_new,
+                key,
             )
             .await
         }
+        Command::Keygen {
+            file,
+            passphrase_stdin,
+        } => crate::keys::keygen_command(&ctx, ctx.state.path(), file, passphrase_stdin),
         Command::Logout => logout(&ctx).await,
         Command::Whoami => whoami(&ctx).await,
         Command::List { remote_dir } => {
@@ -458,6 +483,7 @@ async fn login(
     password_stdin: bool,
     fingerprint: Option<&str>,
     accept_new: bool,
+    login_key: Option<(&std::path::Path, bool)>,
 ) -> Result<()> {
     let (user, server) = ServerAddr::parse_login(target)?;
     let key = server.to_string();
@@ -497,13 +523,20 @@ async fn login(
         ctx.state.save_known_servers(&known)?;
         ctx.status(format_args!("Pinned {key} with key {seen}."));
     }
-    let password = read_password(password_stdin, &format!("Password for {user}@{key}: "))?;
+    let credential = match login_key {
+        Some((file, passphrase_stdin)) => {
+            Credential::Key(crate::keys::load(file, passphrase_stdin)?)
+        }
+        None => Credential::Password(
+            read_password(password_stdin, &format!("Password for {user}@{key}: "))?.into(),
+        ),
+    };
     // Second connection, pinned to the key just checked: prompts may have outlasted the
     // server's login deadline on the first one.
     let mut client = Client::connect(&server, seen, ctx.bind)
         .await
         .inspect_err(|e| ctx.warn_key_changed(e, &known))?;
-    let (token, info) = client.login(&user, &password).await?;
+    let (token, info) = credential.log_in(&mut client, &user).await?;
     client.close().await;
     // The name is the server's text, and it is printed again from this file later (prompts,
     // "run `xfer login USER@...`"): escaped once here, it is safe everywhere after.

@@ -7,6 +7,7 @@
 //! - [`state`]: the client's state folder: known servers (pins) and session tokens, 0600/0700,
 //!   written atomically.
 //! - [`addr`]: parsing `USER@HOST[:PORT]` and `HOST[:PORT]`.
+//! - [`keys`]: key login: `xfer keygen`, loading a private key, signing the challenge.
 //! - [`conn`]: connecting (TCP, optional source address, TLS, hello) and every request.
 //! - [`put`]: batched upload of small files (protocol 3): read-ahead, pipelined `Put`s, one
 //!   `Commit`.
@@ -22,6 +23,7 @@ pub mod addr;
 pub mod cli;
 pub mod conn;
 pub mod error;
+pub mod keys;
 pub mod part;
 pub mod progress;
 pub mod put;
