@@ -299,6 +299,27 @@ async fn a_proof_must_follow_its_challenge_and_needs_protocol_3() {
     challenge(&mut conn, "alice", [7; 32]).await;
     assert_eq!(raw_call(&mut conn, &Request::Ping).await, Response::Ok);
     bad_request_and_close(&mut conn, proof.clone()).await;
+    // On a connection already logged in: refused, and the session stays.
+    let mut conn = xfer_tests::raw_login(&server, "alice").await;
+    match raw_call(
+        &mut conn,
+        &Request::KeyLogin {
+            user: "bob".into(),
+            public_key: [7; 32],
+        },
+    )
+    .await
+    {
+        Response::Error { code, message } => {
+            assert_eq!(code, ErrorCode::BadRequest);
+            assert!(message.contains("already logged in"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match raw_call(&mut conn, &Request::WhoAmI).await {
+        Response::Session(info) => assert_eq!(info.user, "alice"),
+        other => panic!("{other:?}"),
+    }
     // A version 2 connection has no key login.
     let mut conn = raw_connect(&server).await;
     let hello = raw_call(
