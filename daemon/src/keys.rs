@@ -59,6 +59,16 @@ impl LoginKey {
     }
 }
 
+/// The ID of a raw Ed25519 public key, as [`LoginKey::id`] gives it (for the log).
+pub fn id_of(raw: &[u8; PUBLIC_KEY_LEN]) -> String {
+    PublicKey::new(
+        ssh_key::public::KeyData::Ed25519(ssh_key::public::Ed25519PublicKey(*raw)),
+        "",
+    )
+    .fingerprint(HashAlg::Sha256)
+    .to_string()
+}
+
 /// `SHA256:...` for an ID given with or without its prefix.
 fn normal_id(id: &str) -> String {
     let id = id.trim();
@@ -201,8 +211,13 @@ mod tests {
             f.add_key("alice", "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ x"),
             Err(AccountError::BadKey(_))
         ));
-        let (_, second) = key(2, "");
+        let (pair, second) = key(2, "");
         let id2 = f.add_key("alice", &second).unwrap();
+        assert_eq!(
+            id_of(&pair.public_key().as_ref().try_into().unwrap()),
+            id2,
+            "the log names keys as key list does"
+        );
         let generation = f.users["alice"].generation;
         f.remove_key("alice", id.strip_prefix("SHA256:").unwrap())
             .unwrap();

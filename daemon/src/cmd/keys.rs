@@ -88,7 +88,12 @@ pub(super) async fn key_proof<S: AsyncRead + AsyncWrite + Unpin>(
         None
     };
     match checked {
-        Some((role, generation)) => grant(ctx, conn, user, role, generation, "keylogin").await,
+        Some((role, generation)) => {
+            // Which key opened the session: an administrator deleting keys wants to know.
+            let key = crate::keys::id_of(&challenge.public_key);
+            tracing::info!(user = %user, peer = %ctx.peer, key = %key, "key login: signature verified");
+            grant(ctx, conn, user, role, generation, "keylogin").await
+        }
         None => {
             tracing::warn!(user = %tried_name(user), peer = %ctx.peer, "key login failed: unknown user or key, or a bad signature");
             ctx.audit_as(
