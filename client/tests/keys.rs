@@ -452,3 +452,71 @@ fn deleting_a_key_ends_the_sessions_of_its_user() {
     // And the key no longer logs in.
     key_login(&h, &server, "alice", "k", &[], &[], "").expect_code(3);
 }
+
+/// Runs `xfer ARGS` with `h`'s state folder on a pseudo-terminal (`script`), typing each line
+/// of `typed` after a pause, as a person answering prompts would; its exit code and screen.
+fn on_a_terminal(h: &ClientHome, args: &str, typed: &str) -> (Option<i32>, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let cmd = format!(
+        "{} --config-dir {} {args}",
+        h.bin.display(),
+        h.config_dir().display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("TERM", "xterm")
+        .current_dir(h.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for line in typed.lines() {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn on_a_terminal_the_passphrase_is_asked_twice_at_keygen_and_only_for_an_encrypted_key() {
+    xfer_tests::require_tool("script", "bsdutils");
+    let server = TestServer::start();
+    let h = home();
+    let (code, screen) = on_a_terminal(&h, "keygen -f k", "hunter22\nhunter22");
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(screen.contains("Enter same passphrase again"), "{screen}");
+    assert!(!screen.contains("hunter22"), "not echoed: {screen}");
+    // Two empty answers: no passphrase.
+    let (code, screen) = on_a_terminal(&h, "keygen -f plain", "\n\n");
+    assert_eq!(code, Some(0), "{screen}");
+    // Mismatched: nothing written.
+    let (code, screen) = on_a_terminal(&h, "keygen -f typo", "one\ntwo");
+    assert_eq!(code, Some(2), "{screen}");
+    assert!(!h.path("typo").exists() && !h.path("typo.pub").exists());
+    allow(&server, "alice", &h, "k");
+    allow(&server, "bob", &h, "plain");
+    let target = |user: &str| {
+        format!(
+            "login --key {} {user}@{} --fingerprint {}",
+            if user == "alice" { "k" } else { "plain" },
+            server.server(),
+            server.fingerprint
+        )
+    };
+    let (code, screen) = on_a_terminal(&h, &target("alice"), "hunter22");
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(screen.contains("Passphrase for k"), "{screen}");
+    assert!(!screen.contains("hunter22"), "not echoed: {screen}");
+    let (code, screen) = on_a_terminal(&h, &target("bob"), "");
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(
+        !screen.contains("Passphrase"),
+        "no prompt for a plain key: {screen}"
+    );
+}
