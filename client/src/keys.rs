@@ -7,7 +7,7 @@
 //! `ssh-keygen` writes it), the public key one `ssh-ed25519 AAAA... comment` line, so
 //! `~/.ssh/id_ed25519` works too. Signing is ring's Ed25519.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -68,14 +68,9 @@ impl Credential {
 
 /// One line of standard input, without its line ending.
 fn read_stdin_line(what: &str) -> Result<Zeroizing<String>> {
-    let mut line = Zeroizing::new(String::new());
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| ClientError::local(format!("reading the {what} from standard input"), e))?;
-    let end = line.trim_end_matches(['\n', '\r']).len();
-    line.truncate(end);
-    Ok(line)
+    xfer_util::password::first_line(std::io::stdin().lock())
+        .map(Zeroizing::new)
+        .map_err(|e| ClientError::local(format!("reading the {what} from standard input"), e))
 }
 
 fn prompt(text: &str) -> Result<Zeroizing<String>> {
@@ -123,10 +118,7 @@ fn default_comment() -> String {
 /// file: temp file in the same folder, fsync, link into place (failing if taken), fsync the
 /// folder.
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = xfer_util::fs::parent_dir(path);
     let write = || -> std::io::Result<()> {
         let mut tmp = tempfile::Builder::new()
             .prefix(".xfer-tmp")
@@ -136,13 +128,9 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         tmp.write_all(contents)?;
         tmp.as_file().sync_all()?;
         tmp.persist_noclobber(path).map_err(|e| e.error)?;
-        Ok(())
+        xfer_util::fs::sync_dir(dir)
     };
-    write().map_err(|e| ClientError::local(format!("writing `{}`", path.display()), e))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    write().map_err(|e| ClientError::local(format!("writing `{}`", path.display()), e))
 }
 
 /// `FILE.pub`.
@@ -203,7 +191,7 @@ pub fn keygen(file: &Path, passphrase_stdin: bool) -> Result<(PathBuf, String, S
 /// `xfer keygen [-f FILE] [--passphrase-stdin]`: FILE defaults to [`DEFAULT_KEY_FILE`] in
 /// the state folder `state_dir`.
 pub(crate) fn keygen_command(
-    ctx: &crate::cli::Ctx,
+    ctx: &crate::context::Ctx,
     state_dir: &Path,
     file: Option<PathBuf>,
     passphrase_stdin: bool,

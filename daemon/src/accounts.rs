@@ -17,6 +17,7 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use serde::{Deserialize, Serialize};
 use xfer_proto::Role;
 use xfer_proto::limits::{MAX_PASSWORD_LEN, MAX_USER_LEN};
+use xfer_util::fs::{Mode, write_atomic};
 
 use crate::fsutil::{FileStamp, file_stamp};
 use crate::password::{Checked, DUMMY_HASH, PasswordPool, Verifier};
@@ -287,7 +288,7 @@ impl UsersFile {
             source,
         };
         let text = self.to_text().map_err(|e| io(std::io::Error::other(e)))?;
-        crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(io)
+        write_atomic(path, text.as_bytes(), Mode::KeepOr(0o600)).map_err(io)
     }
 
     /// The file's text: the explaining header, then one table per account.

@@ -1,12 +1,12 @@
 //! The `xferd` command line: parsing, logging setup, and each subcommand.
 
-use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use xfer_proto::Role;
+use xfer_util::read_password;
 
 use crate::accounts::UsersFile;
 use crate::config::{Config, DEFAULT_CONFIG_PATH, StorageKind};
@@ -177,7 +177,8 @@ pub enum KeyCommand {
 /// `xferd session ...`
 #[derive(Debug, Subcommand)]
 pub enum SessionCommand {
-    /// List live sessions: id, user, source, created, expires.
+    /// List live sessions and tokens: id, user, source, created, expires, kind (login or
+    /// token) and a token's name and scope.
     List {
         /// Only this user's sessions
         #[arg(long)]
@@ -186,7 +187,7 @@ pub enum SessionCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke sessions by id (as `session list` shows it), by user, or all.
+    /// Revoke sessions and tokens by id (as `session list` shows it), by user, or all.
     Revoke {
         /// Session ids (at least 6 characters of one)
         ids: Vec<String>,
@@ -247,36 +248,6 @@ fn config_path(cli: &Option<PathBuf>) -> PathBuf {
 /// Sets up tracing to stderr (see [`crate::logging`]: client-supplied text is made safe there).
 pub fn init_logging(format: LogFormat) {
     crate::logging::init(format);
-}
-
-/// Reads a password: the first line of stdin with `--password-stdin`, else a no-echo prompt on
-/// the terminal (asked twice when `confirm`), else a clear error.
-pub fn read_password(from_stdin: bool, prompt: &str, confirm: bool) -> anyhow::Result<String> {
-    if from_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("reading the password from standard input")?;
-        let pw = line
-            .strip_suffix('\n')
-            .map(|l| l.strip_suffix('\r').unwrap_or(l))
-            .unwrap_or(&line)
-            .to_string();
-        return Ok(pw);
-    }
-    if !std::io::stdin().is_terminal() {
-        bail!("no terminal to ask for the password on; pass --password-stdin and pipe it in");
-    }
-    let pw = rpassword::prompt_password(prompt).context("reading the password")?;
-    if confirm {
-        let again =
-            rpassword::prompt_password("Retype password: ").context("reading the password")?;
-        if again != pw {
-            bail!("the passwords do not match; nothing was changed");
-        }
-    }
-    Ok(pw)
 }
 
 fn load_users_or_empty(path: &Path) -> anyhow::Result<UsersFile> {
@@ -689,12 +660,7 @@ async fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<(
         return Ok(());
     }
     let store = SessionAdmin::open(&config)?;
-    let time = |secs: i64| {
-        humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
-        )
-        .to_string()
-    };
+    let time = xfer_util::format_time;
     match cmd {
         SessionCommand::List { user, json } => {
             let list: Vec<_> = store
@@ -707,19 +673,40 @@ async fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<(
                 let v: Vec<_> = list
                     .iter()
                     .map(|(id, s)| {
-                        serde_json::json!({"id": id, "user": s.user, "source": s.source,
-                            "created": time(s.created), "expires": time(s.expires)})
+                        let mut v = serde_json::json!({"id": id, "user": s.user,
+                            "source": s.source, "created": time(s.created),
+                            "expires": time(s.expires), "kind": s.kind()});
+                        if let Some(t) = &s.token {
+                            v["name"] = t.name.clone().into();
+                            v["read_only"] = t.read_only.into();
+                            v["path"] = t.path.clone().into();
+                        }
+                        v
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for (id, s) in &list {
+                    // A token's name has no control characters (checked at creation).
+                    let scope = s.token.as_ref().map_or(String::new(), |t| {
+                        format!(
+                            " name={} {} path={}",
+                            if t.name.is_empty() { "-" } else { &t.name },
+                            if t.read_only {
+                                "read-only"
+                            } else {
+                                "read-write"
+                            },
+                            if t.path.is_empty() { "/" } else { &t.path }
+                        )
+                    });
                     println!(
-                        "{id}\t{}\t{}\tcreated {}\texpires {}",
+                        "{id}\t{}\t{}\tcreated {}\texpires {}\t{}{scope}",
                         s.user,
                         s.source,
                         time(s.created),
-                        time(s.expires)
+                        time(s.expires),
+                        s.kind()
                     );
                 }
             }

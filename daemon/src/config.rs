@@ -254,6 +254,11 @@ pub struct SessionSettings {
     /// In s3 mode, milliseconds between two reads of the shared accounts and revocations:
     /// a change on one node is in force on every node within twice this.
     pub sync_interval_ms: u64,
+    /// Longest life of a long-lived token (`xfer token create --expires`), in days; the
+    /// default life is 90 days or this, whichever is shorter.
+    pub token_max_days: u64,
+    /// Most live long-lived tokens per account; creating one more is refused (`Busy`).
+    pub max_tokens_per_user: usize,
 }
 
 impl Default for SessionSettings {
@@ -262,11 +267,23 @@ impl Default for SessionSettings {
             ttl_secs: 7 * 24 * 3600,
             max_per_user: 100,
             sync_interval_ms: 2000,
+            token_max_days: 365,
+            max_tokens_per_user: 32,
         }
     }
 }
 
 impl SessionSettings {
+    /// The longest a token may live, in seconds.
+    pub fn token_max_secs(&self) -> u64 {
+        self.token_max_days.saturating_mul(86_400)
+    }
+
+    /// How long a token lives when its creator names no time: 90 days, or the cap if lower.
+    pub fn token_default_secs(&self) -> u64 {
+        (90 * 86_400).min(self.token_max_secs())
+    }
+
     /// Time between two reads of the shared state (s3 mode).
     pub fn sync_interval(&self) -> Duration {
         Duration::from_millis(self.sync_interval_ms)
@@ -325,7 +342,7 @@ impl Config {
                     .map(|s| format!(" (at line {})", line_of(text, s.start)))
                     .unwrap_or_default(),
         })?;
-        let base = crate::fsutil::parent_dir(path);
+        let base = xfer_util::fs::parent_dir(path);
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
         let invalid = |key, problem: String| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -387,6 +404,11 @@ impl Config {
             ("sessions.ttl_secs", file.sessions.ttl_secs),
             ("sessions.max_per_user", file.sessions.max_per_user as u64),
             ("sessions.sync_interval_ms", file.sessions.sync_interval_ms),
+            ("sessions.token_max_days", file.sessions.token_max_days),
+            (
+                "sessions.max_tokens_per_user",
+                file.sessions.max_tokens_per_user as u64,
+            ),
             (
                 "limits.max_transfers_per_user",
                 l.max_transfers_per_user as u64,

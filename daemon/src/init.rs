@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use base64::Engine;
 use xfer_proto::fingerprint::Fingerprint;
+use xfer_util::fs::{Mode, write_atomic};
 
 use crate::accounts::UsersFile;
 use crate::config::DEFAULT_LISTEN;
@@ -137,6 +138,12 @@ max_per_user = 100
 # (PREFIX/.xfer/revoked/). A logout, revocation, password or role change on one node is in
 # force on every node within twice this (the default keeps it under 5 s).
 sync_interval_ms = 2000
+# Longest life of a long-lived token (`xfer token create --expires`), in days. A token made
+# without --expires lives 90 days, or this if it is shorter.
+token_max_days = 365
+# Most live tokens per account (they do not count against max_per_user, and a login never
+# ends one); making one more is refused until one is revoked (`xfer token revoke ID`).
+max_tokens_per_user = 32
 
 [penalties]
 # Brute-force defence, per source (limits.per_source_net_block_size). Each failed login, bad token or
@@ -242,7 +249,7 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
     // from what the template says.
     let config = crate::config::Config::from_str(&opts.config, &text)
         .context("the generated config is invalid")?;
-    let dir = crate::fsutil::parent_dir(&opts.config);
+    let dir = xfer_util::fs::parent_dir(&opts.config);
     std::fs::create_dir_all(dir).with_context(|| format!("creating `{}`", dir.display()))?;
     if !opts.force {
         for existing in [&opts.config, &config.key] {
@@ -255,9 +262,9 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
         }
     }
     let id = crate::tls::generate(&opts.hostnames)?;
-    crate::fsutil::write_atomic(&config.key, id.key_pem.as_bytes(), 0o600)
+    write_atomic(&config.key, id.key_pem.as_bytes(), Mode::KeepOr(0o600))
         .with_context(|| format!("writing `{}`", config.key.display()))?;
-    crate::fsutil::write_atomic(&config.cert, id.cert_pem.as_bytes(), 0o644)
+    write_atomic(&config.cert, id.cert_pem.as_bytes(), Mode::KeepOr(0o644))
         .with_context(|| format!("writing `{}`", config.cert.display()))?;
     if !config.users_file.exists() {
         UsersFile::default().save(&config.users_file)?;
@@ -266,7 +273,7 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
         .with_context(|| format!("creating storage root `{}`", config.root.display()))?;
     crate::fsutil::create_dir_with_mode(&config.state_dir, 0o700)
         .with_context(|| format!("creating state folder `{}`", config.state_dir.display()))?;
-    crate::fsutil::write_atomic(&opts.config, text.as_bytes(), 0o644)
+    write_atomic(&opts.config, text.as_bytes(), Mode::KeepOr(0o644))
         .with_context(|| format!("writing `{}`", opts.config.display()))?;
     Ok(InitReport {
         config: opts.config.clone(),

@@ -36,7 +36,8 @@
 //! - [`init`]: `xferd init` and the first-run quickstart.
 //! - [`cli`]: the command line.
 //! - [`logging`]: the stderr log, and the one place that escapes and cuts client-supplied text in it.
-//! - [`fsutil`]: atomic file writes.
+//! - [`fsutil`]: file stamps (to notice another process's edit) and folder creation; atomic
+//!   writes are [`xfer_util::fs`], shared with the client.
 //!
 //! Dependencies run one way, from the accept loop down to storage (checked with a grep of
 //! `crate::` paths; `cli` sits above `server`):

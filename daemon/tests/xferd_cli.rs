@@ -577,6 +577,60 @@ async fn an_admin_lists_and_revokes_sessions_of_the_running_daemon() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_sees_tokens_with_their_scope_and_revokes_them() {
+    let (_dir, config) = setup(10);
+    let serving = Serving::start(&config);
+    let mut alice = serving.client("alice", "alice-pw").await;
+    let (token, info) = xfer::tokens::create(&mut alice, "nightly", 3600, true, "backups/h1")
+        .await
+        .unwrap();
+    let json = xferd(&config, &["session", "list", "--json"], "");
+    assert_eq!(json.code, 0, "{}", json.stderr);
+    assert!(!json.stdout.contains(&token[6..]), "tokens are never shown");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let listed = v.as_array().unwrap();
+    let login = listed.iter().find(|s| s["kind"] == "login").unwrap();
+    assert!(login.get("path").is_none(), "{login}");
+    let t = listed.iter().find(|s| s["kind"] == "token").unwrap();
+    assert_eq!(
+        (
+            &t["id"],
+            &t["user"],
+            &t["name"],
+            &t["read_only"],
+            &t["path"]
+        ),
+        (
+            &serde_json::json!(info.id),
+            &serde_json::json!("alice"),
+            &serde_json::json!("nightly"),
+            &serde_json::json!(true),
+            &serde_json::json!("backups/h1")
+        )
+    );
+    let text = xferd(&config, &["session", "list"], "").stdout;
+    let line = text.lines().find(|l| l.starts_with(&info.id)).unwrap();
+    assert!(
+        line.ends_with("\ttoken name=nightly read-only path=backups/h1"),
+        "{line}"
+    );
+
+    let mut script = xfer::conn::Client::connect(&serving.addr, serving.fingerprint, None)
+        .await
+        .unwrap();
+    script.authenticate(&token).await.unwrap();
+    let out = xferd(&config, &["session", "revoke", &info.id], "");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("revoked 1"), "{}", out.stdout);
+    assert_eq!(script.list("backups/h1").await.unwrap_err().exit_code(), 3);
+    alice.ping().await.expect("the login that made it stays");
+    assert!(
+        xfer::tokens::list(&mut alice).await.unwrap().is_empty(),
+        "gone from the owner's list"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_the_journal_the_log_has_no_timestamps_or_colours_of_its_own() {
     let (_dir, config) = setup(10);
     let mut serving = Serving::start_with_env(&config, &[("JOURNAL_STREAM", Path::new("8:12345"))]);

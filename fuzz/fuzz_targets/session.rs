@@ -129,6 +129,14 @@ enum Op {
     KeyLogin(UserName, [u8; 32]),
     /// A key proof with any signature.
     KeyProof(Vec<u8>),
+    /// A long-lived token (protocol 3), with any scope and lifetime.
+    TokenCreate {
+        read_only: bool,
+        path: FPath,
+        expires_secs: u64,
+    },
+    TokenList,
+    TokenRevoke(String),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -671,6 +679,18 @@ impl Script<'_> {
             Op::KeyProof(signature) => Request::KeyProof {
                 signature: signature.clone(),
             },
+            Op::TokenCreate {
+                read_only,
+                path,
+                expires_secs,
+            } => Request::TokenCreate {
+                name: "fuzz".into(),
+                expires_secs: *expires_secs,
+                read_only: *read_only,
+                path: path.text(),
+            },
+            Op::TokenList => Request::TokenList,
+            Op::TokenRevoke(id) => Request::TokenRevoke { id: id.clone() },
         };
         self.frame(&req);
     }
@@ -768,6 +788,16 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
             Response::UploadDone { .. } => assert!(authenticated),
             Response::Committed { .. } => {
                 assert!(authenticated, "a commit before any authentication")
+            }
+            Response::TokenCreated { token, info } => {
+                assert!(authenticated, "a token before any authentication");
+                assert!(token.starts_with(xferd::sessions::TOKEN_PREFIX));
+                assert!(!info.id.is_empty());
+                seen.tokens.push(token);
+            }
+            Response::Tokens { tokens, .. } => {
+                assert!(authenticated, "a token listing before any authentication");
+                assert!(tokens.len() <= xfer_proto::limits::MAX_TOKENS_PER_FRAME);
             }
             Response::UploadResume { offset, .. } => {
                 assert!(authenticated, "a resume offer before any authentication");

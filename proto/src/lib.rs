@@ -40,7 +40,7 @@ pub mod tls;
 pub mod tls_stream;
 
 pub use connection::Connection;
-pub use message::{Digest, Entry, EntryKind, ErrorCode, Request, Response, Role};
+pub use message::{Digest, Entry, EntryKind, ErrorCode, Request, Response, Role, TokenInfo};
 
 /// The protocol version carried in the hello; bumped whenever messages are added. Version 2
 /// added resumable transfers (`UploadResume`, `UploadFrom`, `DownloadFrom`); version 3

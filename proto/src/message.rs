@@ -140,6 +140,27 @@ pub enum Request {
         /// 64 bytes.
         signature: Vec<u8>,
     },
+    /// Make a long-lived token for automation (protocol 3), answered by `TokenCreated`. Only a
+    /// password or key login may: a token session gets `PermissionDenied`.
+    TokenCreate {
+        /// A label for `token list` (at most [`crate::limits::MAX_TOKEN_NAME_LEN`] bytes).
+        name: String,
+        /// Lifetime in seconds; 0 for the server's default (90 days, capped by its config).
+        expires_secs: u64,
+        /// Refuse every request that writes (upload, delete, rename, mkdir, shutdown).
+        read_only: bool,
+        /// Refuse every path that is not this folder or below it; `""` for the whole tree.
+        path: String,
+    },
+    /// List this user's tokens (protocol 3), answered by `Tokens` frames, the last with
+    /// `done` set. Not for token sessions.
+    TokenList,
+    /// Revoke one of this user's tokens by its id as `TokenList` shows it (protocol 3),
+    /// answered by `Ok` or `Error{NotFound}`. Not for token sessions.
+    TokenRevoke {
+        /// The token's id (at least 6 of its hex digits).
+        id: String,
+    },
 }
 
 /// What the server answers.
@@ -229,6 +250,37 @@ pub enum Response {
         /// 32 random bytes.
         nonce: [u8; 32],
     },
+    /// Answer to `TokenCreate`: the token (its only copy) and what it may do.
+    TokenCreated {
+        /// The new token (secret; shown once).
+        token: String,
+        /// Its id, name, times and scope.
+        info: TokenInfo,
+    },
+    /// Part of the answer to `TokenList`; the last frame has `done` set.
+    Tokens {
+        /// Up to [`crate::limits::MAX_TOKENS_PER_FRAME`] tokens.
+        tokens: Vec<TokenInfo>,
+        /// True on the final frame.
+        done: bool,
+    },
+}
+
+/// A long-lived token as `TokenCreated` and `Tokens` describe it (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Short id (hex), for `TokenRevoke` and `xferd session revoke`.
+    pub id: String,
+    /// The label given at creation.
+    pub name: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: i64,
+    /// Expiry time, seconds since the Unix epoch.
+    pub expires: i64,
+    /// Whether every write is refused.
+    pub read_only: bool,
+    /// The folder it is limited to; `""` for the whole tree.
+    pub path: String,
 }
 
 /// Who a session belongs to.
@@ -445,6 +497,49 @@ mod tests {
             crate::frame::encode_frame(&r, &mut frame).unwrap();
             assert!(frame.len() <= MAX_MESSAGE_LEN + 16, "{}", frame.len());
         }
+    }
+
+    /// The wire tags of the token messages are fixed by the spec (proto/README.md §3, §9).
+    #[test]
+    fn token_messages_have_their_spec_tags() {
+        let tag = |bytes: Vec<u8>| bytes[0];
+        let req = |r: &Request| tag(postcard::to_allocvec(r).unwrap());
+        let resp = |r: &Response| tag(postcard::to_allocvec(r).unwrap());
+        assert_eq!(req(&Request::Commit), 17);
+        assert_eq!(
+            req(&Request::TokenCreate {
+                name: String::new(),
+                expires_secs: 0,
+                read_only: false,
+                path: String::new()
+            }),
+            20
+        );
+        assert_eq!(req(&Request::TokenList), 21);
+        assert_eq!(req(&Request::TokenRevoke { id: String::new() }), 22);
+        assert_eq!(resp(&Response::Committed { files: 0 }), 12);
+        let info = TokenInfo {
+            id: String::new(),
+            name: String::new(),
+            created: 0,
+            expires: 0,
+            read_only: false,
+            path: String::new(),
+        };
+        assert_eq!(
+            resp(&Response::TokenCreated {
+                token: String::new(),
+                info
+            }),
+            14
+        );
+        assert_eq!(
+            resp(&Response::Tokens {
+                tokens: vec![],
+                done: true
+            }),
+            15
+        );
     }
 
     #[test]

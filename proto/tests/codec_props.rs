@@ -169,7 +169,38 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Commit),
         (text(70), digest()).prop_map(|(user, public_key)| Request::KeyLogin { user, public_key }),
         vec(any::<u8>(), 0..=80).prop_map(|signature| Request::KeyProof { signature }),
+        (text(64), u64_any(), any::<bool>(), text(300)).prop_map(
+            |(name, expires_secs, read_only, path)| Request::TokenCreate {
+                name,
+                expires_secs,
+                read_only,
+                path
+            }
+        ),
+        Just(Request::TokenList),
+        text(40).prop_map(|id| Request::TokenRevoke { id }),
     ]
+}
+
+fn token_info() -> impl Strategy<Value = xfer_proto::TokenInfo> {
+    (
+        text(20),
+        text(64),
+        i64_any(),
+        i64_any(),
+        any::<bool>(),
+        text(300),
+    )
+        .prop_map(
+            |(id, name, created, expires, read_only, path)| xfer_proto::TokenInfo {
+                id,
+                name,
+                created,
+                expires,
+                read_only,
+                path,
+            },
+        )
 }
 
 fn response() -> impl Strategy<Value = Response> {
@@ -196,6 +227,9 @@ fn response() -> impl Strategy<Value = Response> {
             .prop_map(|(offset, prefix)| Response::UploadResume { offset, prefix }),
         u64_any().prop_map(|files| Response::Committed { files }),
         digest().prop_map(|nonce| Response::KeyChallenge { nonce }),
+        (text(300), token_info()).prop_map(|(token, info)| Response::TokenCreated { token, info }),
+        (vec(token_info(), 0..4), any::<bool>())
+            .prop_map(|(tokens, done)| Response::Tokens { tokens, done }),
     ]
 }
 

@@ -107,6 +107,7 @@ async fn start_session(
     role: xfer_proto::Role,
     token: String,
     expires: i64,
+    scope: Option<crate::sessions::TokenScope>,
 ) -> std::io::Result<SessionInfo> {
     let tree = ctx.state.storage.user_tree(user).await?;
     ctx.auth = Some(Auth {
@@ -115,6 +116,7 @@ async fn start_session(
         token,
         expires,
         tree,
+        scope,
     });
     Ok(SessionInfo {
         user: user.into(),
@@ -170,7 +172,7 @@ pub(super) async fn grant<S: AsyncRead + AsyncWrite + Unpin>(
             .await;
         }
     };
-    match start_session(ctx, user, role, token.clone(), rec.expires).await {
+    match start_session(ctx, user, role, token.clone(), rec.expires, None).await {
         Ok(session) => {
             tracing::info!(user = %user, peer = %ctx.peer, %role, op, "login succeeded");
             ctx.audit(op, None, Outcome::ok());
@@ -264,7 +266,8 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(why) = ctx.enter_session(&record.user) {
         return super::refuse_session(conn, &why).await;
     }
-    match start_session(ctx, &record.user, role, token.into(), record.expires).await {
+    let scope = record.token.clone();
+    match start_session(ctx, &record.user, role, token.into(), record.expires, scope).await {
         Ok(session) => {
             tracing::debug!(user = %record.user, peer = %ctx.peer, "token accepted");
             conn.write_frame(&Response::Session(session)).await?;

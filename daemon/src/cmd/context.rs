@@ -23,6 +23,8 @@ pub struct Auth {
     pub expires: i64,
     /// The user's storage tree.
     pub tree: Tree,
+    /// Set when the session is a long-lived token: what the dispatcher limits it to.
+    pub scope: Option<crate::sessions::TokenScope>,
 }
 
 /// Per-connection state the commands read and change.
@@ -102,6 +104,7 @@ impl Ctx {
             digest: outcome
                 .digest
                 .map(|d| blake3::Hash::from_bytes(*d).to_hex().to_string()),
+            token_id: outcome.token_id,
             result: match outcome.error {
                 None => "ok".into(),
                 Some(code) => format!("{code:?}"),
@@ -124,6 +127,8 @@ pub struct Outcome<'a> {
     pub resumed_from: Option<u64>,
     /// Digest of the file transferred.
     pub digest: Option<&'a xfer_proto::Digest>,
+    /// Id of the token a token operation made or revoked (never the token).
+    pub token_id: Option<&'a str>,
 }
 
 impl Outcome<'_> {
