@@ -8,6 +8,7 @@
 //! - [`state`]: the client's state folder: known servers (pins) and session tokens, 0600/0700,
 //!   written atomically ([`xfer_util::fs`]).
 //! - [`addr`]: parsing `USER@HOST[:PORT]` and `HOST[:PORT]`.
+//! - [`keys`]: key login: `xfer keygen`, loading a private key, signing the challenge.
 //! - [`conn`]: connecting (TCP, optional source address, TLS, hello) and every request.
 //! - `context`: the connection context every command runs in (`Ctx`): the state folder, the
 //!   global flags, connecting with the stored session and pin.
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod conn;
 mod context;
 pub mod error;
+pub mod keys;
 pub mod part;
 pub mod progress;
 pub mod put;

@@ -89,6 +89,25 @@ pub enum AccountError {
         "the object store holds no accounts yet: put the local users file there with `xferd user import FILE`, or add one with `xferd user add NAME`"
     )]
     NoUsersInStore,
+    /// A public key that cannot be a login key.
+    #[error("bad public key: {0}")]
+    BadKey(String),
+    /// The account has this key already.
+    #[error("user `{user}` already has key {id}")]
+    KeyExists {
+        /// The account.
+        user: String,
+        /// The key's fingerprint.
+        id: String,
+    },
+    /// The account has no key with this ID.
+    #[error("user `{user}` has no key {id} (`xferd user key list {user}` shows them)")]
+    NoSuchKey {
+        /// The account.
+        user: String,
+        /// The ID asked for.
+        id: String,
+    },
 }
 
 /// One account as stored in the users file.
@@ -111,6 +130,10 @@ pub struct UserRecord {
     /// Files this account may store, replacing `[quota] default_files` (absent: the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_files: Option<QuotaSetting>,
+    /// Public keys that may log in as this account (`xferd user key add`); absent in files
+    /// written before key login, which load as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<crate::keys::KeyRecord>,
 }
 
 /// A quota as the users file states it for one account: a number, or `"none"` for no limit
@@ -176,6 +199,7 @@ const USERS_HEADER: &str = "\
 # hash: argon2id PHC string (m=19456,t=2,p=1 or stronger); role: \"reader\", \"user\" or
 # \"superuser\"; quota_bytes / quota_files (optional): a number, or \"none\" for no limit
 # (`xferd user quota NAME`); absent, the config's [quota] defaults apply.
+# keys: login keys (`xferd user key add|list|del`), OpenSSH ssh-ed25519 public key lines.
 
 ";
 
@@ -308,6 +332,7 @@ impl UsersFile {
             };
             validate_name(name).map_err(|e| bad(e.to_string()))?;
             check_hash(&rec.hash).map_err(bad)?;
+            crate::keys::check_keys(&rec.keys).map_err(bad)?;
         }
         Ok(file)
     }
@@ -342,6 +367,7 @@ impl UsersFile {
                 generation: first_generation(),
                 quota_bytes: None,
                 quota_files: None,
+                keys: Vec::new(),
             },
         );
         Ok(())
@@ -384,7 +410,7 @@ impl UsersFile {
 
     /// The account about to change, its generation already moved on: every change to an
     /// account goes through here so that none can leave its old sessions valid.
-    fn next_generation(&mut self, name: &str) -> Result<&mut UserRecord, AccountError> {
+    pub(crate) fn next_generation(&mut self, name: &str) -> Result<&mut UserRecord, AccountError> {
         let rec = self
             .users
             .get_mut(name)

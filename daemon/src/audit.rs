@@ -19,8 +19,8 @@ pub struct Event<'a> {
     pub user: &'a str,
     /// Client address.
     pub source: String,
-    /// What was done: login, logout, list, upload, download, delete, rename, mkdir, shutdown,
-    /// token_create, token_revoke, token_scope (a request refused by a token's scope).
+    /// What was done: login, keylogin, logout, list, upload, download, delete, rename, mkdir,
+    /// shutdown, token_create, token_revoke, token_scope (a request refused by a token's scope).
     pub op: &'a str,
     /// Remote path, if any.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -154,6 +154,9 @@ pub enum UserCommand {
         #[arg(long)]
         rescan: bool,
     },
+    /// Manage an account's login keys (`xfer login --key`).
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Put the accounts of a local users file into the object store (`[storage] kind =
     /// "s3"`), once, when moving to several nodes.
     Import {
@@ -162,6 +165,39 @@ pub enum UserCommand {
         /// Replace the accounts the store holds already
         #[arg(long)]
         replace: bool,
+    },
+}
+
+/// `xferd user key ...`
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Let a public key log in as an account: an OpenSSH `ssh-ed25519 AAAA... comment` line
+    /// (from `xfer keygen` or `ssh-keygen -t ed25519`).
+    #[command(group = clap::ArgGroup::new("source").required(true))]
+    Add {
+        /// Account name
+        name: String,
+        /// The public key line (quoted, or as separate words)
+        #[arg(group = "source", num_args = 1.., value_name = "PUBKEY")]
+        pubkey: Vec<String>,
+        /// Read the public key line from this file (e.g. id_ed25519.pub)
+        #[arg(long, group = "source", value_name = "F")]
+        file: Option<PathBuf>,
+    },
+    /// List an account's login keys: ID (SHA-256 fingerprint), comment, when added.
+    List {
+        /// Account name
+        name: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a login key; the account's sessions are revoked.
+    Del {
+        /// Account name
+        name: String,
+        /// The key's ID as `key list` shows it (SHA256:..., the prefix optional)
+        id: String,
     },
 }
 
@@ -605,6 +641,7 @@ async fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()
                 println!("{name}: {}", used.text());
             }
         }
+        UserCommand::Key(cmd) => key_command(&config, &admin, cmd).await?,
         UserCommand::Import { file, replace } => {
             let UsersAdmin::Shared(object) = &admin else {
                 bail!(
@@ -619,6 +656,81 @@ async fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()
                 "imported {n} account(s) from `{}` into the object store",
                 file.display()
             );
+        }
+    }
+    Ok(())
+}
+
+/// The one public key line of `file` (blank lines and `#` comments aside).
+fn key_line_of(file: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the public key `{}`", file.display()))?;
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    match (lines.next(), lines.next()) {
+        (Some(line), None) => Ok(line.to_string()),
+        (None, _) => bail!("`{}` holds no public key", file.display()),
+        (Some(_), Some(_)) => bail!(
+            "`{}` holds more than one key; add them one at a time",
+            file.display()
+        ),
+    }
+}
+
+async fn key_command(config: &Config, admin: &UsersAdmin, cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Add { name, pubkey, file } => {
+            let line = match file {
+                Some(f) => key_line_of(&f)?,
+                None => pubkey.join(" "),
+            };
+            let id = admin.edit(|users| users.add_key(&name, &line)).await?;
+            println!("added key {id} to `{name}`");
+        }
+        KeyCommand::List { name, json } => {
+            let users = admin.read().await?;
+            let rec = users
+                .users
+                .get(&name)
+                .ok_or_else(|| crate::accounts::AccountError::NoSuchUser(name.clone()))?;
+            let time = |secs: i64| {
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
+                )
+                .to_string()
+            };
+            let keys: Vec<_> = rec
+                .keys
+                .iter()
+                .filter_map(|k| Some((crate::keys::LoginKey::parse(&k.key).ok()?, k)))
+                .collect();
+            if json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(|(key, rec)| {
+                        serde_json::json!({"id": key.id(), "type": key.public.algorithm().as_str(),
+                            "comment": key.public.comment(), "added": time(rec.added), "key": rec.key})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for (key, rec) in &keys {
+                    println!(
+                        "{}\t{}\t{}\tadded {}",
+                        key.id(),
+                        key.public.algorithm().as_str(),
+                        key.public.comment(),
+                        time(rec.added)
+                    );
+                }
+            }
+        }
+        KeyCommand::Del { name, id } => {
+            admin.edit(|users| users.remove_key(&name, &id)).await?;
+            revoke_sessions_or_warn(config, &name, &format!("deleted key {id} of `{name}`")).await;
+            println!("deleted key {id} of `{name}`; their sessions are revoked");
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! Map of the crate:
 //! - [`config`]: the TOML config file, its defaults and validation.
 //! - [`accounts`]: the users file (argon2id hashes, roles) and password verification.
+//! - [`keys`]: login keys on accounts (OpenSSH Ed25519 public keys) and the key login check.
 //! - [`admission`]: two-stage admission (unauthenticated pool, then sessions) and refusals that say why.
 //! - [`password`]: password checks on a fixed pool of threads, each with its argon2 memory allocated once.
 //! - [`penalty`]: per-source penalties for failed logins (brute-force defence).
@@ -67,6 +68,7 @@ pub mod config;
 pub mod fsutil;
 pub mod handler;
 pub mod init;
+pub mod keys;
 pub mod logging;
 pub mod password;
 pub mod penalty;

@@ -125,6 +125,10 @@ enum Op {
         trailer: Trailer,
     },
     Commit,
+    /// A key login (protocol 3); refused here, where the connection has no TLS to bind to.
+    KeyLogin(UserName, [u8; 32]),
+    /// A key proof with any signature.
+    KeyProof(Vec<u8>),
     /// A long-lived token (protocol 3), with any scope and lifetime.
     TokenCreate {
         read_only: bool,
@@ -662,6 +666,19 @@ impl Script<'_> {
                 return;
             }
             Op::Commit => Request::Commit,
+            Op::KeyLogin(user, public_key) => Request::KeyLogin {
+                user: match user {
+                    UserName::User => USER.to_string(),
+                    UserName::Admin => ADMIN.to_string(),
+                    UserName::Unknown => "nobody".to_string(),
+                    UserName::TooLong => "u".repeat(65),
+                    UserName::Raw(s) => s.clone(),
+                },
+                public_key: *public_key,
+            },
+            Op::KeyProof(signature) => Request::KeyProof {
+                signature: signature.clone(),
+            },
             Op::TokenCreate {
                 read_only,
                 path,
@@ -782,9 +799,6 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
                 assert!(authenticated, "a token listing before any authentication");
                 assert!(tokens.len() <= xfer_proto::limits::MAX_TOKENS_PER_FRAME);
             }
-            Response::KeyChallengeReserved => {
-                panic!("a key challenge from a server without key login")
-            }
             Response::Account { session, .. } => {
                 assert!(authenticated, "an account before any authentication");
                 seen.users.insert(session.user);
@@ -823,6 +837,7 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
                 }
             }
             Response::DownloadEnd { .. } => panic!("DownloadEnd without DownloadReady"),
+            Response::KeyChallenge { .. } => panic!("a key challenge on a connection without TLS"),
             Response::Error { .. } => {}
             Response::ShuttingDown { .. } => closing = Some(resp.clone()),
         }

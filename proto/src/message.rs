@@ -126,12 +126,20 @@ pub enum Request {
     /// Make every file this connection staged with `Put` durable and visible (protocol 3);
     /// answered by `Committed` or an `Error`.
     Commit,
-    /// Placeholder for key login's first request (wire tag 18, owned by key login).
-    #[doc(hidden)]
-    KeyLoginReserved,
-    /// Placeholder for key login's proof (wire tag 19, owned by key login).
-    #[doc(hidden)]
-    KeyProofReserved,
+    /// Start a key login (protocol 3): the server answers `KeyChallenge` whether or not the
+    /// user or the key exists, and the client answers that with `KeyProof` (spec §8).
+    KeyLogin {
+        /// Account name.
+        user: String,
+        /// The raw 32-byte Ed25519 public key the client will sign with.
+        public_key: [u8; 32],
+    },
+    /// The Ed25519 signature of [`crate::key_login::signed_message`] for the `KeyChallenge`
+    /// just received (protocol 3); answered by `LoggedIn` or `Error{AuthFailed}`.
+    KeyProof {
+        /// 64 bytes.
+        signature: Vec<u8>,
+    },
     /// Make a long-lived token for automation (protocol 3), answered by `TokenCreated`. Only a
     /// password or key login may: a token session gets `PermissionDenied`.
     TokenCreate {
@@ -240,9 +248,11 @@ pub enum Response {
         /// connection (including those the server committed by itself at its batch limits).
         files: u64,
     },
-    /// Placeholder for key login's challenge (wire tag 13, owned by key login).
-    #[doc(hidden)]
-    KeyChallengeReserved,
+    /// Answer to `KeyLogin` (protocol 3): the nonce the client signs, fresh for each.
+    KeyChallenge {
+        /// 32 random bytes.
+        nonce: [u8; 32],
+    },
     /// Answer to `TokenCreate`: the token (its only copy) and what it may do.
     TokenCreated {
         /// The new token (secret; shown once).

@@ -167,9 +167,8 @@ fn request() -> impl Strategy<Value = Request> {
             digest
         }),
         Just(Request::Commit),
-        // Key login's tags (18, 19): placeholders until its variants are merged.
-        Just(Request::KeyLoginReserved),
-        Just(Request::KeyProofReserved),
+        (text(70), digest()).prop_map(|(user, public_key)| Request::KeyLogin { user, public_key }),
+        vec(any::<u8>(), 0..=80).prop_map(|signature| Request::KeyProof { signature }),
         (text(64), u64_any(), any::<bool>(), text(300)).prop_map(
             |(name, expires_secs, read_only, path)| Request::TokenCreate {
                 name,
@@ -228,7 +227,7 @@ fn response() -> impl Strategy<Value = Response> {
         (u64_any(), digest())
             .prop_map(|(offset, prefix)| Response::UploadResume { offset, prefix }),
         u64_any().prop_map(|files| Response::Committed { files }),
-        Just(Response::KeyChallengeReserved),
+        digest().prop_map(|nonce| Response::KeyChallenge { nonce }),
         (text(300), token_info()).prop_map(|(token, info)| Response::TokenCreated { token, info }),
         (vec(token_info(), 0..4), any::<bool>())
             .prop_map(|(tokens, done)| Response::Tokens { tokens, done }),

@@ -11,6 +11,7 @@ use crate::addr::ServerAddr;
 use crate::conn::{Client, connect_tls};
 use crate::context::Ctx;
 use crate::error::{ClientError, Result, printable};
+use crate::keys::Credential;
 use crate::state::StoredSession;
 
 /// Asks on stderr and reads the answer from stdin; only `yes` or `y` is yes.
@@ -36,6 +37,7 @@ pub(super) async fn login(
     password_stdin: bool,
     fingerprint: Option<&str>,
     accept_new: bool,
+    login_key: Option<(&std::path::Path, bool)>,
 ) -> Result<()> {
     let (user, server) = ServerAddr::parse_login(target)?;
     let key = server.to_string();
@@ -75,17 +77,25 @@ pub(super) async fn login(
         ctx.state.save_known_servers(&known)?;
         ctx.status(format_args!("Pinned {key} with key {seen}."));
     }
-    let password = read_password(
-        password_stdin,
-        &format!("Password for {user}@{key}: "),
-        false,
-    )?;
+    let credential = match login_key {
+        Some((file, passphrase_stdin)) => {
+            Credential::Key(crate::keys::load(file, passphrase_stdin)?)
+        }
+        None => Credential::Password(
+            read_password(
+                password_stdin,
+                &format!("Password for {user}@{key}: "),
+                false,
+            )?
+            .into(),
+        ),
+    };
     // Second connection, pinned to the key just checked: prompts may have outlasted the
     // server's login deadline on the first one.
     let mut client = Client::connect(&server, seen, ctx.bind)
         .await
         .inspect_err(|e| ctx.warn_key_changed(e, &known))?;
-    let (token, info) = client.login(&user, &password).await?;
+    let (token, info) = credential.log_in(&mut client, &user).await?;
     client.close().await;
     // The name is the server's text, and it is printed again from this file later (prompts,
     // "run `xfer login USER@...`"): escaped once here, it is safe everywhere after.

@@ -71,6 +71,22 @@ pub enum Command {
         /// Trust and pin the key of a server seen for the first time
         #[arg(long)]
         accept_new: bool,
+        /// Log in with this private key (from `xfer keygen`, or an OpenSSH ed25519 key)
+        #[arg(long, value_name = "FILE", conflicts_with = "password_stdin")]
+        key: Option<PathBuf>,
+        /// Read the key's passphrase from the first line of standard input
+        #[arg(long, requires = "key")]
+        passphrase_stdin: bool,
+    },
+    /// Make an Ed25519 key pair for `xfer login --key`: FILE (0600) and FILE.pub.
+    Keygen {
+        /// The private key file [default: id_ed25519 in the config folder]
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Read the passphrase from the first line of standard input (else asked on a
+        /// terminal; none without one)
+        #[arg(long)]
+        passphrase_stdin: bool,
     },
     /// End the session: revoke the token on the server and forget it here.
     Logout,
@@ -218,16 +234,24 @@ pub async fn run(cli: Cli) -> std::result::Result<(), Reported> {
             target,
             password_stdin,
             accept_new,
+            key,
+            passphrase_stdin,
         } => {
+            let key = key.as_deref().map(|k| (k, passphrase_stdin));
             login(
                 &ctx,
                 &target,
                 password_stdin,
                 fingerprint.as_deref(),
                 accept_new,
+                key,
             )
             .await
         }
+        Command::Keygen {
+            file,
+            passphrase_stdin,
+        } => crate::keys::keygen_command(&ctx, ctx.state.path(), file, passphrase_stdin),
         Command::Logout => logout(&ctx).await,
         Command::Whoami => whoami(&ctx).await,
         Command::List { remote_dir } => {

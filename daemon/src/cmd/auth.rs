@@ -14,7 +14,7 @@ use crate::accounts::VerifyOutcome;
 /// than [`MAX_USER_LEN`], so a longer one is cut there (a guesser's 64 KiB names would otherwise
 /// fill the audit log). Escaping is the loggers' job: the text log's formatter escapes every
 /// field ([`crate::logging`]); the JSON log and the audit trail are JSON.
-fn tried_name(name: &str) -> &str {
+pub(super) fn tried_name(name: &str) -> &str {
     name.char_indices()
         .nth(MAX_USER_LEN)
         .map_or(name, |(cut, _)| &name[..cut])
@@ -151,6 +151,53 @@ async fn storage_unavailable<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
+/// Opens a session for `user`, whose password or key just checked out (`op`, for the log
+/// and the audit trail): registers it, opens the user's storage and answers `LoggedIn`.
+pub(super) async fn grant<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    user: &str,
+    role: xfer_proto::Role,
+    generation: u64,
+    op: &str,
+) -> Result<Flow, ConnError> {
+    let state = ctx.state.clone();
+    if let Err(why) = ctx.enter_session(user) {
+        return super::refuse_session(conn, &why).await;
+    }
+    // Registered before the token is handed out, so that with several nodes the
+    // session is listed, and counted against max_per_user, by the time it is used.
+    let created = state
+        .sessions
+        .create_registered(user, generation, &ctx.peer.to_string())
+        .await;
+    let (token, rec) = match created {
+        Ok(created) => created,
+        Err(e) => {
+            tracing::error!(user = %user, error = %e, "cannot record a new session; no session started");
+            return reply_error(
+                conn,
+                ErrorCode::Internal,
+                "cannot record the session on the server; try again in a moment",
+            )
+            .await;
+        }
+    };
+    match start_session(ctx, user, role, token.clone(), rec.expires, None).await {
+        Ok(session) => {
+            tracing::info!(user = %user, peer = %ctx.peer, %role, op, "login succeeded");
+            ctx.audit(op, None, Outcome::ok());
+            conn.write_frame(&Response::LoggedIn { token, session })
+                .await?;
+            Ok(Flow::Continue)
+        }
+        Err(e) => {
+            state.sessions.revoke(&token);
+            storage_unavailable(conn, user, &e).await
+        }
+    }
+}
+
 pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
@@ -163,40 +210,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let state = ctx.state.clone();
     match state.accounts.verify(user, password).await {
         VerifyOutcome::Ok { role, generation } => {
-            if let Err(why) = ctx.enter_session(user) {
-                return super::refuse_session(conn, &why).await;
-            }
-            // Registered before the token is handed out, so that with several nodes the
-            // session is listed, and counted against max_per_user, by the time it is used.
-            let created = state
-                .sessions
-                .create_registered(user, generation, &ctx.peer.to_string())
-                .await;
-            let (token, rec) = match created {
-                Ok(created) => created,
-                Err(e) => {
-                    tracing::error!(user = %user, error = %e, "cannot record a new session; no session started");
-                    return reply_error(
-                        conn,
-                        ErrorCode::Internal,
-                        "cannot record the session on the server; try again in a moment",
-                    )
-                    .await;
-                }
-            };
-            match start_session(ctx, user, role, token.clone(), rec.expires, None).await {
-                Ok(session) => {
-                    tracing::info!(user = %user, peer = %ctx.peer, %role, "login succeeded");
-                    ctx.audit("login", None, Outcome::ok());
-                    conn.write_frame(&Response::LoggedIn { token, session })
-                        .await?;
-                    Ok(Flow::Continue)
-                }
-                Err(e) => {
-                    state.sessions.revoke(&token);
-                    storage_unavailable(conn, user, &e).await
-                }
-            }
+            grant(ctx, conn, user, role, generation, "login").await
         }
         VerifyOutcome::Denied => {
             tracing::warn!(user = %tried_name(user), peer = %ctx.peer, "login failed: wrong user name or password");

@@ -46,6 +46,11 @@ pub struct Ctx {
     /// Files staged by `Put` and not yet committed (protocol 3); deleted if the connection
     /// ends first.
     pub(crate) batch: super::batch::Batch,
+    /// This connection's TLS channel binding (RFC 9266), which a key login signs; `None`
+    /// over a stream without TLS (in-memory tests), where key login is refused.
+    pub channel_binding: Option<[u8; xfer_proto::tls_stream::CHANNEL_BINDING_LEN]>,
+    /// The `KeyChallenge` just sent, which only the next request may answer.
+    pub(crate) key_challenge: Option<super::keys::Challenge>,
 }
 
 impl Ctx {
@@ -60,6 +65,8 @@ impl Ctx {
             failures: 0,
             ticket,
             batch: Default::default(),
+            channel_binding: None,
+            key_challenge: None,
         }
     }
 

@@ -7,6 +7,7 @@ pub mod batch;
 mod context;
 mod errors;
 mod files;
+mod keys;
 mod shutdown;
 mod tokens;
 mod transfer;
@@ -75,8 +76,7 @@ fn access(req: &Request) -> Access<'_> {
         Request::Login { .. } | Request::Authenticate { .. } | Request::Ping => {
             Access::new(Need::Greeted)
         }
-        // Key login's tags, not served on this branch: answered BadRequest below.
-        Request::KeyLoginReserved | Request::KeyProofReserved => Access::new(Need::Greeted),
+        Request::KeyLogin { .. } | Request::KeyProof { .. } => Access::new(Need::Greeted),
         Request::Shutdown { .. } => Access {
             writes: true,
             ..Access::new(Need::Role(Role::Superuser))
@@ -202,6 +202,19 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         .await?;
         return Ok(Flow::Close);
     }
+    if ctx.version < 3 && matches!(req, Request::KeyLogin { .. } | Request::KeyProof { .. }) {
+        conn.write_frame(&Response::error(
+            ErrorCode::BadRequest,
+            format!(
+                "KeyLogin and KeyProof need protocol version 3; this connection speaks version {}",
+                ctx.version
+            ),
+        ))
+        .await?;
+        return Ok(Flow::Close);
+    }
+    // A key challenge is good for the one request right after it, whatever that is.
+    let challenge = ctx.key_challenge.take();
     // Any other request first commits a pending batch, so what it sees (a listing, a
     // download, a rename) includes every file put before it.
     if ctx.batch.pending() && !matches!(req, Request::Put { .. } | Request::Commit) {
@@ -211,8 +224,10 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
     // One session per connection, as in SSH: a second login would leave the first session's
     // token live but unreachable, and whose connection this is ambiguous. After Logout (or
     // once the session is revoked) the connection may log in again.
-    if matches!(req, Request::Login { .. } | Request::Authenticate { .. })
-        && session_alive(ctx)
+    if matches!(
+        req,
+        Request::Login { .. } | Request::Authenticate { .. } | Request::KeyLogin { .. }
+    ) && session_alive(ctx)
         && let Some(auth) = &ctx.auth
     {
         return reply_error(
@@ -335,14 +350,10 @@ pub async fn dispatch<S: AsyncRead + AsyncWrite + Unpin + Send>(
         } => tokens::create(ctx, conn, &name, expires_secs, read_only, &path).await,
         Request::TokenList => tokens::list(ctx, conn).await,
         Request::TokenRevoke { id } => tokens::revoke(ctx, conn, &id).await,
-        Request::KeyLoginReserved | Request::KeyProofReserved => {
-            conn.write_frame(&Response::error(
-                ErrorCode::BadRequest,
-                "this server does not offer key login",
-            ))
-            .await?;
-            Ok(Flow::Close)
+        Request::KeyLogin { user, public_key } => {
+            keys::key_login(ctx, conn, user, public_key).await
         }
+        Request::KeyProof { signature } => keys::key_proof(ctx, conn, challenge, &signature).await,
     }
 }
 
