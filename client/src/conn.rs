@@ -424,7 +424,7 @@ impl Client {
         }
     }
 
-    async fn call(&mut self, req: &Request) -> Result<Response> {
+    pub(crate) async fn call(&mut self, req: &Request) -> Result<Response> {
         self.call_within(req, IO_TIMEOUT).await
     }
 
@@ -451,6 +451,44 @@ impl Client {
             .call(&Request::Login {
                 user: user.into(),
                 password: password.into(),
+            })
+            .await?
+        {
+            Response::LoggedIn { token, session } => Ok((token, session)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Logs in with a key (protocol 3, spec §8): `KeyLogin`, then the signature of the
+    /// challenge bound to this TLS connection; the new token and session, as [`Self::login`].
+    pub async fn key_login(
+        &mut self,
+        user: &str,
+        key: &crate::keys::LoginKey,
+    ) -> Result<(String, SessionInfo)> {
+        if self.version < 3 {
+            return Err(ClientError::Other(format!(
+                "the server speaks protocol version {}; key login needs version 3 (a newer xferd)",
+                self.version
+            )));
+        }
+        let public_key = key.public_key();
+        let nonce = match self
+            .call(&Request::KeyLogin {
+                user: user.into(),
+                public_key,
+            })
+            .await?
+        {
+            Response::KeyChallenge { nonce } => nonce,
+            other => return Err(unexpected(&other)),
+        };
+        let binding = *self.conn.get_mut().channel_binding();
+        let message = xfer_proto::key_login::signed_message(&binding, &nonce, user, &public_key)
+            .ok_or_else(|| ClientError::Usage("the user name is too long".into()))?;
+        match self
+            .call(&Request::KeyProof {
+                signature: key.sign(&message).to_vec(),
             })
             .await?
         {

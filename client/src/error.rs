@@ -58,6 +58,15 @@ pub enum ClientError {
         /// Its key.
         seen: Fingerprint,
     },
+    /// A token (`XFER_TOKEN`, `--token-file`) for a server whose key is neither pinned nor
+    /// given: it is never sent unchecked (exit 6).
+    #[error(
+        "{server} is not a known server, and a token is only sent to a server whose key is checked: pass --fingerprint FP (from `xferd fingerprint` on the server), or log in to it once with `xfer login USER@{server}` to pin it"
+    )]
+    UnpinnedForToken {
+        /// The server.
+        server: String,
+    },
     /// The user answered no to the first-contact question (exit 6).
     #[error("server identity not confirmed; nothing was sent")]
     NotConfirmed,
@@ -158,6 +167,7 @@ impl ClientError {
             ClientError::KeyChanged { .. }
             | ClientError::FingerprintMismatch { .. }
             | ClientError::UnknownServer { .. }
+            | ClientError::UnpinnedForToken { .. }
             | ClientError::NotConfirmed => 6,
             ClientError::Connect { .. }
             | ClientError::Refused { .. }
@@ -198,8 +208,29 @@ impl ClientError {
     }
 }
 
+/// No terminal to prompt on is a usage error (exit 2), as a missing argument is.
+impl From<xfer_util::PasswordError> for ClientError {
+    fn from(e: xfer_util::PasswordError) -> Self {
+        use xfer_util::PasswordError;
+        match e {
+            PasswordError::Read { context, source } => ClientError::local(context, source),
+            PasswordError::NoTerminal => ClientError::Usage(e.to_string()),
+            PasswordError::Mismatch => ClientError::Other(e.to_string()),
+        }
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// An error that has already been printed, carrying the exit code.
+pub struct Reported(pub u8);
+
+/// Prints `e` as the one line a failure gets and keeps its exit code.
+pub(crate) fn report(e: &ClientError) -> Reported {
+    eprintln!("xfer: error: {e}");
+    Reported(e.exit_code())
+}
 
 #[cfg(test)]
 mod tests {
@@ -256,6 +287,10 @@ mod tests {
             ),
             (ClientError::server(ErrorCode::Busy, "too many sessions"), 7),
             (ClientError::Verification("x".into()), 8),
+            (
+                ClientError::server(ErrorCode::QuotaExceeded, "quota exceeded: 1 B of 1 B used"),
+                9,
+            ),
             (ClientError::Other("x".into()), 1),
         ];
         for (err, code) in cases {

@@ -3,7 +3,6 @@
 //! 0700, the files 0600, every write is atomic. The password is never stored.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -39,26 +38,11 @@ pub struct StateDir {
     dir: PathBuf,
 }
 
-/// Replaces `path` with `contents`, 0600 from the first byte: temp file, fsync, rename, fsync
-/// the folder (best effort: the rename has happened either way).
+/// Replaces `path` with `contents`: 0600 whatever it was, atomic and durable (see
+/// [`xfer_util::fs`]).
 fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), ClientError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let write = || -> std::io::Result<()> {
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".xfer-tmp")
-            .tempfile_in(dir)?;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        tmp.write_all(contents)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(path).map_err(|e| e.error)?;
-        Ok(())
-    };
-    write().map_err(|e| ClientError::local(format!("writing `{}`", path.display()), e))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    xfer_util::write_private(path, contents)
+        .map_err(|e| ClientError::local(format!("writing `{}`", path.display()), e))
 }
 
 impl StateDir {

@@ -8,14 +8,17 @@ use std::path::{Path, PathBuf};
 use indicatif::{HumanBytes, ProgressBar};
 use xfer_proto::{EntryKind, ErrorCode, Request};
 
-use crate::cli::{Ctx, DeleteArgs, DownloadArgs, Reported, UploadArgs, report};
 use crate::conn::{Client, Hooks, Transferred};
-use crate::error::{ClientError, Result};
+use crate::context::Ctx;
+use crate::error::{ClientError, Reported, Result, report};
 use crate::part::Dest;
 use crate::put::{PutFile, put_batch};
 use xfer_proto::limits::MAX_PUT_LEN;
 
+mod args;
 mod pull;
+
+pub use args::{DeleteArgs, DownloadArgs, UploadArgs};
 
 /// The outcome of a multi-item command: every failure is printed when it happens, the first
 /// one's exit code is kept, and one bad file does not stop the others (a lost connection does).

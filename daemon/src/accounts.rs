@@ -17,6 +17,7 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use serde::{Deserialize, Serialize};
 use xfer_proto::Role;
 use xfer_proto::limits::{MAX_PASSWORD_LEN, MAX_USER_LEN};
+use xfer_util::fs::{Mode, write_atomic};
 
 use crate::fsutil::{FileStamp, file_stamp};
 use crate::password::{Checked, DUMMY_HASH, PasswordPool, Verifier};
@@ -88,6 +89,25 @@ pub enum AccountError {
         "the object store holds no accounts yet: put the local users file there with `xferd user import FILE`, or add one with `xferd user add NAME`"
     )]
     NoUsersInStore,
+    /// A public key that cannot be a login key.
+    #[error("bad public key: {0}")]
+    BadKey(String),
+    /// The account has this key already.
+    #[error("user `{user}` already has key {id}")]
+    KeyExists {
+        /// The account.
+        user: String,
+        /// The key's fingerprint.
+        id: String,
+    },
+    /// The account has no key with this ID.
+    #[error("user `{user}` has no key {id} (`xferd user key list {user}` shows them)")]
+    NoSuchKey {
+        /// The account.
+        user: String,
+        /// The ID asked for.
+        id: String,
+    },
 }
 
 /// One account as stored in the users file.
@@ -104,6 +124,64 @@ pub struct UserRecord {
     /// account of the same name.
     #[serde(default)]
     pub generation: u64,
+    /// Bytes this account may store, replacing `[quota] default_bytes` (absent: the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<QuotaSetting>,
+    /// Files this account may store, replacing `[quota] default_files` (absent: the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_files: Option<QuotaSetting>,
+    /// Public keys that may log in as this account (`xferd user key add`); absent in files
+    /// written before key login, which load as they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<crate::keys::KeyRecord>,
+}
+
+/// A quota as the users file states it for one account: a number, or `"none"` for no limit
+/// even when the config sets a default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaSetting {
+    /// At most this many (bytes or files).
+    Limit(u64),
+    /// No limit.
+    Unlimited,
+}
+
+impl QuotaSetting {
+    /// The limit in force for an account with this setting (or none) under `default`.
+    pub fn effective(setting: Option<QuotaSetting>, default: Option<u64>) -> Option<u64> {
+        match setting {
+            Some(QuotaSetting::Limit(n)) => Some(n),
+            Some(QuotaSetting::Unlimited) => None,
+            None => default,
+        }
+    }
+}
+
+impl Serialize for QuotaSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            QuotaSetting::Limit(n) => s.serialize_u64(*n),
+            QuotaSetting::Unlimited => s.serialize_str("none"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for QuotaSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(QuotaSetting::Limit(n)),
+            Raw::Word(w) if w == "none" => Ok(QuotaSetting::Unlimited),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "quota `{w}` is neither a number nor \"none\""
+            ))),
+        }
+    }
 }
 
 /// The whole users file.
@@ -118,7 +196,10 @@ pub struct UsersFile {
 const USERS_HEADER: &str = "\
 # xferd users file: one [users.NAME] table per account.
 # Edit with `xferd user add|passwd|del`; the daemon picks up changes on its own (and on SIGHUP).
-# hash: argon2id PHC string (m=19456,t=2,p=1 or stronger); role: \"user\" or \"superuser\".
+# hash: argon2id PHC string (m=19456,t=2,p=1 or stronger); role: \"reader\", \"user\" or
+# \"superuser\"; quota_bytes / quota_files (optional): a number, or \"none\" for no limit
+# (`xferd user quota NAME`); absent, the config's [quota] defaults apply.
+# keys: login keys (`xferd user key add|list|del`), OpenSSH ssh-ed25519 public key lines.
 
 ";
 
@@ -251,6 +332,7 @@ impl UsersFile {
             };
             validate_name(name).map_err(|e| bad(e.to_string()))?;
             check_hash(&rec.hash).map_err(bad)?;
+            crate::keys::check_keys(&rec.keys).map_err(bad)?;
         }
         Ok(file)
     }
@@ -262,7 +344,7 @@ impl UsersFile {
             source,
         };
         let text = self.to_text().map_err(|e| io(std::io::Error::other(e)))?;
-        crate::fsutil::write_atomic(path, text.as_bytes(), 0o600).map_err(io)
+        write_atomic(path, text.as_bytes(), Mode::KeepOr(0o600)).map_err(io)
     }
 
     /// The file's text: the explaining header, then one table per account.
@@ -283,6 +365,9 @@ impl UsersFile {
                 role,
                 hash,
                 generation: first_generation(),
+                quota_bytes: None,
+                quota_files: None,
+                keys: Vec::new(),
             },
         );
         Ok(())
@@ -301,9 +386,31 @@ impl UsersFile {
         Ok(())
     }
 
+    /// Changes an account's quotas: `Some(x)` sets that one to `x` (`None` inside: back to the
+    /// config's default), `None` leaves it. Sessions stay: a quota applies to the next upload,
+    /// and to those running (they stop if the account is then over it).
+    pub fn set_quota(
+        &mut self,
+        name: &str,
+        bytes: Option<Option<QuotaSetting>>,
+        files: Option<Option<QuotaSetting>>,
+    ) -> Result<(), AccountError> {
+        let rec = self
+            .users
+            .get_mut(name)
+            .ok_or_else(|| AccountError::NoSuchUser(name.into()))?;
+        if let Some(b) = bytes {
+            rec.quota_bytes = b;
+        }
+        if let Some(f) = files {
+            rec.quota_files = f;
+        }
+        Ok(())
+    }
+
     /// The account about to change, its generation already moved on: every change to an
     /// account goes through here so that none can leave its old sessions valid.
-    fn next_generation(&mut self, name: &str) -> Result<&mut UserRecord, AccountError> {
+    pub(crate) fn next_generation(&mut self, name: &str) -> Result<&mut UserRecord, AccountError> {
         let rec = self
             .users
             .get_mut(name)
@@ -577,6 +684,14 @@ impl Accounts {
             .map(|r| (r.role, r.generation))
     }
 
+    /// An account's own quota settings (bytes, files), `None` for an unknown account.
+    pub fn quota(&self, name: &str) -> Option<(Option<QuotaSetting>, Option<QuotaSetting>)> {
+        self.snapshot()
+            .users
+            .get(name)
+            .map(|r| (r.quota_bytes, r.quota_files))
+    }
+
     /// Verifies a password on the password-check pool; `Busy` at once if its queue is full.
     pub async fn verify(&self, name: &str, password: &str) -> VerifyOutcome {
         if password.len() > MAX_PASSWORD_LEN || name.len() > MAX_USER_LEN {
@@ -731,6 +846,43 @@ mod tests {
         assert!(verify_blocking(&g.users["alice"].hash, "pw2"));
         g.remove("alice").unwrap();
         assert!(g.users.is_empty());
+    }
+
+    #[test]
+    fn quotas_round_trip_through_the_file_and_keep_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.toml");
+        let mut f = UsersFile::default();
+        f.add("alice", Role::Reader, "pw").unwrap();
+        let generation = f.users["alice"].generation;
+        f.set_quota(
+            "alice",
+            Some(Some(QuotaSetting::Limit(10 << 30))),
+            Some(Some(QuotaSetting::Unlimited)),
+        )
+        .unwrap();
+        assert_eq!(f.users["alice"].generation, generation, "sessions stay");
+        f.save(&p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("role = \"reader\""), "{text}");
+        assert!(text.contains("quota_bytes = 10737418240"), "{text}");
+        assert!(text.contains("quota_files = \"none\""), "{text}");
+        let g = UsersFile::load(&p).unwrap();
+        assert_eq!(g, f);
+        let rec = &g.users["alice"];
+        assert_eq!(
+            QuotaSetting::effective(rec.quota_bytes, Some(5)),
+            Some(10 << 30)
+        );
+        assert_eq!(QuotaSetting::effective(rec.quota_files, Some(5)), None);
+        assert_eq!(QuotaSetting::effective(None, Some(5)), Some(5));
+        // Back to the default: the key goes.
+        let mut h = g.clone();
+        h.set_quota("alice", Some(None), None).unwrap();
+        assert!(!h.to_text().unwrap().contains("quota_bytes ="));
+        let bad = text.replace("\"none\"", "\"lots\"");
+        let err = UsersFile::parse(&p, &bad).unwrap_err().to_string();
+        assert!(err.contains("lots"), "{err}");
     }
 
     #[test]

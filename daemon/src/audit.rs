@@ -19,7 +19,8 @@ pub struct Event<'a> {
     pub user: &'a str,
     /// Client address.
     pub source: String,
-    /// What was done: login, logout, list, upload, download, delete, rename, mkdir, shutdown.
+    /// What was done: login, keylogin, logout, list, upload, download, delete, rename, mkdir,
+    /// shutdown, token_create, token_revoke, token_scope (a request refused by a token's scope).
     pub op: &'a str,
     /// Remote path, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -36,6 +37,9 @@ pub struct Event<'a> {
     /// BLAKE3 of the file, hex.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Id of the token made or revoked (`token_create`, `token_revoke`); never the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<&'a str>,
     /// "ok", or the error code.
     pub result: String,
 }

@@ -1,14 +1,14 @@
 //! The `xferd` command line: parsing, logging setup, and each subcommand.
 
-use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use xfer_proto::Role;
+use xfer_util::read_password;
 
-use crate::accounts::UsersFile;
+use crate::accounts::{QuotaSetting, UsersFile};
 use crate::config::{Config, DEFAULT_CONFIG_PATH, StorageKind};
 use crate::init::{InitOptions, init};
 use crate::shared::SharedStore;
@@ -121,12 +121,42 @@ pub enum UserCommand {
         /// Account name
         name: String,
     },
-    /// List accounts and roles.
+    /// List accounts, roles, usage and quotas.
     List {
         /// Print JSON
         #[arg(long)]
         json: bool,
     },
+    /// Set an account's quotas (sessions stay; uploads over the new quota are refused, and
+    /// running ones stop).
+    #[command(arg_required_else_help = true)]
+    Quota {
+        /// Account name
+        name: String,
+        /// Bytes the account may store: a size like 10GiB, 500MB or 1048576; `none` for no
+        /// limit; `default` for the config's `[quota] default_bytes`
+        #[arg(long, value_name = "SIZE|none|default", value_parser = parse_quota_bytes)]
+        bytes: Option<QuotaArg>,
+        /// Files the account may store; `none` for no limit; `default` for the config's
+        /// `[quota] default_files`
+        #[arg(long, value_name = "N|none|default", value_parser = parse_quota_files)]
+        files: Option<QuotaArg>,
+    },
+    /// Show an account's usage and quotas.
+    Usage {
+        /// Account name
+        name: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        /// Count the account's files again (local storage: the running daemon takes the new
+        /// count at its next look)
+        #[arg(long)]
+        rescan: bool,
+    },
+    /// Manage an account's login keys (`xfer login --key`).
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Put the accounts of a local users file into the object store (`[storage] kind =
     /// "s3"`), once, when moving to several nodes.
     Import {
@@ -138,10 +168,44 @@ pub enum UserCommand {
     },
 }
 
+/// `xferd user key ...`
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Let a public key log in as an account: an OpenSSH `ssh-ed25519 AAAA... comment` line
+    /// (from `xfer keygen` or `ssh-keygen -t ed25519`).
+    #[command(group = clap::ArgGroup::new("source").required(true))]
+    Add {
+        /// Account name
+        name: String,
+        /// The public key line (quoted, or as separate words)
+        #[arg(group = "source", num_args = 1.., value_name = "PUBKEY")]
+        pubkey: Vec<String>,
+        /// Read the public key line from this file (e.g. id_ed25519.pub)
+        #[arg(long, group = "source", value_name = "F")]
+        file: Option<PathBuf>,
+    },
+    /// List an account's login keys: ID (SHA-256 fingerprint), comment, when added.
+    List {
+        /// Account name
+        name: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a login key; the account's sessions are revoked.
+    Del {
+        /// Account name
+        name: String,
+        /// The key's ID as `key list` shows it (SHA256:..., the prefix optional)
+        id: String,
+    },
+}
+
 /// `xferd session ...`
 #[derive(Debug, Subcommand)]
 pub enum SessionCommand {
-    /// List live sessions: id, user, source, created, expires.
+    /// List live sessions and tokens: id, user, source, created, expires, kind (login or
+    /// token) and a token's name and scope.
     List {
         /// Only this user's sessions
         #[arg(long)]
@@ -150,7 +214,7 @@ pub enum SessionCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke sessions by id (as `session list` shows it), by user, or all.
+    /// Revoke sessions and tokens by id (as `session list` shows it), by user, or all.
     Revoke {
         /// Session ids (at least 6 characters of one)
         ids: Vec<String>,
@@ -173,6 +237,38 @@ pub enum SessionCommand {
 
 fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
+}
+
+/// A quota as `xferd user quota` takes it: a setting, or back to the config's default.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaArg(Option<QuotaSetting>);
+
+/// `--bytes` of `xferd user quota`.
+fn parse_quota_bytes(s: &str) -> Result<QuotaArg, String> {
+    match s {
+        "none" => Ok(QuotaArg(Some(QuotaSetting::Unlimited))),
+        "default" => Ok(QuotaArg(None)),
+        size => size
+            .parse::<bytesize::ByteSize>()
+            .map(|b| QuotaArg(Some(QuotaSetting::Limit(b.0))))
+            .map_err(|_| {
+                format!(
+                    "`{size}` is not a size (like 10GiB, 500MB or 1048576), `none` or `default`"
+                )
+            }),
+    }
+}
+
+/// `--files` of `xferd user quota`.
+fn parse_quota_files(s: &str) -> Result<QuotaArg, String> {
+    match s {
+        "none" => Ok(QuotaArg(Some(QuotaSetting::Unlimited))),
+        "default" => Ok(QuotaArg(None)),
+        n => n
+            .parse::<u64>()
+            .map(|n| QuotaArg(Some(QuotaSetting::Limit(n))))
+            .map_err(|_| format!("`{n}` is not a number of files, `none` or `default`")),
+    }
 }
 
 /// Parses arguments and runs; the binary's whole `main`.
@@ -211,36 +307,6 @@ fn config_path(cli: &Option<PathBuf>) -> PathBuf {
 /// Sets up tracing to stderr (see [`crate::logging`]: client-supplied text is made safe there).
 pub fn init_logging(format: LogFormat) {
     crate::logging::init(format);
-}
-
-/// Reads a password: the first line of stdin with `--password-stdin`, else a no-echo prompt on
-/// the terminal (asked twice when `confirm`), else a clear error.
-pub fn read_password(from_stdin: bool, prompt: &str, confirm: bool) -> anyhow::Result<String> {
-    if from_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("reading the password from standard input")?;
-        let pw = line
-            .strip_suffix('\n')
-            .map(|l| l.strip_suffix('\r').unwrap_or(l))
-            .unwrap_or(&line)
-            .to_string();
-        return Ok(pw);
-    }
-    if !std::io::stdin().is_terminal() {
-        bail!("no terminal to ask for the password on; pass --password-stdin and pipe it in");
-    }
-    let pw = rpassword::prompt_password(prompt).context("reading the password")?;
-    if confirm {
-        let again =
-            rpassword::prompt_password("Retype password: ").context("reading the password")?;
-        if again != pw {
-            bail!("the passwords do not match; nothing was changed");
-        }
-    }
-    Ok(pw)
 }
 
 fn load_users_or_empty(path: &Path) -> anyhow::Result<UsersFile> {
@@ -534,19 +600,48 @@ async fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()
         }
         UserCommand::List { json } => {
             let users = admin.read().await?;
+            let mut list = Vec::new();
+            for (name, rec) in &users.users {
+                let used = crate::quota::admin_usage(&config, &users, name, false).await?;
+                list.push((name, rec, used));
+            }
             if json {
-                let list: Vec<_> = users
-                    .users
+                let list: Vec<_> = list
                     .iter()
-                    .map(|(n, r)| serde_json::json!({"name": n, "role": r.role}))
+                    .map(|(n, r, used)| {
+                        let mut v = used.to_json(n);
+                        v["role"] = serde_json::json!(r.role);
+                        v
+                    })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                for (name, rec) in &users.users {
-                    println!("{name}\t{}", rec.role);
+                for (name, rec, used) in &list {
+                    println!("{name}\t{}\t{}", rec.role, used.text());
                 }
             }
         }
+        UserCommand::Quota { name, bytes, files } => {
+            admin
+                .edit(|users| users.set_quota(&name, bytes.map(|q| q.0), files.map(|q| q.0)))
+                .await?;
+            let users = admin.read().await?;
+            let used = crate::quota::admin_usage(&config, &users, &name, false).await?;
+            println!("`{name}`: {}", used.text());
+        }
+        UserCommand::Usage { name, json, rescan } => {
+            let users = admin.read().await?;
+            if !users.users.contains_key(&name) {
+                return Err(crate::accounts::AccountError::NoSuchUser(name).into());
+            }
+            let used = crate::quota::admin_usage(&config, &users, &name, rescan).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&used.to_json(&name))?);
+            } else {
+                println!("{name}: {}", used.text());
+            }
+        }
+        UserCommand::Key(cmd) => key_command(&config, &admin, cmd).await?,
         UserCommand::Import { file, replace } => {
             let UsersAdmin::Shared(object) = &admin else {
                 bail!(
@@ -566,6 +661,81 @@ async fn user_command(config_path: &Path, cmd: UserCommand) -> anyhow::Result<()
     Ok(())
 }
 
+/// The one public key line of `file` (blank lines and `#` comments aside).
+fn key_line_of(file: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the public key `{}`", file.display()))?;
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    match (lines.next(), lines.next()) {
+        (Some(line), None) => Ok(line.to_string()),
+        (None, _) => bail!("`{}` holds no public key", file.display()),
+        (Some(_), Some(_)) => bail!(
+            "`{}` holds more than one key; add them one at a time",
+            file.display()
+        ),
+    }
+}
+
+async fn key_command(config: &Config, admin: &UsersAdmin, cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Add { name, pubkey, file } => {
+            let line = match file {
+                Some(f) => key_line_of(&f)?,
+                None => pubkey.join(" "),
+            };
+            let id = admin.edit(|users| users.add_key(&name, &line)).await?;
+            println!("added key {id} to `{name}`");
+        }
+        KeyCommand::List { name, json } => {
+            let users = admin.read().await?;
+            let rec = users
+                .users
+                .get(&name)
+                .ok_or_else(|| crate::accounts::AccountError::NoSuchUser(name.clone()))?;
+            let time = |secs: i64| {
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
+                )
+                .to_string()
+            };
+            let keys: Vec<_> = rec
+                .keys
+                .iter()
+                .filter_map(|k| Some((crate::keys::LoginKey::parse(&k.key).ok()?, k)))
+                .collect();
+            if json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(|(key, rec)| {
+                        serde_json::json!({"id": key.id(), "type": key.public.algorithm().as_str(),
+                            "comment": key.public.comment(), "added": time(rec.added), "key": rec.key})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for (key, rec) in &keys {
+                    println!(
+                        "{}\t{}\t{}\tadded {}",
+                        key.id(),
+                        key.public.algorithm().as_str(),
+                        key.public.comment(),
+                        time(rec.added)
+                    );
+                }
+            }
+        }
+        KeyCommand::Del { name, id } => {
+            admin.edit(|users| users.remove_key(&name, &id)).await?;
+            revoke_sessions_or_warn(config, &name, &format!("deleted key {id} of `{name}`")).await;
+            println!("deleted key {id} of `{name}`; their sessions are revoked");
+        }
+    }
+    Ok(())
+}
+
 async fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<()> {
     let config = Config::load(config)?;
     if let SessionCommand::Keygen { force } = cmd {
@@ -577,12 +747,7 @@ async fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<(
         return Ok(());
     }
     let store = SessionAdmin::open(&config)?;
-    let time = |secs: i64| {
-        humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
-        )
-        .to_string()
-    };
+    let time = xfer_util::format_time;
     match cmd {
         SessionCommand::List { user, json } => {
             let list: Vec<_> = store
@@ -595,19 +760,40 @@ async fn session_command(config: &Path, cmd: SessionCommand) -> anyhow::Result<(
                 let v: Vec<_> = list
                     .iter()
                     .map(|(id, s)| {
-                        serde_json::json!({"id": id, "user": s.user, "source": s.source,
-                            "created": time(s.created), "expires": time(s.expires)})
+                        let mut v = serde_json::json!({"id": id, "user": s.user,
+                            "source": s.source, "created": time(s.created),
+                            "expires": time(s.expires), "kind": s.kind()});
+                        if let Some(t) = &s.token {
+                            v["name"] = t.name.clone().into();
+                            v["read_only"] = t.read_only.into();
+                            v["path"] = t.path.clone().into();
+                        }
+                        v
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for (id, s) in &list {
+                    // A token's name has no control characters (checked at creation).
+                    let scope = s.token.as_ref().map_or(String::new(), |t| {
+                        format!(
+                            " name={} {} path={}",
+                            if t.name.is_empty() { "-" } else { &t.name },
+                            if t.read_only {
+                                "read-only"
+                            } else {
+                                "read-write"
+                            },
+                            if t.path.is_empty() { "/" } else { &t.path }
+                        )
+                    });
                     println!(
-                        "{id}\t{}\t{}\tcreated {}\texpires {}",
+                        "{id}\t{}\t{}\tcreated {}\texpires {}\t{}{scope}",
                         s.user,
                         s.source,
                         time(s.created),
-                        time(s.expires)
+                        time(s.expires),
+                        s.kind()
                     );
                 }
             }

@@ -85,6 +85,33 @@ pub struct ConfigFile {
     /// on every node.
     #[serde(default = "default_session_key")]
     pub session_key_file: PathBuf,
+    /// Default quotas, and how often s3 mode counts usage again.
+    #[serde(default)]
+    pub quota: QuotaSettings,
+}
+
+/// The `[quota]` section; each key is documented in `config/xferd.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaSettings {
+    /// Bytes every account may store unless its record says otherwise (absent: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_bytes: Option<u64>,
+    /// Files every account may store unless its record says otherwise (absent: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_files: Option<u64>,
+    /// s3 mode: seconds after which a node counts a user's files again from a listing.
+    pub recount_secs: u64,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        QuotaSettings {
+            default_bytes: None,
+            default_files: None,
+            recount_secs: 300,
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -254,6 +281,11 @@ pub struct SessionSettings {
     /// In s3 mode, milliseconds between two reads of the shared accounts and revocations:
     /// a change on one node is in force on every node within twice this.
     pub sync_interval_ms: u64,
+    /// Longest life of a long-lived token (`xfer token create --expires`), in days; the
+    /// default life is 90 days or this, whichever is shorter.
+    pub token_max_days: u64,
+    /// Most live long-lived tokens per account; creating one more is refused (`Busy`).
+    pub max_tokens_per_user: usize,
 }
 
 impl Default for SessionSettings {
@@ -262,11 +294,23 @@ impl Default for SessionSettings {
             ttl_secs: 7 * 24 * 3600,
             max_per_user: 100,
             sync_interval_ms: 2000,
+            token_max_days: 365,
+            max_tokens_per_user: 32,
         }
     }
 }
 
 impl SessionSettings {
+    /// The longest a token may live, in seconds.
+    pub fn token_max_secs(&self) -> u64 {
+        self.token_max_days.saturating_mul(86_400)
+    }
+
+    /// How long a token lives when its creator names no time: 90 days, or the cap if lower.
+    pub fn token_default_secs(&self) -> u64 {
+        (90 * 86_400).min(self.token_max_secs())
+    }
+
     /// Time between two reads of the shared state (s3 mode).
     pub fn sync_interval(&self) -> Duration {
         Duration::from_millis(self.sync_interval_ms)
@@ -302,6 +346,8 @@ pub struct Config {
     pub storage: StorageSettings,
     /// Session token key (s3 mode).
     pub session_key_file: PathBuf,
+    /// Default quotas.
+    pub quota: QuotaSettings,
     /// Deprecated keys found and what became of them, for the daemon to log.
     pub warnings: Vec<String>,
 }
@@ -325,7 +371,7 @@ impl Config {
                     .map(|s| format!(" (at line {})", line_of(text, s.start)))
                     .unwrap_or_default(),
         })?;
-        let base = crate::fsutil::parent_dir(path);
+        let base = xfer_util::fs::parent_dir(path);
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
         let invalid = |key, problem: String| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -387,6 +433,11 @@ impl Config {
             ("sessions.ttl_secs", file.sessions.ttl_secs),
             ("sessions.max_per_user", file.sessions.max_per_user as u64),
             ("sessions.sync_interval_ms", file.sessions.sync_interval_ms),
+            ("sessions.token_max_days", file.sessions.token_max_days),
+            (
+                "sessions.max_tokens_per_user",
+                file.sessions.max_tokens_per_user as u64,
+            ),
             (
                 "limits.max_transfers_per_user",
                 l.max_transfers_per_user as u64,
@@ -401,6 +452,7 @@ impl Config {
             ),
             ("limits.max_batch_files", l.max_batch_files as u64),
             ("limits.max_batch_bytes", l.max_batch_bytes),
+            ("quota.recount_secs", file.quota.recount_secs),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));
@@ -438,6 +490,7 @@ impl Config {
             penalties: file.penalties,
             storage,
             session_key_file: abs(&file.session_key_file),
+            quota: file.quota,
             warnings,
         })
     }

@@ -1,36 +1,9 @@
-//! Atomic file writes (temp file in the same folder, fsync, rename, fsync the folder), the
-//! stamp that tells one written version from the next, and folder creation.
+//! The stamp that tells one written version of a file from the next, and folder creation.
+//! Atomic writes are [`xfer_util::fs::write_atomic`], shared with the client.
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::SystemTime;
-
-/// Replaces `path` with `contents` atomically: a reader sees the old file or the new one, never
-/// a mix, and a crash leaves one of the two. A new file gets `mode`; a replaced one keeps its
-/// mode, owner and group, so an administrator's `chown root:xferd; chmod 640` survives edits.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let dir = parent_dir(path);
-    let existing = std::fs::metadata(path).ok();
-    let mode = existing
-        .as_ref()
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(mode);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".xferd-tmp")
-        .tempfile_in(dir)?;
-    if let Some(m) = &existing {
-        // Only root can give a file away; for anyone else the owner is already right.
-        let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(m.uid()), Some(m.gid()));
-    }
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))?;
-    tmp.write_all(contents)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    sync_dir(dir)
-}
 
 /// One version of a file, to notice that another process replaced or rewrote it. The inode is
 /// part of it because two versions written within one tick of the kernel's coarse file clock
@@ -72,19 +45,6 @@ pub fn stamp_of(m: &std::fs::Metadata) -> Option<FileStamp> {
     })
 }
 
-/// Flushes a folder's entries (a rename is only durable once its folder is synced).
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// The folder holding `path` (`.` for a bare file name).
-pub fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
 /// Creates a folder (and parents) with mode `mode` on the last one. A folder this call creates
 /// gets the owner and group of its parent, so `xferd init` run as root under a service's
 /// `/var/lib/xferd` leaves folders the service can use.
@@ -102,20 +62,6 @@ pub fn create_dir_with_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn atomic_write_replaces_and_sets_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        write_atomic(&p, b"one", 0o600).unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&p), 0o600);
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
-        write_atomic(&p, b"two", 0o600).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(mode(&p), 0o640, "an existing file keeps its mode");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
 
     #[test]
     #[ignore = "needs root to give a folder away; .ci/run runs it as root"]

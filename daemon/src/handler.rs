@@ -52,9 +52,10 @@ pub async fn handle_tcp(
         return;
     }
     tracing::info!(%peer, "connection open");
+    let binding = *tls.channel_binding();
     let mut conn = Connection::over_tls(tls, limits.io_timeout());
     conn.set_frame_timeout(limits.frame_timeout());
-    serve_admitted(state, conn, peer, accepted, ticket).await;
+    serve_admitted(state, conn, peer, accepted, ticket, Some(binding)).await;
 }
 
 /// The session state machine over any stream (TLS in production, in-memory pipes in tests),
@@ -66,21 +67,24 @@ pub async fn serve_session<S: AsyncRead + AsyncWrite + Unpin + Send>(
     accepted: Instant,
 ) {
     let ticket = state.admission.admit_unchecked(peer.ip());
-    serve_admitted(state, conn, peer, accepted, ticket).await;
+    serve_admitted(state, conn, peer, accepted, ticket, None).await;
 }
 
-/// The session state machine for a connection admitted with `ticket`.
+/// The session state machine for a connection admitted with `ticket`; `channel_binding` is
+/// its TLS channel binding, without which key login is refused.
 pub async fn serve_admitted<S: AsyncRead + AsyncWrite + Unpin + Send>(
     state: Arc<State>,
     mut conn: Connection<S>,
     peer: SocketAddr,
     accepted: Instant,
     ticket: crate::admission::Ticket,
+    channel_binding: Option<[u8; xfer_proto::tls_stream::CHANNEL_BINDING_LEN]>,
 ) {
     let mut stop = state.shutdown_rx();
     let limits = state.limits();
     let login_deadline = accepted + ticket.login_timeout();
     let mut ctx = Ctx::new(state, peer, ticket);
+    ctx.channel_binding = channel_binding;
     loop {
         let authenticated = ctx.auth.is_some();
         let (wait, phase) = if authenticated {

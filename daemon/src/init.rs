@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use base64::Engine;
 use xfer_proto::fingerprint::Fingerprint;
+use xfer_util::fs::{Mode, write_atomic};
 
 use crate::accounts::UsersFile;
 use crate::config::DEFAULT_LISTEN;
@@ -137,6 +138,12 @@ max_per_user = 100
 # (PREFIX/.xfer/revoked/). A logout, revocation, password or role change on one node is in
 # force on every node within twice this (the default keeps it under 5 s).
 sync_interval_ms = 2000
+# Longest life of a long-lived token (`xfer token create --expires`), in days. A token made
+# without --expires lives 90 days, or this if it is shorter.
+token_max_days = 365
+# Most live tokens per account (they do not count against max_per_user, and a login never
+# ends one); making one more is refused until one is revoked (`xfer token revoke ID`).
+max_tokens_per_user = 32
 
 [penalties]
 # Brute-force defence, per source (limits.per_source_net_block_size). Each failed login, bad token or
@@ -186,6 +193,20 @@ max_retries = 3
 # Seconds an upload's claim on its resume record lasts unless renewed (it is renewed while the
 # upload runs): another node finding a fresher claim does not take the upload over.
 upload_lease_secs = 10
+
+[quota]
+# Default quotas of every account; a user's own `quota_bytes` / `quota_files` in the users file
+# (`xferd user quota NAME`) replaces them. Absent: unlimited. Counted: the bytes and number of
+# the user's files, plus uploads in progress (at their declared size, net of the file each
+# replaces) and interrupted uploads kept for resume. An upload that would pass a quota is
+# refused before its body (`xfer` exits 9). Usage is kept in STATE_DIR/usage and survives
+# restarts; `xferd user usage NAME --rescan` counts a user's files again.
+# default_bytes = 10737418240
+# default_files = 100000
+# With [storage] kind = "s3": seconds after which a node counts a user's files again from a
+# listing of the store (other nodes' changes show up then; each node reserves its own uploads
+# in progress). Unused with local storage.
+recount_secs = 300
 "#;
 
 /// Options for `xferd init`.
@@ -242,7 +263,7 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
     // from what the template says.
     let config = crate::config::Config::from_str(&opts.config, &text)
         .context("the generated config is invalid")?;
-    let dir = crate::fsutil::parent_dir(&opts.config);
+    let dir = xfer_util::fs::parent_dir(&opts.config);
     std::fs::create_dir_all(dir).with_context(|| format!("creating `{}`", dir.display()))?;
     if !opts.force {
         for existing in [&opts.config, &config.key] {
@@ -255,9 +276,9 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
         }
     }
     let id = crate::tls::generate(&opts.hostnames)?;
-    crate::fsutil::write_atomic(&config.key, id.key_pem.as_bytes(), 0o600)
+    write_atomic(&config.key, id.key_pem.as_bytes(), Mode::KeepOr(0o600))
         .with_context(|| format!("writing `{}`", config.key.display()))?;
-    crate::fsutil::write_atomic(&config.cert, id.cert_pem.as_bytes(), 0o644)
+    write_atomic(&config.cert, id.cert_pem.as_bytes(), Mode::KeepOr(0o644))
         .with_context(|| format!("writing `{}`", config.cert.display()))?;
     if !config.users_file.exists() {
         UsersFile::default().save(&config.users_file)?;
@@ -266,7 +287,7 @@ pub fn init(opts: &InitOptions) -> anyhow::Result<InitReport> {
         .with_context(|| format!("creating storage root `{}`", config.root.display()))?;
     crate::fsutil::create_dir_with_mode(&config.state_dir, 0o700)
         .with_context(|| format!("creating state folder `{}`", config.state_dir.display()))?;
-    crate::fsutil::write_atomic(&opts.config, text.as_bytes(), 0o644)
+    write_atomic(&opts.config, text.as_bytes(), Mode::KeepOr(0o644))
         .with_context(|| format!("writing `{}`", opts.config.display()))?;
     Ok(InitReport {
         config: opts.config.clone(),

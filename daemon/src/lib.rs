@@ -3,6 +3,7 @@
 //! Map of the crate:
 //! - [`config`]: the TOML config file, its defaults and validation.
 //! - [`accounts`]: the users file (argon2id hashes, roles) and password verification.
+//! - [`keys`]: login keys on accounts (OpenSSH Ed25519 public keys) and the key login check.
 //! - [`admission`]: two-stage admission (unauthenticated pool, then sessions) and refusals that say why.
 //! - [`password`]: password checks on a fixed pool of threads, each with its argon2 memory allocated once.
 //! - [`penalty`]: per-source penalties for failed logins (brute-force defence).
@@ -24,6 +25,8 @@
 //!     [`storage::object::handles`], its handles as the seam hands them out.
 //!   - [`storage::body`]: the storage ends of a transfer body (an upload's sink, a download's
 //!     source) for every backend, so the commands have one upload and one download path.
+//! - [`quota`]: per-user byte and file quotas: usage kept across restarts, reservations of
+//!   uploads in progress, the one check every upload path makes.
 //! - [`usage`]: each user's transfers and resume checks in progress, against per-user caps.
 //! - [`state`]: the shared state every connection reads (config, limits, accounts, sessions,
 //!   storage, audit, admission), its reload, and the one shutdown signal.
@@ -35,7 +38,8 @@
 //! - [`init`]: `xferd init` and the first-run quickstart.
 //! - [`cli`]: the command line.
 //! - [`logging`]: the stderr log, and the one place that escapes and cuts client-supplied text in it.
-//! - [`fsutil`]: atomic file writes.
+//! - [`fsutil`]: file stamps (to notice another process's edit) and folder creation; atomic
+//!   writes are [`xfer_util::fs`], shared with the client.
 //!
 //! Dependencies run one way, from the accept loop down to storage (checked with a grep of
 //! `crate::` paths; `cli` sits above `server`):
@@ -64,9 +68,11 @@ pub mod config;
 pub mod fsutil;
 pub mod handler;
 pub mod init;
+pub mod keys;
 pub mod logging;
 pub mod password;
 pub mod penalty;
+pub mod quota;
 pub mod server;
 pub mod sessions;
 pub mod shared;

@@ -138,6 +138,7 @@ impl Daemon {
             );
             tasks.shutdown().await;
         }
+        state.quotas.close();
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -26,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use xfer_util::fs::{Mode, write_atomic};
 
 use crate::config::SessionSettings;
 use crate::fsutil::{FileStamp, file_stamp};
@@ -46,8 +47,28 @@ pub const LOCK_FILE: &str = "sessions.lock";
 /// small store is not rewritten on every other login.
 pub const COMPACT_SLACK: usize = 1024;
 
-/// The journal format this code writes and reads.
+/// The journal format this code writes when no token is live; older versions read it.
 const JOURNAL_FORMAT: u32 = 1;
+
+/// The journal format written while a token is live: an older xferd, which would read a
+/// token's line as a session with no scope, refuses the file instead of widening the token.
+const JOURNAL_FORMAT_TOKENS: u32 = 2;
+
+/// What a long-lived token (`xfer token create`) may do; `None` on a login's session.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenScope {
+    /// The label given at creation (not known to the request path in s3 mode, where only
+    /// the registry holds it).
+    #[serde(default)]
+    pub name: String,
+    /// Whether every request that writes is refused.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The folder the token is limited to, normalised by the protocol's path rules (`a/b`);
+    /// `""` for the whole tree.
+    #[serde(default)]
+    pub path: String,
+}
 
 /// One live session as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -62,6 +83,20 @@ pub struct SessionRecord {
     pub expires: i64,
     /// Address the login came from, for `session list` and audits.
     pub source: String,
+    /// Set on a long-lived token: its label and scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<TokenScope>,
+}
+
+impl SessionRecord {
+    /// "token" or "login", for listings.
+    pub fn kind(&self) -> &'static str {
+        if self.token.is_some() {
+            "token"
+        } else {
+            "login"
+        }
+    }
 }
 
 /// The whole-file format of older versions.
@@ -94,6 +129,9 @@ enum Entry {
         expires: i64,
         /// Address the login came from.
         source: String,
+        /// Set on a long-lived token.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<TokenScope>,
     },
     /// A session ended before its expiry (logout, revocation, eviction, account change).
     Revoke {
@@ -111,6 +149,7 @@ impl Entry {
             created: r.created,
             expires: r.expires,
             source: r.source.clone(),
+            token: r.token.clone(),
         }
     }
 
@@ -143,6 +182,9 @@ struct JournalPos {
     len: u64,
     /// Lines in the file up to `offset`, to decide when to compact.
     lines: usize,
+    /// The format its header names: a token's line is only appended to a format that
+    /// older versions refuse ([`JOURNAL_FORMAT_TOKENS`]).
+    format: u32,
 }
 
 /// Where the sessions in memory came from.
@@ -180,6 +222,7 @@ impl Loaded {
                 created,
                 expires,
                 source,
+                token,
             } => {
                 // Expired sessions are left out so that memory holds only live ones.
                 if expires > now {
@@ -191,6 +234,7 @@ impl Loaded {
                         created,
                         expires,
                         source,
+                        token,
                     };
                     self.sessions.insert(id, Live { record, seq });
                 }
@@ -278,6 +322,53 @@ impl SessionStore {
         }
     }
 
+    /// Makes a long-lived token for `user` that lives `ttl_secs` and may do what `scope`
+    /// says, unless they hold `max_tokens` live tokens already; returns the token (its only
+    /// copy), its id as listings show it, and its record, once it is recorded everywhere it
+    /// will be looked for.
+    pub async fn create_token(
+        &self,
+        user: &str,
+        generation: u64,
+        source: &str,
+        scope: TokenScope,
+        ttl_secs: u64,
+        max_tokens: usize,
+    ) -> Result<(String, String, SessionRecord), TokenRefusal> {
+        match self {
+            SessionStore::Local(s) => {
+                s.create_token(user, generation, source, scope, ttl_secs, max_tokens)
+            }
+            SessionStore::Shared(s) => {
+                s.create_token(user, generation, source, scope, ttl_secs, max_tokens)
+                    .await
+            }
+        }
+    }
+
+    /// `user`'s live tokens as `(short id, record)`, oldest first.
+    pub async fn tokens_of(&self, user: &str) -> std::io::Result<Vec<(String, SessionRecord)>> {
+        match self {
+            SessionStore::Local(s) => Ok(s
+                .list()
+                .into_iter()
+                .filter(|(_, r)| r.user == user && r.token.is_some())
+                .collect()),
+            SessionStore::Shared(s) => Ok(s.tokens_of(user).await?),
+        }
+    }
+
+    /// Revokes `user`'s tokens whose id starts with `id_prefix` (never a login's session,
+    /// never another user's); returns how many.
+    pub async fn revoke_token(&self, user: &str, id_prefix: &str) -> std::io::Result<usize> {
+        match self {
+            SessionStore::Local(s) => s.revoke_where(|key, r| {
+                r.user == user && r.token.is_some() && key.starts_with(id_prefix)
+            }),
+            SessionStore::Shared(s) => Ok(s.revoke_token(user, id_prefix).await?),
+        }
+    }
+
     /// Live sessions as `(short id, record)`, oldest first.
     pub async fn list(&self) -> std::io::Result<Vec<(String, SessionRecord)>> {
         match self {
@@ -330,6 +421,29 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// A new random token: [`TOKEN_PREFIX`] and 256 random bits.
+fn new_token() -> String {
+    let mut raw = [0u8; 32];
+    OsRng.fill_bytes(&mut raw);
+    format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    )
+}
+
+/// Why a long-lived token was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRefusal {
+    /// The user holds `sessions.max_tokens_per_user` live tokens already.
+    #[error(
+        "you have {0} live tokens, the most this server allows (sessions.max_tokens_per_user); revoke one with `xfer token revoke ID` first"
+    )]
+    TooMany(usize),
+    /// The session store could not record it.
+    #[error("cannot record the token: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 fn token_key(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
 }
@@ -371,11 +485,17 @@ fn apply_lines(
         let parsed = serde_json::from_slice::<Entry>(line);
         if pos.offset == 0 {
             match parsed {
-                Ok(Entry::Header { format }) if format == JOURNAL_FORMAT => {}
+                Ok(Entry::Header { format })
+                    if format == JOURNAL_FORMAT || format == JOURNAL_FORMAT_TOKENS =>
+                {
+                    pos.format = format;
+                }
                 Ok(Entry::Header { format }) => {
                     return Err(corrupt(
                         path,
-                        format!("journal format {format}, this xferd reads {JOURNAL_FORMAT}"),
+                        format!(
+                            "journal format {format}, this xferd reads {JOURNAL_FORMAT} and {JOURNAL_FORMAT_TOKENS}"
+                        ),
                     ));
                 }
                 _ => return Err(corrupt(path, "not an xferd sessions journal")),
@@ -412,6 +532,7 @@ fn read_journal(path: &Path, loaded: &mut Loaded) -> std::io::Result<bool> {
                 offset: 0,
                 len: 0,
                 lines: 0,
+                format: JOURNAL_FORMAT,
             };
             let start = Loaded {
                 sessions: Map::new(),
@@ -561,6 +682,9 @@ impl LocalSessions {
         }
         let t = now();
         let count = entries.len();
+        let lines_add_token = entries
+            .iter()
+            .any(|e| matches!(e, Entry::Create { token: Some(_), .. }));
         let mut lines = Vec::new();
         for entry in entries {
             lines.extend_from_slice(&entry.line());
@@ -582,13 +706,17 @@ impl LocalSessions {
         }
         let live = loaded.sessions.len();
         let result = match loaded.source {
-            Source::Journal(pos) if pos.lines + count <= 2 * live + self.compact_slack => {
+            Source::Journal(pos)
+                if pos.lines + count <= 2 * live + self.compact_slack
+                    && (pos.format == JOURNAL_FORMAT_TOKENS || !lines_add_token) =>
+            {
                 self.append(pos, &lines).map(|pos| {
                     loaded.source = Source::Journal(pos);
                 })
             }
-            // Without a journal (the first change, or a legacy file to migrate), or when it has
-            // grown past the bound: write it whole from memory.
+            // Without a journal (the first change, or a legacy file to migrate), when it has
+            // grown past the bound, or for a first token in a journal older versions read:
+            // write it whole from memory.
             _ => self.compact(&mut loaded),
         };
         (out, result)
@@ -621,15 +749,17 @@ impl LocalSessions {
         loaded.sessions.retain(|_, l| l.record.expires > t);
         let mut live: Vec<_> = loaded.sessions.iter().collect();
         live.sort_by_key(|(_, l)| l.seq);
-        let mut bytes = Entry::Header {
-            format: JOURNAL_FORMAT,
-        }
-        .line();
+        let format = if live.iter().any(|(_, l)| l.record.token.is_some()) {
+            JOURNAL_FORMAT_TOKENS
+        } else {
+            JOURNAL_FORMAT
+        };
+        let mut bytes = Entry::Header { format }.line();
         for (id, l) in &live {
             bytes.extend_from_slice(&Entry::create(id, &l.record).line());
         }
         let existed = self.path.exists();
-        crate::fsutil::write_atomic(&self.path, &bytes, 0o600)?;
+        write_atomic(&self.path, &bytes, Mode::KeepOr(0o600))?;
         let file = std::fs::File::open(&self.path)?;
         if !existed {
             give_to_folder_owner(&file, &self.path);
@@ -640,9 +770,10 @@ impl LocalSessions {
             offset: bytes.len() as u64,
             len: bytes.len() as u64,
             lines: live.len() + 1,
+            format,
         });
         match std::fs::remove_file(&self.legacy_path) {
-            Ok(()) => crate::fsutil::sync_dir(crate::fsutil::parent_dir(&self.path))?,
+            Ok(()) => xfer_util::fs::sync_dir(xfer_util::fs::parent_dir(&self.path))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             // The journal wins over it from now on; a leftover only takes space.
             Err(e) => {
@@ -655,12 +786,6 @@ impl LocalSessions {
     /// Starts a session for `user` (evicting their oldest beyond `sessions.max_per_user`) and
     /// returns its token (the only copy of it) and record.
     pub fn create(&self, user: &str, generation: u64, source: &str) -> (String, SessionRecord) {
-        let mut raw = [0u8; 32];
-        OsRng.fill_bytes(&mut raw);
-        let token = format!(
-            "{TOKEN_PREFIX}{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-        );
         let created = now();
         let record = SessionRecord {
             user: user.into(),
@@ -668,13 +793,18 @@ impl LocalSessions {
             created,
             expires: created.saturating_add(self.ttl_secs as i64),
             source: source.into(),
+            token: None,
         };
+        let token = new_token();
         let key = token_key(&token);
         let max = self.max_per_user;
         let ((), result) = self.modify(|map| {
+            // Logins evict logins only: a login must never end a long-lived token.
             let mut theirs: Vec<_> = map
                 .iter()
-                .filter(|(_, l)| l.record.user == user && l.record.expires > created)
+                .filter(|(_, l)| {
+                    l.record.user == user && l.record.token.is_none() && l.record.expires > created
+                })
                 .map(|(id, l)| (l.seq, id))
                 .collect();
             let mut entries = Vec::new();
@@ -696,6 +826,53 @@ impl LocalSessions {
             tracing::error!(path = %self.path.display(), error = %e, "cannot save the new session; other processes will not see it and it will not survive a restart");
         }
         (token, record)
+    }
+
+    /// Starts a long-lived token session for `user`, living `ttl_secs`, unless they hold
+    /// `max_tokens` live tokens already. Unlike a login, it fails when it cannot be recorded:
+    /// a token that would not survive a restart is worse than none. Returns the token, its
+    /// short id and its record.
+    pub fn create_token(
+        &self,
+        user: &str,
+        generation: u64,
+        source: &str,
+        scope: TokenScope,
+        ttl_secs: u64,
+        max_tokens: usize,
+    ) -> Result<(String, String, SessionRecord), TokenRefusal> {
+        let created = now();
+        let record = SessionRecord {
+            user: user.into(),
+            generation,
+            created,
+            expires: created.saturating_add(ttl_secs as i64),
+            source: source.into(),
+            token: Some(scope),
+        };
+        let token = new_token();
+        let key = token_key(&token);
+        let (allowed, result) = self.modify(|map| {
+            let theirs = map
+                .values()
+                .filter(|l| {
+                    l.record.user == user && l.record.token.is_some() && l.record.expires > created
+                })
+                .count();
+            if theirs >= max_tokens {
+                return (false, vec![]);
+            }
+            (true, vec![Entry::create(&key, &record)])
+        });
+        if !allowed {
+            return Err(TokenRefusal::TooMany(max_tokens));
+        }
+        if let Err(e) = result {
+            // In memory it was recorded: take it back so it is not usable until a restart.
+            self.lock_inner().sessions.remove(&key);
+            return Err(TokenRefusal::Io(e));
+        }
+        Ok((token, short_id(&key).to_string(), record))
     }
 
     /// The session for `token` if it exists, has not expired and its account's current
@@ -758,13 +935,20 @@ impl LocalSessions {
         id_prefix: Option<&str>,
         user: Option<&str>,
     ) -> std::io::Result<usize> {
+        self.revoke_where(|key, r| {
+            id_prefix.is_some_and(|p| key.starts_with(p)) || user.is_some_and(|u| r.user == u)
+        })
+    }
+
+    /// Ends every session for which `hit(full id, record)` holds; returns how many ended.
+    pub fn revoke_where(
+        &self,
+        hit: impl Fn(&str, &SessionRecord) -> bool,
+    ) -> std::io::Result<usize> {
         let (n, result) = self.modify(|map| {
             let entries: Vec<_> = map
                 .iter()
-                .filter(|(key, l)| {
-                    id_prefix.is_some_and(|p| key.starts_with(p))
-                        || user.is_some_and(|u| l.record.user == u)
-                })
+                .filter(|(key, l)| hit(key, &l.record))
                 .map(|(key, _)| Entry::Revoke { id: key.clone() })
                 .collect();
             (entries.len(), entries)
@@ -794,7 +978,7 @@ impl LocalSessions {
 /// already right.
 fn give_to_folder_owner(file: &std::fs::File, path: &Path) {
     use std::os::unix::fs::MetadataExt;
-    if let Ok(dir) = std::fs::metadata(crate::fsutil::parent_dir(path)) {
+    if let Ok(dir) = std::fs::metadata(xfer_util::fs::parent_dir(path)) {
         let _ = std::os::unix::fs::fchown(file, Some(dir.uid()), Some(dir.gid()));
     }
 }
@@ -1026,6 +1210,7 @@ mod tests {
                 created: now(),
                 expires: now() + 100,
                 source: "x".into(),
+                token: None,
             },
         );
         let legacy = dir.path().join(LEGACY_FILE);
@@ -1054,6 +1239,94 @@ mod tests {
         std::fs::write(dir.path().join(JOURNAL_FILE), b"hello\n").unwrap();
         assert!(check_file(dir.path()).is_err());
         assert!(LocalSessions::open(dir.path(), &settings(1)).is_err());
+    }
+
+    fn scope(read_only: bool, path: &str) -> TokenScope {
+        TokenScope {
+            name: "nightly".into(),
+            read_only,
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn tokens_keep_their_scope_across_processes_and_have_their_own_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        // One login per user: tokens neither count against it nor get evicted by logins.
+        let store = LocalSessions::open(dir.path(), &settings(1)).unwrap();
+        let (login, _) = store.create("alice", 1, "x");
+        let (t1, id1, rec) = store
+            .create_token("alice", 1, "x", scope(true, "backups/h1"), 90 * 86400, 2)
+            .unwrap();
+        assert_eq!(rec.expires - rec.created, 90 * 86400);
+        assert_eq!(id1.len(), 12);
+        let (t2, _, _) = store
+            .create_token("alice", 1, "x", scope(false, ""), 60, 2)
+            .unwrap();
+        assert!(matches!(
+            store.create_token("alice", 1, "x", scope(false, ""), 60, 2),
+            Err(TokenRefusal::TooMany(2))
+        ));
+        // Another user has a cap of their own.
+        assert!(
+            store
+                .create_token("bob", 1, "x", scope(false, ""), 60, 2)
+                .is_ok()
+        );
+        let (login2, _) = store.create("alice", 1, "x");
+        assert!(store.validate(&login, |_| Some(1)).is_none(), "evicted");
+        assert!(store.validate(&login2, |_| Some(1)).is_some());
+        for s in [&store, &open(dir.path())] {
+            let got = s.validate(&t1, |_| Some(1)).unwrap();
+            assert_eq!(got.token, Some(scope(true, "backups/h1")));
+            assert_eq!(got.kind(), "token");
+            assert!(s.validate(&t2, |_| Some(1)).is_some());
+        }
+        // A journal holding a token is one older versions refuse rather than misread.
+        let text = journal(dir.path());
+        assert!(text.starts_with(r#"{"op":"header","format":2}"#), "{text}");
+        // Only the owner's token revokes, and only a token.
+        let other = open(dir.path());
+        let login_id = &token_key(&login2)[..12];
+        assert_eq!(
+            other
+                .revoke_where(|k, r| r.user == "alice"
+                    && r.token.is_some()
+                    && k.starts_with(login_id))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            other
+                .revoke_where(|k, r| r.user == "bob" && r.token.is_some() && k.starts_with(&id1))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            other
+                .revoke_where(|k, r| r.user == "alice" && r.token.is_some() && k.starts_with(&id1))
+                .unwrap(),
+            1
+        );
+        assert!(store.validate(&t1, |_| Some(1)).is_none(), "revoked");
+        assert!(store.validate(&login2, |_| Some(1)).is_some());
+        // A password change ends tokens as it ends logins.
+        assert!(store.validate(&t2, |_| Some(2)).is_none());
+        assert!(store.validate(&t2, |_| Some(1)).is_none());
+    }
+
+    #[test]
+    fn a_token_added_to_an_old_format_journal_rewrites_it_in_the_new_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create("alice", 1, "x");
+        assert!(journal(dir.path()).starts_with(r#"{"op":"header","format":1}"#));
+        let (t, _, _) = store
+            .create_token("alice", 1, "x", scope(true, ""), 60, 5)
+            .unwrap();
+        assert!(journal(dir.path()).starts_with(r#"{"op":"header","format":2}"#));
+        assert!(open(dir.path()).validate(&t, |_| Some(1)).is_some());
+        assert_eq!(check_file(dir.path()).unwrap(), 2);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! commands (`cmd`) can all use it while depending on each other in one direction only.
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
@@ -30,6 +31,8 @@ pub struct State {
     pub uploads: Arc<crate::storage::active::ActiveUploads>,
     /// Each user's transfers and resume checks in progress, against the per-user caps.
     pub usage: Arc<crate::usage::Usage>,
+    /// Each user's stored bytes and files and what their uploads reserve, against quotas.
+    pub quotas: Arc<crate::quota::Quotas>,
     /// Failed-login penalties per source.
     pub penalties: crate::penalty::Penalties,
     /// The audit trail.
@@ -84,6 +87,17 @@ impl State {
         );
         let penalties = crate::penalty::Penalties::new(config.penalties.clone())
             .keyed_by(config.limits.per_source_net_block_size);
+        let local = config.storage.kind == crate::config::StorageKind::Local;
+        let quotas = crate::quota::Quotas::open(
+            local.then_some(config.state_dir.as_path()),
+            Duration::from_secs(config.quota.recount_secs),
+        )
+        .with_context(|| {
+            format!(
+                "opening the usage records in `{}`",
+                config.state_dir.display()
+            )
+        })?;
         let audit = crate::audit::AuditLog::open(&config.audit_log)
             .with_context(|| format!("opening audit log `{}`", config.audit_log.display()))?;
         Ok(State {
@@ -93,6 +107,7 @@ impl State {
             storage,
             uploads: Default::default(),
             usage: Default::default(),
+            quotas: Arc::new(quotas),
             penalties,
             audit,
             limits,
@@ -152,6 +167,11 @@ impl State {
         }
         tracing::info!(users, fingerprint = %fingerprint, "reloaded config limits, users and certificate");
         Ok(())
+    }
+
+    /// The quota in force for `user` now (users file, else config defaults).
+    pub fn quota_of(&self, user: &str) -> crate::quota::Quota {
+        crate::quota::Quota::of(&self.accounts, &self.config.quota, user)
     }
 
     /// The limits in force now.

@@ -347,6 +347,66 @@ async fn a_logout_on_one_node_ends_the_session_on_the_other_within_5_s() {
     .await;
 }
 
+/// Key login with `[storage] kind = "s3"`: `xferd user key add` and `del` edit the store's
+/// users object (the same path as `user passwd`), and every node follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_through_the_store_logs_in_on_every_node_and_its_deletion_ends_sessions() {
+    let prefix = xfer_tests::cluster::unique_prefix("e2e-keys");
+    let (ta, a) = first_node(&prefix);
+    // This test polls with key logins that fail until a node has read the change: none of
+    // them may make the source a penalised one.
+    set_config(&a.config, &[("per_failure_secs", "0")]);
+    let (_tb, b) = another_node(&a);
+    // The first node puts its users file in the bucket; the other reads it from there.
+    let node_a = serve(&a);
+    let node_b = serve(&b);
+    let file = ta.path().join("id");
+    let (_, line, id) = xfer::keys::keygen(&file, false).unwrap();
+    let key = xfer::keys::load(&file, false).unwrap();
+    let out = with_bucket(&a, &["user", "key", "add", "alice", &line]);
+    assert!(out.contains(&id), "{out}");
+    assert!(with_bucket(&b, &["user", "key", "list", "alice"]).starts_with(&id));
+    let key_login = |node: &Serving| {
+        let (addr, fp) = (node.addr.clone(), node.fingerprint);
+        let key = &key;
+        async move {
+            let mut c = Client::connect(&addr, fp, None).await.unwrap();
+            c.key_login("alice", key).await.ok().map(|(token, _)| token)
+        }
+    };
+    let start = Instant::now();
+    let token = loop {
+        if let Some(token) = key_login(&node_b).await {
+            break token;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "B never took the key"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    wait_until("A to take the key", Duration::from_secs(5), || async {
+        key_login(&node_a).await.is_some()
+    })
+    .await;
+    with_bucket(&b, &["user", "key", "del", "alice", &id]);
+    wait_until(
+        "A to refuse a session of a deleted key's user",
+        Duration::from_secs(5),
+        || async {
+            let mut c = Client::connect(&node_a.addr, node_a.fingerprint, None)
+                .await
+                .unwrap();
+            c.authenticate(&token).await.is_err()
+        },
+    )
+    .await;
+    wait_until("B to refuse the key", Duration::from_secs(5), || async {
+        key_login(&node_b).await.is_none()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_to_a_node_killed_midway_resumes_on_another() {
     let prefix = xfer_tests::cluster::unique_prefix("e2e-takeover");

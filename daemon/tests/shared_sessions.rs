@@ -145,6 +145,54 @@ async fn a_token_from_node_a_works_on_b_and_a_revocation_on_a_reaches_b_within_5
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_token_from_node_a_carries_its_scope_to_b_and_is_revoked_by_its_owner() {
+    import("t-scoped", &["alice"]).await;
+    let (a, b) = (
+        Node::start("t-scoped", 1).await,
+        Node::start("t-scoped", 1).await,
+    );
+    let (_, generation) = a.accounts.lookup("alice").unwrap();
+    let scope = xferd::sessions::TokenScope {
+        name: "nightly".into(),
+        read_only: true,
+        path: "backups/h1".into(),
+    };
+    let (token, id, _) = a
+        .sessions
+        .create_token("alice", generation, "127.0.0.1:1", scope.clone(), 3600, 4)
+        .await
+        .unwrap();
+    // B enforces the scope the token itself carries.
+    let on_b = b
+        .sessions
+        .validate(&token, |u| b.accounts.lookup(u).map(|(_, g)| g))
+        .unwrap();
+    let got = on_b.token.unwrap();
+    assert_eq!((got.read_only, got.path.as_str()), (true, "backups/h1"));
+    // Two logins on B with max_per_user 1 evict a login, never the token.
+    let l1 = b.login("alice").await;
+    let l2 = b.login("alice").await;
+    assert!(!b.accepts(&l1) && b.accepts(&l2) && b.accepts(&token));
+    // Listed with its name by the owner (any node) and by the administrator.
+    let mine = b.sessions.tokens_of("alice").await.unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].0, id);
+    assert_eq!(mine[0].1.token.as_ref(), Some(&scope));
+    let admin =
+        xferd::shared::sessions::SharedRegistry::new(shared("t-scoped").await, &settings(1));
+    let listed = admin.list().await.unwrap();
+    assert!(listed.iter().any(|(i, r)| *i == id && r.kind() == "token"));
+    // Revoked by its owner on B: refused on A within 5 s; the login stays.
+    let t0 = Instant::now();
+    assert_eq!(b.sessions.revoke_token("bob", &id).await.unwrap(), 0);
+    assert_eq!(b.sessions.revoke_token("alice", &id).await.unwrap(), 1);
+    assert!(!b.accepts(&token), "at once on B");
+    within_5s(t0, "A refuses the revoked token", || !a.accepts(&token)).await;
+    assert!(a.accepts(&l2));
+    assert!(b.sessions.tokens_of("alice").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_change_through_the_store_ends_old_tokens_on_every_node_within_5s() {
     import("t-passwd", &["alice", "bob"]).await;
     let (a, b) = (
@@ -306,8 +354,12 @@ async fn xferd_user_and_session_commands_work_on_the_store_in_s3_mode() {
     .unwrap();
     let tls = xferd::tls::generate(&[]).unwrap();
     std::fs::write(dir.path().join("cert.pem"), &tls.cert_pem).unwrap();
-    xferd::fsutil::write_atomic(&dir.path().join("key.pem"), tls.key_pem.as_bytes(), 0o600)
-        .unwrap();
+    xfer_util::fs::write_atomic(
+        &dir.path().join("key.pem"),
+        tls.key_pem.as_bytes(),
+        xfer_util::fs::Mode::KeepOr(0o600),
+    )
+    .unwrap();
     // The key every node gets a copy of.
     ok(&xferd(&config, &["session", "keygen"], ""));
     let key_file = dir.path().join("session.key");

@@ -130,6 +130,107 @@ fn user_commands_store_only_argon2id_hashes() {
 }
 
 #[test]
+fn user_key_commands_add_list_and_delete_login_keys() {
+    let (dir, config) = setup(10);
+    let users_path = config.parent().unwrap().join("users.toml");
+    let key = dir.path().join("id");
+    let (public_file, line, id) = xfer::keys::keygen(&key, false).unwrap();
+    // As one argument, as separate words, and from a file.
+    let add = xferd(&config, &["user", "key", "add", "alice", &line], "");
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    assert!(add.stdout.contains(&id), "{}", add.stdout);
+    let again: Vec<&str> = ["user", "key", "add", "alice"]
+        .into_iter()
+        .chain(line.split(' '))
+        .collect();
+    let dup = xferd(&config, &again, "");
+    assert_ne!(dup.code, 0);
+    assert!(dup.stderr.contains("already has key"), "{}", dup.stderr);
+    let (other_file, _, other_id) = xfer::keys::keygen(&dir.path().join("other"), false).unwrap();
+    let add = xferd(
+        &config,
+        &[
+            "user",
+            "key",
+            "add",
+            "root",
+            "--file",
+            other_file.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    let users = std::fs::read_to_string(&users_path).unwrap();
+    assert!(users.contains(line.split(' ').nth(1).unwrap()), "{users}");
+    // Refusals: not a key, not ed25519, no such user, neither argument.
+    for (args, says) in [
+        (
+            vec!["user", "key", "add", "alice", "ssh-ed25519 !!!"],
+            "bad public key",
+        ),
+        (
+            vec![
+                "user",
+                "key",
+                "add",
+                "alice",
+                "ssh-rsa",
+                "AAAAB3NzaC1yc2EAAAADAQABAAABAQ",
+            ],
+            "bad public key",
+        ),
+        (vec!["user", "key", "add", "nobody", &line], "no user named"),
+        (vec!["user", "key", "add", "alice"], "required"),
+    ] {
+        let out = xferd(&config, &args, "");
+        assert_ne!(out.code, 0, "{args:?}");
+        assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
+    }
+    // list: text and JSON.
+    let list = xferd(&config, &["user", "key", "list", "alice"], "");
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(
+        list.stdout.starts_with(&format!("{id}\tssh-ed25519\t")),
+        "{}",
+        list.stdout
+    );
+    assert!(!list.stdout.contains(&other_id));
+    let json = xferd(&config, &["user", "key", "list", "alice", "--json"], "");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v[0]["id"], id.as_str());
+    assert_eq!(v[0]["key"], line.as_str());
+    assert!(v[0]["added"].as_str().unwrap().ends_with('Z'));
+    // del: the ID without its prefix works too; then the key is gone.
+    let del = xferd(
+        &config,
+        &[
+            "user",
+            "key",
+            "del",
+            "alice",
+            id.strip_prefix("SHA256:").unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(del.code, 0, "{}", del.stderr);
+    assert!(
+        del.stdout.contains("sessions are revoked"),
+        "{}",
+        del.stdout
+    );
+    let gone = xferd(&config, &["user", "key", "del", "alice", &id], "");
+    assert_ne!(gone.code, 0);
+    assert!(gone.stderr.contains("has no key"), "{}", gone.stderr);
+    assert_eq!(
+        xferd(&config, &["user", "key", "list", "alice"], "").stdout,
+        ""
+    );
+    assert!(public_file.exists());
+    let check = xferd(&config, &["check"], "");
+    assert_eq!(check.code, 0, "{}", check.stderr);
+}
+
+#[test]
 fn a_weak_hash_or_unknown_key_stops_the_daemon_naming_the_culprit() {
     let (_dir, config) = setup(10);
     let users_path = config.parent().unwrap().join("users.toml");
@@ -473,6 +574,60 @@ async fn an_admin_lists_and_revokes_sessions_of_the_running_daemon() {
     let out = xferd(&config, &["session", "revoke", "--all"], "");
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(root.list("").await.unwrap_err().exit_code(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_sees_tokens_with_their_scope_and_revokes_them() {
+    let (_dir, config) = setup(10);
+    let serving = Serving::start(&config);
+    let mut alice = serving.client("alice", "alice-pw").await;
+    let (token, info) = xfer::tokens::create(&mut alice, "nightly", 3600, true, "backups/h1")
+        .await
+        .unwrap();
+    let json = xferd(&config, &["session", "list", "--json"], "");
+    assert_eq!(json.code, 0, "{}", json.stderr);
+    assert!(!json.stdout.contains(&token[6..]), "tokens are never shown");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let listed = v.as_array().unwrap();
+    let login = listed.iter().find(|s| s["kind"] == "login").unwrap();
+    assert!(login.get("path").is_none(), "{login}");
+    let t = listed.iter().find(|s| s["kind"] == "token").unwrap();
+    assert_eq!(
+        (
+            &t["id"],
+            &t["user"],
+            &t["name"],
+            &t["read_only"],
+            &t["path"]
+        ),
+        (
+            &serde_json::json!(info.id),
+            &serde_json::json!("alice"),
+            &serde_json::json!("nightly"),
+            &serde_json::json!(true),
+            &serde_json::json!("backups/h1")
+        )
+    );
+    let text = xferd(&config, &["session", "list"], "").stdout;
+    let line = text.lines().find(|l| l.starts_with(&info.id)).unwrap();
+    assert!(
+        line.ends_with("\ttoken name=nightly read-only path=backups/h1"),
+        "{line}"
+    );
+
+    let mut script = xfer::conn::Client::connect(&serving.addr, serving.fingerprint, None)
+        .await
+        .unwrap();
+    script.authenticate(&token).await.unwrap();
+    let out = xferd(&config, &["session", "revoke", &info.id], "");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("revoked 1"), "{}", out.stdout);
+    assert_eq!(script.list("backups/h1").await.unwrap_err().exit_code(), 3);
+    alice.ping().await.expect("the login that made it stays");
+    assert!(
+        xfer::tokens::list(&mut alice).await.unwrap().is_empty(),
+        "gone from the owner's list"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

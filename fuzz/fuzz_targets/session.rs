@@ -125,6 +125,18 @@ enum Op {
         trailer: Trailer,
     },
     Commit,
+    /// A key login (protocol 3); refused here, where the connection has no TLS to bind to.
+    KeyLogin(UserName, [u8; 32]),
+    /// A key proof with any signature.
+    KeyProof(Vec<u8>),
+    /// A long-lived token (protocol 3), with any scope and lifetime.
+    TokenCreate {
+        read_only: bool,
+        path: FPath,
+        expires_secs: u64,
+    },
+    TokenList,
+    TokenRevoke(String),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -654,6 +666,31 @@ impl Script<'_> {
                 return;
             }
             Op::Commit => Request::Commit,
+            Op::KeyLogin(user, public_key) => Request::KeyLogin {
+                user: match user {
+                    UserName::User => USER.to_string(),
+                    UserName::Admin => ADMIN.to_string(),
+                    UserName::Unknown => "nobody".to_string(),
+                    UserName::TooLong => "u".repeat(65),
+                    UserName::Raw(s) => s.clone(),
+                },
+                public_key: *public_key,
+            },
+            Op::KeyProof(signature) => Request::KeyProof {
+                signature: signature.clone(),
+            },
+            Op::TokenCreate {
+                read_only,
+                path,
+                expires_secs,
+            } => Request::TokenCreate {
+                name: "fuzz".into(),
+                expires_secs: *expires_secs,
+                read_only: *read_only,
+                path: path.text(),
+            },
+            Op::TokenList => Request::TokenList,
+            Op::TokenRevoke(id) => Request::TokenRevoke { id: id.clone() },
         };
         self.frame(&req);
     }
@@ -752,6 +789,20 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
             Response::Committed { .. } => {
                 assert!(authenticated, "a commit before any authentication")
             }
+            Response::TokenCreated { token, info } => {
+                assert!(authenticated, "a token before any authentication");
+                assert!(token.starts_with(xferd::sessions::TOKEN_PREFIX));
+                assert!(!info.id.is_empty());
+                seen.tokens.push(token);
+            }
+            Response::Tokens { tokens, .. } => {
+                assert!(authenticated, "a token listing before any authentication");
+                assert!(tokens.len() <= xfer_proto::limits::MAX_TOKENS_PER_FRAME);
+            }
+            Response::Account { session, .. } => {
+                assert!(authenticated, "an account before any authentication");
+                seen.users.insert(session.user);
+            }
             Response::UploadResume { offset, .. } => {
                 assert!(authenticated, "a resume offer before any authentication");
                 assert!(offset > 0, "a resume offer of nothing");
@@ -786,6 +837,7 @@ fn check_output(fx: &Fixture, sent: &[u8], out: &[u8], stopping: bool) -> Observ
                 }
             }
             Response::DownloadEnd { .. } => panic!("DownloadEnd without DownloadReady"),
+            Response::KeyChallenge { .. } => panic!("a key challenge on a connection without TLS"),
             Response::Error { .. } => {}
             Response::ShuttingDown { .. } => closing = Some(resp.clone()),
         }

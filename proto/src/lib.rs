@@ -18,6 +18,7 @@
 //! - [`tls_stream`]: TLS 1.3 as an async stream that copies a body's bytes at most once (none
 //!   when sent from a file or received in large reads): rustls' handshake, then records
 //!   sealed and opened in place in large buffers.
+//! - [`key_login`]: the message a key login signs, bound to the TLS connection.
 //! - [`fingerprint`]: the server identity that clients pin (SHA-256 of the certificate's public key).
 //!
 //! The full specification, precise enough to write another client from, is `proto/README.md`.
@@ -28,6 +29,7 @@ pub mod body;
 pub mod connection;
 pub mod fingerprint;
 pub mod frame;
+pub mod key_login;
 pub mod limits;
 pub mod message;
 pub mod pagecache;
@@ -38,11 +40,12 @@ pub mod tls;
 pub mod tls_stream;
 
 pub use connection::Connection;
-pub use message::{Digest, Entry, EntryKind, ErrorCode, Request, Response, Role};
+pub use message::{Digest, Entry, EntryKind, ErrorCode, Request, Response, Role, TokenInfo};
 
 /// The protocol version carried in the hello; bumped whenever messages are added. Version 2
 /// added resumable transfers (`UploadResume`, `UploadFrom`, `DownloadFrom`); version 3
-/// batched uploads of small files (`Put`, `Commit`, `Committed`).
+/// batched uploads of small files (`Put`, `Commit`, `Committed`) and key login (`KeyLogin`,
+/// `KeyProof`, `KeyChallenge`).
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest version a server still serves (without the features added since).

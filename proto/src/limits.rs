@@ -19,8 +19,16 @@ pub const MAX_USER_LEN: usize = 64;
 /// Longest password accepted, in bytes; longer ones are refused before any hashing.
 pub const MAX_PASSWORD_LEN: usize = 1024;
 
-/// Longest session token, in bytes.
-pub const MAX_TOKEN_LEN: usize = 256;
+/// Longest session token, in bytes. Room for a signed token (s3 mode) that carries its scope:
+/// a user name, a path of [`MAX_PATH_LEN`] bytes and 77 bytes of fields, in base64.
+pub const MAX_TOKEN_LEN: usize = 6144;
+
+/// Longest label of a long-lived token (`TokenCreate`), in bytes.
+pub const MAX_TOKEN_NAME_LEN: usize = 64;
+
+/// Most tokens in one `Tokens` frame: each may carry a path of [`MAX_PATH_LEN`] bytes, so a
+/// full frame stays well under [`MAX_FRAME_LEN`].
+pub const MAX_TOKENS_PER_FRAME: usize = 8;
 
 /// Longest free-text message (agent strings, error messages) shown or logged; longer ones are
 /// cut.

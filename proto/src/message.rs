@@ -126,6 +126,44 @@ pub enum Request {
     /// Make every file this connection staged with `Put` durable and visible (protocol 3);
     /// answered by `Committed` or an `Error`.
     Commit,
+    /// Start a key login (protocol 3): the server answers `KeyChallenge` whether or not the
+    /// user or the key exists, and the client answers that with `KeyProof` (spec §8).
+    KeyLogin {
+        /// Account name.
+        user: String,
+        /// The raw 32-byte Ed25519 public key the client will sign with.
+        public_key: [u8; 32],
+    },
+    /// The Ed25519 signature of [`crate::key_login::signed_message`] for the `KeyChallenge`
+    /// just received (protocol 3); answered by `LoggedIn` or `Error{AuthFailed}`.
+    KeyProof {
+        /// 64 bytes.
+        signature: Vec<u8>,
+    },
+    /// Make a long-lived token for automation (protocol 3), answered by `TokenCreated`. Only a
+    /// password or key login may: a token session gets `PermissionDenied`.
+    TokenCreate {
+        /// A label for `token list` (at most [`crate::limits::MAX_TOKEN_NAME_LEN`] bytes).
+        name: String,
+        /// Lifetime in seconds; 0 for the server's default (90 days, capped by its config).
+        expires_secs: u64,
+        /// Refuse every request that writes (upload, delete, rename, mkdir, shutdown).
+        read_only: bool,
+        /// Refuse every path that is not this folder or below it; `""` for the whole tree.
+        path: String,
+    },
+    /// List this user's tokens (protocol 3), answered by `Tokens` frames, the last with
+    /// `done` set. Not for token sessions.
+    TokenList,
+    /// Revoke one of this user's tokens by its id as `TokenList` shows it (protocol 3),
+    /// answered by `Ok` or `Error{NotFound}`. Not for token sessions.
+    TokenRevoke {
+        /// The token's id (at least 6 of its hex digits).
+        id: String,
+    },
+    /// Ask for this session's account: who, and how much of the quota is used (protocol 3);
+    /// answered by `Account`.
+    Account,
 }
 
 /// What the server answers.
@@ -210,6 +248,57 @@ pub enum Response {
         /// connection (including those the server committed by itself at its batch limits).
         files: u64,
     },
+    /// Answer to `KeyLogin` (protocol 3): the nonce the client signs, fresh for each.
+    KeyChallenge {
+        /// 32 random bytes.
+        nonce: [u8; 32],
+    },
+    /// Answer to `TokenCreate`: the token (its only copy) and what it may do.
+    TokenCreated {
+        /// The new token (secret; shown once).
+        token: String,
+        /// Its id, name, times and scope.
+        info: TokenInfo,
+    },
+    /// Part of the answer to `TokenList`; the last frame has `done` set.
+    Tokens {
+        /// Up to [`crate::limits::MAX_TOKENS_PER_FRAME`] tokens.
+        tokens: Vec<TokenInfo>,
+        /// True on the final frame.
+        done: bool,
+    },
+    /// Answer to `Account` (protocol 3): the session, and the account's usage against its
+    /// quota (see the spec's section 10).
+    Account {
+        /// Who the session belongs to.
+        session: SessionInfo,
+        /// Bytes of the user's files, plus what their uploads in progress and kept partial
+        /// uploads hold.
+        used_bytes: u64,
+        /// Files the user has, plus uploads in progress that will add one.
+        used_files: u64,
+        /// The byte quota, `None` for unlimited.
+        quota_bytes: Option<u64>,
+        /// The file-count quota, `None` for unlimited.
+        quota_files: Option<u64>,
+    },
+}
+
+/// A long-lived token as `TokenCreated` and `Tokens` describe it (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Short id (hex), for `TokenRevoke` and `xferd session revoke`.
+    pub id: String,
+    /// The label given at creation.
+    pub name: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: i64,
+    /// Expiry time, seconds since the Unix epoch.
+    pub expires: i64,
+    /// Whether every write is refused.
+    pub read_only: bool,
+    /// The folder it is limited to; `""` for the whole tree.
+    pub path: String,
 }
 
 /// Who a session belongs to.
@@ -223,10 +312,10 @@ pub struct SessionInfo {
     pub expires: i64,
 }
 
-/// Account roles, ordered so that a permission check is a comparison.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+/// Account roles, ordered so that a permission check is a comparison: `Reader < User <
+/// Superuser`. The order is by [`Role::rank`], not by declaration: the declaration order is
+/// the wire tag (`Reader` came last, as variant 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// May manage files in their own tree.
@@ -234,6 +323,9 @@ pub enum Role {
     User,
     /// May also shut the daemon down.
     Superuser,
+    /// May only list and download their own files (protocol 3; reported as `User` to older
+    /// clients, which cannot decode it).
+    Reader,
 }
 
 impl Role {
@@ -242,7 +334,29 @@ impl Role {
         match self {
             Role::User => "user",
             Role::Superuser => "superuser",
+            Role::Reader => "reader",
         }
+    }
+
+    /// Place in the order of privilege: what `Ord` compares.
+    pub fn rank(self) -> u8 {
+        match self {
+            Role::Reader => 0,
+            Role::User => 1,
+            Role::Superuser => 2,
+        }
+    }
+}
+
+impl PartialOrd for Role {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Role {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank().cmp(&other.rank())
     }
 }
 
@@ -256,10 +370,11 @@ impl std::str::FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "reader" => Ok(Role::Reader),
             "user" => Ok(Role::User),
             "superuser" => Ok(Role::Superuser),
             other => Err(format!(
-                "unknown role `{other}` (expected `user` or `superuser`)"
+                "unknown role `{other}` (expected `reader`, `user` or `superuser`)"
             )),
         }
     }
@@ -339,6 +454,10 @@ pub enum ErrorCode {
     Internal,
     /// Too many failed logins from this address; refused until its penalty expires (exit 3).
     RateLimited,
+    /// The upload would take the account past its byte or file quota, or its quota was
+    /// lowered below what it holds during the upload; the message says how much of how much
+    /// is used (exit 9).
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -353,6 +472,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 5,
             ErrorCode::ShuttingDown | ErrorCode::Busy => 7,
             ErrorCode::VerificationFailed => 8,
+            ErrorCode::QuotaExceeded => 9,
             ErrorCode::BadRequest
             | ErrorCode::VersionMismatch
             | ErrorCode::AlreadyExists
@@ -426,6 +546,88 @@ mod tests {
             crate::frame::encode_frame(&r, &mut frame).unwrap();
             assert!(frame.len() <= MAX_MESSAGE_LEN + 16, "{}", frame.len());
         }
+    }
+
+    /// The wire tags of the token and account messages are fixed by the spec (proto/README.md
+    /// §3, §9, §10).
+    #[test]
+    fn token_messages_have_their_spec_tags() {
+        let tag = |bytes: Vec<u8>| bytes[0];
+        let req = |r: &Request| tag(postcard::to_allocvec(r).unwrap());
+        let resp = |r: &Response| tag(postcard::to_allocvec(r).unwrap());
+        assert_eq!(req(&Request::Commit), 17);
+        assert_eq!(
+            req(&Request::TokenCreate {
+                name: String::new(),
+                expires_secs: 0,
+                read_only: false,
+                path: String::new()
+            }),
+            20
+        );
+        assert_eq!(req(&Request::TokenList), 21);
+        assert_eq!(req(&Request::TokenRevoke { id: String::new() }), 22);
+        assert_eq!(req(&Request::Account), 23);
+        assert_eq!(resp(&Response::Committed { files: 0 }), 12);
+        let info = TokenInfo {
+            id: String::new(),
+            name: String::new(),
+            created: 0,
+            expires: 0,
+            read_only: false,
+            path: String::new(),
+        };
+        assert_eq!(
+            resp(&Response::TokenCreated {
+                token: String::new(),
+                info
+            }),
+            14
+        );
+        assert_eq!(
+            resp(&Response::Tokens {
+                tokens: vec![],
+                done: true
+            }),
+            15
+        );
+        let session = SessionInfo {
+            user: String::new(),
+            role: Role::User,
+            expires: 0,
+        };
+        assert_eq!(
+            resp(&Response::Account {
+                session,
+                used_bytes: 0,
+                used_files: 0,
+                quota_bytes: None,
+                quota_files: None
+            }),
+            16
+        );
+    }
+
+    #[test]
+    fn roles_order_by_privilege_and_keep_their_wire_tags() {
+        assert!(Role::Reader < Role::User && Role::User < Role::Superuser);
+        let mut all = [Role::Superuser, Role::Reader, Role::User];
+        all.sort();
+        assert_eq!(all, [Role::Reader, Role::User, Role::Superuser]);
+        // The tags older peers know stay where they were; `Reader` is the new tag 2.
+        for (role, tag) in [(Role::User, 0u8), (Role::Superuser, 1), (Role::Reader, 2)] {
+            assert_eq!(postcard::to_allocvec(&role).unwrap(), [tag]);
+            assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
+        }
+    }
+
+    #[test]
+    fn a_quota_refusal_exits_9_and_keeps_its_new_tag() {
+        assert_eq!(ErrorCode::QuotaExceeded.exit_code(), 9);
+        assert_eq!(
+            postcard::to_allocvec(&ErrorCode::QuotaExceeded).unwrap(),
+            [17]
+        );
     }
 
     #[test]

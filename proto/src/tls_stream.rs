@@ -18,22 +18,33 @@
 //! own answer for "does its own encryption and decryption" (it was made for kTLS, which this
 //! kernel lacks); rustls keeps the handshake, the certificate checks, ALPN, session tickets
 //! and the key schedule of key updates.
+//!
+//! The unbuffered API has no `export_keying_material`, which key login needs for its channel
+//! binding (RFC 9266 `tls-exporter`): each connection gets its own copy of the config whose
+//! [`KeyLog`] keeps only the exporter master secret, and [`TlsStream::channel_binding`] is
+//! the RFC 8446 §7.5 exporter computed from it with ring's HKDF, once, at the end of the
+//! handshake (the secret is wiped right after).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
-use ring::aead;
+use ring::{aead, digest, hkdf};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::crypto::hash::HashAlgorithm;
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, InsufficientSizeError, UnbufferedStatus,
 };
-use rustls::{ClientConfig, ConnectionTrafficSecrets, ExtractedSecrets, ServerConfig};
+use rustls::{
+    ClientConfig, ConnectionTrafficSecrets, ExtractedSecrets, KeyLog, ServerConfig,
+    SupportedCipherSuite,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use zeroize::Zeroizing;
 
 use crate::limits::CHUNK_LEN;
 use crate::records::{OVERHEAD, RecordBuf, WriteRecords};
@@ -123,6 +134,118 @@ fn ended(e: &Ended) -> Option<io::Error> {
         .map(|(kind, what)| io::Error::new(*kind, what.clone()))
 }
 
+/// The label of the RFC 9266 `tls-exporter` channel binding.
+pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+/// Bytes of the channel binding (RFC 9266: 32).
+pub const CHANNEL_BINDING_LEN: usize = 32;
+/// The [`KeyLog`] label of the exporter master secret.
+const EXPORTER_SECRET: &str = "EXPORTER_SECRET";
+
+/// One connection's [`KeyLog`]: keeps the exporter master secret and nothing else (rustls
+/// derives it on both sides at the end of every TLS 1.3 handshake).
+#[derive(Debug, Default)]
+struct ExporterSecret(Mutex<Option<Zeroizing<Vec<u8>>>>);
+
+impl KeyLog for ExporterSecret {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        if label == EXPORTER_SECRET {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Zeroizing::new(secret.to_vec()));
+        }
+    }
+
+    fn will_log(&self, label: &str) -> bool {
+        label == EXPORTER_SECRET
+    }
+}
+
+impl ExporterSecret {
+    /// The channel binding of the handshake that logged the secret (which is wiped).
+    fn channel_binding(
+        &self,
+        suite: Option<SupportedCipherSuite>,
+    ) -> io::Result<[u8; CHANNEL_BINDING_LEN]> {
+        let secret = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| invalid("the TLS handshake gave no exporter secret"))?;
+        let hash = suite
+            .and_then(|s| s.tls13())
+            .map(|s| s.common.hash_provider.algorithm())
+            .ok_or_else(|| invalid("no TLS 1.3 cipher suite was negotiated"))?;
+        let mut out = [0u8; CHANNEL_BINDING_LEN];
+        tls13_exporter(&secret, hash, CHANNEL_BINDING_LABEL, b"", &mut out)?;
+        Ok(out)
+    }
+}
+
+/// An output length for ring's HKDF.
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// HKDF-Expand-Label (RFC 8446 §7.1) of `prk` into `out`.
+fn expand_label(prk: &hkdf::Prk, label: &[u8], context: &[u8], out: &mut [u8]) -> io::Result<()> {
+    let failed = |_| invalid("TLS exporter: HKDF expansion failed");
+    let length = u16::try_from(out.len())
+        .map_err(|_| invalid("TLS exporter: output too long"))?
+        .to_be_bytes();
+    let label_len = [u8::try_from(b"tls13 ".len() + label.len())
+        .map_err(|_| invalid("TLS exporter: label too long"))?];
+    let context_len =
+        [u8::try_from(context.len()).map_err(|_| invalid("TLS exporter: context too long"))?];
+    let info = [
+        &length[..],
+        &label_len,
+        b"tls13 ",
+        label,
+        &context_len,
+        context,
+    ];
+    prk.expand(&info, Len(out.len()))
+        .map_err(failed)?
+        .fill(out)
+        .map_err(failed)
+}
+
+/// The TLS 1.3 exporter (RFC 8446 §7.5) from the exporter master secret `secret` of a suite
+/// whose hash is `hash`:
+/// `HKDF-Expand-Label(Derive-Secret(secret, label, ""), "exporter", Hash(context), len)`.
+fn tls13_exporter(
+    secret: &[u8],
+    hash: HashAlgorithm,
+    label: &[u8],
+    context: &[u8],
+    out: &mut [u8],
+) -> io::Result<()> {
+    let (hkdf_alg, digest_alg) = match hash {
+        HashAlgorithm::SHA256 => (hkdf::HKDF_SHA256, &digest::SHA256),
+        HashAlgorithm::SHA384 => (hkdf::HKDF_SHA384, &digest::SHA384),
+        other => return Err(invalid(format!("TLS exporter: unsupported hash {other:?}"))),
+    };
+    let mut derived = Zeroizing::new(vec![0u8; digest_alg.output_len()]);
+    let empty = digest::digest(digest_alg, b"");
+    expand_label(
+        &hkdf::Prk::new_less_safe(hkdf_alg, secret),
+        label,
+        empty.as_ref(),
+        &mut derived,
+    )?;
+    let context = digest::digest(digest_alg, context);
+    expand_label(
+        &hkdf::Prk::new_less_safe(hkdf_alg, &derived),
+        b"exporter",
+        context.as_ref(),
+        out,
+    )
+}
+
 /// Connects as a client: the handshake runs on `io` with `config` (which must have
 /// `enable_secret_extraction` set), then the stream is ready for application data.
 pub async fn connect<IO: AsyncRead + AsyncWrite + Unpin>(
@@ -130,8 +253,13 @@ pub async fn connect<IO: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
 ) -> io::Result<TlsStream<IO>> {
-    let conn = UnbufferedClientConnection::new(config, name).map_err(invalid)?;
-    handshake(conn, io).await
+    // A copy per connection, for its own key log: a handful of `Arc`s and small `Vec`s,
+    // nothing next to the handshake's key exchange and signature.
+    let exporter = Arc::new(ExporterSecret::default());
+    let mut config = ClientConfig::clone(&config);
+    config.key_log = exporter.clone();
+    let conn = UnbufferedClientConnection::new(Arc::new(config), name).map_err(invalid)?;
+    handshake(conn, io, &exporter).await
 }
 
 /// Accepts as a server, as [`connect`] does for a client.
@@ -139,8 +267,11 @@ pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
     io: IO,
     config: Arc<ServerConfig>,
 ) -> io::Result<TlsStream<IO>> {
-    let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
-    handshake(conn, io).await
+    let exporter = Arc::new(ExporterSecret::default());
+    let mut config = ServerConfig::clone(&config);
+    config.key_log = exporter.clone();
+    let conn = UnbufferedServerConnection::new(Arc::new(config)).map_err(invalid)?;
+    handshake(conn, io, &exporter).await
 }
 
 /// A TLS 1.3 connection after its handshake, as an async byte stream.
@@ -151,6 +282,8 @@ pub struct TlsStream<IO> {
     kernel: Kernel,
     /// The protocol agreed by ALPN.
     alpn: Option<Vec<u8>>,
+    /// The RFC 9266 `tls-exporter` channel binding of this connection.
+    channel_binding: [u8; CHANNEL_BINDING_LEN],
     /// Keys and sequence number for records read.
     rx: Keys,
     /// Keys and sequence number for records written.
@@ -374,6 +507,7 @@ trait Handshaking {
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
     fn handshaking(&self) -> bool;
     fn alpn(&self) -> Option<Vec<u8>>;
+    fn suite(&self) -> Option<SupportedCipherSuite>;
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error>;
 }
 
@@ -390,6 +524,9 @@ impl Handshaking for UnbufferedClientConnection {
     }
     fn alpn(&self) -> Option<Vec<u8>> {
         self.alpn_protocol().map(<[u8]>::to_vec)
+    }
+    fn suite(&self) -> Option<SupportedCipherSuite> {
+        self.negotiated_cipher_suite()
     }
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
         let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
@@ -410,6 +547,9 @@ impl Handshaking for UnbufferedServerConnection {
     }
     fn alpn(&self) -> Option<Vec<u8>> {
         self.alpn_protocol().map(<[u8]>::to_vec)
+    }
+    fn suite(&self) -> Option<SupportedCipherSuite> {
+        self.negotiated_cipher_suite()
     }
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
         let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
@@ -448,6 +588,7 @@ fn encode<D>(enc: &mut EncodeTlsData<'_, D>, out: &mut Vec<u8>) -> io::Result<()
 async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
     mut conn: C,
     mut io: IO,
+    exporter: &ExporterSecret,
 ) -> io::Result<TlsStream<IO>> {
     // The buffer is the stream's receive buffer afterwards.
     let mut rbuf = vec![0u8; READ_CAP].into_boxed_slice();
@@ -537,11 +678,13 @@ async fn handshake<C: Handshaking, IO: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let alpn = conn.alpn();
+    let channel_binding = exporter.channel_binding(conn.suite())?;
     let (secrets, kernel) = conn.into_kernel().map_err(invalid)?;
     Ok(TlsStream {
         io,
         kernel,
         alpn,
+        channel_binding,
         rx: Keys::new(secrets.rx)?,
         tx: Keys::new(secrets.tx)?,
         rbuf,
@@ -569,6 +712,13 @@ impl<IO> TlsStream<IO> {
     /// The protocol agreed by ALPN, if any.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         self.alpn.as_deref()
+    }
+
+    /// This connection's RFC 9266 `tls-exporter` channel binding: the TLS exporter with
+    /// label [`CHANNEL_BINDING_LABEL`], no context, [`CHANNEL_BINDING_LEN`] bytes. Both ends
+    /// of one connection compute the same value; any other connection has another.
+    pub fn channel_binding(&self) -> &[u8; CHANNEL_BINDING_LEN] {
+        &self.channel_binding
     }
 
     /// The transport.
@@ -1121,10 +1271,17 @@ pub mod testing {
 
     /// A server config for a fresh self-signed "localhost", and a client config that trusts it.
     pub fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        configs_with(crate::tls::provider())
+    }
+
+    /// [`configs`] with the crypto of `provider` (to pin a cipher suite).
+    pub fn configs_with(
+        provider: rustls::crypto::CryptoProvider,
+    ) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let der = CertificateDer::from(cert.cert.der().to_vec());
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der()));
-        let provider = Arc::new(crate::tls::provider());
+        let provider = Arc::new(provider);
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(crate::tls::VERSIONS)
             .unwrap()
@@ -2187,6 +2344,63 @@ mod tests {
         let (s, got) = transfer(s, c, payload.clone(), 70_000).await;
         assert_eq!(got, payload);
         drop(s);
+    }
+
+    /// The channel binding against rustls' own `export_keying_material` on the other end,
+    /// both ways, for a suite of each hash; and not the same on two connections.
+    #[tokio::test]
+    async fn the_channel_binding_is_the_tls_exporter_rustls_computes() {
+        use rustls::crypto::ring::cipher_suite;
+        for suite in [
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ] {
+            let provider = rustls::crypto::CryptoProvider {
+                cipher_suites: vec![suite],
+                ..crate::tls::provider()
+            };
+            let (server_config, client_config) = testing::configs_with(provider);
+            // Our client, rustls' server.
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let acceptor = tokio_rustls::TlsAcceptor::from(server_config.clone());
+            let (c, s) = tokio::join!(
+                connect(a, client_config.clone(), localhost()),
+                acceptor.accept(b)
+            );
+            let (c, s) = (c.unwrap(), s.unwrap());
+            assert_eq!(
+                s.get_ref().1.negotiated_cipher_suite().unwrap().suite(),
+                suite.suite()
+            );
+            let mut want = [0u8; CHANNEL_BINDING_LEN];
+            s.get_ref()
+                .1
+                .export_keying_material(&mut want, CHANNEL_BINDING_LABEL, None)
+                .unwrap();
+            assert_eq!(c.channel_binding(), &want, "{suite:?}, our client");
+            // rustls' client, our server.
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let connector = tokio_rustls::TlsConnector::from(client_config.clone());
+            let (c, s) = tokio::join!(
+                connector.connect(localhost(), a),
+                accept(b, server_config.clone())
+            );
+            let (c, s) = (c.unwrap(), s.unwrap());
+            let mut want = [0u8; CHANNEL_BINDING_LEN];
+            c.get_ref()
+                .1
+                .export_keying_material(&mut want, CHANNEL_BINDING_LABEL, None)
+                .unwrap();
+            assert_eq!(s.channel_binding(), &want, "{suite:?}, our server");
+            // Ours at both ends, twice: equal within a connection, not across.
+            let configs = (server_config, client_config);
+            let (c1, s1) = testing::pair_with(&configs).await;
+            let (c2, s2) = testing::pair_with(&configs).await;
+            assert_eq!(c1.channel_binding(), s1.channel_binding());
+            assert_eq!(c2.channel_binding(), s2.channel_binding());
+            assert_ne!(c1.channel_binding(), c2.channel_binding());
+            assert_ne!(c1.channel_binding(), &[0u8; CHANNEL_BINDING_LEN]);
+        }
     }
 }
 

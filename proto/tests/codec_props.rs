@@ -167,7 +167,41 @@ fn request() -> impl Strategy<Value = Request> {
             digest
         }),
         Just(Request::Commit),
+        (text(70), digest()).prop_map(|(user, public_key)| Request::KeyLogin { user, public_key }),
+        vec(any::<u8>(), 0..=80).prop_map(|signature| Request::KeyProof { signature }),
+        (text(64), u64_any(), any::<bool>(), text(300)).prop_map(
+            |(name, expires_secs, read_only, path)| Request::TokenCreate {
+                name,
+                expires_secs,
+                read_only,
+                path
+            }
+        ),
+        Just(Request::TokenList),
+        text(40).prop_map(|id| Request::TokenRevoke { id }),
+        Just(Request::Account),
     ]
+}
+
+fn token_info() -> impl Strategy<Value = xfer_proto::TokenInfo> {
+    (
+        text(20),
+        text(64),
+        i64_any(),
+        i64_any(),
+        any::<bool>(),
+        text(300),
+    )
+        .prop_map(
+            |(id, name, created, expires, read_only, path)| xfer_proto::TokenInfo {
+                id,
+                name,
+                created,
+                expires,
+                read_only,
+                path,
+            },
+        )
 }
 
 fn response() -> impl Strategy<Value = Response> {
@@ -193,6 +227,28 @@ fn response() -> impl Strategy<Value = Response> {
         (u64_any(), digest())
             .prop_map(|(offset, prefix)| Response::UploadResume { offset, prefix }),
         u64_any().prop_map(|files| Response::Committed { files }),
+        digest().prop_map(|nonce| Response::KeyChallenge { nonce }),
+        (text(300), token_info()).prop_map(|(token, info)| Response::TokenCreated { token, info }),
+        (vec(token_info(), 0..4), any::<bool>())
+            .prop_map(|(tokens, done)| Response::Tokens { tokens, done }),
+        (
+            session_info(),
+            u64_any(),
+            u64_any(),
+            prop::option::of(u64_any()),
+            prop::option::of(u64_any())
+        )
+            .prop_map(
+                |(session, used_bytes, used_files, quota_bytes, quota_files)| {
+                    Response::Account {
+                        session,
+                        used_bytes,
+                        used_files,
+                        quota_bytes,
+                        quota_files,
+                    }
+                }
+            ),
     ]
 }
 
@@ -457,7 +513,7 @@ fn the_strategies_cover_every_variant() {
     // A new variant fails here until a strategy for it is added.
     assert_eq!(built_tags(request()), known_tags::<Request>());
     assert_eq!(built_tags(response()), known_tags::<Response>());
-    assert!(all_unit_variants::<ErrorCode>().len() >= 16);
-    assert_eq!(all_unit_variants::<Role>().len(), 2);
+    assert!(all_unit_variants::<ErrorCode>().len() >= 18);
+    assert_eq!(all_unit_variants::<Role>().len(), 3);
     assert_eq!(all_unit_variants::<EntryKind>().len(), 3);
 }

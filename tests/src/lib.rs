@@ -304,6 +304,7 @@ impl ClientHome {
             .arg(self.config_dir())
             .args(args)
             .env_remove("XFER_CONFIG_DIR")
+            .env_remove("XFER_TOKEN")
             .current_dir(self.dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

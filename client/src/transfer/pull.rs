@@ -19,8 +19,8 @@ use tokio::task::JoinHandle;
 use xfer_proto::Request;
 
 use super::{Batch, Direction, FileJob, Item, Plan, Step, record_item, transfer_one, with_hint};
-use crate::cli::Ctx;
 use crate::conn::{Client, Transferred};
+use crate::context::Ctx;
 use crate::error::{ClientError, Result};
 use crate::part::{GroupCommit, Part};
 

@@ -14,7 +14,7 @@ use crate::accounts::VerifyOutcome;
 /// than [`MAX_USER_LEN`], so a longer one is cut there (a guesser's 64 KiB names would otherwise
 /// fill the audit log). Escaping is the loggers' job: the text log's formatter escapes every
 /// field ([`crate::logging`]); the JSON log and the audit trail are JSON.
-fn tried_name(name: &str) -> &str {
+pub(super) fn tried_name(name: &str) -> &str {
     name.char_indices()
         .nth(MAX_USER_LEN)
         .map_or(name, |(cut, _)| &name[..cut])
@@ -107,6 +107,7 @@ async fn start_session(
     role: xfer_proto::Role,
     token: String,
     expires: i64,
+    scope: Option<crate::sessions::TokenScope>,
 ) -> std::io::Result<SessionInfo> {
     let tree = ctx.state.storage.user_tree(user).await?;
     ctx.auth = Some(Auth {
@@ -115,12 +116,24 @@ async fn start_session(
         token,
         expires,
         tree,
+        scope,
     });
     Ok(SessionInfo {
         user: user.into(),
-        role,
+        role: wire_role(ctx.version, role),
         expires,
     })
+}
+
+/// The role as a peer speaking `version` is told it: a version 1 or 2 client cannot decode
+/// `Reader` (tag 2), so a reader shows as `User` there. Only the display differs: the
+/// dispatcher enforces the real role.
+pub(super) fn wire_role(version: u16, role: xfer_proto::Role) -> xfer_proto::Role {
+    if version < 3 && role == xfer_proto::Role::Reader {
+        xfer_proto::Role::User
+    } else {
+        role
+    }
 }
 
 /// Answers a login or token that checked out but whose storage cannot be opened.
@@ -138,6 +151,53 @@ async fn storage_unavailable<S: AsyncRead + AsyncWrite + Unpin>(
     .await
 }
 
+/// Opens a session for `user`, whose password or key just checked out (`op`, for the log
+/// and the audit trail): registers it, opens the user's storage and answers `LoggedIn`.
+pub(super) async fn grant<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    user: &str,
+    role: xfer_proto::Role,
+    generation: u64,
+    op: &str,
+) -> Result<Flow, ConnError> {
+    let state = ctx.state.clone();
+    if let Err(why) = ctx.enter_session(user) {
+        return super::refuse_session(conn, &why).await;
+    }
+    // Registered before the token is handed out, so that with several nodes the
+    // session is listed, and counted against max_per_user, by the time it is used.
+    let created = state
+        .sessions
+        .create_registered(user, generation, &ctx.peer.to_string())
+        .await;
+    let (token, rec) = match created {
+        Ok(created) => created,
+        Err(e) => {
+            tracing::error!(user = %user, error = %e, "cannot record a new session; no session started");
+            return reply_error(
+                conn,
+                ErrorCode::Internal,
+                "cannot record the session on the server; try again in a moment",
+            )
+            .await;
+        }
+    };
+    match start_session(ctx, user, role, token.clone(), rec.expires, None).await {
+        Ok(session) => {
+            tracing::info!(user = %user, peer = %ctx.peer, %role, op, "login succeeded");
+            ctx.audit(op, None, Outcome::ok());
+            conn.write_frame(&Response::LoggedIn { token, session })
+                .await?;
+            Ok(Flow::Continue)
+        }
+        Err(e) => {
+            state.sessions.revoke(&token);
+            storage_unavailable(conn, user, &e).await
+        }
+    }
+}
+
 pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     conn: &mut Connection<S>,
@@ -150,40 +210,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     let state = ctx.state.clone();
     match state.accounts.verify(user, password).await {
         VerifyOutcome::Ok { role, generation } => {
-            if let Err(why) = ctx.enter_session(user) {
-                return super::refuse_session(conn, &why).await;
-            }
-            // Registered before the token is handed out, so that with several nodes the
-            // session is listed, and counted against max_per_user, by the time it is used.
-            let created = state
-                .sessions
-                .create_registered(user, generation, &ctx.peer.to_string())
-                .await;
-            let (token, rec) = match created {
-                Ok(created) => created,
-                Err(e) => {
-                    tracing::error!(user = %user, error = %e, "cannot record a new session; no session started");
-                    return reply_error(
-                        conn,
-                        ErrorCode::Internal,
-                        "cannot record the session on the server; try again in a moment",
-                    )
-                    .await;
-                }
-            };
-            match start_session(ctx, user, role, token.clone(), rec.expires).await {
-                Ok(session) => {
-                    tracing::info!(user = %user, peer = %ctx.peer, %role, "login succeeded");
-                    ctx.audit("login", None, Outcome::ok());
-                    conn.write_frame(&Response::LoggedIn { token, session })
-                        .await?;
-                    Ok(Flow::Continue)
-                }
-                Err(e) => {
-                    state.sessions.revoke(&token);
-                    storage_unavailable(conn, user, &e).await
-                }
-            }
+            grant(ctx, conn, user, role, generation, "login").await
         }
         VerifyOutcome::Denied => {
             tracing::warn!(user = %tried_name(user), peer = %ctx.peer, "login failed: wrong user name or password");
@@ -250,7 +277,8 @@ pub(super) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(why) = ctx.enter_session(&record.user) {
         return super::refuse_session(conn, &why).await;
     }
-    match start_session(ctx, &record.user, role, token.into(), record.expires).await {
+    let scope = record.token.clone();
+    match start_session(ctx, &record.user, role, token.into(), record.expires, scope).await {
         Ok(session) => {
             tracing::debug!(user = %record.user, peer = %ctx.peer, "token accepted");
             conn.write_frame(&Response::Session(session)).await?;
@@ -280,7 +308,7 @@ pub(super) async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(
     let auth = ctx.session();
     conn.write_frame(&Response::Session(SessionInfo {
         user: auth.user.clone(),
-        role: auth.role,
+        role: wire_role(ctx.version, auth.role),
         expires: auth.expires,
     }))
     .await?;
@@ -290,6 +318,15 @@ pub(super) async fn whoami<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reader_shows_as_a_user_to_clients_that_cannot_decode_it() {
+        use xfer_proto::Role;
+        assert_eq!(wire_role(2, Role::Reader), Role::User);
+        assert_eq!(wire_role(1, Role::Reader), Role::User);
+        assert_eq!(wire_role(3, Role::Reader), Role::Reader);
+        assert_eq!(wire_role(2, Role::Superuser), Role::Superuser);
+    }
 
     #[test]
     fn tried_names_are_cut_at_the_longest_valid_name_on_a_character() {

@@ -24,6 +24,7 @@ use super::errors::wire;
 use super::transfer::session_ended;
 use super::{Ctx, Flow, Outcome};
 use super::{reply_error, session_valid};
+use crate::quota::Reservation;
 use crate::storage::{StageCache, StageTask, Staged, StorageError, Tree};
 
 /// Most `Put`s of one connection being staged at once (received, not yet answered).
@@ -84,6 +85,8 @@ struct Staging {
     digest: Digest,
     /// The staging under way.
     task: StageTask,
+    /// Its room in the user's quota, until its commit.
+    reservation: Reservation,
 }
 
 /// A staged file and what its audit line needs.
@@ -94,6 +97,8 @@ struct StagedFileInfo {
     size: u64,
     /// Its verified BLAKE3.
     digest: Digest,
+    /// Its room in the user's quota, until its commit.
+    reservation: Reservation,
 }
 
 impl Batch {
@@ -203,7 +208,7 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
         );
         return Err(e);
     }
-    let refusal = refusal.or_else(|| {
+    let mut refusal = refusal.or_else(|| {
         (*blake3::hash(&buf).as_bytes() != digest).then(|| {
             (
                 ErrorCode::VerificationFailed,
@@ -211,14 +216,27 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
             )
         })
     });
-    if let Some((code, message)) = refusal {
+    // Room in the quota, as for any upload (see `account::reserve`).
+    let mut reservation = None;
+    if refusal.is_none() {
+        match super::account::reserve(&ctx.state, &user, &tree, &path, size).await {
+            Ok(Ok(r)) => reservation = Some(r),
+            Ok(Err(why)) => refusal = Some(super::account::refused(&path, &why)),
+            Err(e) => {
+                tracing::warn!(user = %user, path = %path, error = %e, "cannot count the user's files for their quota");
+                refusal = Some(wire(&e));
+            }
+        }
+    }
+    let (Some(reservation), None) = (reservation, &refusal) else {
+        let (code, message) = refusal.unwrap_or((ErrorCode::Internal, String::new()));
         tracing::info!(user = %user, path = %path, %message, "Put refused");
         ctx.audit("upload", Some(&path), Outcome::failed(code));
         // Its answer comes after those of the Puts before it.
         settle(ctx, conn).await?;
         conn.queue_frame(&Response::error(code, message)).await?;
         return finish(ctx, conn).await;
-    }
+    };
     if ctx.batch.owner.as_ref().is_some_and(|o| o.token != token) {
         // Staged under an earlier session of this connection: settled first, on its own.
         settle(ctx, conn).await?;
@@ -243,6 +261,7 @@ pub(super) async fn put<S: AsyncRead + AsyncWrite + Unpin>(
         size,
         digest,
         task,
+        reservation,
     });
     // Answer what is done, in order, without waiting; wait only for the oldest when too many
     // are under way.
@@ -324,6 +343,7 @@ async fn answer_oldest<S: AsyncRead + AsyncWrite + Unpin>(
         size,
         digest,
         task,
+        reservation,
     }) = ctx.batch.staging.pop_front()
     else {
         return Ok(());
@@ -332,7 +352,12 @@ async fn answer_oldest<S: AsyncRead + AsyncWrite + Unpin>(
     match task.await {
         Ok(file) => {
             let batch = &mut ctx.batch;
-            batch.staged.push(StagedFileInfo { file, size, digest });
+            batch.staged.push(StagedFileInfo {
+                file,
+                size,
+                digest,
+                reservation,
+            });
             batch.bytes += size;
             conn.queue_frame(&Response::UploadDone { size, digest })
                 .await
@@ -409,9 +434,14 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
         return;
     }
     let started = std::time::Instant::now();
+    // What each commit replaces, for the quota's count: looked at just before it.
+    let replaced = tree
+        .file_sizes(staged.iter().map(|s| s.file.remote().to_string()).collect())
+        .await;
     let (infos, files): (Vec<_>, Vec<_>) = staged
         .into_iter()
-        .map(|s| ((s.size, s.digest), s.file))
+        .zip(replaced)
+        .map(|(s, replaced)| ((s.size, s.digest, s.reservation, replaced), s.file))
         .unzip();
     let results = match tree.commit_batch(files).await {
         Ok(r) => r,
@@ -428,11 +458,13 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
         }
     };
     let (mut ok, mut bytes) = (0u64, 0u64);
-    for ((file, result), (size, digest)) in results.into_iter().zip(infos) {
+    let mut counted = Vec::with_capacity(infos.len());
+    for ((file, result), (size, digest, reservation, replaced)) in results.into_iter().zip(infos) {
         match result {
             Ok(()) => {
                 ok += 1;
                 bytes += size;
+                counted.push((reservation, size, replaced));
                 ctx.audit(
                     "upload",
                     Some(file.remote()),
@@ -451,6 +483,7 @@ pub(super) async fn commit_pending(ctx: &mut Ctx) {
             }
         }
     }
+    ctx.state.quotas.commit_all(counted);
     ctx.batch.committed += ok;
     tracing::info!(
         user = %user,

@@ -23,6 +23,8 @@ pub struct Auth {
     pub expires: i64,
     /// The user's storage tree.
     pub tree: Tree,
+    /// Set when the session is a long-lived token: what the dispatcher limits it to.
+    pub scope: Option<crate::sessions::TokenScope>,
 }
 
 /// Per-connection state the commands read and change.
@@ -44,6 +46,11 @@ pub struct Ctx {
     /// Files staged by `Put` and not yet committed (protocol 3); deleted if the connection
     /// ends first.
     pub(crate) batch: super::batch::Batch,
+    /// This connection's TLS channel binding (RFC 9266), which a key login signs; `None`
+    /// over a stream without TLS (in-memory tests), where key login is refused.
+    pub channel_binding: Option<[u8; xfer_proto::tls_stream::CHANNEL_BINDING_LEN]>,
+    /// The `KeyChallenge` just sent, which only the next request may answer.
+    pub(crate) key_challenge: Option<super::keys::Challenge>,
 }
 
 impl Ctx {
@@ -58,6 +65,8 @@ impl Ctx {
             failures: 0,
             ticket,
             batch: Default::default(),
+            channel_binding: None,
+            key_challenge: None,
         }
     }
 
@@ -95,6 +104,7 @@ impl Ctx {
             digest: outcome
                 .digest
                 .map(|d| blake3::Hash::from_bytes(*d).to_hex().to_string()),
+            token_id: outcome.token_id,
             result: match outcome.error {
                 None => "ok".into(),
                 Some(code) => format!("{code:?}"),
@@ -117,6 +127,8 @@ pub struct Outcome<'a> {
     pub resumed_from: Option<u64>,
     /// Digest of the file transferred.
     pub digest: Option<&'a xfer_proto::Digest>,
+    /// Id of the token a token operation made or revoked (never the token).
+    pub token_id: Option<&'a str>,
 }
 
 impl Outcome<'_> {

@@ -126,8 +126,21 @@ pub(super) async fn delete<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     path: String,
 ) -> Result<Flow, ConnError> {
+    let (state, user) = (ctx.state.clone(), ctx.session().user.clone());
     change(ctx, conn, "delete", path, |t, p| async move {
-        t.delete(&p).await.map(|()| None)
+        // The count is loaded first (cheap once it is), so the delete updates it rather
+        // than leaving it to a rescan.
+        let counted = state.quotas.ensure(&user, &t).await.is_ok();
+        let size = if counted {
+            t.file_size(&p).await.ok().flatten()
+        } else {
+            None
+        };
+        t.delete(&p).await?;
+        if let Some(size) = size {
+            state.quotas.removed(&user, size);
+        }
+        Ok(None)
     })
     .await
 }
@@ -139,8 +152,39 @@ pub(super) async fn rename<S: AsyncRead + AsyncWrite + Unpin>(
     to: String,
 ) -> Result<Flow, ConnError> {
     let max_check = ctx.state.limits().max_rename_check_entries;
+    let (state, user) = (ctx.state.clone(), ctx.session().user.clone());
     change(ctx, conn, "rename", from, |t, f| async move {
-        t.rename(&f, &to, max_check).await.map(Some)
+        // A file at the target is replaced: what the count loses. The target is `to`, or
+        // `to/NAME` when `to` is a folder; both are looked at before, and the rename says
+        // which it was.
+        let counted = state.quotas.ensure(&user, &t).await.is_ok();
+        let into = xfer_proto::path::join(
+            &to,
+            f.trim_end_matches('/').rsplit('/').next().unwrap_or(""),
+        );
+        let (at_to, at_into) = if counted {
+            (
+                t.file_size(&to).await.ok().flatten(),
+                t.file_size(&into).await.ok().flatten(),
+            )
+        } else {
+            (None, None)
+        };
+        let done = t.rename(&f, &to, max_check).await?;
+        let same = |a: &str, b: &str| a.trim_matches('/') == b.trim_matches('/');
+        let replaced = if same(&done, &f) {
+            None
+        } else if same(&done, &to) {
+            at_to
+        } else if same(&done, &into) {
+            at_into
+        } else {
+            None
+        };
+        if let Some(size) = replaced {
+            state.quotas.removed(&user, size);
+        }
+        Ok(Some(done))
     })
     .await
 }

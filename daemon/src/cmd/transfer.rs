@@ -315,6 +315,25 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         drop(pending);
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // Room in the quota, before anything is said of the body: reserved under one lock, so
+    // racing uploads cannot together pass it. Refused, nothing is kept for a resume: the same
+    // upload would be refused again.
+    let reservation = match super::account::reserve(&ctx.state, &user, &tree, &path, size).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(why)) => {
+            pending.discard().await;
+            tracing::info!(user = %user, path = %path, size, "upload refused: {why}");
+            let (code, message) = super::account::refused(&path, &why);
+            ctx.audit("upload", Some(&path), Outcome::failed(code));
+            return reply_error(conn, code, message).await;
+        }
+        Err(e) => {
+            tracing::warn!(user = %user, path = %path, error = %e, "cannot count the user's files for their quota");
+            let (code, message) = wire(&e);
+            ctx.audit("upload", Some(&path), Outcome::failed(code));
+            return reply_error(conn, code, message).await;
+        }
+    };
     let claim = pending
         .resumable()
         .then(|| ctx.state.uploads.claim(&user, pending.key()));
@@ -355,6 +374,20 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
             // answer.
             let answer = upload_session_ended(ctx, pending, &user, &path, "during the upload body; stopped").await;
             conn.write_frame(&answer).await?;
+            return Ok(Flow::Close);
+        }
+        why = super::account::quota_passed(&state, &user, &reservation) => {
+            // The quota was lowered below what the account holds: this upload would pass it.
+            // Nothing is kept (a retry would be refused), and the connection closes after the
+            // answer, as the client is still sending.
+            pending.discard().await;
+            tracing::info!(user = %user, path = %path, "upload stopped: {why}");
+            ctx.audit("upload", Some(&path), Outcome::failed(ErrorCode::QuotaExceeded));
+            conn.write_frame(&Response::error(
+                ErrorCode::QuotaExceeded,
+                format!("{why} during the upload of `{path}`; nothing was saved"),
+            ))
+            .await?;
             return Ok(Flow::Close);
         }
     };
@@ -423,12 +456,16 @@ pub(super) async fn upload<S: AsyncRead + AsyncWrite + Unpin>(
         conn.write_frame(&answer).await?;
         return Ok(Flow::Continue);
     }
+    // What the commit replaces, for the count (a look just before it: the target may have
+    // changed during the body).
+    let replaced = tree.file_size(&path).await.ok().flatten();
     if let Err(e) = tree.commit(pending, &digest).await {
         tracing::warn!(user = %user, path = %path, error = %e, "upload commit failed");
         let (code, message) = wire(&e);
         ctx.audit("upload", Some(&path), Outcome::failed(code));
         return reply_error(conn, code, message).await;
     }
+    ctx.state.quotas.commit(reservation, size, replaced);
     let secs = started.elapsed().as_secs_f64();
     let sent = size - start;
     tracing::info!(

@@ -8,6 +8,11 @@
 //!   store's time of the record, ties by id). Two logins at the limit on two nodes at the same
 //!   moment may evict one session too many, or leave one too many until the user's next login
 //!   (each lists before or after the other's record appears).
+//! - Tokens (`xfer token create`): registered the same way under `.xfer/tokens/USER/ID.json`
+//!   (with their name and scope), apart from logins so that a login's eviction never lists or
+//!   ends them; `sessions.max_tokens_per_user` is checked against that folder before one is
+//!   made (two made at once on two nodes may pass it by one). Their scope (read-only, path)
+//!   is in the signed claims, so no node enforces it from anything the store says.
 //! - Revocations: one object per revoked id, `.xfer/revoked/ID`, holding the token's expiry.
 //!   Every node lists `.xfer/revoked/` every `sessions.sync_interval_ms` and keeps the ids in
 //!   memory; the revoking node applies its own at once. The sweeper deletes revocations of
@@ -27,13 +32,16 @@ use object_store::ObjectMeta;
 use object_store::path::Path as Key;
 use tokio::sync::Notify;
 
-use super::token::{Claims, SessionKey};
+use super::token::{Claims, Scope, SessionKey};
 use super::{SharedError, SharedStore, now};
 use crate::config::SessionSettings;
-use crate::sessions::SessionRecord;
+use crate::sessions::{SessionRecord, TokenRefusal, TokenScope};
 
 /// Folder of the registry.
 const SESSIONS: &str = "sessions";
+
+/// Folder of the long-lived tokens' registry.
+const TOKENS: &str = "tokens";
 
 /// Folder of the revocations.
 const REVOKED: &str = "revoked";
@@ -69,6 +77,9 @@ pub struct SharedRegistry {
     store: SharedStore,
     /// `sessions.ttl_secs`: a record older than this is of an expired session.
     ttl_secs: u64,
+    /// `sessions.token_max_days` in seconds: a token's record older than this is of an
+    /// expired token (so the sweeper does not read every token's record every time).
+    token_ttl_secs: u64,
 }
 
 impl SharedRegistry {
@@ -77,11 +88,13 @@ impl SharedRegistry {
         SharedRegistry {
             store,
             ttl_secs: settings.ttl_secs,
+            token_ttl_secs: settings.token_max_secs(),
         }
     }
 
-    fn record_key(&self, user: &str, id: &str) -> Key {
-        self.store.key(&[SESSIONS, user, &format!("{id}.json")])
+    fn record_key(&self, user: &str, id: &str, token: bool) -> Key {
+        let folder = if token { TOKENS } else { SESSIONS };
+        self.store.key(&[folder, user, &format!("{id}.json")])
     }
 
     fn revoked_key(&self, id: &str) -> Key {
@@ -104,17 +117,26 @@ impl SharedRegistry {
     /// Writes the registry record of a new session.
     async fn register(&self, id: &str, record: &SessionRecord) -> Result<(), SharedError> {
         self.store
-            .put_json(&self.record_key(&record.user, id), record)
+            .put_json(
+                &self.record_key(&record.user, id, record.token.is_some()),
+                record,
+            )
             .await
     }
 
-    /// Records `id` (of `user`, expiring at `expires`) as revoked and drops its registry
-    /// record.
-    async fn revoke_id(&self, user: &str, id: &str, expires: i64) -> Result<(), SharedError> {
+    /// Records `id` (of `user`, expiring at `expires`, a long-lived token if `token`) as
+    /// revoked and drops its registry record.
+    async fn revoke_id(
+        &self,
+        user: &str,
+        id: &str,
+        expires: i64,
+        token: bool,
+    ) -> Result<(), SharedError> {
         self.store
             .put_json(&self.revoked_key(id), &Revocation { expires })
             .await?;
-        self.store.delete(&self.record_key(user, id)).await
+        self.store.delete(&self.record_key(user, id, token)).await
     }
 
     /// The ids of every revocation in the store.
@@ -149,7 +171,7 @@ impl SharedRegistry {
         Ok(out)
     }
 
-    /// Live sessions as `(short id, record)`, oldest first (`xferd session list`).
+    /// Live sessions and tokens as `(short id, record)`, oldest first (`xferd session list`).
     pub async fn list(&self) -> Result<Vec<(String, SessionRecord)>, SharedError> {
         let revoked = self.revoked_ids().await?;
         let t = now();
@@ -157,6 +179,7 @@ impl SharedRegistry {
             .records(&self.store.key(&[SESSIONS]))
             .await?
             .into_iter()
+            .chain(self.records(&self.store.key(&[TOKENS])).await?)
             .filter(|(id, r)| r.expires > t && !revoked.contains(id))
             .collect();
         out.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(&b.0)));
@@ -166,28 +189,60 @@ impl SharedRegistry {
             .collect())
     }
 
-    /// Revokes every registered session whose id starts with `id_prefix` (`""`: all) or, with
-    /// `user`, every session of that user; returns the ids revoked.
+    /// Revokes every registered session or token whose id starts with `id_prefix` (`""`:
+    /// all) or, with `user`, every one of that user; returns the ids revoked and their expiry.
     pub async fn revoke_matching(
         &self,
         id_prefix: Option<&str>,
         user: Option<&str>,
-    ) -> Result<Vec<String>, SharedError> {
-        // One user's folder when only a user is named; else all of them.
-        let prefix = match (id_prefix, user) {
-            (None, Some(u)) => self.store.key(&[SESSIONS, u]),
-            _ => self.store.key(&[SESSIONS]),
-        };
+    ) -> Result<Vec<(String, i64)>, SharedError> {
         let mut done = Vec::new();
-        for (id, rec) in self.records(&prefix).await? {
-            let hit =
-                id_prefix.is_some_and(|p| id.starts_with(p)) || user.is_some_and(|u| rec.user == u);
-            if hit {
-                self.revoke_id(&rec.user, &id, rec.expires).await?;
-                done.push(id);
+        for folder in [SESSIONS, TOKENS] {
+            // One user's folder when only a user is named; else all of them.
+            let prefix = match (id_prefix, user) {
+                (None, Some(u)) => self.store.key(&[folder, u]),
+                _ => self.store.key(&[folder]),
+            };
+            done.extend(
+                self.revoke_records(&prefix, |id, rec| {
+                    id_prefix.is_some_and(|p| id.starts_with(p))
+                        || user.is_some_and(|u| rec.user == u)
+                })
+                .await?,
+            );
+        }
+        Ok(done)
+    }
+
+    /// Revokes the registered records under `prefix` for which `hit(id, record)` holds.
+    async fn revoke_records(
+        &self,
+        prefix: &Key,
+        hit: impl Fn(&str, &SessionRecord) -> bool,
+    ) -> Result<Vec<(String, i64)>, SharedError> {
+        let mut done = Vec::new();
+        for (id, rec) in self.records(prefix).await? {
+            if hit(&id, &rec) {
+                self.revoke_id(&rec.user, &id, rec.expires, rec.token.is_some())
+                    .await?;
+                done.push((id, rec.expires));
             }
         }
         Ok(done)
+    }
+
+    /// `user`'s live, unrevoked tokens as `(full id, record)`, oldest first.
+    async fn tokens_of(&self, user: &str) -> Result<Vec<(String, SessionRecord)>, SharedError> {
+        let revoked = self.revoked_ids().await?;
+        let t = now();
+        let mut out: Vec<_> = self
+            .records(&self.store.key(&[TOKENS, user]))
+            .await?
+            .into_iter()
+            .filter(|(id, r)| r.user == user && r.expires > t && !revoked.contains(id))
+            .collect();
+        out.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(&b.0)));
+        Ok(out)
     }
 
     /// Deletes revocations of expired tokens and registry records of expired sessions;
@@ -195,13 +250,17 @@ impl SharedRegistry {
     pub async fn sweep(&self) -> Result<usize, SharedError> {
         let t = now();
         let mut gone = 0;
-        for (folder, revocation) in [(REVOKED, true), (SESSIONS, false)] {
+        for (folder, revocation) in [(REVOKED, true), (SESSIONS, false), (TOKENS, false)] {
             let listed = self
                 .store
                 .list(&self.store.key(&[folder]), MAX_LISTED)
                 .await?;
             for meta in listed {
-                if !self.surely_expired(&meta, t) {
+                let old = match folder {
+                    TOKENS => meta.last_modified.timestamp() + self.token_ttl_secs as i64 + 60 < t,
+                    _ => self.surely_expired(&meta, t),
+                };
+                if !old {
                     // Registry records may still be of expired sessions when the ttl was
                     // shortened; they are read only past the ttl they were written under.
                     continue;
@@ -359,8 +418,79 @@ impl SharedSessions {
             created,
             expires,
             source: source.into(),
+            token: None,
         };
         (self.inner.key.sign(&claims), claims, record)
+    }
+
+    /// Makes a long-lived token for `user` living `ttl_secs` with `scope` in its signed
+    /// claims, once the user's live tokens in the registry number fewer than `max_tokens`;
+    /// returns it, its short id and its record once registered.
+    pub async fn create_token(
+        &self,
+        user: &str,
+        generation: u64,
+        source: &str,
+        scope: TokenScope,
+        ttl_secs: u64,
+        max_tokens: usize,
+    ) -> Result<(String, String, SessionRecord), TokenRefusal> {
+        let io = |e: SharedError| TokenRefusal::Io(e.into());
+        let live = self.inner.registry.tokens_of(user).await.map_err(io)?;
+        let live = {
+            let r = self.inner.revoked.read().unwrap_or_else(|e| e.into_inner());
+            live.iter().filter(|(id, _)| !r.contains(id)).count()
+        };
+        if live >= max_tokens {
+            return Err(TokenRefusal::TooMany(max_tokens));
+        }
+        let created = now();
+        let expires = created.saturating_add(ttl_secs as i64);
+        let claims = Claims::new(user, generation, created, expires).with_scope(Scope {
+            read_only: scope.read_only,
+            path: scope.path.clone(),
+        });
+        let record = SessionRecord {
+            user: user.into(),
+            generation,
+            created,
+            expires,
+            source: source.into(),
+            token: Some(scope),
+        };
+        self.inner
+            .registry
+            .register(&claims.id_hex(), &record)
+            .await
+            .map_err(io)?;
+        let id = crate::sessions::short_id(&claims.id_hex()).to_string();
+        Ok((self.inner.key.sign(&claims), id, record))
+    }
+
+    /// `user`'s live tokens as `(short id, record)`, oldest first.
+    pub async fn tokens_of(&self, user: &str) -> Result<Vec<(String, SessionRecord)>, SharedError> {
+        let listed = self.inner.registry.tokens_of(user).await?;
+        let r = self.inner.revoked.read().unwrap_or_else(|e| e.into_inner());
+        Ok(listed
+            .into_iter()
+            .filter(|(id, _)| !r.contains(id))
+            .map(|(id, rec)| (crate::sessions::short_id(&id).to_string(), rec))
+            .collect())
+    }
+
+    /// Revokes `user`'s tokens whose id starts with `id_prefix`, in force on this node at
+    /// once; returns how many.
+    pub async fn revoke_token(&self, user: &str, id_prefix: &str) -> Result<usize, SharedError> {
+        let registry = &self.inner.registry;
+        let done = registry
+            .revoke_records(&registry.store.key(&[TOKENS, user]), |id, rec| {
+                rec.user == user && id.starts_with(id_prefix)
+            })
+            .await?;
+        for (id, expires) in &done {
+            self.inner.revoke_here(id, *expires);
+        }
+        Ok(done.len())
     }
 
     /// The session of `token` if its MAC holds, it has not expired, it is not revoked and its
@@ -389,6 +519,12 @@ impl SharedSessions {
             created: claims.created,
             expires: claims.expires,
             source: String::new(),
+            // The name is the registry's; what is enforced comes from the signed claims.
+            token: claims.scope.map(|s| TokenScope {
+                name: String::new(),
+                read_only: s.read_only,
+                path: s.path,
+            }),
         })
     }
 
@@ -416,7 +552,7 @@ impl SharedSessions {
                 rt.spawn(async move {
                     if let Err(e) = inner
                         .registry
-                        .revoke_id(&claims.user, &id, claims.expires)
+                        .revoke_id(&claims.user, &id, claims.expires, claims.scope.is_some())
                         .await
                     {
                         tracing::error!(user = %claims.user, error = %e, "cannot record a revoked session in the object store; other nodes still accept it");
@@ -438,9 +574,8 @@ impl SharedSessions {
         user: Option<&str>,
     ) -> Result<usize, SharedError> {
         let ids = self.inner.registry.revoke_matching(id_prefix, user).await?;
-        let until = now().saturating_add(self.inner.ttl_secs as i64);
-        for id in &ids {
-            self.inner.revoke_here(id, until);
+        for (id, expires) in &ids {
+            self.inner.revoke_here(id, *expires);
         }
         Ok(ids.len())
     }
@@ -525,7 +660,9 @@ async fn register(
             .map(|r| r.expires)
             .unwrap_or_else(|| meta.last_modified.timestamp() + inner.ttl_secs as i64);
         inner.revoke_here(other, expires);
-        registry.revoke_id(&claims.user, other, expires).await?;
+        registry
+            .revoke_id(&claims.user, other, expires, false)
+            .await?;
         evicted += 1;
     }
     tracing::info!(user = %claims.user, evicted, max = inner.max_per_user, "session limit reached; oldest sessions revoked");
@@ -588,6 +725,7 @@ mod tests {
             ttl_secs: 3600,
             max_per_user,
             sync_interval_ms: 50,
+            ..Default::default()
         }
     }
 
@@ -644,6 +782,64 @@ mod tests {
         .await;
         b.refresh().await.unwrap();
         assert!(b.validate(&t, |_| Some(7)).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_scoped_token_is_enforced_from_its_claims_on_every_node() {
+        let (a, b) = two_nodes(1).await;
+        let scope = TokenScope {
+            name: "nightly".into(),
+            read_only: true,
+            path: "backups/h1".into(),
+        };
+        let (t, id, rec) = a
+            .create_token("alice", 3, "x", scope.clone(), 90 * 86400, 2)
+            .await
+            .unwrap();
+        assert_eq!(rec.expires - rec.created, 90 * 86400);
+        // B reads the scope from the signed token, not from the store.
+        let on_b = b.validate(&t, |_| Some(3)).unwrap();
+        assert_eq!(
+            on_b.token,
+            Some(TokenScope {
+                name: String::new(),
+                ..scope.clone()
+            })
+        );
+        // Logins do not evict it (max_per_user is 1 here), and it is not a login.
+        let (l1, _) = b.create_registered("alice", 3, "x").await.unwrap();
+        let (l2, _) = b.create_registered("alice", 3, "x").await.unwrap();
+        assert!(b.validate(&l1, |_| Some(3)).is_none());
+        assert!(b.validate(&l2, |_| Some(3)).is_some());
+        assert!(a.validate(&t, |_| Some(3)).is_some());
+        // Listed with its name and scope, by user and by the administrator.
+        let mine = b.tokens_of("alice").await.unwrap();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(
+            (mine[0].0.as_str(), mine[0].1.token.as_ref()),
+            (id.as_str(), Some(&scope))
+        );
+        assert!(b.tokens_of("bob").await.unwrap().is_empty());
+        let all = a.list().await.unwrap();
+        assert_eq!(all.iter().filter(|(_, r)| r.token.is_some()).count(), 1);
+        // The cap counts tokens only.
+        a.create_token("alice", 3, "x", scope.clone(), 60, 2)
+            .await
+            .unwrap();
+        assert!(matches!(
+            b.create_token("alice", 3, "x", scope.clone(), 60, 2).await,
+            Err(TokenRefusal::TooMany(2))
+        ));
+        // Another user cannot revoke it; its owner can, from any node.
+        assert_eq!(b.revoke_token("bob", &id).await.unwrap(), 0);
+        assert_eq!(b.revoke_token("alice", &id).await.unwrap(), 1);
+        assert!(b.validate(&t, |_| Some(3)).is_none());
+        eventually("A refuses the revoked token", || {
+            a.validate(&t, |_| Some(3)).is_none()
+        })
+        .await;
+        assert_eq!(b.tokens_of("alice").await.unwrap().len(), 1);
+        assert!(b.validate(&l2, |_| Some(3)).is_some(), "the login stays");
     }
 
     #[tokio::test]

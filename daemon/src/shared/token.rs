@@ -1,6 +1,7 @@
 //! Session tokens any node can check alone: `xfer1_` + base64url(payload || MAC), where the
 //! payload is the user, the account generation, the creation and expiry times and 16 random
-//! id bytes, and the MAC is a keyed BLAKE3 of the payload under a key derived from the 32
+//! id bytes, followed for a long-lived token (`xfer token create`) by its scope (kind byte 1,
+//! flags with bit 0 = read-only, u16 big-endian length of the path, the path), and the MAC is a keyed BLAKE3 of the payload under a key derived from the 32
 //! secret bytes of `session_key_file`, which every node holds (deployed like the TLS key).
 //!
 //! The token is the only copy of the MAC: the store keeps only the id (registry, revocations),
@@ -11,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use base64::Engine;
-use xfer_proto::limits::MAX_USER_LEN;
+use xfer_proto::limits::{MAX_PATH_LEN, MAX_USER_LEN};
+use xfer_util::fs::{Mode, write_atomic};
 
 use crate::sessions::TOKEN_PREFIX;
 
@@ -32,6 +34,15 @@ const TLS_KEY_CONTEXT: &str = "xfer 2026-12-03 session tokens from the TLS priva
 
 /// Payload bytes besides the user name: its length, generation, created, expires, id.
 const FIXED: usize = 1 + 8 + 8 + 8 + ID_LEN;
+
+/// Bytes of a token's scope besides its path: kind, flags, path length.
+const SCOPE_FIXED: usize = 1 + 1 + 2;
+
+/// The kind byte that starts a scope: a long-lived token.
+const KIND_TOKEN: u8 = 1;
+
+/// Flag bit: the token is read-only.
+const FLAG_READ_ONLY: u8 = 1;
 
 /// Why the session key could not be loaded or written. Never holds the key.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +118,19 @@ pub struct Claims {
     pub expires: i64,
     /// Random bytes naming the session in the registry and in revocations.
     pub id: [u8; ID_LEN],
+    /// Set on a long-lived token: what it may do. Under the MAC, so no node can be told
+    /// otherwise.
+    pub scope: Option<Scope>,
+}
+
+/// The part of a long-lived token's scope that is enforced, as its claims carry it (its
+/// name lives only in the registry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// Every request that writes is refused.
+    pub read_only: bool,
+    /// The folder it is limited to, normalised (`a/b`); `""` for the whole tree.
+    pub path: String,
 }
 
 impl Claims {
@@ -120,6 +144,16 @@ impl Claims {
             created,
             expires,
             id,
+            scope: None,
+        }
+    }
+
+    /// These claims for a long-lived token limited by `scope` (its path at most
+    /// [`MAX_PATH_LEN`] bytes, as every valid path is).
+    pub fn with_scope(self, scope: Scope) -> Claims {
+        Claims {
+            scope: Some(scope),
+            ..self
         }
     }
 
@@ -138,6 +172,14 @@ impl Claims {
         out.extend_from_slice(&self.created.to_be_bytes());
         out.extend_from_slice(&self.expires.to_be_bytes());
         out.extend_from_slice(&self.id);
+        if let Some(scope) = &self.scope {
+            // Paths are at most MAX_PATH_LEN bytes (checked before a token is made).
+            let path = &scope.path.as_bytes()[..scope.path.len().min(MAX_PATH_LEN)];
+            out.push(KIND_TOKEN);
+            out.push(if scope.read_only { FLAG_READ_ONLY } else { 0 });
+            out.extend_from_slice(&(path.len() as u16).to_be_bytes());
+            out.extend_from_slice(path);
+        }
         out
     }
 }
@@ -224,7 +266,7 @@ impl SessionKey {
         }
         let mut secret = [0u8; KEY_LEN];
         OsRng.fill_bytes(&mut secret);
-        crate::fsutil::write_atomic(path, &secret, 0o600).map_err(|source| KeyError::Write {
+        write_atomic(path, &secret, Mode::KeepOr(0o600)).map_err(|source| KeyError::Write {
             path: path.to_path_buf(),
             source,
         })
@@ -249,17 +291,18 @@ impl SessionKey {
     /// caller's to check). The comparison takes the same time wherever the MACs differ.
     pub fn verify(&self, token: &str) -> Option<Claims> {
         let body = token.strip_prefix(TOKEN_PREFIX)?;
-        if body.len() > (FIXED + MAX_USER_LEN + MAC_LEN).div_ceil(3) * 4 {
+        let longest = FIXED + MAX_USER_LEN + SCOPE_FIXED + MAX_PATH_LEN + MAC_LEN;
+        if body.len() > longest.div_ceil(3) * 4 {
             return None;
         }
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
             .ok()?;
         let user_len = *bytes.first()? as usize;
-        if user_len == 0 || user_len > MAX_USER_LEN || bytes.len() != FIXED + user_len + MAC_LEN {
+        if user_len == 0 || user_len > MAX_USER_LEN || bytes.len() < FIXED + user_len + MAC_LEN {
             return None;
         }
-        let (payload, mac) = bytes.split_at(FIXED + user_len);
+        let (payload, mac) = bytes.split_at(bytes.len() - MAC_LEN);
         let mac: [u8; MAC_LEN] = mac.try_into().ok()?;
         // `blake3::Hash`'s equality is constant-time.
         if self.mac(payload) != blake3::Hash::from(mac) {
@@ -268,12 +311,27 @@ impl SessionKey {
         let user = std::str::from_utf8(&payload[1..1 + user_len]).ok()?;
         let rest = &payload[1 + user_len..];
         let int = |at: usize| -> Option<[u8; 8]> { rest.get(at..at + 8)?.try_into().ok() };
+        let scope = match rest.get(24 + ID_LEN..)? {
+            [] => None,
+            [KIND_TOKEN, flags, len_hi, len_lo, path @ ..]
+                if *flags & !FLAG_READ_ONLY == 0
+                    && usize::from(u16::from_be_bytes([*len_hi, *len_lo])) == path.len()
+                    && path.len() <= MAX_PATH_LEN =>
+            {
+                Some(Scope {
+                    read_only: flags & FLAG_READ_ONLY != 0,
+                    path: std::str::from_utf8(path).ok()?.to_string(),
+                })
+            }
+            _ => return None,
+        };
         Some(Claims {
             user: user.to_string(),
             generation: u64::from_be_bytes(int(0)?),
             created: i64::from_be_bytes(int(8)?),
             expires: i64::from_be_bytes(int(16)?),
             id: rest.get(24..24 + ID_LEN)?.try_into().ok()?,
+            scope,
         })
     }
 }
@@ -303,6 +361,67 @@ mod tests {
         assert_ne!(a.id, b.id);
         assert_ne!(k.sign(&a), k.sign(&b));
         assert_eq!(a.id_hex().len(), 32);
+    }
+
+    #[test]
+    fn a_scoped_token_round_trips_and_its_scope_cannot_be_changed() {
+        let k = key(7);
+        let long_user = "u".repeat(MAX_USER_LEN);
+        let long_path = "p/".repeat(MAX_PATH_LEN / 2 - 1) + "pp";
+        assert_eq!(long_path.len(), MAX_PATH_LEN);
+        for (user, read_only, path) in [
+            ("alice", true, ""),
+            ("alice", false, "backups/host1"),
+            ("bob", true, "ünï/cödé"),
+            (long_user.as_str(), true, long_path.as_str()),
+        ] {
+            let scope = Scope {
+                read_only,
+                path: path.into(),
+            };
+            let c = Claims::new(user, 4, 100, 200).with_scope(scope);
+            let t = k.sign(&c);
+            assert!(t.len() <= xfer_proto::limits::MAX_TOKEN_LEN, "{}", t.len());
+            assert_eq!(k.verify(&t), Some(c.clone()));
+            // The login token with the same fields is a different token: neither can be
+            // turned into the other.
+            let login = Claims { scope: None, ..c };
+            assert_ne!(k.sign(&login), t);
+        }
+        // Every way of widening the scope without the key is refused: dropping it (a token
+        // of the login's shape), clearing read-only, shortening or changing the path.
+        let c = Claims::new("alice", 4, 100, 200).with_scope(Scope {
+            read_only: true,
+            path: "backups/host1".into(),
+        });
+        let t = k.sign(&c);
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(t.strip_prefix(TOKEN_PREFIX).unwrap())
+            .unwrap();
+        let encode = |b: &[u8]| {
+            format!(
+                "{TOKEN_PREFIX}{}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+            )
+        };
+        let mac_at = bytes.len() - MAC_LEN;
+        let scope_at = FIXED + "alice".len();
+        let mut unscoped = bytes[..scope_at].to_vec();
+        unscoped.extend_from_slice(&bytes[mac_at..]);
+        assert!(k.verify(&encode(&unscoped)).is_none(), "scope dropped");
+        let mut writable = bytes.clone();
+        writable[scope_at + 1] = 0;
+        assert!(k.verify(&encode(&writable)).is_none(), "read-only cleared");
+        let mut shorter = bytes[..scope_at + SCOPE_FIXED + "backups".len()].to_vec();
+        shorter[scope_at + 3] = "backups".len() as u8;
+        shorter.extend_from_slice(&bytes[mac_at..]);
+        assert!(k.verify(&encode(&shorter)).is_none(), "path widened");
+        // A well-formed scope signed with the right key but unknown flags is refused too.
+        let mut odd = c.payload();
+        odd[scope_at + 1] = 0x80;
+        let mac = k.mac(&odd);
+        odd.extend_from_slice(mac.as_bytes());
+        assert!(k.verify(&encode(&odd)).is_none(), "unknown flag");
     }
 
     #[test]
@@ -422,10 +541,10 @@ mod tests {
         // Hex text serves too, and names the same key as its bytes.
         let secret = std::fs::read(&p).unwrap();
         let hex_path = dir.path().join("hex.key");
-        crate::fsutil::write_atomic(
+        write_atomic(
             &hex_path,
             format!("{}\n", super::super::hex(&secret)).as_bytes(),
-            0o600,
+            Mode::KeepOr(0o600),
         )
         .unwrap();
         let t = SessionKey::load(&p)
@@ -433,7 +552,7 @@ mod tests {
             .sign(&Claims::new("bob", 1, 1, 2));
         assert!(SessionKey::load(&hex_path).unwrap().verify(&t).is_some());
         for bad in [&b"short"[..], &[0u8; 33][..], &[b'g'; 64][..]] {
-            crate::fsutil::write_atomic(&hex_path, bad, 0o600).unwrap();
+            write_atomic(&hex_path, bad, Mode::KeepOr(0o600)).unwrap();
             assert!(matches!(
                 SessionKey::load(&hex_path),
                 Err(KeyError::Malformed { .. })

@@ -279,6 +279,18 @@ impl Store {
         }
     }
 
+    /// Bytes of `user`'s partial uploads that no running upload of this daemon holds: what a
+    /// quota adds to the user's files and to the reservations of their uploads in progress
+    /// (which count those they hold). Local: kept partials at their size; object store: the
+    /// parts every interrupted or running upload has stored (those of this node's running
+    /// uploads are then counted twice, which errs on the side of the quota).
+    pub async fn resting_partial_usage(&self, user: &str) -> std::io::Result<u64> {
+        match self {
+            Store::Local(s) => s.resting_partial_usage(user).await,
+            Store::Object(s) => s.partial_usage(user).await.map_err(std::io::Error::other),
+        }
+    }
+
     /// Bytes `user`'s partial uploads count against their budget now: what a quota adds to
     /// their visible files. Local: kept ones at their size, running ones at their declared
     /// size; object store: the parts each interrupted or running upload has stored.
@@ -334,6 +346,65 @@ impl Tree {
                 listing
             }
         }
+    }
+
+    /// The size of the file at `remote`; `None` when there is none (nothing, or a folder).
+    /// What an upload, a delete or a rename changes a quota's count by.
+    pub async fn file_size(&self, remote: &str) -> Result<Option<u64>, StorageError> {
+        match self {
+            Tree::Local(t) => t.file_size(remote).await,
+            Tree::Object(t) => match t.stat(remote).await? {
+                Some(object::Stat::File { size, .. }) => Ok(Some(size)),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    /// [`Tree::file_size`] of each of `remotes` (`None` also where it cannot be looked at):
+    /// what a batch's commit replaces. The local backend looks at all of them in one task on
+    /// the blocking pool.
+    pub async fn file_sizes(&self, remotes: Vec<String>) -> Vec<Option<u64>> {
+        match self {
+            Tree::Local(t) => t.file_sizes(remotes).await,
+            Tree::Object(_) => {
+                let mut out = Vec::with_capacity(remotes.len());
+                for r in &remotes {
+                    out.push(self.file_size(r).await.ok().flatten());
+                }
+                out
+            }
+        }
+    }
+
+    /// Counts the files in the whole tree and their bytes: the walk that rebuilds a quota's
+    /// record. One listing per folder; memory is one folder's batch and the folders still
+    /// to visit. A folder that vanishes during the walk is skipped.
+    pub async fn scan_usage(&self) -> Result<(u64, u64), StorageError> {
+        let (mut bytes, mut files) = (0u64, 0u64);
+        let mut folders = vec![String::new()];
+        while let Some(dir) = folders.pop() {
+            let mut listing = self.list(&dir);
+            while let Some(batch) = listing.next().await {
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(StorageError::NotFound(_)) if !dir.is_empty() => break,
+                    Err(e) => return Err(e),
+                };
+                for e in batch {
+                    match e.kind {
+                        xfer_proto::EntryKind::File => {
+                            bytes = bytes.saturating_add(e.size);
+                            files += 1;
+                        }
+                        xfer_proto::EntryKind::Dir => {
+                            folders.push(xfer_proto::path::join(&dir, &e.name))
+                        }
+                        xfer_proto::EntryKind::Other => {}
+                    }
+                }
+            }
+        }
+        Ok((bytes, files))
     }
 
     /// Opens a regular file for reading. With `whole` (the caller wants every byte from 0), a

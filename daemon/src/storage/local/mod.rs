@@ -133,6 +133,13 @@ impl LocalStore {
         })
     }
 
+    /// Bytes of `user`'s kept partials that no running upload of this daemon holds (see
+    /// [`PartialDir::resting_usage`]).
+    pub async fn resting_partial_usage(&self, user: &str) -> std::io::Result<u64> {
+        let partials = PartialDir::new(&self.root, user, self.partials.clone());
+        io_blocking(move || partials.resting_usage()).await
+    }
+
     /// Bytes `user`'s partial uploads count against their budget now (see
     /// [`PartialDir::usage`]): what a quota adds to the user's visible files.
     pub async fn partial_usage(&self, user: &str) -> std::io::Result<u64> {
@@ -375,6 +382,37 @@ impl LocalTree {
     pub async fn open_read(&self, remote: &str, whole: bool) -> Result<ReadHandle, StorageError> {
         let (fs, remote) = (self.fs.clone(), remote.to_string());
         blocking(move || fs.open_read(&remote, whole)).await
+    }
+
+    /// See [`crate::storage::Tree::file_size`].
+    pub async fn file_size(&self, remote: &str) -> Result<Option<u64>, StorageError> {
+        let (fs, remote) = (self.fs.clone(), remote.to_string());
+        blocking(move || {
+            let meta = match fs.resolve(&remote, true) {
+                Ok(r) => r.meta,
+                Err(StorageError::NotFound(_)) => None,
+                Err(e) => return Err(e),
+            };
+            Ok(meta.filter(|m| m.kind == Kind::File).map(|m| m.size))
+        })
+        .await
+    }
+
+    /// See [`crate::storage::Tree::file_sizes`].
+    pub async fn file_sizes(&self, remotes: Vec<String>) -> Vec<Option<u64>> {
+        let fs = self.fs.clone();
+        let n = remotes.len();
+        tokio::task::spawn_blocking(move || {
+            remotes
+                .iter()
+                .map(|r| {
+                    let meta = fs.resolve(r, true).ok()?.meta?;
+                    (meta.kind == Kind::File).then_some(meta.size)
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_else(|_| vec![None; n])
     }
 
     /// See [`crate::storage::Tree::begin_upload`].

@@ -254,6 +254,18 @@ impl PartialDir {
             .sum())
     }
 
+    /// Bytes of this user's kept partials that no running upload of this process holds: what
+    /// a quota adds to the reservations of the uploads in progress, which count their own.
+    pub fn resting_usage(&self) -> std::io::Result<u64> {
+        let reserved = self.budget.lock();
+        Ok(self
+            .counted(&reserved, Path::new(""))?
+            .iter()
+            .filter(|c| c.resting)
+            .map(|c| c.bytes)
+            .sum())
+    }
+
     /// Keeps the folder under [`MAX_PARTIALS_PER_USER`] by deleting the oldest unlocked ones.
     fn make_room(&self) -> std::io::Result<()> {
         let mut entries: Vec<(SystemTime, PathBuf)> = std::fs::read_dir(&self.dir)?
