@@ -105,6 +105,9 @@ def main():
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--tiny", action="store_true",
+                    help="also download a 1-byte file: the cold start of a command (binaries "
+                         "and state read from disk after the cache drop)")
     ap.add_argument("--sides", action="store_true",
                     help="also print the client's and the daemon's CPU per byte apart")
     a = ap.parse_args()
@@ -117,6 +120,13 @@ def main():
             for _ in range(a.mib):
                 f.write(os.urandom(1 << 20))
         size = a.mib << 20
+        tiny = os.path.join(work, "tiny")
+        with open(tiny, "wb") as f:
+            f.write(b"x")
+        if a.tiny:
+            for b in builds:
+                b.timed(["upload", tiny])
+        tiny_ms = {"A": [], "B": []}
         # results[case][build] = [(wall, client cpu, daemon cpu), ...]
         results = {"upload": {"A": [], "B": []}, "download": {"A": [], "B": []}}
         for r in range(a.rounds):
@@ -130,6 +140,11 @@ def main():
                 results["download"][b.name].append(b.timed(["download", "payload", "--to", b.down]))
                 if subprocess.run(["cmp", "-s", payload, target]).returncode != 0:
                     sys.exit(f"{b.name}: the downloaded copy differs")
+            for b in order if a.tiny else []:
+                target = os.path.join(b.down, "tiny")
+                if os.path.exists(target):
+                    os.remove(target)
+                tiny_ms[b.name].append(b.timed(["download", "tiny", "--to", b.down])[0] * 1e3)
         print(f"{a.mib} MiB, {a.rounds} rounds interleaved, sync + drop_caches before each command;"
               f" load average {os.getloadavg()[0]:.2f}")
         print(f"A = {a.old}\nB = {a.new}")
@@ -144,6 +159,10 @@ def main():
                                           for a_, b in zip(per["A"], per["B"]))
             print(f"{case:<9} {mibs['A']:>8.0f} {mibs['B']:>8.0f} {time_ratio:>9.3f}"
                   f" {nsb['A']:>7.2f} {nsb['B']:>7.2f} {cpu_ratio:>8.3f}")
+        if a.tiny:
+            ratio = statistics.median(y / x for x, y in zip(tiny_ms["A"], tiny_ms["B"]))
+            print(f"1-byte download, cold: A {statistics.median(tiny_ms['A']):.1f} ms,"
+                  f" B {statistics.median(tiny_ms['B']):.1f} ms, B/A {ratio:.3f}")
         if a.sides:
             print(f"{'case':<9} {'side':<7} {'A ns/B':>7} {'B ns/B':>7} {'B/A cpu':>8}")
             for case, per in results.items():
