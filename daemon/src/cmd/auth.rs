@@ -100,6 +100,30 @@ pub(super) async fn failed<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Flow::Continue)
 }
 
+/// Refuses a login by password (`op` "login") or by key ("keylogin") with the one answer
+/// every such failure gets, whatever failed: logged, audited and counted as a failed attempt.
+pub(super) async fn denied<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &mut Ctx,
+    conn: &mut Connection<S>,
+    user: &str,
+    op: &'static str,
+) -> Result<Flow, ConnError> {
+    tracing::warn!(user = %tried_name(user), peer = %ctx.peer, op, "login failed: wrong user name, password or key");
+    ctx.audit_as(
+        tried_name(user),
+        op,
+        None,
+        Outcome::failed(ErrorCode::AuthFailed),
+    );
+    failed(
+        ctx,
+        conn,
+        ErrorCode::AuthFailed,
+        "wrong user name or password",
+    )
+    .await
+}
+
 /// Makes this connection `user`'s: opens their storage (creating it on first login).
 async fn start_session(
     ctx: &mut Ctx,
@@ -212,22 +236,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         VerifyOutcome::Ok { role, generation } => {
             grant(ctx, conn, user, role, generation, "login").await
         }
-        VerifyOutcome::Denied => {
-            tracing::warn!(user = %tried_name(user), peer = %ctx.peer, "login failed: wrong user name or password");
-            ctx.audit_as(
-                tried_name(user),
-                "login",
-                None,
-                Outcome::failed(ErrorCode::AuthFailed),
-            );
-            failed(
-                ctx,
-                conn,
-                ErrorCode::AuthFailed,
-                "wrong user name or password",
-            )
-            .await
-        }
+        VerifyOutcome::Denied => denied(ctx, conn, user, "login").await,
         VerifyOutcome::Busy => {
             tracing::warn!(peer = %ctx.peer, "login refused: too many logins in progress");
             reply_error(

@@ -10,8 +10,8 @@ use xfer_proto::key_login::{NONCE_LEN, PUBLIC_KEY_LEN, signed_message};
 use xfer_proto::limits::MAX_USER_LEN;
 use xfer_proto::{Connection, ErrorCode, Response};
 
-use super::auth::{failed, grant, refuse_if_penalised, tried_name};
-use super::{Ctx, Flow, Outcome, reply_error};
+use super::auth::{denied, grant, refuse_if_penalised};
+use super::{Ctx, Flow, reply_error};
 
 /// A `KeyChallenge` sent and not yet answered; only the next request may answer it.
 pub(crate) struct Challenge {
@@ -94,21 +94,6 @@ pub(super) async fn key_proof<S: AsyncRead + AsyncWrite + Unpin>(
             tracing::info!(user = %user, peer = %ctx.peer, key = %key, "key login: signature verified");
             grant(ctx, conn, user, role, generation, "keylogin").await
         }
-        None => {
-            tracing::warn!(user = %tried_name(user), peer = %ctx.peer, "key login failed: unknown user or key, or a bad signature");
-            ctx.audit_as(
-                tried_name(user),
-                "keylogin",
-                None,
-                Outcome::failed(ErrorCode::AuthFailed),
-            );
-            failed(
-                ctx,
-                conn,
-                ErrorCode::AuthFailed,
-                "wrong user name or password",
-            )
-            .await
-        }
+        None => denied(ctx, conn, user, "keylogin").await,
     }
 }
