@@ -881,7 +881,7 @@ fn check_disk(fx: &Fixture, seen: &Observed) {
     );
     expect_names(
         &fx.config.state_dir,
-        &["sessions.jsonl", "sessions.lock", "audit.log"],
+        &["sessions.jsonl", "sessions.lock", "audit.log", "usage"],
     );
     let outside = snapshot(&fx.base.join("outside"));
     assert_eq!(outside.len(), 1, "outside folder changed: {outside:?}");
