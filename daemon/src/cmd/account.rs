@@ -7,7 +7,7 @@ use xfer_proto::message::SessionInfo;
 use xfer_proto::{Connection, ErrorCode, Response};
 
 use super::errors::wire;
-use super::transfer::SESSION_RECHECK;
+use super::transfer::recheck;
 use super::{Ctx, Flow, reply_error};
 use crate::quota::{Ask, Refusal, Reservation};
 use crate::state::State;
@@ -109,15 +109,8 @@ pub(super) fn refused(path: &str, why: &Refusal) -> (ErrorCode, String) {
 }
 
 /// Completes once `user` is over their quota as it is now set, in a way the upload holding
-/// `held` adds to (re-checked every [`SESSION_RECHECK`]), with what is used of what: a
+/// `held` adds to (re-checked every [`super::transfer::SESSION_RECHECK`]), with what is used of what: a
 /// running upload stops then.
 pub(super) async fn quota_passed(state: &State, user: &str, held: &Reservation) -> Refusal {
-    let mut tick = tokio::time::interval(SESSION_RECHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Some(over) = state.quotas.over(user, state.quota_of(user), held) {
-            return over;
-        }
-    }
+    recheck(|| state.quotas.over(user, state.quota_of(user), held)).await
 }

@@ -32,17 +32,23 @@ use crate::usage::Slot;
 /// How often a running transfer re-checks its session.
 pub const SESSION_RECHECK: Duration = Duration::from_secs(1);
 
-/// Completes once the session of `token` has ended (checked every [`SESSION_RECHECK`]).
-pub(super) async fn session_ended(state: &State, token: &str) {
+/// Completes with what `check` finds, asking it every [`SESSION_RECHECK`] from one period
+/// on (the caller has just checked): what a running transfer watches, its session or quota.
+pub(super) async fn recheck<T>(mut check: impl FnMut() -> Option<T>) -> T {
     let mut tick = tokio::time::interval(SESSION_RECHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        if !session_valid(state, token) {
-            return;
+        if let Some(found) = check() {
+            return found;
         }
     }
+}
+
+/// Completes once the session of `token` has ended (checked every [`SESSION_RECHECK`]).
+pub(super) async fn session_ended(state: &State, token: &str) {
+    recheck(|| (!session_valid(state, token)).then_some(())).await
 }
 
 /// Ends an upload whose session has ended (`when`: at which stage, for the log). What arrived
